@@ -1,0 +1,3 @@
+from ptmcli.cli import main
+
+main()

@@ -1,0 +1,165 @@
+"""Checkpoints: `checkpoints/step-N/` holding everything needed to continue a run exactly.
+
+A checkpoint is written into a hidden temporary directory, completed with a marker file, then renamed
+into place, so a process killed mid-write leaves nothing that looks complete. Tensors go to safetensors
+and everything else to JSON: loading a checkpoint never unpickles anything. Nothing here depends on
+the model family.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, load_model, save_file, save_model
+from torch import nn
+
+from ptmcli.distributed import Dist
+from ptmcli.errors import PtmError
+
+MARKER = "COMPLETE"
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module under DDP and torch.compile wrappers."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or model._orig_mod
+    return model
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Complete `step-N` directories under `root`, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.glob("step-*") if p.is_dir() and (p / MARKER).exists() and p.name[5:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def latest(root: Path) -> Path | None:
+    found = complete_checkpoints(root)
+    return found[-1] if found else None
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: Path, value: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(value, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _rng_state() -> dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    return state
+
+
+def _optimizer_split(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Optimizer state dict -> (tensors for safetensors, JSON-able rest)."""
+    tensors, scalars = {}, {}
+    for index, values in state["state"].items():
+        for name, value in values.items():
+            if torch.is_tensor(value):
+                tensors[f"{index}.{name}"] = value.detach().contiguous().cpu()
+            else:
+                scalars[f"{index}.{name}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _optimizer_join(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for key, value in [*tensors.items(), *meta["scalars"].items()]:
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save(root: Path, step: int, model: nn.Module, optimizer, scheduler, scaler, trainer_state: dict, dist: Dist,
+         keep_last: int, protect: tuple[Path, ...] = ()) -> Path:
+    """Write checkpoint `step` atomically; every rank contributes its RNG state. Returns its path."""
+    final, tmp = root / f"step-{step}", root / f".tmp-step-{step}"
+    if dist.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    save_file(_rng_state(), str(tmp / f"rng-rank{dist.rank}.safetensors"))
+    dist.barrier()
+    if dist.is_main:
+        save_model(unwrap(model), str(tmp / "model.safetensors"))
+        tensors, meta = _optimizer_split(optimizer.state_dict())
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        _write_json(tmp / "optimizer.json", meta)
+        state = {**trainer_state, "step": step, "world_size": dist.world_size,
+                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else {}}
+        _write_json(tmp / "trainer_state.json", state)
+        (tmp / MARKER).touch()
+        _fsync_dir(tmp)
+        if final.exists():  # a rerun after resume from an earlier step overwrites its own future
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        link = root / "latest"
+        tmp_link = root / ".latest.tmp"
+        tmp_link.unlink(missing_ok=True)
+        tmp_link.symlink_to(final.name)
+        os.replace(tmp_link, link)
+        _fsync_dir(root)
+        if keep_last:
+            for old in complete_checkpoints(root)[:-keep_last]:
+                if old.resolve() not in {p.resolve() for p in protect}:
+                    shutil.rmtree(old)
+    dist.barrier()
+    return final
+
+
+def read_state(path: Path) -> dict:
+    if not (path / MARKER).exists():
+        raise PtmError(f"'{path}' is not a complete checkpoint (no {MARKER} marker): it was interrupted while being written.")
+    return json.loads((path / "trainer_state.json").read_text())
+
+
+def check_architecture(path: Path, saved: dict, current: dict) -> None:
+    diffs = [f"{k}: checkpoint {saved.get(k)!r} vs config {current.get(k)!r}" for k in sorted(set(saved) | set(current))
+             if saved.get(k) != current.get(k)]
+    if diffs:
+        raise PtmError(
+            f"The checkpoint '{path}' was written for another architecture ({'; '.join(diffs)}). Resume it with the "
+            f"model settings it was trained with, or start a fresh run without resume=."
+        )
+
+
+def load(path: Path, model: nn.Module, optimizer, scheduler, scaler, dist: Dist, model_spec: dict) -> dict:
+    """Restore model, optimizer, schedule, scaler and this rank's RNG from checkpoint `path`."""
+    state = read_state(path)
+    check_architecture(path, state.get("model", {}), model_spec)
+    if state["world_size"] != dist.world_size:
+        raise PtmError(
+            f"The checkpoint '{path}' was written by {state['world_size']} processes; resume it with the same number "
+            f"(torchrun --nproc_per_node={state['world_size']}) so that every process gets its own RNG state back."
+        )
+    missing, unexpected = load_model(unwrap(model), str(path / "model.safetensors"), strict=False)
+    if missing or unexpected:
+        raise PtmError(
+            f"The checkpoint '{path}' does not fit this model (missing {sorted(missing)[:5]}, unexpected "
+            f"{sorted(unexpected)[:5]}). It was probably written with another objective or model."
+        )
+    meta = json.loads((path / "optimizer.json").read_text())
+    optimizer.load_state_dict(_optimizer_join(load_file(str(path / "optimizer.safetensors")), meta))
+    scheduler.load_state_dict(state["scheduler"])
+    if scaler.is_enabled() and state["scaler"]:
+        scaler.load_state_dict(state["scaler"])
+    rng = load_file(str(path / f"rng-rank{dist.rank}.safetensors"))
+    torch.set_rng_state(rng["cpu"])
+    cuda = [rng[k] for k in sorted(rng) if k.startswith("cuda.")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    return state

@@ -1,0 +1,1 @@
+"""Loading, tokenizing and serving data."""

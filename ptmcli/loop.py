@@ -1,0 +1,147 @@
+"""The one training loop behind every command.
+
+A command builds a `Job` (model, objective, examples) and calls `train`. The loop knows nothing of
+model families or tasks: it draws micro-batches by number, normalises the loss by the number of
+targets in the whole step, steps AdamW under autocast/GradScaler, and logs, validates and saves on
+schedule. Everything it needs to continue exactly is in the checkpoint.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from ptmcli import checkpoint
+from ptmcli.data.batches import BatchOrder, Examples, eval_batches, train_batches
+from ptmcli.distributed import Dist
+from ptmcli.hardware import Hardware
+from ptmcli.optim import build_optimizer, build_schedule
+from ptmcli.runlog import RunLog, truncate_metrics
+from ptmcli.schema import OptimizerConfig, TrainerConfig
+
+
+@dataclass
+class Job:
+    """What a command hands the loop. `objective(model, batch)` returns ({term: loss sum}, {stat: sum});
+    `objective.metrics(sums, counts, stats)` turns validation totals into metrics."""
+
+    model: nn.Module
+    objective: Any
+    train: Examples
+    val: Examples
+    model_spec: dict  # the architecture identity stored in checkpoints and checked on resume
+
+
+def _to(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+@torch.no_grad()
+def evaluate(job: Job, model: nn.Module, cfg: TrainerConfig, hw: Hardware, dist: Dist) -> dict[str, float]:
+    model = checkpoint.unwrap(model)
+    model.eval()
+    terms, stat_names = job.objective.terms, job.objective.stats
+    totals = torch.zeros(2 * len(terms) + len(stat_names), dtype=torch.float64)  # sums, counts, stats
+    for batch in eval_batches(job.val, cfg.batch_size, dist.world_size, dist.rank, cfg.eval_batches):
+        batch = _to(batch, hw.device)
+        with hw.autocast():
+            sums, stats = job.objective(model, batch)
+        totals += torch.tensor([*(float(sums[t]) for t in terms), *(batch["counts"][t] for t in terms),
+                                *(float(stats[s]) for s in stat_names)], dtype=torch.float64)
+    totals = dist.sum(totals).tolist()
+    model.train()
+    n = len(terms)
+    return job.objective.metrics(dict(zip(terms, totals[:n])), dict(zip(terms, totals[n : 2 * n])),
+                                 dict(zip(stat_names, totals[2 * n :])))
+
+
+def train(job: Job, cfg: TrainerConfig, optim_cfg: OptimizerConfig, hw: Hardware, dist: Dist, run_dir: Path,
+          resume_from: Path | None, compile: bool = False) -> dict[str, float]:
+    """Train until `cfg.max_steps`; returns the final validation metrics."""
+    model = job.model.to(hw.device)
+    if compile:
+        model = torch.compile(model)
+    if dist.world_size > 1:
+        model = DistributedDataParallel(model, device_ids=[hw.device.index] if hw.device.type == "cuda" else None)
+    optimizer = build_optimizer(model, optim_cfg, hw.device)
+    scheduler = build_schedule(optimizer, optim_cfg, cfg.max_steps)
+    scaler = torch.amp.GradScaler(hw.device.type, enabled=hw.uses_scaler)
+    terms = job.objective.terms
+    ckpt_root = run_dir / "checkpoints"
+
+    step, consumed = 0, 0
+    window = {"loss": 0.0, "terms": {t: 0.0 for t in terms}, "steps": 0, "tokens": 0}
+    if resume_from is not None:
+        state = checkpoint.load(resume_from, model, optimizer, scheduler, scaler, dist, job.model_spec)
+        step, consumed, window = state["step"], state["consumed"], state["window"]
+        if dist.is_main:
+            truncate_metrics(run_dir / "metrics.jsonl", step)
+    else:
+        torch.manual_seed(cfg.seed * 1000 + dist.rank + 1)  # dropout stream, distinct per process
+
+    log = RunLog(run_dir / "metrics.jsonl" if dist.is_main else None, cfg.max_steps, step)
+    batches = train_batches(job.train, BatchOrder(len(job.train), cfg.batch_size, dist.world_size, dist.rank, cfg.seed),
+                            consumed)
+    metrics: dict[str, float] = {}
+    window_start = time.perf_counter()
+    try:
+        while step < cfg.max_steps:
+            micro = [_to(next(batches), hw.device) for _ in range(cfg.grad_accum)]
+            # Targets in the whole step, over all micro-batches and processes: the loss is a mean over these.
+            counts = dist.sum(torch.tensor([sum(b["counts"][t] for b in micro) for t in terms] +
+                                           [sum(b["num_tokens"] for b in micro)], dtype=torch.float64))
+            step_sums = torch.zeros(len(terms), dtype=torch.float64)
+            for i, batch in enumerate(micro):
+                last = i == len(micro) - 1
+                sync = model.no_sync() if dist.world_size > 1 and not last else contextlib.nullcontext()
+                with sync:
+                    with hw.autocast():
+                        sums, _ = job.objective(model, batch)
+                    # DDP averages gradients over processes; multiplying by world size turns that into a sum.
+                    loss = sum(sums[t] / counts[k].item() for k, t in enumerate(terms)) * dist.world_size
+                    scaler.scale(loss).backward()
+                step_sums += torch.tensor([float(sums[t].detach()) for t in terms], dtype=torch.float64)
+            if cfg.max_grad_norm is not None:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            lr = scheduler.get_last_lr()[0]
+            scheduler.step()
+            step += 1
+            consumed += cfg.grad_accum
+
+            term_losses = (dist.sum(step_sums) / counts[: len(terms)]).tolist()
+            window["loss"] += sum(term_losses)
+            for t, value in zip(terms, term_losses):
+                window["terms"][t] += value
+            window["steps"] += 1
+            window["tokens"] += int(counts[-1])
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                elapsed = time.perf_counter() - window_start
+                n = window["steps"]
+                log.train({"step": step, "split": "train", "loss": window["loss"] / n,
+                           **{f"{t}_loss": v / n for t, v in window["terms"].items()}, "lr": lr,
+                           "tokens_per_s": window["tokens"] / max(elapsed, 1e-9), "epoch": consumed * cfg.batch_size
+                           * dist.world_size / len(job.train)})
+                window = {"loss": 0.0, "terms": {t: 0.0 for t in terms}, "steps": 0, "tokens": 0}
+                window_start = time.perf_counter()
+            else:
+                log.advance(step)
+            final = step == cfg.max_steps
+            if final or (cfg.eval_every and step % cfg.eval_every == 0):
+                metrics = evaluate(job, model, cfg, hw, dist)
+                log.val({"step": step, "split": "val", **metrics})
+            if final or (cfg.save_every and step % cfg.save_every == 0):
+                state = {"consumed": consumed, "window": window, "model": job.model_spec}
+                checkpoint.save(ckpt_root, step, model, optimizer, scheduler, scaler, state, dist, cfg.keep_last)
+    finally:
+        log.close()
+    return metrics

@@ -1,0 +1,121 @@
+"""BERT (Devlin et al., 2019): post-LayerNorm encoder with word, position and segment embeddings.
+
+`Bert` is the encoder every downstream head sits on; `BertForPretraining` adds the masked-LM head
+(tied to the word embeddings) and, optionally, the next-sentence head. Losses live with the objectives.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ptmcli.models.layers import FeedForward, SelfAttention, init_normal, padding_mask
+from ptmcli.schema import BertArch
+
+
+class Embeddings(nn.Module):
+    def __init__(self, arch: BertArch, vocab_size: int):
+        super().__init__()
+        self.word = nn.Embedding(vocab_size, arch.hidden_size)
+        self.position = nn.Embedding(arch.max_positions, arch.hidden_size)
+        self.token_type = nn.Embedding(arch.type_vocab_size, arch.hidden_size)
+        self.norm = nn.LayerNorm(arch.hidden_size, eps=arch.layer_norm_eps)
+        self.dropout = nn.Dropout(arch.dropout)
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None) -> torch.Tensor:
+        """input_ids: (B, T) -> (B, T, C)"""
+        T = input_ids.shape[1]
+        x = self.word(input_ids) + self.position.weight[:T]
+        x = x + (self.token_type(token_type_ids) if token_type_ids is not None else self.token_type.weight[0])
+        return self.dropout(self.norm(x))
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, arch: BertArch):
+        super().__init__()
+        self.attention = SelfAttention(arch.hidden_size, arch.num_heads, arch.attention_dropout)
+        self.attention_norm = nn.LayerNorm(arch.hidden_size, eps=arch.layer_norm_eps)
+        self.ffn = FeedForward(arch.hidden_size, arch.intermediate_size)
+        self.ffn_norm = nn.LayerNorm(arch.hidden_size, eps=arch.layer_norm_eps)
+        self.dropout = nn.Dropout(arch.dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        x = self.attention_norm(x + self.dropout(self.attention(x, mask)))
+        return self.ffn_norm(x + self.dropout(self.ffn(x)))
+
+
+class Bert(nn.Module):
+    """The encoder: (B, T) token ids -> (B, T, C) hidden states; `pool` gives the (B, C) [CLS] summary."""
+
+    def __init__(self, arch: BertArch, vocab_size: int, with_pooler: bool = True):
+        super().__init__()
+        self.arch = arch
+        self.vocab_size = vocab_size
+        self.embeddings = Embeddings(arch, vocab_size)
+        self.layers = nn.ModuleList(EncoderLayer(arch) for _ in range(arch.num_layers))
+        self.pooler = nn.Linear(arch.hidden_size, arch.hidden_size) if with_pooler else None
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """input_ids, token_type_ids, attention_mask (1 = real token): (B, T). Returns (B, T, C)."""
+        mask = padding_mask(attention_mask)
+        x = self.embeddings(input_ids, token_type_ids)
+        for layer in self.layers:
+            x = layer(x, mask)
+        return x
+
+    def pool(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(B, T, C) -> (B, C): tanh(dense(first token)), as BERT's pooler."""
+        if self.pooler is None:
+            raise ValueError("this encoder was built without a pooler")
+        return torch.tanh(self.pooler(hidden[:, 0]))
+
+
+class MaskedLMHead(nn.Module):
+    """dense -> GELU -> LayerNorm -> decoder tied to the word embeddings."""
+
+    def __init__(self, arch: BertArch, word_embeddings: nn.Embedding):
+        super().__init__()
+        self.dense = nn.Linear(arch.hidden_size, arch.hidden_size)
+        self.norm = nn.LayerNorm(arch.hidden_size, eps=arch.layer_norm_eps)
+        self.word_embeddings = word_embeddings
+        self.bias = nn.Parameter(torch.zeros(word_embeddings.num_embeddings))
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(N, C) -> (N, V)"""
+        return F.linear(self.norm(F.gelu(self.dense(hidden))), self.word_embeddings.weight, self.bias)
+
+
+class BertForPretraining(nn.Module):
+    """Encoder + masked-LM head (+ next-sentence head when `nsp`)."""
+
+    def __init__(self, arch: BertArch, vocab_size: int, nsp: bool = True):
+        super().__init__()
+        self.encoder = Bert(arch, vocab_size, with_pooler=nsp)
+        self.mlm_head = MaskedLMHead(arch, self.encoder.embeddings.word)
+        self.nsp_head = nn.Linear(arch.hidden_size, 2) if nsp else None
+        init_normal(self, arch.init_std)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        mlm_positions: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """mlm_positions: (B, T) bool, the positions to predict. The vocabulary projection runs only there,
+        which is most of the speed of a lean MLM step. Returns mlm_logits (N, V) and nsp_logits (B, 2)."""
+        hidden = self.encoder(input_ids, token_type_ids, attention_mask)  # (B, T, C)
+        selected = hidden[mlm_positions] if mlm_positions is not None else hidden.flatten(0, 1)  # (N, C)
+        out = {"mlm_logits": self.mlm_head(selected)}
+        if self.nsp_head is not None:
+            out["nsp_logits"] = self.nsp_head(self.encoder.pool(hidden))
+        return out
+
+
+def build_pretraining(arch: BertArch, vocab_size: int, nsp: bool) -> BertForPretraining:
+    return BertForPretraining(arch, vocab_size, nsp=nsp)

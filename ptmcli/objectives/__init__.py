@@ -1,0 +1,9 @@
+"""Training objectives: given a model and a batch, the summed loss of each term and summable statistics.
+
+An objective returns sums, not means: the loop divides by the number of targets in the whole step
+(all micro-batches, all processes), so gradient accumulation and data parallelism give the same
+update as one big batch.
+"""
+from ptmcli.objectives.mlm import MaskedLM
+
+OBJECTIVES = {"mlm": lambda cfg: MaskedLM(nsp=False), "mlm-nsp": lambda cfg: MaskedLM(nsp=True)}

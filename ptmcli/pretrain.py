@@ -1,0 +1,73 @@
+"""`ptm pretrain`: check the config, build data, model and objective, hand them to the loop."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import datasets
+import torch
+
+from ptmcli import hardware, rundir
+from ptmcli.data.pretraining import PretrainingExamples, build_chunks
+from ptmcli.data.sources import load_documents, split_documents
+from ptmcli.data.tokenizer import get_tokenizer
+from ptmcli.distributed import Dist, init_from_env
+from ptmcli.loop import Job, train
+from ptmcli.models import PRETRAINING_MODELS
+from ptmcli.objectives import OBJECTIVES
+from ptmcli.runlog import console
+from ptmcli.schema import PretrainConfig, check_pretrain
+
+# Settings that change how a model trains but not which weights it has: a checkpoint may resume under others.
+_NOT_ARCHITECTURE = {"dropout", "attention_dropout", "init_std"}
+
+
+def build_examples(cfg: PretrainConfig, nsp: bool, dist: Dist) -> tuple:
+    """(tokenizer, train examples, validation examples). Rank 0 prepares first; the others then hit its caches."""
+    if not dist.is_main:
+        dist.barrier()
+    docs = load_documents(cfg.data)
+    train_docs, val_docs = split_documents(docs, cfg.data)
+    tokenizer = get_tokenizer(train_docs, cfg.data)
+    chunks = {name: build_chunks(d, tokenizer, cfg.data.max_seq_len, nsp, cfg.data.num_proc)
+              for name, d in (("train", train_docs), ("val", val_docs))}
+    if dist.is_main:
+        dist.barrier()
+    make = lambda split: PretrainingExamples(chunks[split], tokenizer, cfg.objective, cfg.trainer.seed, nsp)  # noqa: E731
+    return tokenizer, make("train"), make("val"), (len(train_docs), len(val_docs))
+
+
+def model_spec(cfg: PretrainConfig, vocab_size: int, nsp: bool) -> dict:
+    arch = {k: v for k, v in dataclasses.asdict(cfg.model).items() if k not in _NOT_ARCHITECTURE}
+    return {**arch, "vocab_size": vocab_size, "nsp_head": nsp}
+
+
+def pretrain(raw_cfg: dict, run_dir: Path, recipe: str) -> dict[str, float]:
+    cfg = check_pretrain(raw_cfg)
+    datasets.disable_progress_bars()  # one summary line says what preparation produced
+    dist = init_from_env()
+    hw = hardware.resolve(cfg.hardware, dist)
+    run_dir, resume_from = rundir.prepare(run_dir, raw_cfg, "pretrain", recipe, dist)
+    nsp = cfg.objective.name == "mlm-nsp"
+    tokenizer, train_ex, val_ex, (n_train_docs, n_val_docs) = build_examples(cfg, nsp, dist)
+    if dist.is_main:
+        tokenizer.save(str(run_dir / "tokenizer.json"))
+
+    torch.manual_seed(cfg.trainer.seed)
+    vocab_size = tokenizer.get_vocab_size()
+    model = PRETRAINING_MODELS[cfg.model.family](cfg.model, vocab_size, nsp)
+    if dist.is_main:
+        params = sum(p.numel() for p in model.parameters())
+        console.print(
+            f"[bold]ptm pretrain[/] {recipe}: {cfg.model.family} {params / 1e6:.1f}M params, vocab {vocab_size:,}, "
+            f"{cfg.objective.name} on {cfg.data.name} ({n_train_docs:,} train / {n_val_docs:,} val documents -> "
+            f"{len(train_ex):,} / {len(val_ex):,} sequences of <= {cfg.data.max_seq_len}), {hw.device} {hw.dtype}, "
+            f"{dist.world_size} process(es)\n  run dir: {run_dir}"
+        )
+    job = Job(model=model, objective=OBJECTIVES[cfg.objective.name](cfg.objective), train=train_ex, val=val_ex,
+              model_spec=model_spec(cfg, vocab_size, nsp))
+    metrics = train(job, cfg.trainer, cfg.optimizer, hw, dist, run_dir, resume_from, compile=cfg.hardware.compile)
+    if dist.is_main:
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+        console.print(f"[bold green]done[/] step {cfg.trainer.max_steps}: {shown}\n  run dir: {run_dir}")
+    return metrics

@@ -1,0 +1,265 @@
+"""Typed schemas for every config group, and the checker that turns a composed config into them.
+
+This module imports no torch: the CLI uses it to reject a bad override before anything heavy loads.
+Each field's ``help`` metadata is what ``ptm pretrain --help`` prints.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+from ptmcli.errors import PtmError
+
+
+def _f(default: Any, help: str) -> Any:
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class BertArch:
+    """BERT encoder sizes. The vocabulary size comes from the tokenizer, not from here."""
+
+    family: Literal["bert"] = _f("bert", "model family: picks the model file")
+    hidden_size: int = _f(256, "width of every token representation")
+    num_layers: int = _f(4, "number of encoder layers")
+    num_heads: int = _f(4, "attention heads per layer (must divide hidden_size)")
+    intermediate_size: int = _f(1024, "width of the feed-forward inner layer")
+    max_positions: int = _f(512, "number of learned position embeddings")
+    type_vocab_size: int = _f(2, "number of segment (token type) embeddings")
+    dropout: float = _f(0.1, "dropout on embeddings and residual branches")
+    attention_dropout: float = _f(0.1, "dropout on attention probabilities")
+    layer_norm_eps: float = _f(1e-12, "LayerNorm epsilon")
+    init_std: float = _f(0.02, "std of the normal weight initialisation")
+
+
+# One architecture dataclass per family; `model.family` picks which one checks the `model` group.
+MODEL_SCHEMAS: dict[str, type] = {"bert": BertArch}
+
+
+@dataclass
+class ObjectiveConfig:
+    name: Literal["mlm", "mlm-nsp"] = _f("mlm-nsp", "pretraining objective")
+    mask_prob: float = _f(0.15, "fraction of (non-special) tokens chosen for prediction")
+    mask_token_prob: float = _f(0.8, "of the chosen tokens, fraction replaced by [MASK]")
+    random_token_prob: float = _f(0.1, "of the chosen tokens, fraction replaced by a random token")
+    nsp_random_prob: float = _f(0.5, "mlm-nsp: probability that segment B comes from another document")
+
+
+@dataclass
+class DataConfig:
+    name: str = _f("custom", "short name of this corpus, used in logs")
+    source: str = _f("", "text, csv, json(l), parquet or zip file or directory; pkg://package/path; hf:hub-name")
+    format: Literal["auto", "text", "csv", "json", "parquet"] = _f("auto", "file format; auto = by file extension")
+    text_column: str = _f("text", "column holding the document text")
+    text_sample_by: Literal["line", "paragraph", "document"] = _f(
+        "paragraph", "plain-text files: one document per line, per blank-line paragraph or per file"
+    )
+    validation_fraction: float = _f(0.05, "fraction of documents held out for validation")
+    max_train_samples: Optional[int] = _f(None, "use at most this many training documents")
+    max_seq_len: int = _f(128, "tokens per packed training sequence, special tokens included")
+    tokenizer: Optional[str] = _f(None, "tokenizer.json or vocab.txt to use as is; none = train a WordPiece one")
+    vocab_size: int = _f(30522, "vocabulary size of a trained tokenizer")
+    lowercase: bool = _f(True, "lower-case and strip accents (BERT uncased)")
+    min_frequency: int = _f(2, "trained tokenizer: minimum count for a merge")
+    split_seed: int = _f(1234, "seed of the train/validation document split")
+    num_proc: Optional[int] = _f(None, "processes for tokenization (datasets.map num_proc)")
+
+
+@dataclass
+class OptimizerConfig:
+    name: Literal["adamw"] = _f("adamw", "optimizer")
+    lr: float = _f(5e-4, "peak learning rate")
+    weight_decay: float = _f(0.01, "decoupled weight decay (never on biases and LayerNorm weights)")
+    betas: list[float] = _f([0.9, 0.999], "Adam betas")
+    eps: float = _f(1e-6, "Adam epsilon")
+    schedule: Literal["linear", "cosine", "constant"] = _f("linear", "decay after warmup")
+    warmup_steps: Optional[int] = _f(None, "linear warmup steps (overrides warmup_ratio)")
+    warmup_ratio: float = _f(0.06, "warmup as a fraction of trainer.max_steps")
+    min_lr_ratio: float = _f(0.0, "floor of the decay, as a fraction of lr")
+    fused: Literal["auto", "on", "off"] = _f("auto", "fused AdamW kernel (auto: on CUDA only)")
+
+
+@dataclass
+class HardwareConfig:
+    device: Literal["auto", "cpu", "cuda"] = _f("auto", "auto = cuda when available")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = _f(
+        "auto", "auto = bf16 on GPUs that support it, else fp16 with GradScaler; fp32 on CPU"
+    )
+    threads: int = _f(0, "CPU threads for torch (0 = torch's default)")
+    compile: bool = _f(False, "wrap the model in torch.compile")
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = _f(1000, "optimizer steps to train for")
+    batch_size: int = _f(32, "sequences per micro-batch on each process")
+    grad_accum: int = _f(1, "micro-batches per optimizer step")
+    max_grad_norm: Optional[float] = _f(1.0, "clip the global gradient norm (null = off)")
+    log_every: int = _f(10, "steps between train rows in metrics.jsonl")
+    eval_every: int = _f(200, "steps between validation passes (0 = only at the end)")
+    eval_batches: int = _f(50, "at most this many validation batches per pass (0 = all)")
+    save_every: int = _f(500, "steps between checkpoints (0 = only at the end)")
+    keep_last: int = _f(3, "checkpoints kept (older ones are deleted; 0 = keep all)")
+    seed: int = _f(0, "seed of initialisation, sampling order, masking and dropout")
+
+
+@dataclass
+class PretrainConfig:
+    model: Any = None  # checked against MODEL_SCHEMAS[model.family]
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    resume: Optional[str] = _f(None, "auto, or a run directory / checkpoint to continue")
+
+
+SECTIONS: dict[str, type] = {
+    "objective": ObjectiveConfig,
+    "data": DataConfig,
+    "optimizer": OptimizerConfig,
+    "hardware": HardwareConfig,
+    "trainer": TrainerConfig,
+}
+
+
+def did_you_mean(word: str, options: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.5)
+    return f" Did you mean '{close[0]}'?" if close else ""
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _type_name(args[0]) + " or null"
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Return `value` as type `tp`, or raise PtmError naming `key`."""
+    origin = typing.get_origin(tp)
+    bad = PtmError(f"{key}={value!r} is not valid: expected {_type_name(tp)}.")
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            return None
+        (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _coerce(value, inner, key)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise PtmError(
+                f"{key}={value!r} is not a valid choice; valid: {', '.join(map(str, choices))}."
+                + did_you_mean(str(value), map(str, choices))
+            )
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        return [_coerce(v, typing.get_args(tp)[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise bad
+        return str(value)
+    return value
+
+
+def check_section(name: str, values: Any, schema: type) -> Any:
+    """Build `schema` from a plain dict, failing on unknown keys and wrong types."""
+    if not isinstance(values, dict):
+        raise PtmError(f"'{name}' must be a mapping of keys to values, got {values!r}.")
+    hints = typing.get_type_hints(schema)
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in fields:
+            raise PtmError(
+                f"Unknown key '{name}.{key}'.{did_you_mean(str(key), fields)} "
+                f"Valid keys of '{name}': {', '.join(fields)}."
+            )
+        kwargs[key] = _coerce(value, hints[key], f"{name}.{key}")
+    return schema(**kwargs)
+
+
+def model_schema(values: Any) -> type:
+    family = values.get("family") if isinstance(values, dict) else None
+    if family not in MODEL_SCHEMAS:
+        raise PtmError(
+            f"model.family={family!r} is not a known model family; valid: {', '.join(MODEL_SCHEMAS)}."
+            + did_you_mean(str(family), MODEL_SCHEMAS)
+        )
+    return MODEL_SCHEMAS[family]
+
+
+def check_pretrain(cfg: dict) -> PretrainConfig:
+    """Turn a composed (resolved, plain-dict) pretraining config into typed dataclasses."""
+    top = {f.name for f in dataclasses.fields(PretrainConfig)}
+    for key in cfg:
+        if key not in top:
+            raise PtmError(
+                f"Unknown top-level key '{key}'.{did_you_mean(str(key), top)} Valid keys: {', '.join(sorted(top))}."
+            )
+    if cfg.get("model") is None:
+        raise PtmError("No model selected: add model=NAME (see `ptm pretrain --help` for the options).")
+    sections = {name: check_section(name, cfg.get(name, {}), schema) for name, schema in SECTIONS.items()}
+    model = check_section("model", cfg["model"], model_schema(cfg["model"]))
+    resume = _coerce(cfg.get("resume"), Optional[str], "resume")
+    out = PretrainConfig(model=model, resume=resume, **sections)
+    check_consistency(out)
+    return out
+
+
+def check_consistency(cfg: PretrainConfig) -> None:
+    """Cross-field rules that no single field's type can express."""
+    m, d, t, o = cfg.model, cfg.data, cfg.trainer, cfg.objective
+    if m.hidden_size % m.num_heads:
+        raise PtmError(f"model.hidden_size={m.hidden_size} is not divisible by model.num_heads={m.num_heads}.")
+    if d.max_seq_len > m.max_positions:
+        raise PtmError(
+            f"data.max_seq_len={d.max_seq_len} is above the model's position embeddings "
+            f"(model.max_positions={m.max_positions}). Lower data.max_seq_len or raise model.max_positions."
+        )
+    if d.max_seq_len < 8:
+        raise PtmError(f"data.max_seq_len={d.max_seq_len} is too short; use at least 8.")
+    if not 0 < d.validation_fraction < 1:
+        raise PtmError(f"data.validation_fraction={d.validation_fraction} must lie strictly between 0 and 1.")
+    for key in ("max_steps", "batch_size", "grad_accum", "log_every"):
+        if getattr(t, key) < 1:
+            raise PtmError(f"trainer.{key}={getattr(t, key)} must be at least 1.")
+    if not 0 < o.mask_prob < 1 or o.mask_token_prob + o.random_token_prob > 1:
+        raise PtmError(
+            "objective.mask_prob must lie in (0, 1) and objective.mask_token_prob + "
+            "objective.random_token_prob must not exceed 1."
+        )
+    if not d.source:
+        raise PtmError("data.source is empty: name a file, a directory, pkg://package/path or hf:name.")
+
+
+def schema_for_key(dotted: str) -> tuple[type | None, str]:
+    """(schema, field) for an override key like 'trainer.max_steps'; (None, '') if not ours to check."""
+    head, _, rest = dotted.partition(".")
+    if head in SECTIONS and rest and "." not in rest:
+        return SECTIONS[head], rest
+    return None, ""
