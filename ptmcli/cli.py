@@ -17,6 +17,10 @@ from ptmcli.schema import MODEL_SCHEMAS, SECTIONS, PretrainConfig, did_you_mean,
 
 # command -> (base config in conf/, default recipe)
 COMMANDS = {"pretrain": ("pretrain", "demo")}
+# Hydra flags whose next argument is their value, not an override (--info takes one only from its choices).
+HYDRA_FLAGS_WITH_VALUE = {"-c", "--cfg", "-p", "--package", "-sc", "--shell-completion", "-cp", "--config-path",
+                          "-cn", "--config-name", "-cd", "--config-dir", "--experimental-rerun"}
+INFO_CHOICES = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
 GROUPS = ("model", "objective", "data", "optimizer", "hardware")
 
 
@@ -40,6 +44,15 @@ def recipes() -> dict[str, str]:
         first = path.read_text().splitlines()[0] if path.stat().st_size else ""
         out[path.stem] = first.lstrip("# ").strip()
     return out
+
+
+def register_defaults() -> None:
+    """Give every schema key its default in Hydra's ConfigStore, so any key can be overridden even when a group
+    file leaves it out. Plain dicts, not typed nodes: type errors are reported by our checker, not by OmegaConf."""
+    from hydra.core.config_store import ConfigStore
+
+    defaults = {name: dataclasses.asdict(schema()) for name, schema in SECTIONS.items()}
+    ConfigStore.instance().store(name="ptm_pretrain_defaults", node={**defaults, "resume": None})
 
 
 def check_override(arg: str) -> None:
@@ -70,6 +83,25 @@ def check_override(arg: str) -> None:
         fields = [f.name for f in dataclasses.fields(schema)]
         if name not in fields:
             raise PtmError(f"Unknown key '{key}'.{did_you_mean(name, fields)} Valid keys of '{head}': {', '.join(fields)}.")
+
+
+def split_flags(args: list[str]) -> tuple[list[str], list[str]]:
+    """(overrides, Hydra flags with their values), wherever on the line the flags were."""
+    overrides, flags = [], []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("-"):
+            overrides.append(arg)
+        else:
+            flags.append(arg)
+            takes_value = arg in HYDRA_FLAGS_WITH_VALUE or (arg in ("-i", "--info") and i + 1 < len(args)
+                                                            and args[i + 1] in INFO_CHOICES)
+            if takes_value and i + 1 < len(args):
+                flags.append(args[i + 1])
+                i += 1
+        i += 1
+    return overrides, flags
 
 
 def print_help(command: str) -> None:
@@ -131,9 +163,11 @@ def run_command(command: str, args: list[str]) -> None:
     known = recipes()
     if recipe not in known:
         raise PtmError(f"conf={recipe}: no such recipe.{did_you_mean(recipe, known)} Recipes: {', '.join(known)}.")
-    for arg in rest:
+    overrides, flags = split_flags(rest)
+    for arg in overrides:
         check_override(arg)
     conf_dir, recipe_dir = config_dirs()
+    register_defaults()
     if not OmegaConf.has_resolver("ptm_stamp"):
         OmegaConf.register_new_resolver("ptm_stamp", _stamp)
 
@@ -150,7 +184,8 @@ def run_command(command: str, args: list[str]) -> None:
         except PtmError as err:
             fail(err)
 
-    sys.argv = ["ptm", *rest, f"hydra.searchpath=[file://{conf_dir}]", *_share_stamp()]
+    # argparse takes the overrides only as one block, so they go first and Hydra's flags after them.
+    sys.argv = ["ptm", *overrides, f"hydra.searchpath=[file://{conf_dir}]", *_share_stamp(), *flags]
     task()
 
 
@@ -166,7 +201,9 @@ def _completion(argv: list[str]) -> list[str] | None:
     line = os.environ.get("COMP_LINE", "")
     words = line.split()
     if len(words) >= 2 and words[1] in COMMANDS:
-        os.environ["COMP_LINE"] = " ".join([words[0], *words[2:]]) + (" " if line.endswith(" ") else "")
+        # Hydra reads the overrides from the line itself, so the search path for conf/ goes there too.
+        searchpath = f"hydra.searchpath=[file://{config_dirs()[0]}]"
+        os.environ["COMP_LINE"] = " ".join([words[0], searchpath, *words[2:]]) + (" " if line.endswith(" ") else "")
         return [words[1], *argv]
     return None
 

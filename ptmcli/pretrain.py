@@ -7,7 +7,7 @@ from pathlib import Path
 import datasets
 import torch
 
-from ptmcli import hardware, rundir
+from ptmcli import checkpoint, hardware, rundir
 from ptmcli.data.pretraining import PretrainingExamples, build_chunks
 from ptmcli.data.sources import load_documents, split_documents
 from ptmcli.data.tokenizer import get_tokenizer
@@ -50,11 +50,15 @@ def pretrain(raw_cfg: dict, run_dir: Path, recipe: str) -> dict[str, float]:
     run_dir, resume_from = rundir.prepare(run_dir, raw_cfg, "pretrain", recipe, dist)
     nsp = cfg.objective.name == "mlm-nsp"
     tokenizer, train_ex, val_ex, (n_train_docs, n_val_docs) = build_examples(cfg, nsp, dist)
+    vocab_size = tokenizer.get_vocab_size()
+    spec = model_spec(cfg, vocab_size, nsp)
+    if resume_from is not None:
+        checkpoint.check_architecture(resume_from, checkpoint.read_state(resume_from).get("model", {}), spec)
+    rundir.record(run_dir, raw_cfg, "pretrain", recipe, dist)
     if dist.is_main:
         tokenizer.save(str(run_dir / "tokenizer.json"))
 
     torch.manual_seed(cfg.trainer.seed)
-    vocab_size = tokenizer.get_vocab_size()
     model = PRETRAINING_MODELS[cfg.model.family](cfg.model, vocab_size, nsp)
     if dist.is_main:
         params = sum(p.numel() for p in model.parameters())
@@ -65,7 +69,7 @@ def pretrain(raw_cfg: dict, run_dir: Path, recipe: str) -> dict[str, float]:
             f"{dist.world_size} process(es)\n  run dir: {run_dir}"
         )
     job = Job(model=model, objective=OBJECTIVES[cfg.objective.name](cfg.objective), train=train_ex, val=val_ex,
-              model_spec=model_spec(cfg, vocab_size, nsp))
+              model_spec=spec)
     metrics = train(job, cfg.trainer, cfg.optimizer, hw, dist, run_dir, resume_from, compile=cfg.hardware.compile)
     if dist.is_main:
         shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())

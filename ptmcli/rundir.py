@@ -48,7 +48,7 @@ def _from_path(resume: str) -> tuple[Path, Path]:
 
 
 def prepare(run_dir: Path, cfg: dict, command: str, recipe: str, dist: Dist) -> tuple[Path, Path | None]:
-    """Decide where this run writes and what it resumes from; record its config. Returns (run_dir, checkpoint)."""
+    """Decide where this run writes and what it resumes from, writing nothing. Returns (run_dir, checkpoint)."""
     resume, digest = cfg.get("resume"), config_hash(cfg)
     existing = checkpoint.latest(run_dir / "checkpoints")
     resume_from = None
@@ -76,13 +76,18 @@ def prepare(run_dir: Path, cfg: dict, command: str, recipe: str, dist: Dist) -> 
                               f"starting fresh in {run_dir}.")
     elif resume is not None:
         run_dir, resume_from = _from_path(resume)
+    if dist.is_main and resume_from is not None:
+        console.print(f"Resuming {run_dir} from {resume_from.name}.")
+    return run_dir, resume_from
+
+
+def record(run_dir: Path, cfg: dict, command: str, recipe: str, dist: Dist) -> None:
+    """Write the run's identity and the config in force. Called once every input has been checked, so that a
+    run that fails at start leaves an existing run directory exactly as it was."""
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        info = _run_info(run_dir) or {"command": command, "recipe": recipe, "config_hash": digest,
+        info = _run_info(run_dir) or {"command": command, "recipe": recipe, "config_hash": config_hash(cfg),
                                       "created": time.strftime("%Y-%m-%d %H:%M:%S")}
         (run_dir / "run.json").write_text(json.dumps(info, indent=1) + "\n")
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-        if resume_from is not None:
-            console.print(f"Resuming {run_dir} from {resume_from.name}.")
     dist.barrier()
-    return run_dir, resume_from

@@ -253,8 +253,11 @@ def check_consistency(cfg: PretrainConfig) -> None:
             "objective.mask_prob must lie in (0, 1) and objective.mask_token_prob + "
             "objective.random_token_prob must not exceed 1."
         )
-    if not d.source:
-        raise PtmError("data.source is empty: name a file, a directory, pkg://package/path or hf:name.")
+    if not d.source or d.source == "???":
+        raise PtmError(
+            f"data.source is not set (data={d.name} needs one): add data.source=PATH naming a file, a directory, "
+            f"pkg://package/path or hf:name."
+        )
 
 
 def schema_for_key(dotted: str) -> tuple[type | None, str]:

@@ -1,0 +1,126 @@
+"""Every config composes and checks; mistakes fail at start with a short, helpful message."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from ptmcli.cli import GROUPS, check_override, config_dirs, recipes, register_defaults
+from ptmcli.errors import PtmError
+from ptmcli.schema import check_pretrain
+from tests.conftest import ROOT, run_ptm
+
+CONF, RECIPES = config_dirs()
+
+
+def _compose(name: str, overrides: list[str] = ()) -> dict:
+    OmegaConf.register_new_resolver("ptm_stamp", lambda: "stamp", replace=True)
+    register_defaults()
+    with initialize_config_dir(config_dir=str(RECIPES), version_base=None):
+        cfg = compose(name, overrides=[*overrides, f"hydra.searchpath=[file://{CONF}]"])
+        return OmegaConf.to_container(cfg, resolve=True)
+
+
+def test_config_dirs_are_the_repo_folders():
+    assert CONF == ROOT / "conf" and RECIPES == ROOT / "recipes"
+
+
+@pytest.mark.parametrize("recipe", sorted(p.stem for p in RECIPES.rglob("*.yaml")))
+def test_every_recipe_composes_and_checks(recipe):
+    cfg = check_pretrain(_compose(recipe))
+    assert cfg.trainer.max_steps > 0
+
+
+@pytest.mark.parametrize(
+    "group,option",
+    sorted((p.parent.relative_to(CONF).as_posix(), p.stem) for p in CONF.rglob("*.yaml") if p.parent != CONF),
+)
+def test_every_group_option_composes_and_checks(group, option):
+    overrides = [f"{group}={option}"]
+    if group == "data" and option == "files":
+        overrides.append("data.source=/some/corpus.txt")
+    cfg = check_pretrain(_compose("demo", overrides))
+    assert cfg.model.family == "bert"
+
+
+def test_recipes_start_with_their_command_hardware_time_and_loss():
+    for name, first_line in recipes().items():
+        command = "ptm pretrain" if name == "demo" else f"ptm pretrain conf={name}"
+        assert first_line.startswith(command), (name, first_line)
+        assert "loss" in first_line and ("CPU" in first_line or "GPU" in first_line), first_line
+
+
+def test_published_bert_sizes():
+    sizes = {name: _compose("demo", [f"model={name}"])["model"] for name in ("bert-tiny", "bert-mini", "bert-small",
+                                                                               "bert-base", "bert-large")}
+    got = {n: (m["num_layers"], m["hidden_size"], m["num_heads"]) for n, m in sizes.items()}
+    assert got == {"bert-tiny": (2, 128, 2), "bert-mini": (4, 256, 4), "bert-small": (4, 512, 8),
+                   "bert-base": (12, 768, 12), "bert-large": (24, 1024, 16)}
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("trainer.max_stpes=5", "Did you mean 'max_steps'?"),
+    ("optimizer.learning_rate=1e-3", "Valid keys of 'optimizer'"),
+    ("model=bert-mni", "Did you mean 'bert-mini'?"),
+    ("objective=mlm,mln", "Did you mean 'mlm'?"),
+    ("trainr.max_steps=5", "Did you mean 'trainer'?"),
+    ("model.hiden_size=5", "Did you mean 'hidden_size'?"),
+])
+def test_typo_in_override_fails_with_did_you_mean(override, expected):
+    with pytest.raises(PtmError, match=expected.replace("?", r"\?").replace("(", r"\(")):
+        check_override(override)
+
+
+def test_unknown_key_in_a_yaml_file_is_caught_after_composition():
+    cfg = _compose("demo")
+    cfg["trainer"]["save_evrey"] = 10
+    with pytest.raises(PtmError, match="Did you mean 'save_every'"):
+        check_pretrain(cfg)
+
+
+@pytest.mark.parametrize("key,value,expected", [
+    ("trainer", ("max_steps", "ten"), "expected int"),
+    ("optimizer", ("schedule", "cosin"), "Did you mean 'cosine'"),
+    ("hardware", ("compile", "yes"), "expected bool"),
+    ("data", ("max_seq_len", 1024), "model.max_positions"),
+])
+def test_wrong_types_and_values_fail(key, value, expected):
+    cfg = _compose("demo")
+    cfg[key][value[0]] = value[1]
+    with pytest.raises(PtmError, match=expected):
+        check_pretrain(cfg)
+
+
+def test_cli_errors_are_one_paragraph_with_exit_status_2(cache_env, tmp_path):
+    proc = run_ptm(["pretrain", "trainer.max_stpes=5", f"hydra.run.dir={tmp_path / 'run'}"], cache_env, check=False)
+    assert proc.returncode == 2
+    assert "Did you mean 'max_steps'?" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists()
+    proc = run_ptm(["pretrain", "conf=bert-mni"], cache_env, check=False)
+    assert proc.returncode == 2 and "Did you mean 'bert-mini'?" in proc.stderr
+    proc = run_ptm(["pretrain", "trainer.max_steps=ten", f"hydra.run.dir={tmp_path / 'run'}"], cache_env, check=False)
+    assert proc.returncode == 2 and "trainer.max_steps='ten'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_help_lists_groups_options_and_recipes(cache_env):
+    out = run_ptm(["pretrain", "--help"], cache_env).stdout
+    for word in ("bert-base", "demo", "mlm-nsp", "news-en", "adamw", "trainer.max_steps", "hardware"):
+        assert word in out
+    for group in GROUPS:
+        assert group in out
+
+
+def test_hydra_cfg_flag_prints_composed_config(cache_env):
+    out = run_ptm(["pretrain", "conf=bert-base", "--cfg", "job"], cache_env).stdout
+    cfg = OmegaConf.create(out)
+    assert cfg.model.hidden_size == 768 and cfg.trainer.batch_size == 256
+
+
+def test_shell_completion_lists_groups(cache_env):
+    env = dict(cache_env, COMP_LINE="ptm pretrain mod", COMP_POINT="16")
+    out = run_ptm(["-sc", "query=bash"], env).stdout
+    assert "model=" in out
+    script = run_ptm(["pretrain", "--shell-completion", "install=bash"], cache_env).stdout
+    assert "hydra_bash_completion" in script

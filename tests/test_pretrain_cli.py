@@ -1,0 +1,155 @@
+"""`ptm pretrain` through the real CLI: it learns, it resumes exactly after SIGKILL, and bad input loses nothing."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import TINY, comparable, read_metrics, run_ptm
+
+SCHEDULE = ["trainer.max_steps=40", "trainer.log_every=1", "trainer.eval_every=10", "trainer.save_every=10",
+            "trainer.keep_last=0", "model.dropout=0.1"]
+
+
+def test_tiny_pretraining_learns(cache_env, tmp_path):
+    run = tmp_path / "run"
+    run_ptm(["pretrain", *TINY, "trainer.max_steps=150", "trainer.log_every=10", "trainer.eval_every=50",
+             f"hydra.run.dir={run}"], cache_env)
+    rows = read_metrics(run)
+    train = [r for r in rows if r["split"] == "train"]
+    val = [r for r in rows if r["split"] == "val"]
+    assert train[0]["loss"] - train[-1]["loss"] > 0.9, (train[0], train[-1])
+    # a model that learned nothing scores ln(vocab) on MLM; demand a clear margin below it
+    assert val[-1]["mlm_loss"] < math.log(2000) - 0.8 and val[-1]["mlm_loss"] < val[0]["mlm_loss"]
+    assert {"step", "split", "loss", "lr", "tokens_per_s"} <= set(train[0])
+    assert {"mlm_accuracy", "perplexity", "nsp_accuracy"} <= set(val[0])
+    assert (run / "tokenizer.json").exists() and (run / "config.yaml").exists()
+    latest = run / "checkpoints" / "latest"
+    assert latest.resolve().name == "step-150"
+    assert {p.name for p in latest.iterdir()} >= {"model.safetensors", "optimizer.safetensors", "trainer_state.json",
+                                                  "rng-rank0.safetensors", "COMPLETE"}
+
+
+def _kill_after_checkpoint(args: list[str], env: dict, checkpoint: Path) -> int:
+    proc = subprocess.Popen([sys.executable, "-m", "ptmcli", *args], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (checkpoint / "COMPLETE").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    return proc.wait()
+
+
+def test_sigkill_then_resume_matches_an_uninterrupted_run(cache_env, tmp_path):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    run_ptm(["pretrain", *TINY, *SCHEDULE, f"hydra.run.dir={straight}"], cache_env)
+    args = ["pretrain", *TINY, *SCHEDULE, f"hydra.run.dir={killed}"]
+    assert _kill_after_checkpoint(args, cache_env, killed / "checkpoints" / "step-10") == -signal.SIGKILL
+    last = json.loads((killed / "checkpoints" / "latest" / "trainer_state.json").read_text())["step"]
+    assert 10 <= last < 40
+    run_ptm([*args, "resume=auto"], cache_env)
+    assert comparable(read_metrics(killed)) == comparable(read_metrics(straight))
+
+
+def test_interrupted_checkpoint_write_is_ignored(cache_env, tmp_path):
+    run = tmp_path / "run"
+    base = ["pretrain", *TINY, "trainer.log_every=1", "trainer.save_every=10", f"hydra.run.dir={run}"]
+    run_ptm([*base, "trainer.max_steps=20"], cache_env)
+    # a half-written later checkpoint: its files are there but the completion marker is not
+    partial = run / "checkpoints" / "step-30"
+    shutil.copytree(run / "checkpoints" / "step-20", partial)
+    (partial / "COMPLETE").unlink()
+    (partial / "model.safetensors").write_bytes(b"truncated")
+    out = run_ptm([*base, "trainer.max_steps=25", "resume=auto"], cache_env)
+    assert "from step-20" in out.stderr
+    assert [r["step"] for r in read_metrics(run) if r["split"] == "train"] == list(range(1, 26))
+
+
+def test_resume_auto_continues_the_newest_run_with_this_config(cache_env, tmp_path):
+    runs = tmp_path / "runs" / "pretrain" / "demo"
+    first = run_ptm(["pretrain", *TINY, "trainer.max_steps=10", "trainer.save_every=10"], cache_env, cwd=tmp_path)
+    assert first.returncode == 0
+    (earlier,) = list(runs.iterdir())
+    time.sleep(1.1)  # a new timestamped directory
+    out = run_ptm(["pretrain", *TINY, "trainer.max_steps=10", "trainer.save_every=10", "resume=auto"], cache_env,
+                  cwd=tmp_path)
+    assert f"Resuming {earlier.relative_to(tmp_path)}" in out.stderr or f"Resuming {earlier}" in out.stderr
+    assert list(runs.iterdir()) == [earlier]  # no stray empty directory
+    # a different config has nothing to resume: a fresh run, and it says so
+    time.sleep(1.1)
+    out = run_ptm(["pretrain", *TINY, "trainer.max_steps=5", "trainer.save_every=5", "resume=auto"], cache_env,
+                  cwd=tmp_path)
+    assert "starting fresh" in out.stderr and len(list(runs.iterdir())) == 2
+
+
+def test_sweep_makes_one_run_dir_per_job(cache_env, tmp_path):
+    run_ptm(["pretrain", *TINY, "trainer.max_steps=3", "optimizer.lr=1e-3,2e-3", "-m",
+             f"hydra.sweep.dir={tmp_path / 'sweep'}"], cache_env)
+    jobs = sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir())
+    assert jobs == ["0", "1"]
+    lrs = [json.loads((tmp_path / "sweep" / j / "config.yaml").read_text().split("lr: ")[1].split("\n")[0])
+           for j in jobs]
+    assert lrs == [1e-3, 2e-3]
+    assert all((tmp_path / "sweep" / j / "metrics.jsonl").exists() for j in jobs)
+
+
+def _fails(args: list[str], env: dict, expected: str) -> str:
+    proc = run_ptm(args, env, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert expected in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    return proc.stderr
+
+
+def test_bad_input_gets_a_clear_error_and_loses_nothing(cache_env, tmp_path):
+    run = tmp_path / "run"
+    run_ptm(["pretrain", *TINY, "trainer.max_steps=10", "trainer.save_every=10", f"hydra.run.dir={run}"], cache_env)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and ".hydra" not in p.parts}
+    at = f"hydra.run.dir={run}"
+    _fails(["pretrain", *TINY, "data=files", f"data.source={tmp_path / 'nope.txt'}", at, "resume=auto"], cache_env,
+           "does not exist")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n  \n")
+    _fails(["pretrain", *TINY, "data=files", f"data.source={empty}", "hydra.run.dir=" + str(tmp_path / "r2")],
+           cache_env, "corpus is empty")
+    _fails(["pretrain", *TINY, "data.max_seq_len=128", at], cache_env, "model.max_positions")
+    _fails(["pretrain", *TINY, f"resume={tmp_path}", "hydra.run.dir=" + str(tmp_path / "r3")], cache_env,
+           "holds no complete checkpoint")
+    _fails(["pretrain", *TINY, "model.num_layers=3", "trainer.max_steps=20", "resume=" + str(run), at], cache_env,
+           "another architecture")
+    _fails(["pretrain", *TINY, "trainer.max_steps=20", at], cache_env, "already holds checkpoints")
+    _fails(["pretrain", *TINY, "data=files", "hydra.run.dir=" + str(tmp_path / "r4")], cache_env, "data.source is not set")
+    after = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and ".hydra" not in p.parts}
+    assert after == before
+
+
+def test_non_editable_install_runs_from_another_directory(cache_env, tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    wheels, site, elsewhere = tmp_path / "wheels", tmp_path / "site", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels),
+                    str(root)], check=True, capture_output=True)
+    (wheel,) = wheels.glob("ptmcli-*.whl")
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
+                   check=True, capture_output=True)
+    env = dict(cache_env, PYTHONPATH=str(site))
+    where = subprocess.run([sys.executable, "-c", "import ptmcli; print(ptmcli.__file__)"], env=env, cwd=elsewhere,
+                           capture_output=True, text=True, check=True).stdout
+    assert where.startswith(str(site))
+    assert (site / "ptmcli" / "conf" / "model" / "bert-base.yaml").exists()
+    assert (site / "ptmcli" / "recipes" / "bert-mini.yaml").exists()
+    run_ptm(["pretrain", "conf=bert-tiny", *TINY, "trainer.max_steps=3"], env, cwd=elsewhere)
+    assert list((elsewhere / "runs" / "pretrain" / "bert-tiny").glob("*/checkpoints/step-3/COMPLETE"))
+
+
+@pytest.mark.slow
+def test_demo_recipe_loss_falls(cache_env, tmp_path):
+    run_ptm(["pretrain", f"hydra.run.dir={tmp_path / 'demo'}"], cache_env)
+    val = [r for r in read_metrics(tmp_path / "demo") if r["split"] == "val"]
+    assert val[-1]["mlm_loss"] < val[0]["mlm_loss"] - 0.5
