@@ -84,9 +84,18 @@ def _optimizer_join(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
+def _point(root: Path, name: str, target: Path) -> None:
+    """Atomically make root/name a symlink to target."""
+    tmp_link = root / f".{name}.tmp"
+    tmp_link.unlink(missing_ok=True)
+    tmp_link.symlink_to(target.name)
+    os.replace(tmp_link, root / name)
+
+
 def save(root: Path, step: int, model: nn.Module, optimizer, scheduler, scaler, trainer_state: dict, dist: Dist,
-         keep_last: int, protect: tuple[Path, ...] = ()) -> Path:
-    """Write checkpoint `step` atomically; every rank contributes its RNG state. Returns its path."""
+         keep_last: int, best_step: int | None = None) -> Path:
+    """Write checkpoint `step` atomically; every rank contributes its RNG state. `checkpoints/latest` then points
+    at it, `checkpoints/best` at step `best_step`, and pruning keeps the newest `keep_last` plus the best."""
     final, tmp = root / f"step-{step}", root / f".tmp-step-{step}"
     if dist.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -107,15 +116,14 @@ def save(root: Path, step: int, model: nn.Module, optimizer, scheduler, scaler, 
         if final.exists():  # a rerun after resume from an earlier step overwrites its own future
             shutil.rmtree(final)
         os.replace(tmp, final)
-        link = root / "latest"
-        tmp_link = root / ".latest.tmp"
-        tmp_link.unlink(missing_ok=True)
-        tmp_link.symlink_to(final.name)
-        os.replace(tmp_link, link)
+        _point(root, "latest", final)
+        best = root / f"step-{best_step}" if best_step is not None else None
+        if best is not None and best.exists():
+            _point(root, "best", best)
         _fsync_dir(root)
         if keep_last:
             for old in complete_checkpoints(root)[:-keep_last]:
-                if old.resolve() not in {p.resolve() for p in protect}:
+                if old != best:
                     shutil.rmtree(old)
     dist.barrier()
     return final

@@ -12,16 +12,37 @@ import sys
 import time
 from pathlib import Path
 
-from ptmcli.errors import PtmError
-from ptmcli.schema import MODEL_SCHEMAS, SECTIONS, PretrainConfig, did_you_mean, schema_for_key
+from dataclasses import dataclass
 
-# command -> (base config in conf/, default recipe)
-COMMANDS = {"pretrain": ("pretrain", "demo")}
+from ptmcli.errors import PtmError
+from ptmcli.schema import (FINETUNE_SECTIONS, MODEL_SCHEMAS, SECTIONS, FinetuneConfig, PretrainConfig, did_you_mean)
+
+
+@dataclass(frozen=True)
+class Command:
+    """A Hydra-driven command: its base config in conf/, default recipe, schema and config groups."""
+
+    base: str
+    default_recipe: str
+    schema: type
+    sections: dict
+    groups: tuple[str, ...]
+    summary: str
+
+
+COMMANDS = {
+    "pretrain": Command("pretrain", "demo", PretrainConfig, SECTIONS,
+                        ("model", "objective", "data", "optimizer", "hardware"), "self-supervised pretraining"),
+    "finetune": Command("finetune", "finetune", FinetuneConfig, FINETUNE_SECTIONS,
+                        ("task", "transfer", "model", "optimizer", "hardware"), "supervised fine-tuning"),
+}
+# Commands that read a finished run instead of composing a config.
+RUN_COMMANDS = {"evaluate": "metrics of a fine-tuned run on a split: ptm evaluate run=DIR split=test",
+                "predict": "predictions, one JSON line per input: ptm predict run=DIR input=texts.txt [output=FILE]"}
 # Hydra flags whose next argument is their value, not an override (--info takes one only from its choices).
 HYDRA_FLAGS_WITH_VALUE = {"-c", "--cfg", "-p", "--package", "-cp", "--config-path",
                           "-cn", "--config-name", "-cd", "--config-dir", "--experimental-rerun"}
 INFO_CHOICES = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
-GROUPS = ("model", "objective", "data", "optimizer", "hardware")
 
 
 def config_dirs() -> tuple[Path, Path]:
@@ -51,38 +72,38 @@ def register_defaults() -> None:
     file leaves it out. Plain dicts, not typed nodes: type errors are reported by our checker, not by OmegaConf."""
     from hydra.core.config_store import ConfigStore
 
-    defaults = {name: dataclasses.asdict(schema()) for name, schema in SECTIONS.items()}
-    ConfigStore.instance().store(name="ptm_pretrain_defaults", node={**defaults, "resume": None})
+    for name, command in COMMANDS.items():
+        defaults = {key: dataclasses.asdict(schema()) for key, schema in command.sections.items()}
+        extra = {f.name: None for f in dataclasses.fields(command.schema) if f.name not in defaults}
+        ConfigStore.instance().store(name=f"ptm_{name}_defaults", node={**defaults, **extra})
 
 
-def check_override(arg: str) -> None:
+def check_override(arg: str, command: Command) -> None:
     """Fail early, with a did-you-mean, on an override naming an unknown group option or key."""
     if arg.startswith(("-", "hydra.", "hydra/", "+", "~")) or "=" not in arg:
         return
     key, _, value = arg.partition("=")
-    if key in GROUPS:
+    if key in command.groups:
         options = group_options(key)
         for choice in value.split(","):
-            if choice not in options:
+            if choice not in options and not (key == "model" and choice == "null"):
                 raise PtmError(
                     f"'{choice}' is not an option of the '{key}' group.{did_you_mean(choice, options)} "
                     f"Valid options: {', '.join(options)}."
                 )
         return
     head, _, rest = key.partition(".")
-    top = {f.name for f in dataclasses.fields(PretrainConfig)}
+    top = {f.name for f in dataclasses.fields(command.schema)}
     if head not in top:
         raise PtmError(f"Unknown key '{key}'.{did_you_mean(head, top)} Valid top-level keys: {', '.join(sorted(top))}.")
     if head == "model":
         fields = {f.name for schema in MODEL_SCHEMAS.values() for f in dataclasses.fields(schema)}
-        if rest not in fields:
-            raise PtmError(f"Unknown key '{key}'.{did_you_mean(rest, fields)} Valid keys of 'model': {', '.join(sorted(fields))}.")
+    elif head in command.sections:
+        fields = {f.name for f in dataclasses.fields(command.sections[head])}
+    else:
         return
-    schema, name = schema_for_key(key)
-    if schema is not None:
-        fields = [f.name for f in dataclasses.fields(schema)]
-        if name not in fields:
-            raise PtmError(f"Unknown key '{key}'.{did_you_mean(name, fields)} Valid keys of '{head}': {', '.join(fields)}.")
+    if rest.split(".")[0] not in fields:
+        raise PtmError(f"Unknown key '{key}'.{did_you_mean(rest, fields)} Valid keys of '{head}': {', '.join(sorted(fields))}.")
 
 
 def split_flags(args: list[str]) -> tuple[list[str], list[str]]:
@@ -104,30 +125,34 @@ def split_flags(args: list[str]) -> tuple[list[str], list[str]]:
     return overrides, flags
 
 
-def print_help(command: str) -> None:
+def print_help(name: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    command = COMMANDS[name]
     console = Console()
-    console.print(f"[bold]ptm {command}[/] [conf=RECIPE] [group=option ...] [key=value ...] [-m] [--cfg job]\n")
-    table = Table("recipe (conf=)", "what it is", box=None)
-    for name, line in recipes().items():
-        table.add_row(name, line)
-    console.print(table)
+    console.print(f"[bold]ptm {name}[/] [conf=RECIPE] [group=option ...] [key=value ...] [-m] [--cfg job]\n")
+    if name == "pretrain":
+        table = Table("recipe (conf=)", "what it is", box=None)
+        for recipe, line in recipes().items():
+            table.add_row(recipe, line)
+        console.print(table)
     table = Table("group", "options", box=None)
-    for group in GROUPS:
+    for group in command.groups:
         table.add_row(group, ", ".join(group_options(group)))
     console.print(table)
-    for section, schema in {"model (bert)": MODEL_SCHEMAS["bert"], **SECTIONS}.items():
-        table = Table(f"{section.split()[0]}.KEY", "default", "meaning", box=None)
+    sections = {"model": MODEL_SCHEMAS["bert"], **command.sections}
+    for section, schema in sections.items():
+        table = Table(f"{section}.KEY", "default", "meaning", box=None)
         for f in dataclasses.fields(schema):
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            table.add_row(f"{section.split()[0]}.{f.name}", repr(default), f.metadata.get("help", ""))
+            table.add_row(f"{section}.{f.name}", repr(default), f.metadata.get("help", ""))
         console.print(table)
+    for f in dataclasses.fields(command.schema):
+        if f.name not in sections:
+            console.print(f"{f.name}=...  {f.metadata.get('help', '')}")
     console.print(
-        "resume=auto|PATH  continue the newest run with this config, or a given run directory / checkpoint\n"
-        "Hydra flags: -m (sweep: optimizer.lr=1e-4,5e-4), --cfg job, hydra.run.dir=DIR, --shell-completion install=bash\n"
-        "Example: ptm pretrain conf=bert-tiny trainer.max_steps=200 optimizer.lr=5e-4 data.max_train_samples=2000"
+        "Hydra flags: -m (sweep: optimizer.lr=1e-4,5e-4), --cfg job, hydra.run.dir=DIR, --shell-completion install=bash"
     )
 
 
@@ -149,11 +174,13 @@ def _share_stamp() -> list[str]:
     return [] if os.environ.get("RANK", "0") == "0" else ["hydra.output_subdir=null"]
 
 
-def run_command(command: str, args: list[str]) -> None:
+def run_command(name: str, args: list[str]) -> None:
     import hydra
     from omegaconf import DictConfig, OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
-    recipe = COMMANDS[command][1]
+    command = COMMANDS[name]
+    recipe = command.default_recipe
     rest = []
     for arg in args:
         if arg.startswith("conf="):
@@ -161,33 +188,63 @@ def run_command(command: str, args: list[str]) -> None:
         else:
             rest.append(arg)
     known = recipes()
-    if recipe not in known:
+    if recipe != command.base and recipe not in known:
         raise PtmError(f"conf={recipe}: no such recipe.{did_you_mean(recipe, known)} Recipes: {', '.join(known)}.")
     overrides, flags = split_flags(rest)
     if not {"-sc", "--shell-completion"} & set(flags):  # there, install=bash / query=bash are not overrides
         for arg in overrides:
-            check_override(arg)
+            check_override(arg, command)
     conf_dir, recipe_dir = config_dirs()
     register_defaults()
     if not OmegaConf.has_resolver("ptm_stamp"):
         OmegaConf.register_new_resolver("ptm_stamp", _stamp)
 
-    @hydra.main(version_base=None, config_path=str(recipe_dir), config_name=recipe)
+    # Hydra finds the primary config only under config_path; the other folder joins through the search path.
+    primary, other = (conf_dir, recipe_dir) if recipe == command.base else (recipe_dir, conf_dir)
+
+    @hydra.main(version_base=None, config_path=str(primary), config_name=recipe)
     def task(cfg: DictConfig) -> None:
         from hydra.core.hydra_config import HydraConfig
 
         hydra_cfg = HydraConfig.get()
         try:
-            plain = OmegaConf.to_container(cfg, resolve=True)
-            from ptmcli.pretrain import pretrain
-
-            pretrain(plain, Path(hydra_cfg.runtime.output_dir), hydra_cfg.job.config_name)
+            try:
+                plain = OmegaConf.to_container(cfg, resolve=True)
+            except OmegaConfBaseException as err:
+                raise PtmError(f"The config could not be resolved: {err}") from err
+            if name == "pretrain":
+                from ptmcli.pretrain import pretrain as entry
+            else:
+                from ptmcli.finetune import finetune as entry
+            entry(plain, Path(hydra_cfg.runtime.output_dir), hydra_cfg.job.config_name)
         except PtmError as err:
             fail(err)
 
     # argparse takes the overrides only as one block, so they go first and Hydra's flags after them.
-    sys.argv = ["ptm", *overrides, f"hydra.searchpath=[file://{conf_dir}]", *_share_stamp(), *flags]
+    sys.argv = ["ptm", *overrides, f"hydra.searchpath=[file://{other}]", *_share_stamp(), *flags]
     task()
+
+
+def run_run_command(name: str, args: list[str]) -> None:
+    """`ptm evaluate` / `ptm predict`: key=value arguments, no config composition."""
+    values = {}
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        allowed = {"evaluate": ("run", "split", "checkpoint"), "predict": ("run", "input", "output", "checkpoint")}[name]
+        if not sep or key not in allowed:
+            raise PtmError(f"ptm {name}: unexpected argument '{arg}'.{did_you_mean(key, allowed)} "
+                           f"Arguments: {', '.join(k + '=...' for k in allowed)}.")
+        values[key] = value
+    if "run" not in values:
+        raise PtmError(f"ptm {name} needs run=DIR, a fine-tuning run directory.")
+    from ptmcli import inference
+
+    if name == "evaluate":
+        inference.evaluate_run(Path(values["run"]), values.get("split", "test"), values.get("checkpoint"))
+    else:
+        if "input" not in values:
+            raise PtmError("ptm predict needs input=FILE (one text per line, or JSON lines).")
+        inference.predict_run(Path(values["run"]), Path(values["input"]), values.get("output"), values.get("checkpoint"))
 
 
 def fail(err: PtmError) -> None:
@@ -214,16 +271,21 @@ def main(argv: list[str] | None = None) -> None:
     if argv and argv[0] in ("-sc", "--shell-completion") and "query=bash" in argv:
         argv = _completion(argv) or argv
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: ptm COMMAND [conf=RECIPE] [overrides...]\n\ncommands:\n"
-              "  pretrain   self-supervised pretraining (ptm pretrain --help)")
+        lines = [f"  {n:<10} {c.summary} (ptm {n} --help)" for n, c in COMMANDS.items()]
+        lines += [f"  {n:<10} {text}" for n, text in RUN_COMMANDS.items()]
+        print("usage: ptm COMMAND [conf=RECIPE] [overrides...]\n\ncommands:\n" + "\n".join(lines))
         return
-    command, args = argv[0], argv[1:]
+    name, args = argv[0], argv[1:]
     try:
-        if command not in COMMANDS:
-            raise PtmError(f"Unknown command '{command}'.{did_you_mean(command, COMMANDS)} Commands: {', '.join(COMMANDS)}.")
-        if "--help" in args or "-h" in args:
-            print_help(command)
+        if name in RUN_COMMANDS:
+            run_run_command(name, args)
             return
-        run_command(command, args)
+        if name not in COMMANDS:
+            known = [*COMMANDS, *RUN_COMMANDS]
+            raise PtmError(f"Unknown command '{name}'.{did_you_mean(name, known)} Commands: {', '.join(known)}.")
+        if "--help" in args or "-h" in args:
+            print_help(name)
+            return
+        run_command(name, args)
     except PtmError as err:
         fail(err)

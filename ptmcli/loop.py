@@ -11,7 +11,7 @@ import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -20,6 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ptmcli import checkpoint
 from ptmcli.data.batches import BatchOrder, Examples, eval_batches, train_batches
 from ptmcli.distributed import Dist
+from ptmcli.errors import PtmError
 from ptmcli.hardware import Hardware
 from ptmcli.optim import build_optimizer, build_schedule
 from ptmcli.runlog import RunLog, truncate_metrics
@@ -36,6 +37,35 @@ class Job:
     train: Examples
     val: Examples
     model_spec: dict  # the architecture identity stored in checkpoints and checked on resume
+    lr_scale: Callable[[str], float] | None = None  # per-parameter lr multiplier (layer-wise decay)
+
+
+@dataclass
+class Best:
+    """Tracks `trainer.metric` over validations: which step is best, and whether patience has run out."""
+
+    key: str
+    mode: str
+    patience: int
+    value: float | None = None
+    step: int | None = None
+    stale: int = 0
+
+    def update(self, metrics: dict[str, float], step: int) -> bool:
+        if self.key not in metrics:
+            raise PtmError(f"trainer.metric=val/{self.key} is not a validation metric here; "
+                           f"choose one of {', '.join('val/' + k for k in metrics)}.")
+        value = metrics[self.key]
+        better = self.value is None or (value > self.value if self.mode == "max" else value < self.value)
+        if better:
+            self.value, self.step, self.stale = value, step, 0
+        else:
+            self.stale += 1
+        return better
+
+    @property
+    def exhausted(self) -> bool:
+        return self.patience > 0 and self.stale >= self.patience
 
 
 def _to(batch: dict, device: torch.device) -> dict:
@@ -43,21 +73,24 @@ def _to(batch: dict, device: torch.device) -> dict:
 
 
 @torch.no_grad()
-def evaluate(job: Job, model: nn.Module, cfg: TrainerConfig, hw: Hardware, dist: Dist) -> dict[str, float]:
+def evaluate(objective: Any, model: nn.Module, examples: Examples, batch_size: int, max_batches: int, hw: Hardware,
+             dist: Dist) -> dict[str, float]:
+    """Metrics of `objective` over `examples` (at most `max_batches` batches per process; 0 = all)."""
     model = checkpoint.unwrap(model)
+    was_training = model.training
     model.eval()
-    terms, stat_names = job.objective.terms, job.objective.stats
+    terms, stat_names = objective.terms, objective.stats
     totals = torch.zeros(2 * len(terms) + len(stat_names), dtype=torch.float64)  # sums, counts, stats
-    for batch in eval_batches(job.val, cfg.batch_size, dist.world_size, dist.rank, cfg.eval_batches):
+    for batch in eval_batches(examples, batch_size, dist.world_size, dist.rank, max_batches):
         batch = _to(batch, hw.device)
         with hw.autocast():
-            sums, stats = job.objective(model, batch)
+            sums, stats = objective(model, batch)
         totals += torch.tensor([*(float(sums[t]) for t in terms), *(batch["counts"][t] for t in terms),
                                 *(float(stats[s]) for s in stat_names)], dtype=torch.float64)
     totals = dist.sum(totals).tolist()
-    model.train()
+    model.train(was_training)
     n = len(terms)
-    return job.objective.metrics(dict(zip(terms, totals[:n])), dict(zip(terms, totals[n : 2 * n])),
+    return objective.metrics(dict(zip(terms, totals[:n])), dict(zip(terms, totals[n : 2 * n])),
                                  dict(zip(stat_names, totals[2 * n :])))
 
 
@@ -65,11 +98,12 @@ def train(job: Job, cfg: TrainerConfig, optim_cfg: OptimizerConfig, hw: Hardware
           resume_from: Path | None, compile: bool = False) -> dict[str, float]:
     """Train until `cfg.max_steps`; returns the final validation metrics."""
     model = job.model.to(hw.device)
+    model.train()
     if compile:
         model = torch.compile(model)
     if dist.world_size > 1:
         model = DistributedDataParallel(model, device_ids=[hw.device.index] if hw.device.type == "cuda" else None)
-    optimizer = build_optimizer(model, optim_cfg, hw.device)
+    optimizer = build_optimizer(checkpoint.unwrap(model), optim_cfg, hw.device, job.lr_scale)
     scheduler = build_schedule(optimizer, optim_cfg, cfg.max_steps)
     scaler = torch.amp.GradScaler(hw.device.type, enabled=hw.uses_scaler)
     terms = job.objective.terms
@@ -77,9 +111,11 @@ def train(job: Job, cfg: TrainerConfig, optim_cfg: OptimizerConfig, hw: Hardware
 
     step, consumed = 0, 0
     window = {"loss": 0.0, "terms": {t: 0.0 for t in terms}, "steps": 0, "tokens": 0}
+    best = Best(cfg.metric.removeprefix("val/"), cfg.metric_mode, cfg.patience)
     if resume_from is not None:
         state = checkpoint.load(resume_from, model, optimizer, scheduler, scaler, dist, job.model_spec)
         step, consumed, window = state["step"], state["consumed"], state["window"]
+        best = Best(**state["best"])
         if dist.is_main:
             truncate_metrics(run_dir / "metrics.jsonl", step)
     else:
@@ -135,13 +171,20 @@ def train(job: Job, cfg: TrainerConfig, optim_cfg: OptimizerConfig, hw: Hardware
                 window_start = time.perf_counter()
             else:
                 log.advance(step)
-            final = step == cfg.max_steps
+            final, improved = step == cfg.max_steps, False
             if final or (cfg.eval_every and step % cfg.eval_every == 0):
-                metrics = evaluate(job, model, cfg, hw, dist)
+                metrics = evaluate(job.objective, model, job.val, cfg.batch_size, cfg.eval_batches, hw, dist)
                 log.val({"step": step, "split": "val", **metrics})
-            if final or (cfg.save_every and step % cfg.save_every == 0):
-                state = {"consumed": consumed, "window": window, "model": job.model_spec}
-                checkpoint.save(ckpt_root, step, model, optimizer, scheduler, scaler, state, dist, cfg.keep_last)
+                improved = best.update(metrics, step)
+            stop = best.exhausted
+            if final or stop or improved or (cfg.save_every and step % cfg.save_every == 0):
+                state = {"consumed": consumed, "window": window, "model": job.model_spec, "best": vars(best)}
+                checkpoint.save(ckpt_root, step, model, optimizer, scheduler, scaler, state, dist, cfg.keep_last,
+                                best.step)
+            if stop:
+                log.note(f"early stop at step {step}: no better {cfg.metric} for {cfg.patience} validations "
+                         f"(best {best.value:.4f} at step {best.step})")
+                break
     finally:
         log.close()
     return metrics

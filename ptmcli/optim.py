@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from torch import nn
@@ -9,22 +10,27 @@ from torch import nn
 from ptmcli.schema import OptimizerConfig
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices only: biases and LayerNorm weights (all 1-D parameters) are not decayed."""
-    decay, no_decay, seen = [], [], set()
-    for p in model.parameters():
-        if not p.requires_grad or id(p) in seen:  # tied weights appear once
+def param_groups(model: nn.Module, cfg: OptimizerConfig, lr_scale: Callable[[str], float] | None = None) -> list[dict]:
+    """Trainable parameters grouped by (decayed?, lr multiplier). Only matrices are decayed: biases and LayerNorm
+    weights (all 1-D parameters) are not. `lr_scale(name)` gives per-parameter multipliers (layer-wise decay)."""
+    groups: dict[tuple[bool, float], dict] = {}
+    seen = set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:  # frozen, or a tied weight already placed
             continue
         seen.add(id(p))
-        (decay if p.ndim >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        decay, scale = p.ndim >= 2, lr_scale(name) if lr_scale else 1.0
+        group = groups.setdefault((decay, scale), {"params": [], "weight_decay": cfg.weight_decay if decay else 0.0,
+                                                   "lr": cfg.lr * scale})
+        group["params"].append(p)
+    return list(groups.values())
 
 
-def build_optimizer(model: nn.Module, cfg: OptimizerConfig, device: torch.device) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, cfg: OptimizerConfig, device: torch.device,
+                    lr_scale: Callable[[str], float] | None = None) -> torch.optim.Optimizer:
     fused = cfg.fused == "on" or (cfg.fused == "auto" and device.type == "cuda")
-    return torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None
-    )
+    return torch.optim.AdamW(param_groups(model, cfg, lr_scale), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                             fused=fused or None)
 
 
 def lr_factor(step: int, cfg: OptimizerConfig, max_steps: int) -> float:

@@ -29,7 +29,7 @@ def _run_info(run_dir: Path) -> dict:
 
 
 def _only_hydra_files(run_dir: Path) -> bool:
-    return all(p.name in (".hydra", "ptm.log", "pretrain.log") for p in run_dir.iterdir())
+    return all(p.name == ".hydra" for p in run_dir.iterdir())
 
 
 def _from_path(resume: str) -> tuple[Path, Path]:
@@ -81,13 +81,14 @@ def prepare(run_dir: Path, cfg: dict, command: str, recipe: str, dist: Dist) -> 
     return run_dir, resume_from
 
 
-def record(run_dir: Path, cfg: dict, command: str, recipe: str, dist: Dist) -> None:
+def record(run_dir: Path, cfg: dict, command: str, recipe: str, dist: Dist, extra: dict | None = None) -> None:
     """Write the run's identity and the config in force. Called once every input has been checked, so that a
     run that fails at start leaves an existing run directory exactly as it was."""
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         info = _run_info(run_dir) or {"command": command, "recipe": recipe, "config_hash": config_hash(cfg),
                                       "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+        info.update(extra or {})
         (run_dir / "run.json").write_text(json.dumps(info, indent=1) + "\n")
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     dist.barrier()

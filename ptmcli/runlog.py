@@ -7,16 +7,24 @@ import os
 from pathlib import Path
 
 from rich.console import Console
+from rich.table import Table
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 console = Console(stderr=True, highlight=False)
 
 
 def truncate_metrics(path: Path, last_step: int) -> None:
-    """Drop rows logged after step `last_step` (by a process killed after its last checkpoint), atomically."""
+    """Drop rows logged after step `last_step` (by a process killed after its last checkpoint), atomically.
+    A line cut short by the kill is dropped too."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= last_step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     os.replace(tmp, path)
@@ -61,6 +69,10 @@ class RunLog:
             shown = "  ".join(f"{k} {v:.4f}" for k, v in row.items() if k not in ("step", "split") and isinstance(v, float))
             self.progress.console.print(f"step {row['step']:>6}  [cyan]val[/]  {shown}")
 
+    def note(self, text: str) -> None:
+        if self.progress is not None:
+            self.progress.console.print(text)
+
     def advance(self, step: int) -> None:
         if self.progress is not None:
             self.progress.update(self.task, completed=step)
@@ -68,3 +80,17 @@ class RunLog:
     def close(self) -> None:
         if self.progress is not None:
             self.progress.stop()
+
+
+def print_metrics(title: str, metrics: dict, labels: list[str]) -> None:
+    """Scalar metrics as a table, and the confusion matrix (rows gold, columns predicted) when there is one."""
+    table = Table("metric", "value", title=title, box=None)
+    for key, value in metrics.items():
+        if isinstance(value, float):
+            table.add_row(key, f"{value:.4f}")
+    console.print(table)
+    if "confusion_matrix" in metrics:
+        matrix = Table("gold \\ predicted", *labels, title="confusion matrix", box=None)
+        for name, row in zip(labels, metrics["confusion_matrix"]):
+            matrix.add_row(name, *(str(v) for v in row))
+        console.print(matrix)

@@ -105,8 +105,11 @@ class TrainerConfig:
     eval_every: int = _f(200, "steps between validation passes (0 = only at the end)")
     eval_batches: int = _f(50, "at most this many validation batches per pass (0 = all)")
     save_every: int = _f(500, "steps between checkpoints (0 = only at the end)")
-    keep_last: int = _f(3, "checkpoints kept (older ones are deleted; 0 = keep all)")
+    keep_last: int = _f(3, "checkpoints kept besides the best (older ones are deleted; 0 = keep all)")
     seed: int = _f(0, "seed of initialisation, sampling order, masking and dropout")
+    metric: str = _f("val/loss", "validation metric that picks checkpoints/best, e.g. val/accuracy, val/f1")
+    metric_mode: Literal["min", "max"] = _f("min", "whether a larger or a smaller metric is better")
+    patience: int = _f(0, "stop after this many validations without improvement (0 = never)")
 
 
 @dataclass
@@ -119,6 +122,80 @@ class PretrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     resume: Optional[str] = _f(None, "auto, or a run directory / checkpoint to continue")
 
+
+@dataclass
+class TaskConfig:
+    kind: Literal["text-cls", "pair-cls", "token-cls", "qa"] = _f("text-cls", "what is predicted: a label per text, "
+                                                                 "per text pair, per word, or an answer span")
+    max_seq_len: int = _f(128, "tokens per input, special tokens included (longer inputs are truncated, QA uses stride)")
+    labels: Optional[list[str]] = _f(None, "label names in order; none = sorted labels of the training split")
+    classifier_dropout: float = _f(0.1, "dropout before the task head")
+    pooling: Literal["pooler", "cls", "mean"] = _f("pooler", "text/pair-cls features: BERT's pooler (or [CLS] when the "
+                                                   "encoder has none), the [CLS] state, or the mean over tokens")
+    class_weights: Optional[list[float]] = _f(None, "per-label loss weights, in label order (text/pair/token-cls)")
+    doc_stride: int = _f(64, "qa: tokens of overlap between windows of a long context")
+    max_answer_len: int = _f(30, "qa: longest answer span in tokens")
+
+
+@dataclass
+class LabeledDataConfig:
+    name: str = _f("custom", "short name of this dataset")
+    loader: Literal["table", "folders", "conll", "squad", "bbc-pairs", "conll-qa"] = _f(
+        "table", "table: csv/tsv/json(l)/parquet; folders: one folder of .txt files per label; conll: word ... tag "
+        "columns; squad: SQuAD JSON; bbc-pairs / conll-qa: the derived pair and QA tasks"
+    )
+    train: str = _f("", "training file or folder (pkg://package/path allowed)")
+    validation: Optional[str] = _f(None, "validation file; none = hold out validation_fraction of train")
+    test: Optional[str] = _f(None, "test file; none = hold out test_fraction of train")
+    text_column: str = _f("text", "table: column with the text")
+    text_pair_column: Optional[str] = _f(None, "table: column with the second text (pair-cls)")
+    label_column: str = _f("label", "table: column with the label")
+    filter_column: Optional[str] = _f(None, "table: drop rows whose filter_column equals one of filter_values")
+    filter_values: list[str] = _f([], "table: values of filter_column to drop")
+    tag_column: int = _f(-1, "conll: index of the tag column (-1 = last)")
+    validation_fraction: float = _f(0.1, "held-out share for validation when no validation file is given")
+    test_fraction: float = _f(0.1, "held-out share for test when no test file is given")
+    split_seed: int = _f(1234, "seed of the held-out splits")
+    deduplicate: bool = _f(True, "drop repeated texts before splitting, so test never sees a training text")
+    max_train_samples: Optional[int] = _f(None, "use at most this many training examples")
+
+
+@dataclass
+class TransferConfig:
+    mode: Literal["full", "frozen", "partial"] = _f("full", "full fine-tuning, frozen backbone (feature extraction), "
+                                                   "or frozen embeddings + first layers")
+    freeze_layers: int = _f(0, "partial: number of lowest encoder layers frozen (embeddings always frozen)")
+    layer_lr_decay: float = _f(1.0, "full: lr multiplier per layer below the top (1.0 = off)")
+
+
+@dataclass
+class FinetuneTrainerConfig(TrainerConfig):
+    epochs: Optional[float] = _f(None, "train this many epochs (sets max_steps from the training set size)")
+
+
+@dataclass
+class FinetuneConfig:
+    task: TaskConfig = field(default_factory=TaskConfig)
+    data: LabeledDataConfig = field(default_factory=LabeledDataConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    trainer: FinetuneTrainerConfig = field(default_factory=FinetuneTrainerConfig)
+    init: Optional[str] = _f(None, "pretrained weights: a ptm run or checkpoint, a Hugging Face BERT directory, "
+                                   "pkg://package/path or hf:hub-name; none = from scratch with model=...")
+    model: Any = None  # from scratch only: checked against MODEL_SCHEMAS[model.family]
+    tokenizer: Optional[str] = _f(None, "from scratch: tokenizer.json / vocab.txt / a ptm run directory")
+    resume: Optional[str] = _f(None, "auto, or a run directory / checkpoint to continue")
+
+
+FINETUNE_SECTIONS: dict[str, type] = {
+    "task": TaskConfig,
+    "data": LabeledDataConfig,
+    "transfer": TransferConfig,
+    "optimizer": OptimizerConfig,
+    "hardware": HardwareConfig,
+    "trainer": FinetuneTrainerConfig,
+}
 
 SECTIONS: dict[str, type] = {
     "objective": ObjectiveConfig,
@@ -231,6 +308,37 @@ def check_pretrain(cfg: dict) -> PretrainConfig:
     return out
 
 
+def check_finetune(cfg: dict) -> FinetuneConfig:
+    """Turn a composed fine-tuning config into typed dataclasses."""
+    top = {f.name for f in dataclasses.fields(FinetuneConfig)}
+    for key in cfg:
+        if key not in top:
+            raise PtmError(
+                f"Unknown top-level key '{key}'.{did_you_mean(str(key), top)} Valid keys: {', '.join(sorted(top))}."
+            )
+    sections = {name: check_section(name, cfg.get(name) or {}, schema) for name, schema in FINETUNE_SECTIONS.items()}
+    scalars = {k: _coerce(cfg.get(k), Optional[str], k) for k in ("init", "tokenizer", "resume")}
+    if scalars["init"] in ("none", "null", "scratch"):
+        scalars["init"] = None
+    model = None
+    if scalars["init"] is None:
+        if not cfg.get("model"):
+            raise PtmError("init=none trains from scratch and needs an architecture: add model=NAME (e.g. model=bert-mini).")
+        model = check_section("model", cfg["model"], model_schema(cfg["model"]))
+    out = FinetuneConfig(model=model, **scalars, **sections)
+    t, d = out.trainer, out.data
+    for key in ("max_steps", "batch_size", "grad_accum", "log_every"):
+        if getattr(t, key) < 1:
+            raise PtmError(f"trainer.{key}={getattr(t, key)} must be at least 1.")
+    if not d.train or d.train == "???":
+        raise PtmError(f"data.train is not set (task data '{d.name}'): add data.train=PATH.")
+    if not t.metric.startswith("val/"):
+        raise PtmError(f"trainer.metric={t.metric!r} must name a validation metric, e.g. val/accuracy or val/loss.")
+    if out.transfer.mode != "full" and out.transfer.layer_lr_decay != 1.0:
+        raise PtmError("transfer.layer_lr_decay applies to transfer=full only.")
+    return out
+
+
 def check_consistency(cfg: PretrainConfig) -> None:
     """Cross-field rules that no single field's type can express."""
     m, d, t, o = cfg.model, cfg.data, cfg.trainer, cfg.objective
@@ -248,6 +356,8 @@ def check_consistency(cfg: PretrainConfig) -> None:
     for key in ("max_steps", "batch_size", "grad_accum", "log_every"):
         if getattr(t, key) < 1:
             raise PtmError(f"trainer.{key}={getattr(t, key)} must be at least 1.")
+    if not t.metric.startswith("val/"):
+        raise PtmError(f"trainer.metric={t.metric!r} must name a validation metric, e.g. val/loss.")
     if not 0 < o.mask_prob < 1 or o.mask_token_prob + o.random_token_prob > 1:
         raise PtmError(
             "objective.mask_prob must lie in (0, 1) and objective.mask_token_prob + "
@@ -258,11 +368,3 @@ def check_consistency(cfg: PretrainConfig) -> None:
             f"data.source is not set (data={d.name} needs one): add data.source=PATH naming a file, a directory, "
             f"pkg://package/path or hf:name."
         )
-
-
-def schema_for_key(dotted: str) -> tuple[type | None, str]:
-    """(schema, field) for an override key like 'trainer.max_steps'; (None, '') if not ours to check."""
-    head, _, rest = dotted.partition(".")
-    if head in SECTIONS and rest and "." not in rest:
-        return SECTIONS[head], rest
-    return None, ""

@@ -59,3 +59,13 @@ def test_incomplete_checkpoints_are_ignored_and_old_ones_pruned(tmp_path):
     (tmp_path / ".tmp-step-10").mkdir()
     assert [p.name for p in checkpoint.complete_checkpoints(tmp_path)] == ["step-2", "step-3"]
     assert checkpoint.latest(tmp_path).name == "step-3" and (tmp_path / "latest").resolve().name == "step-3"
+
+
+def test_metrics_rows_after_the_checkpoint_and_a_torn_line_are_dropped(tmp_path):
+    from ptmcli.runlog import truncate_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "split": "train", "loss": 2.0}\n{"step": 2, "split": "val", "loss": 1.5}\n'
+                    '{"step": 3, "split": "train", "loss": 1.0}\n{"step": 4, "spl')
+    truncate_metrics(path, 2)
+    assert path.read_text() == '{"step": 1, "split": "train", "loss": 2.0}\n{"step": 2, "split": "val", "loss": 1.5}\n'

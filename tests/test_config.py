@@ -7,7 +7,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from ptmcli.cli import GROUPS, check_override, config_dirs, recipes, register_defaults
+from ptmcli.cli import COMMANDS, check_override, config_dirs, recipes, register_defaults
 from ptmcli.errors import PtmError
 from ptmcli.schema import check_pretrain
 from tests.conftest import ROOT, run_ptm
@@ -70,7 +70,7 @@ def test_published_bert_sizes():
 ])
 def test_typo_in_override_fails_with_did_you_mean(override, expected):
     with pytest.raises(PtmError, match=expected.replace("?", r"\?").replace("(", r"\(")):
-        check_override(override)
+        check_override(override, COMMANDS["pretrain"])
 
 
 def test_unknown_key_in_a_yaml_file_is_caught_after_composition():
@@ -108,7 +108,7 @@ def test_help_lists_groups_options_and_recipes(cache_env):
     out = run_ptm(["pretrain", "--help"], cache_env).stdout
     for word in ("bert-base", "demo", "mlm-nsp", "news-en", "adamw", "trainer.max_steps", "hardware"):
         assert word in out
-    for group in GROUPS:
+    for group in COMMANDS["pretrain"].groups:
         assert group in out
 
 

@@ -52,9 +52,13 @@ def train_batches(examples: Examples, order: BatchOrder, start: int) -> Iterator
 
 
 def eval_batches(examples: Examples, batch_size: int, world_size: int, rank: int, max_batches: int) -> Iterator[dict]:
-    """Validation in a fixed order with fixed masks (epoch 0); each rank takes every world_size-th batch."""
-    starts = range(0, len(examples), batch_size)
+    """Validation in a fixed order with fixed masks (epoch 0); each rank takes every world_size-th batch.
+    Examples may define `eval_ranges(batch_size)` to keep related features in one batch."""
+    if hasattr(examples, "eval_ranges"):
+        ranges = examples.eval_ranges(batch_size)
+    else:
+        ranges = [(s, min(s + batch_size, len(examples))) for s in range(0, len(examples), batch_size)]
     if max_batches:
-        starts = starts[: max_batches * world_size]
-    for start in starts[rank::world_size]:
-        yield examples.batch(list(range(start, min(start + batch_size, len(examples)))), 0)
+        ranges = ranges[: max_batches * world_size]
+    for start, stop in ranges[rank::world_size]:
+        yield examples.batch(list(range(start, stop)), 0)

@@ -60,7 +60,10 @@ def load_tokenizer(spec: str, lowercase: bool = True) -> Tokenizer:
         raise PtmError(f"data.tokenizer='{spec}' does not exist; give a tokenizer.json, a vocab.txt or a directory with one.")
     try:
         if path.suffix == ".json":
-            return Tokenizer.from_file(str(path))
+            tok = Tokenizer.from_file(str(path))
+            tok.no_padding()  # padding and truncation are ptm's job (collate, task settings), not the file's
+            tok.no_truncation()
+            return tok
         vocab = {line.rstrip("\n"): i for i, line in enumerate(path.read_text(encoding="utf-8").splitlines())}
         tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
         return _add_post_processor(_bert_pipeline(tok, lowercase))

@@ -1,0 +1,235 @@
+"""Labelled data for fine-tuning: read records, deduplicate, split, and check labels.
+
+Records are plain dicts of one of four shapes, by task kind:
+  text-cls  {"id", "text", "label"}            pair-cls {"id", "text", "text_pair", "label"}
+  token-cls {"id", "tokens", "tags"}           qa       {"id", "question", "context", "answers": {...}}
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import datasets
+import numpy as np
+
+from ptmcli.data.sources import FORMATS, package_path
+from ptmcli.errors import PtmError
+from ptmcli.schema import LabeledDataConfig
+
+SPLITS = ("train", "validation", "test")
+
+
+def _path(spec: str, key: str) -> Path:
+    path = package_path(spec, key) if spec.startswith("pkg://") else Path(spec).expanduser()
+    if not path.exists():
+        raise PtmError(f"{key}='{spec}' does not exist. Check the path (pkg://package/path for files in a package).")
+    return path
+
+
+def read_text_file(path: Path) -> str:
+    """UTF-8, falling back to Latin-1 (the BBC corpus has one Latin-1 file)."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
+
+
+def read_table(path: Path, cfg: LabeledDataConfig, key: str, pair: bool) -> list[dict]:
+    suffix = "".join(path.suffixes[-2:]) if path.suffix in (".bz2", ".gz", ".xz") else path.suffix
+    builder = FORMATS.get(suffix.split(".")[1] and "." + suffix.split(".")[1])
+    if builder in (None, "text"):
+        raise PtmError(f"{key}='{path}': a table must be .csv, .tsv, .json, .jsonl or .parquet (optionally .bz2/.gz).")
+    kwargs = {"delimiter": "\t"} if ".tsv" in suffix else {}
+    try:
+        ds = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
+    except Exception as err:  # datasets raises many types; the user needs the file and the cause
+        if "corresponds to no data" in str(err):
+            return []  # a header and no rows: reported as an empty split
+        raise PtmError(f"{key}='{path}' could not be read as {builder}: {err}") from err
+    wanted = {"data.text_column": cfg.text_column, "data.label_column": cfg.label_column}
+    if pair:
+        wanted["data.text_pair_column"] = cfg.text_pair_column or "text_pair"
+    if cfg.filter_column:
+        wanted["data.filter_column"] = cfg.filter_column
+    for name, column in wanted.items():
+        if column not in ds.column_names:
+            raise PtmError(f"{name}='{column}' is not a column of {key}='{path}'; its columns are "
+                           f"{', '.join(ds.column_names)}. Set {name} to the right one.")
+    drop = set(cfg.filter_values)
+    records = []
+    for i, row in enumerate(ds):
+        if cfg.filter_column and str(row[cfg.filter_column]) in drop:
+            continue
+        text = row[cfg.text_column]
+        if text is None or not str(text).strip():
+            continue
+        record = {"id": f"{path.name}:{i}", "text": str(text), "label": str(row[cfg.label_column])}
+        if pair:
+            record["text_pair"] = str(row[wanted["data.text_pair_column"]] or "")
+        records.append(record)
+    return records
+
+
+def read_folders(path: Path) -> list[dict]:
+    """One sub-folder per label, one .txt document per file."""
+    records = [{"id": f"{f.parent.name}/{f.name}", "text": read_text_file(f).strip(), "label": f.parent.name}
+               for f in sorted(path.glob("*/*.txt"))]
+    if not records:
+        raise PtmError(f"'{path}' has no LABEL/*.txt files; the folders loader wants one sub-folder per label.")
+    return [r for r in records if r["text"]]
+
+
+def read_conll(path: Path, tag_column: int) -> list[dict]:
+    """Whitespace-separated columns, word first and the tag in `tag_column`; blank lines end sentences."""
+    records, tokens, tags = [], [], []
+    for n, line in enumerate(read_text_file(path).splitlines(), 1):
+        parts = line.split()
+        if not parts or parts[0] == "-DOCSTART-":
+            if tokens:
+                records.append({"id": f"{path.name}:{len(records)}", "tokens": tokens, "tags": tags})
+            tokens, tags = [], []
+            continue
+        if len(parts) < 2:
+            raise PtmError(f"{path}:{n}: a CoNLL line needs a word and a tag column, got {line!r}.")
+        tokens.append(parts[0])
+        tags.append(parts[tag_column])
+    if tokens:
+        records.append({"id": f"{path.name}:{len(records)}", "tokens": tokens, "tags": tags})
+    return records
+
+
+def read_squad(path: Path) -> list[dict]:
+    try:
+        data = json.loads(read_text_file(path))["data"]
+    except (ValueError, KeyError) as err:
+        raise PtmError(f"'{path}' is not SQuAD-format JSON (a top-level 'data' list of paragraphs): {err}") from err
+    return [
+        {"id": qa["id"], "question": qa["question"], "context": paragraph["context"],
+         "answers": {"text": [a["text"] for a in qa["answers"]], "answer_start": [a["answer_start"] for a in qa["answers"]]}}
+        for article in data for paragraph in article["paragraphs"] for qa in paragraph["qas"]
+    ]
+
+
+def bbc_pairs(articles: list[dict], seed: int) -> list[dict]:
+    """Derived pair task: (headline, body) of the same article -> "match"; the headline with the body of another
+    article -> "mismatch". Built within one split, so no body crosses splits."""
+    rng = np.random.default_rng(seed)
+    heads_bodies = [(a["id"], *(a["text"].split("\n", 1) + [""])[:2]) for a in articles]
+    heads_bodies = [(i, h.strip(), b.strip()) for i, h, b in heads_bodies if h.strip() and b.strip()]
+    pairs = []
+    for k, (doc_id, head, body) in enumerate(heads_bodies):
+        other = (k + 1 + int(rng.integers(0, len(heads_bodies) - 1))) % len(heads_bodies)
+        pairs.append({"id": f"{doc_id}+", "text": head, "text_pair": body, "label": "match"})
+        pairs.append({"id": f"{doc_id}-", "text": head, "text_pair": heads_bodies[other][2], "label": "mismatch"})
+    return pairs
+
+
+_QUESTIONS = {"ORG": "Which organization is mentioned?", "PER": "Which person is mentioned?",
+              "LOC": "Which location is mentioned?"}
+
+
+def entity_spans(tags: list[str]) -> list[tuple[str, int, int]]:
+    """(type, first, last) word spans of BIO/IOB tags, conlleval-style: an I- after O or another type starts one."""
+    spans, current = [], None
+    for i, tag in enumerate([*tags, "O"]):
+        prefix, _, kind = tag.partition("-")
+        if current and (prefix in ("B", "O") or kind != current[0] or tag == "O"):
+            spans.append((current[0], current[1], i - 1))
+            current = None
+        if prefix in ("B", "I") and current is None:
+            current = (kind, i)
+    return spans
+
+
+def conll_qa(sentences: list[dict]) -> list[dict]:
+    """Derived QA task: for each sentence and entity type present, ask for that type; the answer is the first
+    entity of the type, located by character offset in the space-joined sentence."""
+    out = []
+    for s in sentences:
+        starts = np.cumsum([0] + [len(t) + 1 for t in s["tokens"]])
+        context = " ".join(s["tokens"])
+        seen = set()
+        for kind, first, last in entity_spans(s["tags"]):
+            if kind in _QUESTIONS and kind not in seen:
+                seen.add(kind)
+                text = " ".join(s["tokens"][first : last + 1])
+                out.append({"id": f"{s['id']}:{kind}", "question": _QUESTIONS[kind], "context": context,
+                            "answers": {"text": [text], "answer_start": [int(starts[first])]}})
+    return out
+
+
+def _read(spec: str, key: str, cfg: LabeledDataConfig, kind: str) -> list[dict]:
+    path = _path(spec, key)
+    if cfg.loader == "table":
+        records = read_table(path, cfg, key, pair=kind == "pair-cls")
+    elif cfg.loader in ("folders", "bbc-pairs"):
+        records = read_folders(path)
+    elif cfg.loader in ("conll", "conll-qa"):
+        records = read_conll(path, cfg.tag_column)
+    else:
+        records = read_squad(path)
+    return records
+
+
+def _text_key(record: dict) -> str:
+    """What makes two records the same text. A multi-line text is keyed by its body without the first line:
+    BBC News repeats some stories under a reworded headline, and those must not straddle train and test."""
+    text = str(record.get("text", ""))
+    lines = text.strip().split("\n", 1)
+    body = lines[1] if len(lines) == 2 and lines[1].strip() else text
+    rest = " ".join(str(record.get(k, "")) for k in ("text_pair", "tokens", "question", "context"))
+    return re.sub(r"\s+", " ", f"{body} {rest}").strip().lower()
+
+
+def load_splits(cfg: LabeledDataConfig, kind: str) -> dict[str, list[dict]]:
+    """train/validation/test records. Missing splits are held out of train (seeded) after deduplication, so no
+    test text is also a training text."""
+    given = {"train": cfg.train, "validation": cfg.validation, "test": cfg.test}
+    splits = {name: _read(spec, f"data.{name}", cfg, kind) for name, spec in given.items() if spec}
+    if cfg.deduplicate:
+        held = {_text_key(r) for name in ("validation", "test") for r in splits.get(name, [])}
+        unique: dict[str, dict] = {}
+        for r in splits["train"]:
+            unique.setdefault(_text_key(r), r)
+        splits["train"] = [r for k, r in unique.items() if k not in held]
+    missing = [name for name in ("validation", "test") if name not in splits]
+    if missing:
+        order = np.random.default_rng(cfg.split_seed).permutation(len(splits["train"]))
+        pool = [splits["train"][i] for i in order]
+        fractions = {"validation": cfg.validation_fraction, "test": cfg.test_fraction}
+        for name in missing:
+            n = max(1, round(len(pool) * fractions[name])) if len(pool) > 2 else 0
+            splits[name], pool = pool[:n], pool[n:]
+        splits["train"] = sorted(pool, key=lambda r: r["id"])
+    if cfg.loader == "bbc-pairs":
+        splits = {name: bbc_pairs(records, cfg.split_seed + i) for i, (name, records) in enumerate(splits.items())}
+    if cfg.loader == "conll-qa":
+        splits = {name: conll_qa(records) for name, records in splits.items()}
+    if cfg.max_train_samples is not None and cfg.max_train_samples < len(splits["train"]):
+        keep = np.random.default_rng(cfg.split_seed).permutation(len(splits["train"]))[: cfg.max_train_samples]
+        splits["train"] = [splits["train"][i] for i in sorted(keep)]  # a seeded sample, not the first rows
+    for name in SPLITS:
+        if not splits.get(name):
+            raise PtmError(f"The {name} split of data '{cfg.name}' is empty (from {given[name] or 'data.train'}). "
+                           f"Check the file, or the held-out fractions data.validation_fraction / data.test_fraction.")
+    return splits
+
+
+def label_names(splits: dict[str, list[dict]], kind: str, given: list[str] | None, data_name: str) -> list[str]:
+    """The label vocabulary (given, or sorted from train), after checking every split uses only those labels."""
+    def labels_of(records):
+        if kind == "token-cls":
+            return {t for r in records for t in r["tags"]}
+        return {r["label"] for r in records} if kind != "qa" else set()
+
+    names = list(given) if given else sorted(labels_of(splits["train"]))
+    if kind == "token-cls" and "O" in names:
+        names = ["O", *[n for n in names if n != "O"]]
+    for split, records in splits.items():
+        unknown = labels_of(records) - set(names)
+        if unknown:
+            raise PtmError(f"The {split} split of data '{data_name}' has label(s) {sorted(unknown)} that are not among "
+                           f"the known labels {names}. Fix the data, or list every label in task.labels.")
+    return names

@@ -1,0 +1,132 @@
+"""`ptm finetune`: pretrained encoder + task head, trained by the same loop as pretraining."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from pathlib import Path
+
+import datasets
+import torch
+from safetensors.torch import load_model
+
+from ptmcli import checkpoint, hardware, rundir
+from ptmcli.data.labeled import label_names, load_splits
+from ptmcli.data.tokenizer import load_tokenizer, train_tokenizer
+from ptmcli.distributed import init_from_env
+from ptmcli.errors import PtmError
+from ptmcli.loop import Job, evaluate, train
+from ptmcli.models import ENCODERS
+from ptmcli.models.heads import HEADS, TaskModel
+from ptmcli.runlog import console, print_metrics
+from ptmcli.schema import DataConfig, FinetuneConfig, TransferConfig, check_finetune
+from ptmcli.tasks import TASKS
+from ptmcli.weights import Pretrained, load_pretrained
+
+_NOT_ARCHITECTURE = {"dropout", "attention_dropout", "init_std"}
+
+
+def scratch(cfg: FinetuneConfig, train_texts: list[str]) -> Pretrained:
+    """A randomly initialised encoder of `model=...`; its tokenizer is given, or trained on the task's texts."""
+    if cfg.tokenizer:
+        path = Path(cfg.tokenizer)
+        tokenizer = load_tokenizer(str(path / "tokenizer.json") if (path / "tokenizer.json").exists() else cfg.tokenizer)
+    else:
+        tokenizer = train_tokenizer(datasets.Dataset.from_dict({"text": train_texts}), DataConfig(vocab_size=8000))
+    return Pretrained(cfg.model.family, cfg.model, {}, tokenizer, f"random init ({cfg.model.family})")
+
+
+def build_model(pretrained: Pretrained, kind: str, num_labels: int, dropout: float, transfer: TransferConfig,
+                strict: bool, pooling: str = "pooler") -> TaskModel:
+    """Encoder of the pretrained family with its weights, a fresh head, and the transfer mode's frozen parts."""
+    vocab = pretrained.tokenizer.get_vocab_size()
+    encoder = ENCODERS[pretrained.family](pretrained.arch, vocab)
+    if pretrained.encoder_state:
+        missing, unexpected = encoder.load_state_dict(pretrained.encoder_state, strict=False)
+        missing = [k for k in missing if not k.startswith("pooler")]  # an MLM-only checkpoint has no pooler
+        if missing or unexpected or (strict and not pretrained.encoder_state):
+            raise PtmError(f"The weights of {pretrained.source} do not fit a {pretrained.family} encoder (missing "
+                           f"{missing[:5]}, unexpected {list(unexpected)[:5]}).")
+    model = TaskModel(encoder, HEADS[kind], num_labels, dropout, frozen=transfer.mode == "frozen", pooling=pooling)
+    if transfer.mode == "partial":
+        if not 0 <= transfer.freeze_layers <= len(encoder.layers):
+            raise PtmError(f"transfer.freeze_layers={transfer.freeze_layers} must lie in 0..{len(encoder.layers)}.")
+        encoder.embeddings.requires_grad_(False)
+        for layer in encoder.layers[: transfer.freeze_layers]:
+            layer.requires_grad_(False)
+    return model
+
+
+def layer_lr_scale(num_layers: int, decay: float):
+    """Layer-wise lr decay: the head and pooler at full lr, layer i at decay^(L-i), embeddings at decay^(L+1)."""
+    def scale(name: str) -> float:
+        if name.startswith("encoder.embeddings"):
+            return decay ** (num_layers + 1)
+        match = re.match(r"encoder\.layers\.(\d+)\.", name)
+        return decay ** (num_layers - int(match.group(1))) if match else 1.0
+
+    return scale
+
+
+def model_spec(pretrained: Pretrained, kind: str, num_labels: int) -> dict:
+    arch = {k: v for k, v in dataclasses.asdict(pretrained.arch).items() if k not in _NOT_ARCHITECTURE}
+    return {**arch, "vocab_size": pretrained.tokenizer.get_vocab_size(), "task": kind, "num_labels": num_labels}
+
+
+def parameter_counts(model: torch.nn.Module) -> dict[str, float]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"trainable": trainable, "total": total, "trainable_percent": round(100 * trainable / total, 3)}
+
+
+def finetune(raw_cfg: dict, run_dir: Path, recipe: str) -> dict[str, float]:
+    cfg = check_finetune(raw_cfg)
+    datasets.disable_progress_bars()
+    dist = init_from_env()
+    hw = hardware.resolve(cfg.hardware, dist)
+    run_dir, resume_from = rundir.prepare(run_dir, raw_cfg, "finetune", recipe, dist)
+    kind = cfg.task.kind
+    splits = load_splits(cfg.data, kind)
+    labels = label_names(splits, kind, cfg.task.labels, cfg.data.name)
+    if kind != "qa" and len(labels) < 2:
+        raise PtmError(f"data '{cfg.data.name}' has {len(labels)} label(s) {labels}; classification needs at least 2.")
+    pretrained = load_pretrained(cfg.init) if cfg.init else scratch(cfg, [r.get("text", "") for r in splits["train"]])
+    task = TASKS[kind](cfg.task, labels, pretrained.tokenizer)
+    examples = {name: task.examples(records) for name, records in splits.items()}
+    torch.manual_seed(cfg.trainer.seed)
+    model = build_model(pretrained, kind, len(labels), cfg.task.classifier_dropout, cfg.transfer, strict=bool(cfg.init),
+                        pooling=cfg.task.pooling)
+    spec = model_spec(pretrained, kind, len(labels))
+    if resume_from is not None:
+        checkpoint.check_architecture(resume_from, checkpoint.read_state(resume_from).get("model", {}), spec)
+
+    trainer = cfg.trainer
+    if trainer.epochs is not None:
+        per_step = trainer.batch_size * dist.world_size * trainer.grad_accum
+        trainer = dataclasses.replace(trainer, max_steps=max(1, math.ceil(trainer.epochs * len(examples["train"]) / per_step)))
+    counts = parameter_counts(model)
+    rundir.record(run_dir, raw_cfg, "finetune", recipe, dist, {"parameters": counts, "init": pretrained.source})
+    if dist.is_main:
+        pretrained.tokenizer.save(str(run_dir / "tokenizer.json"))
+        (run_dir / "labels.json").write_text(json.dumps(labels, indent=1) + "\n")
+        (run_dir / "splits.json").write_text(json.dumps({k: [r["id"] for r in v] for k, v in splits.items()}) + "\n")
+        console.print(
+            f"[bold]ptm finetune[/] {cfg.data.name} ({kind}, {len(labels)} labels) from {pretrained.source}\n"
+            f"  {len(splits['train']):,} / {len(splits['validation']):,} / {len(splits['test']):,} train/val/test "
+            f"examples, transfer={cfg.transfer.mode}, {counts['trainable']:,} of {counts['total']:,} parameters "
+            f"trainable ({counts['trainable_percent']}%), {trainer.max_steps} steps, {hw.device}\n  run dir: {run_dir}"
+        )
+    lr_scale = layer_lr_scale(pretrained.arch.num_layers, cfg.transfer.layer_lr_decay) \
+        if cfg.transfer.layer_lr_decay != 1.0 else None
+    job = Job(model=model, objective=task, train=examples["train"], val=examples["validation"], model_spec=spec,
+              lr_scale=lr_scale)
+    train(job, trainer, cfg.optimizer, hw, dist, run_dir, resume_from, compile=cfg.hardware.compile)
+
+    best = run_dir / "checkpoints" / "best"
+    load_model(checkpoint.unwrap(model), str((best if best.exists() else run_dir / "checkpoints" / "latest") / "model.safetensors"))
+    metrics = evaluate(task, model, examples["test"], trainer.batch_size, 0, hw, dist)
+    if dist.is_main:
+        (run_dir / "test_metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+        print_metrics(f"test ({best.resolve().name if best.exists() else 'latest'})", metrics, labels)
+    return metrics

@@ -1,0 +1,126 @@
+"""`ptm evaluate` and `ptm predict`: a finished fine-tuning run, reloaded from its own config, tokenizer and labels."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import datasets
+import torch
+import yaml
+from safetensors.torch import load_model
+from tokenizers import Tokenizer
+
+from ptmcli import checkpoint, hardware
+from ptmcli.data.labeled import label_names, load_splits
+from ptmcli.distributed import Dist
+from ptmcli.errors import PtmError
+from ptmcli.finetune import build_model
+from ptmcli.loop import evaluate
+from ptmcli.runlog import console, print_metrics
+from ptmcli.schema import MODEL_SCHEMAS, TransferConfig, check_finetune
+from ptmcli.tasks import TASKS
+from ptmcli.weights import Pretrained
+
+
+def _checkpoint(run: Path, name: str | None) -> Path:
+    root = run / "checkpoints"
+    if name:
+        path = root / name if (root / name).exists() else Path(name)
+    else:
+        path = root / "best" if (root / "best").exists() else checkpoint.latest(root)
+    if path is None or not (path / checkpoint.MARKER).exists():
+        raise PtmError(f"run='{run}' has no complete checkpoint{' ' + name if name else ''} under checkpoints/.")
+    return path.resolve()
+
+
+def load_run(run: Path, checkpoint_name: str | None = None):
+    """(config, task, model, labels, hardware) of a fine-tuning run, with the weights of its best checkpoint."""
+    if not (run / "labels.json").exists() or not (run / "config.yaml").exists():
+        raise PtmError(f"run='{run}' is not a ptm fine-tuning run directory (it needs config.yaml and labels.json).")
+    cfg = check_finetune(yaml.safe_load((run / "config.yaml").read_text()))
+    labels = json.loads((run / "labels.json").read_text())
+    tokenizer = Tokenizer.from_file(str(run / "tokenizer.json"))
+    ckpt = _checkpoint(run, checkpoint_name)
+    spec = checkpoint.read_state(ckpt)["model"]
+    schema = MODEL_SCHEMAS[spec["family"]]
+    arch = schema(**{k: v for k, v in spec.items() if k in {f.name for f in dataclasses.fields(schema)}})
+    pretrained = Pretrained(spec["family"], arch, {}, tokenizer, str(ckpt))
+    model = build_model(pretrained, cfg.task.kind, len(labels), 0.0, TransferConfig(), strict=False,
+                        pooling=cfg.task.pooling)
+    load_model(model, str(ckpt / "model.safetensors"))
+    hw = hardware.resolve(cfg.hardware, Dist())
+    model.to(hw.device).eval()
+    return cfg, TASKS[cfg.task.kind](cfg.task, labels, tokenizer), model, labels, hw, ckpt
+
+
+def evaluate_run(run: Path, split: str, checkpoint_name: str | None = None) -> dict:
+    datasets.disable_progress_bars()
+    cfg, task, model, labels, hw, ckpt = load_run(run, checkpoint_name)
+    if split not in ("train", "validation", "test"):
+        raise PtmError(f"split={split!r}: choose train, validation or test.")
+    splits = load_splits(cfg.data, cfg.task.kind)
+    saved = run / "splits.json"
+    if saved.exists() and json.loads(saved.read_text()).get(split) != [r["id"] for r in splits[split]]:
+        raise PtmError(f"The {split} split of data '{cfg.data.name}' is not the one this run was trained with "
+                       f"(see {saved}): the data or its split settings changed.")
+    label_names({split: splits[split]}, cfg.task.kind, labels, cfg.data.name)  # fails on labels unseen in training
+    metrics = evaluate(task, model, task.examples(splits[split]), cfg.trainer.batch_size, 0, hw, Dist())
+    (run / f"eval_{split}.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    print_metrics(f"{cfg.data.name} {split} ({ckpt.name})", metrics, labels)
+    print(json.dumps(metrics))
+    return metrics
+
+
+def _records(path: Path, kind: str) -> list[dict]:
+    """One input per line: plain text (words for token-cls), or JSON objects with the task's fields."""
+    if not path.exists():
+        raise PtmError(f"input='{path}' does not exist.")
+    records = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        if line.lstrip().startswith("{"):
+            try:
+                record = json.loads(line)
+            except ValueError as err:
+                raise PtmError(f"{path}:{n}: not valid JSON: {err}") from err
+        elif kind == "qa":
+            raise PtmError(f"{path}:{n}: QA input must be JSON lines with 'question' and 'context'.")
+        else:
+            record = {"text": line}
+        if kind == "token-cls" and "tokens" not in record:
+            record["tokens"] = record.get("text", "").split()
+        record.setdefault("id", str(n))
+        needed = {"text-cls": ["text"], "pair-cls": ["text", "text_pair"], "token-cls": ["tokens"],
+                  "qa": ["question", "context"]}[kind]
+        missing = [k for k in needed if k not in record]
+        if missing:
+            raise PtmError(f"{path}:{n}: missing field(s) {missing} for a {kind} model.")
+        if kind == "token-cls":
+            record["tags"] = ["O"] * len(record["tokens"])
+        records.append(record)
+    if not records:
+        raise PtmError(f"input='{path}' holds no inputs.")
+    return records
+
+
+@torch.no_grad()
+def predict_run(run: Path, input_path: Path, output: str | None = None, checkpoint_name: str | None = None) -> None:
+    cfg, task, model, labels, hw, _ = load_run(run, checkpoint_name)
+    records = _records(input_path, cfg.task.kind)
+    examples = task.examples(records)
+    out = open(output, "w") if output else sys.stdout
+    try:
+        for start, stop in examples.eval_ranges(cfg.trainer.batch_size):
+            batch = examples.batch(list(range(start, stop)), 0)
+            batch = {k: v.to(hw.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            with hw.autocast():
+                predictions = task.predict(model, batch)
+            for prediction in predictions:
+                out.write(json.dumps(prediction, ensure_ascii=False) + "\n")
+    finally:
+        if output:
+            out.close()
+            console.print(f"{len(records)} predictions written to {output}")

