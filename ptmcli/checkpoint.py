@@ -93,7 +93,8 @@ def _point(root: Path, name: str, target: Path) -> None:
 
 
 def save(root: Path, step: int, model: nn.Module, optimizer, scheduler, scaler, trainer_state: dict, dist: Dist,
-         keep_last: int, best_step: int | None = None) -> Path:
+         keep_last: int, best_step: int | None = None, keys: set[str] | None = None,
+         extra: dict[str, torch.Tensor] | None = None) -> Path:
     """Write checkpoint `step` atomically; every rank contributes its RNG state. `checkpoints/latest` then points
     at it, `checkpoints/best` at step `best_step`, and pruning keeps the newest `keep_last` plus the best."""
     final, tmp = root / f"step-{step}", root / f".tmp-step-{step}"
@@ -104,7 +105,13 @@ def save(root: Path, step: int, model: nn.Module, optimizer, scheduler, scaler, 
     save_file(_rng_state(), str(tmp / f"rng-rank{dist.rank}.safetensors"))
     dist.barrier()
     if dist.is_main:
-        save_model(unwrap(model), str(tmp / "model.safetensors"))
+        if keys is None:
+            save_model(unwrap(model), str(tmp / "model.safetensors"))
+        else:  # parameter-efficient: only what trains (the base weights are named in trainer_state)
+            state = {k: v.detach().contiguous().clone() for k, v in unwrap(model).state_dict().items() if k in keys}
+            save_file(state, str(tmp / "model.safetensors"))
+        if extra:
+            save_file({k: v.contiguous() for k, v in extra.items()}, str(tmp / "method_state.safetensors"))
         tensors, meta = _optimizer_split(optimizer.state_dict())
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         _write_json(tmp / "optimizer.json", meta)
@@ -145,8 +152,27 @@ def check_architecture(path: Path, saved: dict, current: dict) -> None:
         )
 
 
-def load(path: Path, model: nn.Module, optimizer, scheduler, scaler, dist: Dist, model_spec: dict) -> dict:
-    """Restore model, optimizer, schedule, scaler and this rank's RNG from checkpoint `path`."""
+def load_weights(path: Path, model: nn.Module, keys: set[str] | None = None) -> None:
+    """Model weights of checkpoint `path`: all of them, or exactly `keys` for a parameter-efficient checkpoint."""
+    if keys is None:
+        missing, unexpected = load_model(unwrap(model), str(path / "model.safetensors"), strict=False)
+    else:
+        saved = load_file(str(path / "model.safetensors"))
+        unexpected = set(saved) - keys
+        missing = keys - set(saved)
+        if not unexpected:
+            unwrap(model).load_state_dict(saved, strict=False)
+    if missing or unexpected:
+        raise PtmError(
+            f"The checkpoint '{path}' does not fit this model (missing {sorted(missing)[:5]}, unexpected "
+            f"{sorted(unexpected)[:5]}). It was probably written with another objective, model or transfer method."
+        )
+
+
+def load(path: Path, model: nn.Module, optimizer, scheduler, scaler, dist: Dist, model_spec: dict,
+         keys: set[str] | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Restore model, optimizer, schedule, scaler and this rank's RNG from checkpoint `path`.
+    Returns (trainer state, the method's extra tensors)."""
     state = read_state(path)
     check_architecture(path, state.get("model", {}), model_spec)
     if state["world_size"] != dist.world_size:
@@ -154,12 +180,7 @@ def load(path: Path, model: nn.Module, optimizer, scheduler, scaler, dist: Dist,
             f"The checkpoint '{path}' was written by {state['world_size']} processes; resume it with the same number "
             f"(torchrun --nproc_per_node={state['world_size']}) so that every process gets its own RNG state back."
         )
-    missing, unexpected = load_model(unwrap(model), str(path / "model.safetensors"), strict=False)
-    if missing or unexpected:
-        raise PtmError(
-            f"The checkpoint '{path}' does not fit this model (missing {sorted(missing)[:5]}, unexpected "
-            f"{sorted(unexpected)[:5]}). It was probably written with another objective or model."
-        )
+    load_weights(path, model, keys)
     meta = json.loads((path / "optimizer.json").read_text())
     optimizer.load_state_dict(_optimizer_join(load_file(str(path / "optimizer.safetensors")), meta))
     scheduler.load_state_dict(state["scheduler"])
@@ -170,4 +191,5 @@ def load(path: Path, model: nn.Module, optimizer, scheduler, scaler, dist: Dist,
     cuda = [rng[k] for k in sorted(rng) if k.startswith("cuda.")]
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda)
-    return state
+    extra = path / "method_state.safetensors"
+    return state, load_file(str(extra)) if extra.exists() else {}

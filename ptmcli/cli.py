@@ -15,7 +15,8 @@ from pathlib import Path
 from dataclasses import dataclass
 
 from ptmcli.errors import PtmError
-from ptmcli.schema import (FINETUNE_SECTIONS, MODEL_SCHEMAS, SECTIONS, FinetuneConfig, PretrainConfig, did_you_mean)
+from ptmcli.schema import (FINETUNE_SECTIONS, MODEL_SCHEMAS, SECTIONS, TRANSFER_SCHEMAS, FinetuneConfig, PretrainConfig,
+                           did_you_mean)
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,8 @@ COMMANDS = {
 }
 # Commands that read a finished run instead of composing a config.
 RUN_COMMANDS = {"evaluate": "metrics of a fine-tuned run on a split: ptm evaluate run=DIR split=test",
-                "predict": "predictions, one JSON line per input: ptm predict run=DIR input=texts.txt [output=FILE]"}
+                "predict": "predictions, one JSON line per input: ptm predict run=DIR input=texts.txt [output=FILE]",
+                "export": "adapter in PEFT format, or LoRA merged into the base: ptm export run=DIR [merge=true]"}
 # Hydra flags whose next argument is their value, not an override (--info takes one only from its choices).
 HYDRA_FLAGS_WITH_VALUE = {"-c", "--cfg", "-p", "--package", "-cp", "--config-path",
                           "-cn", "--config-name", "-cd", "--config-dir", "--experimental-rerun"}
@@ -74,6 +76,7 @@ def register_defaults() -> None:
 
     for name, command in COMMANDS.items():
         defaults = {key: dataclasses.asdict(schema()) for key, schema in command.sections.items()}
+        # transfer keys depend on the method, so the transfer/ group file lists all of its own
         extra = {f.name: None for f in dataclasses.fields(command.schema) if f.name not in defaults}
         ConfigStore.instance().store(name=f"ptm_{name}_defaults", node={**defaults, **extra})
 
@@ -96,8 +99,9 @@ def check_override(arg: str, command: Command) -> None:
     top = {f.name for f in dataclasses.fields(command.schema)}
     if head not in top:
         raise PtmError(f"Unknown key '{key}'.{did_you_mean(head, top)} Valid top-level keys: {', '.join(sorted(top))}.")
-    if head == "model":
-        fields = {f.name for schema in MODEL_SCHEMAS.values() for f in dataclasses.fields(schema)}
+    if head in ("model", "transfer"):
+        schemas = MODEL_SCHEMAS if head == "model" else TRANSFER_SCHEMAS
+        fields = {f.name for schema in schemas.values() for f in dataclasses.fields(schema)}
     elif head in command.sections:
         fields = {f.name for f in dataclasses.fields(command.sections[head])}
     else:
@@ -142,11 +146,14 @@ def print_help(name: str) -> None:
         table.add_row(group, ", ".join(group_options(group)))
     console.print(table)
     sections = {"model": MODEL_SCHEMAS["bert"], **command.sections}
+    if name == "finetune":
+        sections.update({f"transfer={mode}": schema for mode, schema in TRANSFER_SCHEMAS.items()})
     for section, schema in sections.items():
-        table = Table(f"{section}.KEY", "default", "meaning", box=None)
+        prefix = section.split("=")[0]
+        table = Table(f"{section}: KEY", "default", "meaning", box=None)
         for f in dataclasses.fields(schema):
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            table.add_row(f"{section}.{f.name}", repr(default), f.metadata.get("help", ""))
+            table.add_row(f"{prefix}.{f.name}", repr(default), f.metadata.get("help", ""))
         console.print(table)
     for f in dataclasses.fields(command.schema):
         if f.name not in sections:
@@ -230,7 +237,8 @@ def run_run_command(name: str, args: list[str]) -> None:
     values = {}
     for arg in args:
         key, sep, value = arg.partition("=")
-        allowed = {"evaluate": ("run", "split", "checkpoint"), "predict": ("run", "input", "output", "checkpoint")}[name]
+        allowed = {"evaluate": ("run", "split", "checkpoint"), "predict": ("run", "input", "output", "checkpoint"),
+                   "export": ("run", "merge", "output")}[name]
         if not sep or key not in allowed:
             raise PtmError(f"ptm {name}: unexpected argument '{arg}'.{did_you_mean(key, allowed)} "
                            f"Arguments: {', '.join(k + '=...' for k in allowed)}.")
@@ -239,7 +247,14 @@ def run_run_command(name: str, args: list[str]) -> None:
         raise PtmError(f"ptm {name} needs run=DIR, a fine-tuning run directory.")
     from ptmcli import inference
 
-    if name == "evaluate":
+    if name == "export":
+        from ptmcli.export import export_run
+
+        merge = values.get("merge", "false").lower()
+        if merge not in ("true", "false"):
+            raise PtmError(f"merge={values['merge']!r}: use merge=true or merge=false.")
+        export_run(Path(values["run"]), merge == "true", Path(values["output"]) if "output" in values else None)
+    elif name == "evaluate":
         inference.evaluate_run(Path(values["run"]), values.get("split", "test"), values.get("checkpoint"))
     else:
         if "input" not in values:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import re
@@ -9,7 +10,6 @@ from pathlib import Path
 
 import datasets
 import torch
-from safetensors.torch import load_model
 
 from ptmcli import checkpoint, hardware, rundir
 from ptmcli.data.labeled import label_names, load_splits
@@ -20,7 +20,8 @@ from ptmcli.loop import Job, evaluate, train
 from ptmcli.models import ENCODERS
 from ptmcli.models.heads import HEADS, TaskModel
 from ptmcli.runlog import console, print_metrics
-from ptmcli.schema import DataConfig, FinetuneConfig, TransferConfig, check_finetune
+from ptmcli import peft
+from ptmcli.schema import DataConfig, FinetuneConfig, check_finetune
 from ptmcli.tasks import TASKS
 from ptmcli.weights import Pretrained, load_pretrained
 
@@ -37,7 +38,7 @@ def scratch(cfg: FinetuneConfig, train_texts: list[str]) -> Pretrained:
     return Pretrained(cfg.model.family, cfg.model, {}, tokenizer, f"random init ({cfg.model.family})")
 
 
-def build_model(pretrained: Pretrained, kind: str, num_labels: int, dropout: float, transfer: TransferConfig,
+def build_model(pretrained: Pretrained, kind: str, num_labels: int, dropout: float, transfer,
                 strict: bool, pooling: str = "pooler") -> TaskModel:
     """Encoder of the pretrained family with its weights, a fresh head, and the transfer mode's frozen parts."""
     vocab = pretrained.tokenizer.get_vocab_size()
@@ -69,6 +70,15 @@ def layer_lr_scale(num_layers: int, decay: float):
     return scale
 
 
+def state_digest(state: dict[str, torch.Tensor]) -> str:
+    """Checksum of base weights, recorded by parameter-efficient runs whose checkpoints hold only the method."""
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        digest.update(key.encode())
+        digest.update(state[key].detach().contiguous().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def model_spec(pretrained: Pretrained, kind: str, num_labels: int) -> dict:
     arch = {k: v for k, v in dataclasses.asdict(pretrained.arch).items() if k not in _NOT_ARCHITECTURE}
     return {**arch, "vocab_size": pretrained.tokenizer.get_vocab_size(), "task": kind, "num_labels": num_labels}
@@ -97,14 +107,18 @@ def finetune(raw_cfg: dict, run_dir: Path, recipe: str) -> dict[str, float]:
     torch.manual_seed(cfg.trainer.seed)
     model = build_model(pretrained, kind, len(labels), cfg.task.classifier_dropout, cfg.transfer, strict=bool(cfg.init),
                         pooling=cfg.task.pooling)
-    spec = model_spec(pretrained, kind, len(labels))
-    if resume_from is not None:
-        checkpoint.check_architecture(resume_from, checkpoint.read_state(resume_from).get("model", {}), spec)
-
     trainer = cfg.trainer
     if trainer.epochs is not None:
         per_step = trainer.batch_size * dist.world_size * trainer.grad_accum
         trainer = dataclasses.replace(trainer, max_steps=max(1, math.ceil(trainer.epochs * len(examples["train"]) / per_step)))
+    spec = model_spec(pretrained, kind, len(labels))
+    method, saved_keys = None, None
+    if cfg.transfer.mode in peft.METHODS:
+        method = peft.apply(model, cfg.transfer, trainer.max_steps)
+        saved_keys = peft.trainable_keys(model)
+        spec.update(transfer=cfg.transfer.mode, base_sha256=state_digest(pretrained.encoder_state))
+    if resume_from is not None:
+        checkpoint.check_architecture(resume_from, checkpoint.read_state(resume_from).get("model", {}), spec)
     counts = parameter_counts(model)
     rundir.record(run_dir, raw_cfg, "finetune", recipe, dist, {"parameters": counts, "init": pretrained.source})
     if dist.is_main:
@@ -117,14 +131,14 @@ def finetune(raw_cfg: dict, run_dir: Path, recipe: str) -> dict[str, float]:
             f"examples, transfer={cfg.transfer.mode}, {counts['trainable']:,} of {counts['total']:,} parameters "
             f"trainable ({counts['trainable_percent']}%), {trainer.max_steps} steps, {hw.device}\n  run dir: {run_dir}"
         )
-    lr_scale = layer_lr_scale(pretrained.arch.num_layers, cfg.transfer.layer_lr_decay) \
-        if cfg.transfer.layer_lr_decay != 1.0 else None
+    decay = getattr(cfg.transfer, "layer_lr_decay", 1.0)
+    lr_scale = layer_lr_scale(pretrained.arch.num_layers, decay) if decay != 1.0 else None
     job = Job(model=model, objective=task, train=examples["train"], val=examples["validation"], model_spec=spec,
-              lr_scale=lr_scale)
+              lr_scale=lr_scale, method=method, saved_keys=saved_keys)
     train(job, trainer, cfg.optimizer, hw, dist, run_dir, resume_from, compile=cfg.hardware.compile)
 
     best = run_dir / "checkpoints" / "best"
-    load_model(checkpoint.unwrap(model), str((best if best.exists() else run_dir / "checkpoints" / "latest") / "model.safetensors"))
+    checkpoint.load_weights((best if best.exists() else run_dir / "checkpoints" / "latest").resolve(), model, saved_keys)
     metrics = evaluate(task, model, examples["test"], trainer.batch_size, 0, hw, dist)
     if dist.is_main:
         (run_dir / "test_metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")

@@ -9,19 +9,18 @@ from pathlib import Path
 import datasets
 import torch
 import yaml
-from safetensors.torch import load_model
 from tokenizers import Tokenizer
 
-from ptmcli import checkpoint, hardware
+from ptmcli import checkpoint, hardware, peft
 from ptmcli.data.labeled import label_names, load_splits
 from ptmcli.distributed import Dist
 from ptmcli.errors import PtmError
-from ptmcli.finetune import build_model
+from ptmcli.finetune import build_model, state_digest
 from ptmcli.loop import evaluate
 from ptmcli.runlog import console, print_metrics
-from ptmcli.schema import MODEL_SCHEMAS, TransferConfig, check_finetune
+from ptmcli.schema import MODEL_SCHEMAS, FullTransfer, check_finetune
 from ptmcli.tasks import TASKS
-from ptmcli.weights import Pretrained
+from ptmcli.weights import Pretrained, load_pretrained
 
 
 def _checkpoint(run: Path, name: str | None) -> Path:
@@ -35,8 +34,9 @@ def _checkpoint(run: Path, name: str | None) -> Path:
     return path.resolve()
 
 
-def load_run(run: Path, checkpoint_name: str | None = None):
-    """(config, task, model, labels, hardware) of a fine-tuning run, with the weights of its best checkpoint."""
+def load_run(run: Path, checkpoint_name: str | None = None, with_method: bool = False):
+    """(config, task, model, labels, hardware, checkpoint[, method]) of a fine-tuning run, with the weights of its
+    best checkpoint. `method` is the parameter-efficient method (None for full/frozen/partial runs)."""
     if not (run / "labels.json").exists() or not (run / "config.yaml").exists():
         raise PtmError(f"run='{run}' is not a ptm fine-tuning run directory (it needs config.yaml and labels.json).")
     cfg = check_finetune(yaml.safe_load((run / "config.yaml").read_text()))
@@ -44,15 +44,29 @@ def load_run(run: Path, checkpoint_name: str | None = None):
     tokenizer = Tokenizer.from_file(str(run / "tokenizer.json"))
     ckpt = _checkpoint(run, checkpoint_name)
     spec = checkpoint.read_state(ckpt)["model"]
-    schema = MODEL_SCHEMAS[spec["family"]]
-    arch = schema(**{k: v for k, v in spec.items() if k in {f.name for f in dataclasses.fields(schema)}})
-    pretrained = Pretrained(spec["family"], arch, {}, tokenizer, str(ckpt))
-    model = build_model(pretrained, cfg.task.kind, len(labels), 0.0, TransferConfig(), strict=False,
-                        pooling=cfg.task.pooling)
-    load_model(model, str(ckpt / "model.safetensors"))
+    method = None
+    if spec.get("transfer") in peft.METHODS:  # the checkpoint holds the method only: start from the base weights
+        pretrained = load_pretrained(cfg.init)
+        if state_digest(pretrained.encoder_state) != spec["base_sha256"]:
+            raise PtmError(f"The base weights at init='{cfg.init}' are not the ones run '{run}' was trained on "
+                           f"(checksum differs); restore them to use this run.")
+        model = build_model(pretrained, cfg.task.kind, len(labels), 0.0, cfg.transfer, strict=True,
+                            pooling=cfg.task.pooling)
+        method = peft.apply(model, cfg.transfer, cfg.trainer.max_steps)
+        checkpoint.load_weights(ckpt, model, peft.trainable_keys(model))
+        if method.prefix is not None and not with_method:
+            method.prefix.freeze()  # plain prefix tensors from here on
+    else:
+        schema = MODEL_SCHEMAS[spec["family"]]
+        arch = schema(**{k: v for k, v in spec.items() if k in {f.name for f in dataclasses.fields(schema)}})
+        pretrained = Pretrained(spec["family"], arch, {}, tokenizer, str(ckpt))
+        model = build_model(pretrained, cfg.task.kind, len(labels), 0.0, FullTransfer(), strict=False,
+                            pooling=cfg.task.pooling)
+        checkpoint.load_weights(ckpt, model)
     hw = hardware.resolve(cfg.hardware, Dist())
     model.to(hw.device).eval()
-    return cfg, TASKS[cfg.task.kind](cfg.task, labels, tokenizer), model, labels, hw, ckpt
+    task = TASKS[cfg.task.kind](cfg.task, labels, tokenizer)
+    return (cfg, task, model, labels, hw, ckpt, method) if with_method else (cfg, task, model, labels, hw, ckpt)
 
 
 def evaluate_run(run: Path, split: str, checkpoint_name: str | None = None) -> dict:

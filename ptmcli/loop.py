@@ -38,6 +38,10 @@ class Job:
     val: Examples
     model_spec: dict  # the architecture identity stored in checkpoints and checked on resume
     lr_scale: Callable[[str], float] | None = None  # per-parameter lr multiplier (layer-wise decay)
+    # A parameter-efficient method (ptmcli.peft.Method): adds `regularizer()` to the loss, runs `after_update(step)`
+    # after each optimizer step, and keeps `state()` in checkpoints. None for plain training.
+    method: Any = None
+    saved_keys: set[str] | None = None  # checkpoint only these state-dict keys (None = the whole model)
 
 
 @dataclass
@@ -113,7 +117,10 @@ def train(job: Job, cfg: TrainerConfig, optim_cfg: OptimizerConfig, hw: Hardware
     window = {"loss": 0.0, "terms": {t: 0.0 for t in terms}, "steps": 0, "tokens": 0}
     best = Best(cfg.metric.removeprefix("val/"), cfg.metric_mode, cfg.patience)
     if resume_from is not None:
-        state = checkpoint.load(resume_from, model, optimizer, scheduler, scaler, dist, job.model_spec)
+        state, extra = checkpoint.load(resume_from, model, optimizer, scheduler, scaler, dist, job.model_spec,
+                                       job.saved_keys)
+        if job.method is not None:
+            job.method.load_state(extra)
         step, consumed, window = state["step"], state["consumed"], state["window"]
         best = Best(**state["best"])
         if dist.is_main:
@@ -141,6 +148,8 @@ def train(job: Job, cfg: TrainerConfig, optim_cfg: OptimizerConfig, hw: Hardware
                         sums, _ = job.objective(model, batch)
                     # DDP averages gradients over processes; multiplying by world size turns that into a sum.
                     loss = sum(sums[t] / counts[k].item() for k, t in enumerate(terms)) * dist.world_size
+                    if last and job.method is not None and (penalty := job.method.regularizer()) is not None:
+                        loss = loss + penalty  # the same on every process, so DDP's average keeps it as is
                     scaler.scale(loss).backward()
                 step_sums += torch.tensor([float(sums[t].detach()) for t in terms], dtype=torch.float64)
             if cfg.max_grad_norm is not None:
@@ -148,6 +157,8 @@ def train(job: Job, cfg: TrainerConfig, optim_cfg: OptimizerConfig, hw: Hardware
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
             scaler.step(optimizer)
             scaler.update()
+            if job.method is not None:
+                window.setdefault("extras", {}).update(job.method.after_update(step + 1) or {})
             optimizer.zero_grad(set_to_none=True)
             lr = scheduler.get_last_lr()[0]
             scheduler.step()
@@ -166,7 +177,7 @@ def train(job: Job, cfg: TrainerConfig, optim_cfg: OptimizerConfig, hw: Hardware
                 log.train({"step": step, "split": "train", "loss": window["loss"] / n,
                            **{f"{t}_loss": v / n for t, v in window["terms"].items()}, "lr": lr,
                            "tokens_per_s": window["tokens"] / max(elapsed, 1e-9), "epoch": consumed * cfg.batch_size
-                           * dist.world_size / len(job.train)})
+                           * dist.world_size / len(job.train), **window.get("extras", {})})
                 window = {"loss": 0.0, "terms": {t: 0.0 for t in terms}, "steps": 0, "tokens": 0}
                 window_start = time.perf_counter()
             else:
@@ -180,7 +191,7 @@ def train(job: Job, cfg: TrainerConfig, optim_cfg: OptimizerConfig, hw: Hardware
             if final or stop or improved or (cfg.save_every and step % cfg.save_every == 0):
                 state = {"consumed": consumed, "window": window, "model": job.model_spec, "best": vars(best)}
                 checkpoint.save(ckpt_root, step, model, optimizer, scheduler, scaler, state, dist, cfg.keep_last,
-                                best.step)
+                                best.step, job.saved_keys, job.method.state() if job.method is not None else None)
             if stop:
                 log.note(f"early stop at step {step}: no better {cfg.metric} for {cfg.patience} validations "
                          f"(best {best.value:.4f} at step {best.step})")

@@ -66,7 +66,9 @@ class RunLog:
     def val(self, row: dict) -> None:
         self.write(row)
         if self.progress is not None:
-            shown = "  ".join(f"{k} {v:.4f}" for k, v in row.items() if k not in ("step", "split") and isinstance(v, float))
+            # per-class scores stay in metrics.jsonl; the terminal line keeps the headline figures
+            shown = "  ".join(f"{k} {v:.4f}" for k, v in row.items() if isinstance(v, float)
+                              and not k.startswith(("precision_", "recall_", "f1_")))
             self.progress.console.print(f"step {row['step']:>6}  [cyan]val[/]  {shown}")
 
     def note(self, text: str) -> None:

@@ -161,11 +161,80 @@ class LabeledDataConfig:
 
 
 @dataclass
-class TransferConfig:
-    mode: Literal["full", "frozen", "partial"] = _f("full", "full fine-tuning, frozen backbone (feature extraction), "
-                                                   "or frozen embeddings + first layers")
-    freeze_layers: int = _f(0, "partial: number of lowest encoder layers frozen (embeddings always frozen)")
-    layer_lr_decay: float = _f(1.0, "full: lr multiplier per layer below the top (1.0 = off)")
+class FullTransfer:
+    """Every parameter trains."""
+
+    mode: Literal["full"] = _f("full", "transfer method")
+    layer_lr_decay: float = _f(1.0, "lr multiplier per layer below the top (1.0 = off)")
+
+
+@dataclass
+class FrozenTransfer:
+    """Feature extraction: the backbone is frozen, only the head trains."""
+
+    mode: Literal["frozen"] = _f("frozen", "transfer method")
+
+
+@dataclass
+class PartialTransfer:
+    """Embeddings and the lowest layers are frozen."""
+
+    mode: Literal["partial"] = _f("partial", "transfer method")
+    freeze_layers: int = _f(4, "number of lowest encoder layers frozen (embeddings always frozen)")
+
+
+@dataclass
+class LoraTransfer:
+    """LoRA (Hu et al. 2021): W + (alpha/r) B A on the target linear layers; B starts at zero."""
+
+    mode: Literal["lora"] = _f("lora", "transfer method")
+    r: int = _f(8, "rank of the update")
+    alpha: float = _f(16.0, "scale numerator: the update is multiplied by alpha / r")
+    dropout: float = _f(0.1, "dropout on the LoRA input")
+    targets: list[str] = _f(["query", "value"], "linear layers to adapt: query, key, value, qkv, out, up, down")
+    bias: Literal["none", "all", "lora_only"] = _f("none", "which biases train too")
+
+
+@dataclass
+class AdaLoraTransfer:
+    """AdaLoRA (Zhang et al. 2023): SVD-form updates whose rank budget is reallocated by importance."""
+
+    mode: Literal["adalora"] = _f("adalora", "transfer method")
+    init_r: int = _f(12, "initial rank of every update")
+    target_r: int = _f(4, "average rank per update once the budget schedule ends")
+    alpha: float = _f(32.0, "scale numerator (divided by the number of ranks kept)")
+    dropout: float = _f(0.1, "dropout on the update's input")
+    targets: list[str] = _f(["query", "value"], "linear layers to adapt: query, key, value, qkv, out, up, down")
+    tinit: float = _f(0.1, "fraction of the steps trained at the full initial budget")
+    tfinal: float = _f(0.2, "fraction of the final steps trained at the target budget")
+    delta_t: int = _f(10, "steps between budget reallocations")
+    beta1: float = _f(0.85, "EMA factor of the sensitivity (importance) scores")
+    beta2: float = _f(0.85, "EMA factor of the uncertainty of the scores")
+    orth_reg_weight: float = _f(0.5, "weight of the orthogonality regulariser on P and Q")
+
+
+@dataclass
+class AdapterTransfer:
+    """Houlsby adapters: a residual bottleneck MLP after the attention output and after the feed-forward."""
+
+    mode: Literal["adapter"] = _f("adapter", "transfer method")
+    bottleneck: int = _f(64, "width of the adapter bottleneck")
+
+
+@dataclass
+class PrefixTransfer:
+    """Prefix tuning (Li & Liang 2021): learned key/value prefixes in every attention layer."""
+
+    mode: Literal["prefix"] = _f("prefix", "transfer method")
+    num_virtual_tokens: int = _f(20, "prefix length")
+    projection_hidden: int = _f(512, "hidden width of the reparametrisation MLP used during training")
+    dropout: float = _f(0.0, "dropout on the prefix states")
+
+
+TRANSFER_SCHEMAS: dict[str, type] = {
+    "full": FullTransfer, "frozen": FrozenTransfer, "partial": PartialTransfer, "lora": LoraTransfer,
+    "adalora": AdaLoraTransfer, "adapter": AdapterTransfer, "prefix": PrefixTransfer,
+}
 
 
 @dataclass
@@ -177,7 +246,7 @@ class FinetuneTrainerConfig(TrainerConfig):
 class FinetuneConfig:
     task: TaskConfig = field(default_factory=TaskConfig)
     data: LabeledDataConfig = field(default_factory=LabeledDataConfig)
-    transfer: TransferConfig = field(default_factory=TransferConfig)
+    transfer: Any = field(default_factory=FullTransfer)  # checked against TRANSFER_SCHEMAS[transfer.mode]
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     trainer: FinetuneTrainerConfig = field(default_factory=FinetuneTrainerConfig)
@@ -191,7 +260,6 @@ class FinetuneConfig:
 FINETUNE_SECTIONS: dict[str, type] = {
     "task": TaskConfig,
     "data": LabeledDataConfig,
-    "transfer": TransferConfig,
     "optimizer": OptimizerConfig,
     "hardware": HardwareConfig,
     "trainer": FinetuneTrainerConfig,
@@ -317,6 +385,12 @@ def check_finetune(cfg: dict) -> FinetuneConfig:
                 f"Unknown top-level key '{key}'.{did_you_mean(str(key), top)} Valid keys: {', '.join(sorted(top))}."
             )
     sections = {name: check_section(name, cfg.get(name) or {}, schema) for name, schema in FINETUNE_SECTIONS.items()}
+    transfer = cfg.get("transfer") or {"mode": "full"}
+    mode = transfer.get("mode") if isinstance(transfer, dict) else None
+    if mode not in TRANSFER_SCHEMAS:
+        raise PtmError(f"transfer.mode={mode!r} is not a transfer method; valid: {', '.join(TRANSFER_SCHEMAS)}."
+                       + did_you_mean(str(mode), TRANSFER_SCHEMAS))
+    sections["transfer"] = check_section("transfer", transfer, TRANSFER_SCHEMAS[mode])
     scalars = {k: _coerce(cfg.get(k), Optional[str], k) for k in ("init", "tokenizer", "resume")}
     if scalars["init"] in ("none", "null", "scratch"):
         scalars["init"] = None
@@ -334,8 +408,11 @@ def check_finetune(cfg: dict) -> FinetuneConfig:
         raise PtmError(f"data.train is not set (task data '{d.name}'): add data.train=PATH.")
     if not t.metric.startswith("val/"):
         raise PtmError(f"trainer.metric={t.metric!r} must name a validation metric, e.g. val/accuracy or val/loss.")
-    if out.transfer.mode != "full" and out.transfer.layer_lr_decay != 1.0:
-        raise PtmError("transfer.layer_lr_decay applies to transfer=full only.")
+    x = out.transfer
+    if x.mode == "adalora" and not 0 < x.target_r <= x.init_r:
+        raise PtmError(f"transfer.target_r={x.target_r} must lie in 1..transfer.init_r={x.init_r}.")
+    if x.mode in ("lora", "adalora") and not x.targets:
+        raise PtmError("transfer.targets is empty: name the linear layers to adapt, e.g. [query,value].")
     return out
 
 

@@ -36,7 +36,7 @@ def test_round_trip_restores_everything(tmp_path):
     expected_next = torch.rand(3)
     other, other_opt, other_sched, other_scaler = _parts(1)
     torch.manual_seed(123)
-    state = checkpoint.load(path, other, other_opt, other_sched, other_scaler, Dist(), spec)
+    state, _ = checkpoint.load(path, other, other_opt, other_sched, other_scaler, Dist(), spec)
     assert state["step"] == 3 and state["consumed"] == 3
     for (name, a), b in zip(model.state_dict().items(), other.state_dict().values()):
         assert torch.equal(a, b), name

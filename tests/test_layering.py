@@ -9,10 +9,10 @@ PACKAGE = Path(__file__).resolve().parents[1] / "ptmcli"
 # module (or package prefix) -> rank; a module may import only modules of a lower or equal rank
 LAYERS = {
     "errors": 0, "schema": 0,
-    "models": 1, "hardware": 1, "optim": 1, "distributed": 1,
+    "models": 1, "hardware": 1, "optim": 1, "distributed": 1, "peft": 1.5,
     "objectives": 2, "tasks": 2, "data": 2, "runlog": 2,
     "checkpoint": 3, "weights": 3.5, "rundir": 4, "loop": 4,
-    "pretrain": 5, "finetune": 5, "inference": 5.5,
+    "pretrain": 5, "finetune": 5, "inference": 5.5, "export": 5.7,
     "cli": 6, "__main__": 7,
 }
 

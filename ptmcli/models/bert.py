@@ -179,3 +179,16 @@ def build_encoder(arch: BertArch, vocab_size: int, with_pooler: bool = True) -> 
     encoder = Bert(arch, vocab_size, with_pooler=with_pooler)
     init_normal(encoder, arch.init_std)
     return encoder
+
+
+def hf_module_name(ours: str, part: int | None = None) -> str:
+    """Our encoder module name (e.g. 'layers.3.attention.qkv', slice 0) -> the Hugging Face one
+    ('encoder.layer.3.attention.self.query'); used to export adapters under names PEFT understands."""
+    head, _, rest = ours.partition("layers.")
+    index, _, tail = rest.partition(".")
+    if tail == "attention.qkv":
+        return f"encoder.layer.{index}.attention.self.{('query', 'key', 'value')[part or 0]}"
+    for theirs, mine in HF_KEY_MAP.items():
+        if mine == f"layers.{{i}}.{tail}.weight":
+            return theirs.format(i=index).removesuffix(".weight")
+    raise KeyError(ours)

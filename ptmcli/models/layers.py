@@ -17,7 +17,11 @@ def padding_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention with a fused QKV projection."""
+    """Multi-head self-attention with a fused QKV projection.
+
+    `prefix`, when set (prefix tuning), is a callable giving extra key/value states (B, nh, P, hs) that every
+    query may attend to; it is kept out of the module tree, since its owner registers its parameters.
+    """
 
     def __init__(self, hidden_size: int, num_heads: int, dropout: float, bias: bool = True):
         super().__init__()
@@ -25,16 +29,35 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(hidden_size, 3 * hidden_size, bias=bias)
         self.out = nn.Linear(hidden_size, hidden_size, bias=bias)
         self.dropout = dropout
+        self.prefix = None
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, causal: bool = False) -> torch.Tensor:
         """x: (B, T, C); mask: (B, 1, 1|T, T) boolean, True = may attend. Returns (B, T, C)."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.num_heads, C // self.num_heads).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        if self.prefix is not None:
+            pk, pv = self.prefix(B)  # (B, nh, P, hs) each
+            k, v = torch.cat([pk, k], 2), torch.cat([pv, v], 2)
+            mask = prefix_mask(mask, B, T, pk.shape[2], causal, x.device)
+            causal = False  # folded into the explicit mask
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=causal and mask is None
         )
         return self.out(y.transpose(1, 2).reshape(B, T, C))
+
+
+def prefix_mask(mask: torch.Tensor | None, B: int, T: int, P: int, causal: bool, device: torch.device) -> torch.Tensor | None:
+    """Extend a (B, 1, 1|T, T) mask with P always-visible prefix keys: (B, 1, 1|T, P+T)."""
+    if mask is None and not causal:
+        return None
+    rows = T if causal or (mask is not None and mask.shape[2] == T) else 1
+    out = torch.ones(B, 1, rows, P + T, dtype=torch.bool, device=device)
+    if causal:
+        out[..., P:] = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+    if mask is not None:
+        out[..., P:] &= mask
+    return out
 
 
 class FeedForward(nn.Module):
