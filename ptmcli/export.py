@@ -31,7 +31,7 @@ def merged_state(model: torch.nn.Module, method) -> dict[str, torch.Tensor]:
     return state
 
 
-def peft_lora(model, method, cfg, family: str) -> tuple[dict, dict]:
+def peft_lora(model, method, cfg, family: str, total_steps: int) -> tuple[dict, dict]:
     to_hf = HF_MODULE_NAMES[family]
     tensors, targets = {}, set()
     for name, module in method.low_rank.items():
@@ -47,7 +47,7 @@ def peft_lora(model, method, cfg, family: str) -> tuple[dict, dict]:
                 tensors[f"{prefix}.lora_A"] = module.lora_A[k].detach().contiguous()
                 tensors[f"{prefix}.lora_B"] = module.lora_B[k].detach().contiguous()
                 tensors[f"{prefix}.lora_E"] = module.lora_E[k].detach().contiguous()
-                tensors[f"{prefix}.ranknum"] = torch.tensor(float(module.r))
+                tensors[f"{prefix}.ranknum"] = torch.tensor([float(module.r)])
     config = {"peft_type": method.name.upper(), "task_type": None, "target_modules": sorted(targets),
               "lora_dropout": cfg.dropout, "bias": getattr(cfg, "bias", "none"), "fan_in_fan_out": False,
               "inference_mode": True, "modules_to_save": None, "base_model_name_or_path": None}
@@ -56,7 +56,7 @@ def peft_lora(model, method, cfg, family: str) -> tuple[dict, dict]:
     else:
         config.update(r=cfg.init_r, init_r=cfg.init_r, target_r=cfg.target_r, lora_alpha=cfg.alpha,
                       tinit=cfg.tinit, tfinal=cfg.tfinal, deltaT=cfg.delta_t, beta1=cfg.beta1, beta2=cfg.beta2,
-                      orth_reg_weight=cfg.orth_reg_weight)
+                      orth_reg_weight=cfg.orth_reg_weight, total_step=total_steps)  # pruned E entries are zeros
     return tensors, config
 
 
@@ -88,7 +88,9 @@ def export_run(run: Path, merge: bool, output: Path | None = None) -> Path:
         raise PtmError(f"run '{run}' used transfer={cfg.transfer.mode}, which has no adapter to export; its "
                        f"checkpoints ({ckpt}) already hold the whole model.")
     if method.low_rank:
-        tensors, config = peft_lora(model, method, cfg.transfer, model.encoder.arch.family)
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+        total_steps = state.get("max_steps", state["step"])
+        tensors, config = peft_lora(model, method, cfg.transfer, model.encoder.arch.family, total_steps)
     elif method.prefix is not None:
         tensors, config = peft_prefix(model, method, cfg.transfer)
     else:

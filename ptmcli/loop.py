@@ -189,7 +189,8 @@ def train(job: Job, cfg: TrainerConfig, optim_cfg: OptimizerConfig, hw: Hardware
                 improved = best.update(metrics, step)
             stop = best.exhausted
             if final or stop or improved or (cfg.save_every and step % cfg.save_every == 0):
-                state = {"consumed": consumed, "window": window, "model": job.model_spec, "best": vars(best)}
+                state = {"consumed": consumed, "window": window, "model": job.model_spec, "best": vars(best),
+                         "max_steps": cfg.max_steps}
                 checkpoint.save(ckpt_root, step, model, optimizer, scheduler, scaler, state, dist, cfg.keep_last,
                                 best.step, job.saved_keys, job.method.state() if job.method is not None else None)
             if stop:

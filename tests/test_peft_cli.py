@@ -86,9 +86,10 @@ def test_predict_and_merge_export_agree(peft_runs, cache_env, tmp_path):
 peft_lib = pytest.importorskip("peft")
 
 
-def test_exported_lora_loads_into_peft(peft_runs, cache_env, tmp_path):
+@pytest.mark.parametrize("method", ["lora", "adalora"])
+def test_exported_adapter_loads_into_peft(peft_runs, cache_env, tmp_path, method):
     transformers = pytest.importorskip("transformers")
-    run = peft_runs / "lora"
+    run = peft_runs / method
     run_ptm(["export", f"run={run}", f"output={tmp_path / 'adapter'}"], cache_env)
     from ptmcli.inference import load_run
 
