@@ -202,7 +202,7 @@ class AdaLoraTransfer:
     mode: Literal["adalora"] = _f("adalora", "transfer method")
     init_r: int = _f(12, "initial rank of every update")
     target_r: int = _f(4, "average rank per update once the budget schedule ends")
-    alpha: float = _f(32.0, "scale numerator (divided by the number of ranks kept)")
+    alpha: float = _f(32.0, "scale numerator: the update is multiplied by alpha / init_r")
     dropout: float = _f(0.1, "dropout on the update's input")
     targets: list[str] = _f(["query", "value"], "linear layers to adapt: query, key, value, qkv, out, up, down")
     tinit: float = _f(0.1, "fraction of the steps trained at the full initial budget")
