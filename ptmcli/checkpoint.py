@@ -5,6 +5,7 @@ into place, so a process killed mid-write leaves nothing that looks complete. Te
 and everything else to JSON: loading a checkpoint never unpickles anything. Nothing here depends on
 the model family.
 """
+
 from __future__ import annotations
 
 import json
@@ -92,9 +93,20 @@ def _point(root: Path, name: str, target: Path) -> None:
     os.replace(tmp_link, root / name)
 
 
-def save(root: Path, step: int, model: nn.Module, optimizer, scheduler, scaler, trainer_state: dict, dist: Dist,
-         keep_last: int, best_step: int | None = None, keys: set[str] | None = None,
-         extra: dict[str, torch.Tensor] | None = None) -> Path:
+def save(
+    root: Path,
+    step: int,
+    model: nn.Module,
+    optimizer,
+    scheduler,
+    scaler,
+    trainer_state: dict,
+    dist: Dist,
+    keep_last: int,
+    best_step: int | None = None,
+    keys: set[str] | None = None,
+    extra: dict[str, torch.Tensor] | None = None,
+) -> Path:
     """Write checkpoint `step` atomically; every rank contributes its RNG state. `checkpoints/latest` then points
     at it, `checkpoints/best` at step `best_step`, and pruning keeps the newest `keep_last` plus the best."""
     final, tmp = root / f"step-{step}", root / f".tmp-step-{step}"
@@ -115,8 +127,13 @@ def save(root: Path, step: int, model: nn.Module, optimizer, scheduler, scaler, 
         tensors, meta = _optimizer_split(optimizer.state_dict())
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         _write_json(tmp / "optimizer.json", meta)
-        state = {**trainer_state, "step": step, "world_size": dist.world_size,
-                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else {}}
+        state = {
+            **trainer_state,
+            "step": step,
+            "world_size": dist.world_size,
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler.is_enabled() else {},
+        }
         _write_json(tmp / "trainer_state.json", state)
         (tmp / MARKER).touch()
         _fsync_dir(tmp)
@@ -138,13 +155,18 @@ def save(root: Path, step: int, model: nn.Module, optimizer, scheduler, scaler, 
 
 def read_state(path: Path) -> dict:
     if not (path / MARKER).exists():
-        raise PtmError(f"'{path}' is not a complete checkpoint (no {MARKER} marker): it was interrupted while being written.")
+        raise PtmError(
+            f"'{path}' is not a complete checkpoint (no {MARKER} marker): it was interrupted while being written."
+        )
     return json.loads((path / "trainer_state.json").read_text())
 
 
 def check_architecture(path: Path, saved: dict, current: dict) -> None:
-    diffs = [f"{k}: checkpoint {saved.get(k)!r} vs config {current.get(k)!r}" for k in sorted(set(saved) | set(current))
-             if saved.get(k) != current.get(k)]
+    diffs = [
+        f"{k}: checkpoint {saved.get(k)!r} vs config {current.get(k)!r}"
+        for k in sorted(set(saved) | set(current))
+        if saved.get(k) != current.get(k)
+    ]
     if diffs:
         raise PtmError(
             f"The checkpoint '{path}' was written for another architecture ({'; '.join(diffs)}). Resume it with the "
@@ -169,8 +191,16 @@ def load_weights(path: Path, model: nn.Module, keys: set[str] | None = None) -> 
         )
 
 
-def load(path: Path, model: nn.Module, optimizer, scheduler, scaler, dist: Dist, model_spec: dict,
-         keys: set[str] | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+def load(
+    path: Path,
+    model: nn.Module,
+    optimizer,
+    scheduler,
+    scaler,
+    dist: Dist,
+    model_spec: dict,
+    keys: set[str] | None = None,
+) -> tuple[dict, dict[str, torch.Tensor]]:
     """Restore model, optimizer, schedule, scaler and this rank's RNG from checkpoint `path`.
     Returns (trainer state, the method's extra tensors)."""
     state = read_state(path)

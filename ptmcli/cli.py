@@ -4,6 +4,7 @@ A recipe (recipes/NAME.yaml) is the primary Hydra config: it pulls in the comman
 conf/ and overrides a few groups and keys. Hydra's own flags (-m, --cfg, hydra.run.dir=...,
 --shell-completion) keep working. Nothing heavy is imported until a run actually starts.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -15,8 +16,15 @@ from pathlib import Path
 from dataclasses import dataclass
 
 from ptmcli.errors import PtmError
-from ptmcli.schema import (FINETUNE_SECTIONS, MODEL_SCHEMAS, SECTIONS, TRANSFER_SCHEMAS, FinetuneConfig, PretrainConfig,
-                           did_you_mean)
+from ptmcli.schema import (
+    FINETUNE_SECTIONS,
+    MODEL_SCHEMAS,
+    SECTIONS,
+    TRANSFER_SCHEMAS,
+    FinetuneConfig,
+    PretrainConfig,
+    did_you_mean,
+)
 
 
 @dataclass(frozen=True)
@@ -32,18 +40,43 @@ class Command:
 
 
 COMMANDS = {
-    "pretrain": Command("pretrain", "demo", PretrainConfig, SECTIONS,
-                        ("model", "objective", "data", "optimizer", "hardware"), "self-supervised pretraining"),
-    "finetune": Command("finetune", "finetune", FinetuneConfig, FINETUNE_SECTIONS,
-                        ("task", "transfer", "model", "optimizer", "hardware"), "supervised fine-tuning"),
+    "pretrain": Command(
+        "pretrain",
+        "demo",
+        PretrainConfig,
+        SECTIONS,
+        ("model", "objective", "data", "optimizer", "hardware"),
+        "self-supervised pretraining",
+    ),
+    "finetune": Command(
+        "finetune",
+        "finetune",
+        FinetuneConfig,
+        FINETUNE_SECTIONS,
+        ("task", "transfer", "model", "optimizer", "hardware"),
+        "supervised fine-tuning",
+    ),
 }
 # Commands that read a finished run instead of composing a config.
-RUN_COMMANDS = {"evaluate": "metrics of a fine-tuned run on a split: ptm evaluate run=DIR split=test",
-                "predict": "predictions, one JSON line per input: ptm predict run=DIR input=texts.txt [output=FILE]",
-                "export": "adapter in PEFT format, or LoRA merged into the base: ptm export run=DIR [merge=true]"}
+RUN_COMMANDS = {
+    "evaluate": "metrics of a fine-tuned run on a split: ptm evaluate run=DIR split=test",
+    "predict": "predictions, one JSON line per input: ptm predict run=DIR input=texts.txt [output=FILE]",
+    "export": "adapter in PEFT format, or LoRA merged into the base: ptm export run=DIR [merge=true]",
+}
 # Hydra flags whose next argument is their value, not an override (--info takes one only from its choices).
-HYDRA_FLAGS_WITH_VALUE = {"-c", "--cfg", "-p", "--package", "-cp", "--config-path",
-                          "-cn", "--config-name", "-cd", "--config-dir", "--experimental-rerun"}
+HYDRA_FLAGS_WITH_VALUE = {
+    "-c",
+    "--cfg",
+    "-p",
+    "--package",
+    "-cp",
+    "--config-path",
+    "-cn",
+    "--config-name",
+    "-cd",
+    "--config-dir",
+    "--experimental-rerun",
+}
 INFO_CHOICES = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
 
 
@@ -107,7 +140,9 @@ def check_override(arg: str, command: Command) -> None:
     else:
         return
     if rest.split(".")[0] not in fields:
-        raise PtmError(f"Unknown key '{key}'.{did_you_mean(rest, fields)} Valid keys of '{head}': {', '.join(sorted(fields))}.")
+        raise PtmError(
+            f"Unknown key '{key}'.{did_you_mean(rest, fields)} Valid keys of '{head}': {', '.join(sorted(fields))}."
+        )
 
 
 def split_flags(args: list[str]) -> tuple[list[str], list[str]]:
@@ -120,8 +155,9 @@ def split_flags(args: list[str]) -> tuple[list[str], list[str]]:
             overrides.append(arg)
         else:
             flags.append(arg)
-            takes_value = arg in HYDRA_FLAGS_WITH_VALUE or (arg in ("-i", "--info") and i + 1 < len(args)
-                                                            and args[i + 1] in INFO_CHOICES)
+            takes_value = arg in HYDRA_FLAGS_WITH_VALUE or (
+                arg in ("-i", "--info") and i + 1 < len(args) and args[i + 1] in INFO_CHOICES
+            )
             if takes_value and i + 1 < len(args):
                 flags.append(args[i + 1])
                 i += 1
@@ -237,11 +273,16 @@ def run_run_command(name: str, args: list[str]) -> None:
     values = {}
     for arg in args:
         key, sep, value = arg.partition("=")
-        allowed = {"evaluate": ("run", "split", "checkpoint"), "predict": ("run", "input", "output", "checkpoint"),
-                   "export": ("run", "merge", "output")}[name]
+        allowed = {
+            "evaluate": ("run", "split", "checkpoint"),
+            "predict": ("run", "input", "output", "checkpoint"),
+            "export": ("run", "merge", "output"),
+        }[name]
         if not sep or key not in allowed:
-            raise PtmError(f"ptm {name}: unexpected argument '{arg}'.{did_you_mean(key, allowed)} "
-                           f"Arguments: {', '.join(k + '=...' for k in allowed)}.")
+            raise PtmError(
+                f"ptm {name}: unexpected argument '{arg}'.{did_you_mean(key, allowed)} "
+                f"Arguments: {', '.join(k + '=...' for k in allowed)}."
+            )
         values[key] = value
     if "run" not in values:
         raise PtmError(f"ptm {name} needs run=DIR, a fine-tuning run directory.")
@@ -259,7 +300,9 @@ def run_run_command(name: str, args: list[str]) -> None:
     else:
         if "input" not in values:
             raise PtmError("ptm predict needs input=FILE (one text per line, or JSON lines).")
-        inference.predict_run(Path(values["run"]), Path(values["input"]), values.get("output"), values.get("checkpoint"))
+        inference.predict_run(
+            Path(values["run"]), Path(values["input"]), values.get("output"), values.get("checkpoint")
+        )
 
 
 def fail(err: PtmError) -> None:

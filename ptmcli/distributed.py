@@ -1,4 +1,5 @@
 """Process-group helpers. Under `torchrun` every process runs the same code; without it, world size is 1."""
+
 from __future__ import annotations
 
 import os

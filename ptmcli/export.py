@@ -5,6 +5,7 @@ merge=true (LoRA/AdaLoRA): the update folded into the base weights, written as a
 Hugging Face PEFT's format (`adapter_model.safetensors` + `adapter_config.json`, PEFT's key names) so that
 PEFT users can load it onto the same base model.
 """
+
 from __future__ import annotations
 
 import json
@@ -48,25 +49,52 @@ def peft_lora(model, method, cfg, family: str, total_steps: int) -> tuple[dict, 
                 tensors[f"{prefix}.lora_B"] = module.lora_B[k].detach().contiguous()
                 tensors[f"{prefix}.lora_E"] = module.lora_E[k].detach().contiguous()
                 tensors[f"{prefix}.ranknum"] = torch.tensor([float(module.r)])
-    config = {"peft_type": method.name.upper(), "task_type": None, "target_modules": sorted(targets),
-              "lora_dropout": cfg.dropout, "bias": getattr(cfg, "bias", "none"), "fan_in_fan_out": False,
-              "inference_mode": True, "modules_to_save": None, "base_model_name_or_path": None}
+    config = {
+        "peft_type": method.name.upper(),
+        "task_type": None,
+        "target_modules": sorted(targets),
+        "lora_dropout": cfg.dropout,
+        "bias": getattr(cfg, "bias", "none"),
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "base_model_name_or_path": None,
+    }
     if method.name == "lora":
         config.update(r=cfg.r, lora_alpha=cfg.alpha)
     else:
-        config.update(r=cfg.init_r, init_r=cfg.init_r, target_r=cfg.target_r, lora_alpha=cfg.alpha,
-                      tinit=cfg.tinit, tfinal=cfg.tfinal, deltaT=cfg.delta_t, beta1=cfg.beta1, beta2=cfg.beta2,
-                      orth_reg_weight=cfg.orth_reg_weight, total_step=total_steps)  # pruned E entries are zeros
+        config.update(
+            r=cfg.init_r,
+            init_r=cfg.init_r,
+            target_r=cfg.target_r,
+            lora_alpha=cfg.alpha,
+            tinit=cfg.tinit,
+            tfinal=cfg.tfinal,
+            deltaT=cfg.delta_t,
+            beta1=cfg.beta1,
+            beta2=cfg.beta2,
+            orth_reg_weight=cfg.orth_reg_weight,
+            total_step=total_steps,
+        )  # pruned E entries are zeros
     return tensors, config
 
 
 def peft_prefix(model, method, cfg) -> tuple[dict, dict]:
     P, L, _, nh, hs = method.prefix.shape
     tensors = {"prompt_embeddings": method.prefix.states().detach().contiguous()}  # (P, L * 2 * C), plain tensors
-    config = {"peft_type": "PREFIX_TUNING", "task_type": None, "num_virtual_tokens": P, "token_dim": nh * hs,
-              "num_transformer_submodules": 1, "num_attention_heads": nh, "num_layers": L,
-              "encoder_hidden_size": cfg.projection_hidden, "prefix_projection": False, "inference_mode": True,
-              "base_model_name_or_path": None}
+    config = {
+        "peft_type": "PREFIX_TUNING",
+        "task_type": None,
+        "num_virtual_tokens": P,
+        "token_dim": nh * hs,
+        "num_transformer_submodules": 1,
+        "num_attention_heads": nh,
+        "num_layers": L,
+        "encoder_hidden_size": cfg.projection_hidden,
+        "prefix_projection": False,
+        "inference_mode": True,
+        "base_model_name_or_path": None,
+    }
     return tensors, config
 
 
@@ -79,14 +107,18 @@ def export_run(run: Path, merge: bool, output: Path | None = None) -> Path:
     model = model.cpu()
     if merge:
         if method is None or not method.low_rank:
-            raise PtmError(f"merge=true folds LoRA/AdaLoRA updates into the base; run '{run}' used "
-                           f"transfer={cfg.transfer.mode}. Export it without merge=true.")
+            raise PtmError(
+                f"merge=true folds LoRA/AdaLoRA updates into the base; run '{run}' used "
+                f"transfer={cfg.transfer.mode}. Export it without merge=true."
+            )
         save_file(merged_state(model, method), str(out / "model.safetensors"))
         console.print(f"merged model written to {out / 'model.safetensors'}")
         return out
     if method is None:
-        raise PtmError(f"run '{run}' used transfer={cfg.transfer.mode}, which has no adapter to export; its "
-                       f"checkpoints ({ckpt}) already hold the whole model.")
+        raise PtmError(
+            f"run '{run}' used transfer={cfg.transfer.mode}, which has no adapter to export; its "
+            f"checkpoints ({ckpt}) already hold the whole model."
+        )
     if method.low_rank:
         state = json.loads((ckpt / "trainer_state.json").read_text())
         total_steps = state.get("max_steps", state["step"])
@@ -94,8 +126,10 @@ def export_run(run: Path, merge: bool, output: Path | None = None) -> Path:
     elif method.prefix is not None:
         tensors, config = peft_prefix(model, method, cfg.transfer)
     else:
-        raise PtmError("Houlsby adapters have no Hugging Face PEFT format; use merge=false checkpoints from "
-                       f"{run / 'checkpoints'} with ptm, or transfer=lora for PEFT users.")
+        raise PtmError(
+            "Houlsby adapters have no Hugging Face PEFT format; use merge=false checkpoints from "
+            f"{run / 'checkpoints'} with ptm, or transfer=lora for PEFT users."
+        )
     config["base_model_name_or_path"] = cfg.init
     save_file(tensors, str(out / "adapter_model.safetensors"))
     (out / "adapter_config.json").write_text(json.dumps(config, indent=1) + "\n")

@@ -1,4 +1,5 @@
 """`ptm finetune`: pretrained encoder + task head, trained by the same loop as pretraining."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -32,14 +33,17 @@ def scratch(cfg: FinetuneConfig, train_texts: list[str]) -> Pretrained:
     """A randomly initialised encoder of `model=...`; its tokenizer is given, or trained on the task's texts."""
     if cfg.tokenizer:
         path = Path(cfg.tokenizer)
-        tokenizer = load_tokenizer(str(path / "tokenizer.json") if (path / "tokenizer.json").exists() else cfg.tokenizer)
+        tokenizer = load_tokenizer(
+            str(path / "tokenizer.json") if (path / "tokenizer.json").exists() else cfg.tokenizer
+        )
     else:
         tokenizer = train_tokenizer(datasets.Dataset.from_dict({"text": train_texts}), DataConfig(vocab_size=8000))
     return Pretrained(cfg.model.family, cfg.model, {}, tokenizer, f"random init ({cfg.model.family})")
 
 
-def build_model(pretrained: Pretrained, kind: str, num_labels: int, dropout: float, transfer,
-                strict: bool, pooling: str = "pooler") -> TaskModel:
+def build_model(
+    pretrained: Pretrained, kind: str, num_labels: int, dropout: float, transfer, strict: bool, pooling: str = "pooler"
+) -> TaskModel:
     """Encoder of the pretrained family with its weights, a fresh head, and the transfer mode's frozen parts."""
     vocab = pretrained.tokenizer.get_vocab_size()
     encoder = ENCODERS[pretrained.family](pretrained.arch, vocab)
@@ -47,8 +51,10 @@ def build_model(pretrained: Pretrained, kind: str, num_labels: int, dropout: flo
         missing, unexpected = encoder.load_state_dict(pretrained.encoder_state, strict=False)
         missing = [k for k in missing if not k.startswith("pooler")]  # an MLM-only checkpoint has no pooler
         if missing or unexpected or (strict and not pretrained.encoder_state):
-            raise PtmError(f"The weights of {pretrained.source} do not fit a {pretrained.family} encoder (missing "
-                           f"{missing[:5]}, unexpected {list(unexpected)[:5]}).")
+            raise PtmError(
+                f"The weights of {pretrained.source} do not fit a {pretrained.family} encoder (missing "
+                f"{missing[:5]}, unexpected {list(unexpected)[:5]})."
+            )
     model = TaskModel(encoder, HEADS[kind], num_labels, dropout, frozen=transfer.mode == "frozen", pooling=pooling)
     if transfer.mode == "partial":
         if not 0 <= transfer.freeze_layers <= len(encoder.layers):
@@ -61,6 +67,7 @@ def build_model(pretrained: Pretrained, kind: str, num_labels: int, dropout: flo
 
 def layer_lr_scale(num_layers: int, decay: float):
     """Layer-wise lr decay: the head and pooler at full lr, layer i at decay^(L-i), embeddings at decay^(L+1)."""
+
     def scale(name: str) -> float:
         if name.startswith("encoder.embeddings"):
             return decay ** (num_layers + 1)
@@ -105,12 +112,21 @@ def finetune(raw_cfg: dict, run_dir: Path, recipe: str) -> dict[str, float]:
     task = TASKS[kind](cfg.task, labels, pretrained.tokenizer)
     examples = {name: task.examples(records) for name, records in splits.items()}
     torch.manual_seed(cfg.trainer.seed)
-    model = build_model(pretrained, kind, len(labels), cfg.task.classifier_dropout, cfg.transfer, strict=bool(cfg.init),
-                        pooling=cfg.task.pooling)
+    model = build_model(
+        pretrained,
+        kind,
+        len(labels),
+        cfg.task.classifier_dropout,
+        cfg.transfer,
+        strict=bool(cfg.init),
+        pooling=cfg.task.pooling,
+    )
     trainer = cfg.trainer
     if trainer.epochs is not None:
         per_step = trainer.batch_size * dist.world_size * trainer.grad_accum
-        trainer = dataclasses.replace(trainer, max_steps=max(1, math.ceil(trainer.epochs * len(examples["train"]) / per_step)))
+        trainer = dataclasses.replace(
+            trainer, max_steps=max(1, math.ceil(trainer.epochs * len(examples["train"]) / per_step))
+        )
     spec = model_spec(pretrained, kind, len(labels))
     method, saved_keys = None, None
     if cfg.transfer.mode in peft.METHODS:
@@ -133,12 +149,22 @@ def finetune(raw_cfg: dict, run_dir: Path, recipe: str) -> dict[str, float]:
         )
     decay = getattr(cfg.transfer, "layer_lr_decay", 1.0)
     lr_scale = layer_lr_scale(pretrained.arch.num_layers, decay) if decay != 1.0 else None
-    job = Job(model=model, objective=task, train=examples["train"], val=examples["validation"], model_spec=spec,
-              lr_scale=lr_scale, method=method, saved_keys=saved_keys)
+    job = Job(
+        model=model,
+        objective=task,
+        train=examples["train"],
+        val=examples["validation"],
+        model_spec=spec,
+        lr_scale=lr_scale,
+        method=method,
+        saved_keys=saved_keys,
+    )
     train(job, trainer, cfg.optimizer, hw, dist, run_dir, resume_from, compile=cfg.hardware.compile)
 
     best = run_dir / "checkpoints" / "best"
-    checkpoint.load_weights((best if best.exists() else run_dir / "checkpoints" / "latest").resolve(), model, saved_keys)
+    checkpoint.load_weights(
+        (best if best.exists() else run_dir / "checkpoints" / "latest").resolve(), model, saved_keys
+    )
     metrics = evaluate(task, model, examples["test"], trainer.batch_size, 0, hw, dist)
     if dist.is_main:
         (run_dir / "test_metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")

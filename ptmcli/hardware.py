@@ -1,4 +1,5 @@
 """Device, precision and autocast: what `hardware.*` resolves to on this machine."""
+
 from __future__ import annotations
 
 import contextlib

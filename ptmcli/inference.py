@@ -1,4 +1,5 @@
 """`ptm evaluate` and `ptm predict`: a finished fine-tuning run, reloaded from its own config, tokenizer and labels."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -48,10 +49,13 @@ def load_run(run: Path, checkpoint_name: str | None = None, with_method: bool = 
     if spec.get("transfer") in peft.METHODS:  # the checkpoint holds the method only: start from the base weights
         pretrained = load_pretrained(cfg.init)
         if state_digest(pretrained.encoder_state) != spec["base_sha256"]:
-            raise PtmError(f"The base weights at init='{cfg.init}' are not the ones run '{run}' was trained on "
-                           f"(checksum differs); restore them to use this run.")
-        model = build_model(pretrained, cfg.task.kind, len(labels), 0.0, cfg.transfer, strict=True,
-                            pooling=cfg.task.pooling)
+            raise PtmError(
+                f"The base weights at init='{cfg.init}' are not the ones run '{run}' was trained on "
+                f"(checksum differs); restore them to use this run."
+            )
+        model = build_model(
+            pretrained, cfg.task.kind, len(labels), 0.0, cfg.transfer, strict=True, pooling=cfg.task.pooling
+        )
         method = peft.apply(model, cfg.transfer, cfg.trainer.max_steps)
         checkpoint.load_weights(ckpt, model, peft.trainable_keys(model))
         if method.prefix is not None and not with_method:
@@ -60,8 +64,9 @@ def load_run(run: Path, checkpoint_name: str | None = None, with_method: bool = 
         schema = MODEL_SCHEMAS[spec["family"]]
         arch = schema(**{k: v for k, v in spec.items() if k in {f.name for f in dataclasses.fields(schema)}})
         pretrained = Pretrained(spec["family"], arch, {}, tokenizer, str(ckpt))
-        model = build_model(pretrained, cfg.task.kind, len(labels), 0.0, FullTransfer(), strict=False,
-                            pooling=cfg.task.pooling)
+        model = build_model(
+            pretrained, cfg.task.kind, len(labels), 0.0, FullTransfer(), strict=False, pooling=cfg.task.pooling
+        )
         checkpoint.load_weights(ckpt, model)
     hw = hardware.resolve(cfg.hardware, Dist())
     model.to(hw.device).eval()
@@ -77,8 +82,10 @@ def evaluate_run(run: Path, split: str, checkpoint_name: str | None = None) -> d
     splits = load_splits(cfg.data, cfg.task.kind)
     saved = run / "splits.json"
     if saved.exists() and json.loads(saved.read_text()).get(split) != [r["id"] for r in splits[split]]:
-        raise PtmError(f"The {split} split of data '{cfg.data.name}' is not the one this run was trained with "
-                       f"(see {saved}): the data or its split settings changed.")
+        raise PtmError(
+            f"The {split} split of data '{cfg.data.name}' is not the one this run was trained with "
+            f"(see {saved}): the data or its split settings changed."
+        )
     label_names({split: splits[split]}, cfg.task.kind, labels, cfg.data.name)  # fails on labels unseen in training
     metrics = evaluate(task, model, task.examples(splits[split]), cfg.trainer.batch_size, 0, hw, Dist())
     (run / f"eval_{split}.json").write_text(json.dumps(metrics, indent=1) + "\n")
@@ -107,8 +114,12 @@ def _records(path: Path, kind: str) -> list[dict]:
         if kind == "token-cls" and "tokens" not in record:
             record["tokens"] = record.get("text", "").split()
         record.setdefault("id", str(n))
-        needed = {"text-cls": ["text"], "pair-cls": ["text", "text_pair"], "token-cls": ["tokens"],
-                  "qa": ["question", "context"]}[kind]
+        needed = {
+            "text-cls": ["text"],
+            "pair-cls": ["text", "text_pair"],
+            "token-cls": ["tokens"],
+            "qa": ["question", "context"],
+        }[kind]
         missing = [k for k in needed if k not in record]
         if missing:
             raise PtmError(f"{path}:{n}: missing field(s) {missing} for a {kind} model.")

@@ -5,6 +5,7 @@ model families or tasks: it draws micro-batches by number, normalises the loss b
 targets in the whole step, steps AdamW under autocast/GradScaler, and logs, validates and saves on
 schedule. Everything it needs to continue exactly is in the checkpoint.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -57,8 +58,10 @@ class Best:
 
     def update(self, metrics: dict[str, float], step: int) -> bool:
         if self.key not in metrics:
-            raise PtmError(f"trainer.metric=val/{self.key} is not a validation metric here; "
-                           f"choose one of {', '.join('val/' + k for k in metrics)}.")
+            raise PtmError(
+                f"trainer.metric=val/{self.key} is not a validation metric here; "
+                f"choose one of {', '.join('val/' + k for k in metrics)}."
+            )
         value = metrics[self.key]
         better = self.value is None or (value > self.value if self.mode == "max" else value < self.value)
         if better:
@@ -77,8 +80,9 @@ def _to(batch: dict, device: torch.device) -> dict:
 
 
 @torch.no_grad()
-def evaluate(objective: Any, model: nn.Module, examples: Examples, batch_size: int, max_batches: int, hw: Hardware,
-             dist: Dist) -> dict[str, float]:
+def evaluate(
+    objective: Any, model: nn.Module, examples: Examples, batch_size: int, max_batches: int, hw: Hardware, dist: Dist
+) -> dict[str, float]:
     """Metrics of `objective` over `examples` (at most `max_batches` batches per process; 0 = all)."""
     model = checkpoint.unwrap(model)
     was_training = model.training
@@ -89,17 +93,32 @@ def evaluate(objective: Any, model: nn.Module, examples: Examples, batch_size: i
         batch = _to(batch, hw.device)
         with hw.autocast():
             sums, stats = objective(model, batch)
-        totals += torch.tensor([*(float(sums[t]) for t in terms), *(batch["counts"][t] for t in terms),
-                                *(float(stats[s]) for s in stat_names)], dtype=torch.float64)
+        totals += torch.tensor(
+            [
+                *(float(sums[t]) for t in terms),
+                *(batch["counts"][t] for t in terms),
+                *(float(stats[s]) for s in stat_names),
+            ],
+            dtype=torch.float64,
+        )
     totals = dist.sum(totals).tolist()
     model.train(was_training)
     n = len(terms)
-    return objective.metrics(dict(zip(terms, totals[:n])), dict(zip(terms, totals[n : 2 * n])),
-                                 dict(zip(stat_names, totals[2 * n :])))
+    return objective.metrics(
+        dict(zip(terms, totals[:n])), dict(zip(terms, totals[n : 2 * n])), dict(zip(stat_names, totals[2 * n :]))
+    )
 
 
-def train(job: Job, cfg: TrainerConfig, optim_cfg: OptimizerConfig, hw: Hardware, dist: Dist, run_dir: Path,
-          resume_from: Path | None, compile: bool = False) -> dict[str, float]:
+def train(
+    job: Job,
+    cfg: TrainerConfig,
+    optim_cfg: OptimizerConfig,
+    hw: Hardware,
+    dist: Dist,
+    run_dir: Path,
+    resume_from: Path | None,
+    compile: bool = False,
+) -> dict[str, float]:
     """Train until `cfg.max_steps`; returns the final validation metrics."""
     model = job.model.to(hw.device)
     model.train()
@@ -117,8 +136,9 @@ def train(job: Job, cfg: TrainerConfig, optim_cfg: OptimizerConfig, hw: Hardware
     window = {"loss": 0.0, "terms": {t: 0.0 for t in terms}, "steps": 0, "tokens": 0}
     best = Best(cfg.metric.removeprefix("val/"), cfg.metric_mode, cfg.patience)
     if resume_from is not None:
-        state, extra = checkpoint.load(resume_from, model, optimizer, scheduler, scaler, dist, job.model_spec,
-                                       job.saved_keys)
+        state, extra = checkpoint.load(
+            resume_from, model, optimizer, scheduler, scaler, dist, job.model_spec, job.saved_keys
+        )
         if job.method is not None:
             job.method.load_state(extra)
         step, consumed, window = state["step"], state["consumed"], state["window"]
@@ -129,16 +149,21 @@ def train(job: Job, cfg: TrainerConfig, optim_cfg: OptimizerConfig, hw: Hardware
         torch.manual_seed(cfg.seed * 1000 + dist.rank + 1)  # dropout stream, distinct per process
 
     log = RunLog(run_dir / "metrics.jsonl" if dist.is_main else None, cfg.max_steps, step)
-    batches = train_batches(job.train, BatchOrder(len(job.train), cfg.batch_size, dist.world_size, dist.rank, cfg.seed),
-                            consumed)
+    batches = train_batches(
+        job.train, BatchOrder(len(job.train), cfg.batch_size, dist.world_size, dist.rank, cfg.seed), consumed
+    )
     metrics: dict[str, float] = {}
     window_start = time.perf_counter()
     try:
         while step < cfg.max_steps:
             micro = [_to(next(batches), hw.device) for _ in range(cfg.grad_accum)]
             # Targets in the whole step, over all micro-batches and processes: the loss is a mean over these.
-            counts = dist.sum(torch.tensor([sum(b["counts"][t] for b in micro) for t in terms] +
-                                           [sum(b["num_tokens"] for b in micro)], dtype=torch.float64))
+            counts = dist.sum(
+                torch.tensor(
+                    [sum(b["counts"][t] for b in micro) for t in terms] + [sum(b["num_tokens"] for b in micro)],
+                    dtype=torch.float64,
+                )
+            )
             step_sums = torch.zeros(len(terms), dtype=torch.float64)
             for i, batch in enumerate(micro):
                 last = i == len(micro) - 1
@@ -174,10 +199,18 @@ def train(job: Job, cfg: TrainerConfig, optim_cfg: OptimizerConfig, hw: Hardware
             if step % cfg.log_every == 0 or step == cfg.max_steps:
                 elapsed = time.perf_counter() - window_start
                 n = window["steps"]
-                log.train({"step": step, "split": "train", "loss": window["loss"] / n,
-                           **{f"{t}_loss": v / n for t, v in window["terms"].items()}, "lr": lr,
-                           "tokens_per_s": window["tokens"] / max(elapsed, 1e-9), "epoch": consumed * cfg.batch_size
-                           * dist.world_size / len(job.train), **window.get("extras", {})})
+                log.train(
+                    {
+                        "step": step,
+                        "split": "train",
+                        "loss": window["loss"] / n,
+                        **{f"{t}_loss": v / n for t, v in window["terms"].items()},
+                        "lr": lr,
+                        "tokens_per_s": window["tokens"] / max(elapsed, 1e-9),
+                        "epoch": consumed * cfg.batch_size * dist.world_size / len(job.train),
+                        **window.get("extras", {}),
+                    }
+                )
                 window = {"loss": 0.0, "terms": {t: 0.0 for t in terms}, "steps": 0, "tokens": 0}
                 window_start = time.perf_counter()
             else:
@@ -189,13 +222,32 @@ def train(job: Job, cfg: TrainerConfig, optim_cfg: OptimizerConfig, hw: Hardware
                 improved = best.update(metrics, step)
             stop = best.exhausted
             if final or stop or improved or (cfg.save_every and step % cfg.save_every == 0):
-                state = {"consumed": consumed, "window": window, "model": job.model_spec, "best": vars(best),
-                         "max_steps": cfg.max_steps}
-                checkpoint.save(ckpt_root, step, model, optimizer, scheduler, scaler, state, dist, cfg.keep_last,
-                                best.step, job.saved_keys, job.method.state() if job.method is not None else None)
+                state = {
+                    "consumed": consumed,
+                    "window": window,
+                    "model": job.model_spec,
+                    "best": vars(best),
+                    "max_steps": cfg.max_steps,
+                }
+                checkpoint.save(
+                    ckpt_root,
+                    step,
+                    model,
+                    optimizer,
+                    scheduler,
+                    scaler,
+                    state,
+                    dist,
+                    cfg.keep_last,
+                    best.step,
+                    job.saved_keys,
+                    job.method.state() if job.method is not None else None,
+                )
             if stop:
-                log.note(f"early stop at step {step}: no better {cfg.metric} for {cfg.patience} validations "
-                         f"(best {best.value:.4f} at step {best.step})")
+                log.note(
+                    f"early stop at step {step}: no better {cfg.metric} for {cfg.patience} validations "
+                    f"(best {best.value:.4f} at step {best.step})"
+                )
                 break
     finally:
         log.close()

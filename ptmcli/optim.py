@@ -1,4 +1,5 @@
 """AdamW with weight-decay groups, and warmup + linear/cosine/constant learning-rate schedules."""
+
 from __future__ import annotations
 
 import math
@@ -20,17 +21,20 @@ def param_groups(model: nn.Module, cfg: OptimizerConfig, lr_scale: Callable[[str
             continue
         seen.add(id(p))
         decay, scale = p.ndim >= 2, lr_scale(name) if lr_scale else 1.0
-        group = groups.setdefault((decay, scale), {"params": [], "weight_decay": cfg.weight_decay if decay else 0.0,
-                                                   "lr": cfg.lr * scale})
+        group = groups.setdefault(
+            (decay, scale), {"params": [], "weight_decay": cfg.weight_decay if decay else 0.0, "lr": cfg.lr * scale}
+        )
         group["params"].append(p)
     return list(groups.values())
 
 
-def build_optimizer(model: nn.Module, cfg: OptimizerConfig, device: torch.device,
-                    lr_scale: Callable[[str], float] | None = None) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: nn.Module, cfg: OptimizerConfig, device: torch.device, lr_scale: Callable[[str], float] | None = None
+) -> torch.optim.Optimizer:
     fused = cfg.fused == "on" or (cfg.fused == "auto" and device.type == "cuda")
-    return torch.optim.AdamW(param_groups(model, cfg, lr_scale), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
-                             fused=fused or None)
+    return torch.optim.AdamW(
+        param_groups(model, cfg, lr_scale), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None
+    )
 
 
 def lr_factor(step: int, cfg: OptimizerConfig, max_steps: int) -> float:
@@ -45,5 +49,7 @@ def lr_factor(step: int, cfg: OptimizerConfig, max_steps: int) -> float:
     return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * shape
 
 
-def build_schedule(optimizer: torch.optim.Optimizer, cfg: OptimizerConfig, max_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def build_schedule(
+    optimizer: torch.optim.Optimizer, cfg: OptimizerConfig, max_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg, max_steps))

@@ -1,4 +1,5 @@
 """`ptm pretrain`: check the config, build data, model and objective, hand them to the loop."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,8 +30,10 @@ def build_examples(cfg: PretrainConfig, nsp: bool, dist: Dist) -> tuple:
     docs = load_documents(cfg.data)
     train_docs, val_docs = split_documents(docs, cfg.data)
     tokenizer = get_tokenizer(train_docs, cfg.data)
-    chunks = {name: build_chunks(d, tokenizer, cfg.data.max_seq_len, nsp, cfg.data.num_proc)
-              for name, d in (("train", train_docs), ("val", val_docs))}
+    chunks = {
+        name: build_chunks(d, tokenizer, cfg.data.max_seq_len, nsp, cfg.data.num_proc)
+        for name, d in (("train", train_docs), ("val", val_docs))
+    }
     if dist.is_main:
         dist.barrier()
     make = lambda split: PretrainingExamples(chunks[split], tokenizer, cfg.objective, cfg.trainer.seed, nsp)  # noqa: E731
@@ -68,8 +71,13 @@ def pretrain(raw_cfg: dict, run_dir: Path, recipe: str) -> dict[str, float]:
             f"{len(train_ex):,} / {len(val_ex):,} sequences of <= {cfg.data.max_seq_len}), {hw.device} {hw.dtype}, "
             f"{dist.world_size} process(es)\n  run dir: {run_dir}"
         )
-    job = Job(model=model, objective=OBJECTIVES[cfg.objective.name](cfg.objective), train=train_ex, val=val_ex,
-              model_spec=spec)
+    job = Job(
+        model=model,
+        objective=OBJECTIVES[cfg.objective.name](cfg.objective),
+        train=train_ex,
+        val=val_ex,
+        model_spec=spec,
+    )
     metrics = train(job, cfg.trainer, cfg.optimizer, hw, dist, run_dir, resume_from, compile=cfg.hardware.compile)
     if dist.is_main:
         shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())

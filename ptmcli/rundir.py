@@ -1,4 +1,5 @@
 """Run directories: what a run writes at start, and which checkpoint `resume=` continues from."""
+
 from __future__ import annotations
 
 import hashlib
@@ -61,10 +62,15 @@ def prepare(run_dir: Path, cfg: dict, command: str, recipe: str, dist: Dist) -> 
         if existing is not None:
             resume_from = existing
         else:
-            earlier = [
-                (checkpoint.latest(d / "checkpoints"), d) for d in run_dir.parent.iterdir()
-                if d.is_dir() and d != run_dir and _run_info(d).get("config_hash") == digest
-            ] if run_dir.parent.is_dir() else []
+            earlier = (
+                [
+                    (checkpoint.latest(d / "checkpoints"), d)
+                    for d in run_dir.parent.iterdir()
+                    if d.is_dir() and d != run_dir and _run_info(d).get("config_hash") == digest
+                ]
+                if run_dir.parent.is_dir()
+                else []
+            )
             earlier = [(c, d) for c, d in earlier if c is not None]
             if earlier:
                 resume_from, older = max(earlier, key=lambda cd: (cd[0] / checkpoint.MARKER).stat().st_mtime)
@@ -72,8 +78,10 @@ def prepare(run_dir: Path, cfg: dict, command: str, recipe: str, dist: Dist) -> 
                     shutil.rmtree(run_dir)  # the fresh, still empty directory Hydra made for this invocation
                 run_dir = older
             elif dist.is_main:
-                console.print(f"resume=auto: no earlier {command} run of '{recipe}' with this config has a checkpoint; "
-                              f"starting fresh in {run_dir}.")
+                console.print(
+                    f"resume=auto: no earlier {command} run of '{recipe}' with this config has a checkpoint; "
+                    f"starting fresh in {run_dir}."
+                )
     elif resume is not None:
         run_dir, resume_from = _from_path(resume)
     if dist.is_main and resume_from is not None:
@@ -86,8 +94,12 @@ def record(run_dir: Path, cfg: dict, command: str, recipe: str, dist: Dist, extr
     run that fails at start leaves an existing run directory exactly as it was."""
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        info = _run_info(run_dir) or {"command": command, "recipe": recipe, "config_hash": config_hash(cfg),
-                                      "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+        info = _run_info(run_dir) or {
+            "command": command,
+            "recipe": recipe,
+            "config_hash": config_hash(cfg),
+            "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
         info.update(extra or {})
         (run_dir / "run.json").write_text(json.dumps(info, indent=1) + "\n")
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))

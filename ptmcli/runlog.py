@@ -1,4 +1,5 @@
 """What a run tells the user: `metrics.jsonl` rows and a rich progress bar (rank 0 only)."""
+
 from __future__ import annotations
 
 import json
@@ -44,8 +45,14 @@ class RunLog:
         self.progress = None
         if path is not None:
             self.progress = Progress(
-                TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
-                TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False,
+                TextColumn("[bold]train"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[status]}"),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                console=console,
+                transient=False,
             )
             self.task = self.progress.add_task("train", total=total_steps, completed=start_step, status="")
             self.progress.start()
@@ -67,8 +74,11 @@ class RunLog:
         self.write(row)
         if self.progress is not None:
             # per-class scores stay in metrics.jsonl; the terminal line keeps the headline figures
-            shown = "  ".join(f"{k} {v:.4f}" for k, v in row.items() if isinstance(v, float)
-                              and not k.startswith(("precision_", "recall_", "f1_")))
+            shown = "  ".join(
+                f"{k} {v:.4f}"
+                for k, v in row.items()
+                if isinstance(v, float) and not k.startswith(("precision_", "recall_", "f1_"))
+            )
             self.progress.console.print(f"step {row['step']:>6}  [cyan]val[/]  {shown}")
 
     def note(self, text: str) -> None:

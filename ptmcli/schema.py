@@ -3,6 +3,7 @@
 This module imports no torch: the CLI uses it to reject a bad override before anything heavy loads.
 Each field's ``help`` metadata is what ``ptm pretrain --help`` prints.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -125,13 +126,19 @@ class PretrainConfig:
 
 @dataclass
 class TaskConfig:
-    kind: Literal["text-cls", "pair-cls", "token-cls", "qa"] = _f("text-cls", "what is predicted: a label per text, "
-                                                                 "per text pair, per word, or an answer span")
-    max_seq_len: int = _f(128, "tokens per input, special tokens included (longer inputs are truncated, QA uses stride)")
+    kind: Literal["text-cls", "pair-cls", "token-cls", "qa"] = _f(
+        "text-cls", "what is predicted: a label per text, per text pair, per word, or an answer span"
+    )
+    max_seq_len: int = _f(
+        128, "tokens per input, special tokens included (longer inputs are truncated, QA uses stride)"
+    )
     labels: Optional[list[str]] = _f(None, "label names in order; none = sorted labels of the training split")
     classifier_dropout: float = _f(0.1, "dropout before the task head")
-    pooling: Literal["pooler", "cls", "mean"] = _f("pooler", "text/pair-cls features: BERT's pooler (or [CLS] when the "
-                                                   "encoder has none), the [CLS] state, or the mean over tokens")
+    pooling: Literal["pooler", "cls", "mean"] = _f(
+        "pooler",
+        "text/pair-cls features: BERT's pooler (or [CLS] when the "
+        "encoder has none), the [CLS] state, or the mean over tokens",
+    )
     class_weights: Optional[list[float]] = _f(None, "per-label loss weights, in label order (text/pair/token-cls)")
     doc_stride: int = _f(64, "qa: tokens of overlap between windows of a long context")
     max_answer_len: int = _f(30, "qa: longest answer span in tokens")
@@ -141,8 +148,9 @@ class TaskConfig:
 class LabeledDataConfig:
     name: str = _f("custom", "short name of this dataset")
     loader: Literal["table", "folders", "conll", "squad", "bbc-pairs", "conll-qa"] = _f(
-        "table", "table: csv/tsv/json(l)/parquet; folders: one folder of .txt files per label; conll: word ... tag "
-        "columns; squad: SQuAD JSON; bbc-pairs / conll-qa: the derived pair and QA tasks"
+        "table",
+        "table: csv/tsv/json(l)/parquet; folders: one folder of .txt files per label; conll: word ... tag "
+        "columns; squad: SQuAD JSON; bbc-pairs / conll-qa: the derived pair and QA tasks",
     )
     train: str = _f("", "training file or folder (pkg://package/path allowed)")
     validation: Optional[str] = _f(None, "validation file; none = hold out validation_fraction of train")
@@ -232,8 +240,13 @@ class PrefixTransfer:
 
 
 TRANSFER_SCHEMAS: dict[str, type] = {
-    "full": FullTransfer, "frozen": FrozenTransfer, "partial": PartialTransfer, "lora": LoraTransfer,
-    "adalora": AdaLoraTransfer, "adapter": AdapterTransfer, "prefix": PrefixTransfer,
+    "full": FullTransfer,
+    "frozen": FrozenTransfer,
+    "partial": PartialTransfer,
+    "lora": LoraTransfer,
+    "adalora": AdaLoraTransfer,
+    "adapter": AdapterTransfer,
+    "prefix": PrefixTransfer,
 }
 
 
@@ -250,8 +263,11 @@ class FinetuneConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     trainer: FinetuneTrainerConfig = field(default_factory=FinetuneTrainerConfig)
-    init: Optional[str] = _f(None, "pretrained weights: a ptm run or checkpoint, a Hugging Face BERT directory, "
-                                   "pkg://package/path or hf:hub-name; none = from scratch with model=...")
+    init: Optional[str] = _f(
+        None,
+        "pretrained weights: a ptm run or checkpoint, a Hugging Face BERT directory, "
+        "pkg://package/path or hf:hub-name; none = from scratch with model=...",
+    )
     model: Any = None  # from scratch only: checked against MODEL_SCHEMAS[model.family]
     tokenizer: Optional[str] = _f(None, "from scratch: tokenizer.json / vocab.txt / a ptm run directory")
     resume: Optional[str] = _f(None, "auto, or a run directory / checkpoint to continue")
@@ -388,8 +404,10 @@ def check_finetune(cfg: dict) -> FinetuneConfig:
     transfer = cfg.get("transfer") or {"mode": "full"}
     mode = transfer.get("mode") if isinstance(transfer, dict) else None
     if mode not in TRANSFER_SCHEMAS:
-        raise PtmError(f"transfer.mode={mode!r} is not a transfer method; valid: {', '.join(TRANSFER_SCHEMAS)}."
-                       + did_you_mean(str(mode), TRANSFER_SCHEMAS))
+        raise PtmError(
+            f"transfer.mode={mode!r} is not a transfer method; valid: {', '.join(TRANSFER_SCHEMAS)}."
+            + did_you_mean(str(mode), TRANSFER_SCHEMAS)
+        )
     sections["transfer"] = check_section("transfer", transfer, TRANSFER_SCHEMAS[mode])
     scalars = {k: _coerce(cfg.get(k), Optional[str], k) for k in ("init", "tokenizer", "resume")}
     if scalars["init"] in ("none", "null", "scratch"):
@@ -397,7 +415,9 @@ def check_finetune(cfg: dict) -> FinetuneConfig:
     model = None
     if scalars["init"] is None:
         if not cfg.get("model"):
-            raise PtmError("init=none trains from scratch and needs an architecture: add model=NAME (e.g. model=bert-mini).")
+            raise PtmError(
+                "init=none trains from scratch and needs an architecture: add model=NAME (e.g. model=bert-mini)."
+            )
         model = check_section("model", cfg["model"], model_schema(cfg["model"]))
     out = FinetuneConfig(model=model, **scalars, **sections)
     t, d = out.trainer, out.data

@@ -3,6 +3,7 @@
 Only the encoder is taken; pretraining heads are dropped. Weights are read with safetensors, or with
 `torch.load(weights_only=True)` for a `pytorch_model.bin`: loading never runs code from a file.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -36,9 +37,18 @@ def _hub_snapshot(name: str) -> Path:
     try:
         from huggingface_hub import snapshot_download
     except ImportError as err:
-        raise PtmError(f"init=hf:{name} needs `pip install huggingface_hub` (or download the model directory "
-                       f"yourself and pass init=PATH).") from err
-    patterns = ["config.json", "*.safetensors", "pytorch_model.bin", "vocab.txt", "tokenizer.json", "tokenizer_config.json"]
+        raise PtmError(
+            f"init=hf:{name} needs `pip install huggingface_hub` (or download the model directory "
+            f"yourself and pass init=PATH)."
+        ) from err
+    patterns = [
+        "config.json",
+        "*.safetensors",
+        "pytorch_model.bin",
+        "vocab.txt",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
     return Path(snapshot_download(name, allow_patterns=patterns))
 
 
@@ -64,8 +74,13 @@ def from_hf_dir(path: Path) -> Pretrained:
     tokenizer_file = next((path / n for n in ("tokenizer.json", "vocab.txt") if (path / n).exists()), None)
     if tokenizer_file is None:
         raise PtmError(f"init='{path}' has no tokenizer.json or vocab.txt.")
-    return Pretrained(family, arch, to_state(state, arch.num_layers), load_tokenizer(str(tokenizer_file), lowercase),
-                      f"Hugging Face {model_type} from {path}")
+    return Pretrained(
+        family,
+        arch,
+        to_state(state, arch.num_layers),
+        load_tokenizer(str(tokenizer_file), lowercase),
+        f"Hugging Face {model_type} from {path}",
+    )
 
 
 def from_ptm(path: Path) -> Pretrained:
@@ -77,8 +92,9 @@ def from_ptm(path: Path) -> Pretrained:
         ckpt = best.resolve() if best.exists() else checkpoint.latest(path / "checkpoints")
         if ckpt is None:
             raise PtmError(
-                f"init='{path}' is not a checkpoint: expected a ptm run directory with checkpoints/step-N, a checkpoint "
-                f"directory (with a {checkpoint.MARKER} marker) or a Hugging Face model directory (with config.json)."
+                f"init='{path}' is not a checkpoint: expected a ptm run directory with checkpoints/step-N, a "
+                f"checkpoint directory (with a {checkpoint.MARKER} marker) or a Hugging Face model directory "
+                f"(with config.json)."
             )
     spec = dict(checkpoint.read_state(ckpt).get("model", {}))
     family = spec.get("family")
@@ -89,8 +105,11 @@ def from_ptm(path: Path) -> Pretrained:
     tokenizer_path = run / "tokenizer.json"
     if not tokenizer_path.exists():
         raise PtmError(f"init='{path}': the run directory {run} has no tokenizer.json.")
-    state = {k.removeprefix("encoder."): v for k, v in load_file(str(ckpt / "model.safetensors")).items()
-             if k.startswith("encoder.")}
+    state = {
+        k.removeprefix("encoder."): v
+        for k, v in load_file(str(ckpt / "model.safetensors")).items()
+        if k.startswith("encoder.")
+    }
     return Pretrained(family, arch, state, Tokenizer.from_file(str(tokenizer_path)), f"ptm checkpoint {ckpt}")
 
 
@@ -99,6 +118,8 @@ def load_pretrained(spec: str) -> Pretrained:
         return from_hf_dir(_hub_snapshot(spec[3:]))
     path = package_path(spec, "init") if spec.startswith("pkg://") else Path(spec).expanduser()
     if not path.exists():
-        raise PtmError(f"init='{spec}' does not exist. Give a ptm run directory or checkpoint, a Hugging Face model "
-                       f"directory, pkg://package/path, or hf:name.")
+        raise PtmError(
+            f"init='{spec}' does not exist. Give a ptm run directory or checkpoint, a Hugging Face model "
+            f"directory, pkg://package/path, or hf:name."
+        )
     return from_hf_dir(path) if (path / "config.json").exists() else from_ptm(path)

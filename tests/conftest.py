@@ -1,4 +1,5 @@
 """Shared helpers: run the real `ptm` CLI in a subprocess with a small, fast configuration on real news text."""
+
 from __future__ import annotations
 
 import json
@@ -13,9 +14,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # A few-second BERT on 300 real news articles; dropout off so that runs compare exactly.
 TINY = [
-    "model=bert-tiny", "model.hidden_size=64", "model.num_heads=2", "model.intermediate_size=128",
-    "model.max_positions=64", "data.max_seq_len=64", "data.vocab_size=2000", "data.max_train_samples=300",
-    "trainer.batch_size=8", "trainer.eval_batches=4", "optimizer.lr=2e-3", "optimizer.warmup_steps=5",
+    "model=bert-tiny",
+    "model.hidden_size=64",
+    "model.num_heads=2",
+    "model.intermediate_size=128",
+    "model.max_positions=64",
+    "data.max_seq_len=64",
+    "data.vocab_size=2000",
+    "data.max_train_samples=300",
+    "trainer.batch_size=8",
+    "trainer.eval_batches=4",
+    "optimizer.lr=2e-3",
+    "optimizer.warmup_steps=5",
 ]
 
 
@@ -24,8 +34,15 @@ def cache_env(tmp_path_factory) -> dict:
     """One tokenizer/datasets cache for the whole session, kept out of the user's home."""
     cache = tmp_path_factory.mktemp("cache")
     env = dict(os.environ)
-    env.update(PTM_CACHE=str(cache / "ptm"), HF_DATASETS_CACHE=str(cache / "datasets"), HF_DATASETS_OFFLINE="1",
-               HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", COLUMNS="200")
+    env.update(
+        PTM_CACHE=str(cache / "ptm"),
+        HF_DATASETS_CACHE=str(cache / "datasets"),
+        HF_DATASETS_OFFLINE="1",
+        HF_HUB_OFFLINE="1",
+        PYTHONUNBUFFERED="1",
+        OMP_NUM_THREADS="1",
+        COLUMNS="200",
+    )
     return env
 
 
@@ -36,8 +53,9 @@ def _offline_cache(cache_env, monkeypatch):
 
 
 def run_ptm(args: list[str], env: dict, cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "ptmcli", *args], env=env, cwd=cwd, capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "ptmcli", *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=600
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"ptm {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc

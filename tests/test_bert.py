@@ -1,4 +1,5 @@
 """BERT forward: shapes, padding invariance, tied MLM decoder, masked-position head equals the full head."""
+
 from __future__ import annotations
 
 import torch
@@ -6,8 +7,15 @@ import torch
 from ptmcli.models.bert import BertForPretraining
 from ptmcli.schema import BertArch
 
-ARCH = BertArch(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, max_positions=40, dropout=0.0,
-                attention_dropout=0.0)
+ARCH = BertArch(
+    hidden_size=32,
+    num_layers=2,
+    num_heads=4,
+    intermediate_size=64,
+    max_positions=40,
+    dropout=0.0,
+    attention_dropout=0.0,
+)
 
 
 def _model(nsp=True):

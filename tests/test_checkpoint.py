@@ -1,4 +1,5 @@
 """Checkpoint round trip, pruning, and what counts as complete."""
+
 from __future__ import annotations
 
 import torch
@@ -16,8 +17,12 @@ def _parts(seed: int):
     torch.manual_seed(seed)
     model = BertForPretraining(ARCH, 30, nsp=True)
     optimizer = build_optimizer(model, OptimizerConfig(), torch.device("cpu"))
-    return model, optimizer, build_schedule(optimizer, OptimizerConfig(warmup_steps=2), 10), torch.amp.GradScaler(
-        "cpu", enabled=False)
+    return (
+        model,
+        optimizer,
+        build_schedule(optimizer, OptimizerConfig(warmup_steps=2), 10),
+        torch.amp.GradScaler("cpu", enabled=False),
+    )
 
 
 def _train_step(model, optimizer, scheduler):
@@ -65,7 +70,9 @@ def test_metrics_rows_after_the_checkpoint_and_a_torn_line_are_dropped(tmp_path)
     from ptmcli.runlog import truncate_metrics
 
     path = tmp_path / "metrics.jsonl"
-    path.write_text('{"step": 1, "split": "train", "loss": 2.0}\n{"step": 2, "split": "val", "loss": 1.5}\n'
-                    '{"step": 3, "split": "train", "loss": 1.0}\n{"step": 4, "spl')
+    path.write_text(
+        '{"step": 1, "split": "train", "loss": 2.0}\n{"step": 2, "split": "val", "loss": 1.5}\n'
+        '{"step": 3, "split": "train", "loss": 1.0}\n{"step": 4, "spl'
+    )
     truncate_metrics(path, 2)
     assert path.read_text() == '{"step": 1, "split": "train", "loss": 2.0}\n{"step": 2, "split": "val", "loss": 1.5}\n'

@@ -1,7 +1,7 @@
 """Every config composes and checks; mistakes fail at start with a short, helpful message."""
+
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -62,21 +62,31 @@ def test_recipes_start_with_their_command_hardware_time_and_loss():
 
 
 def test_published_bert_sizes():
-    sizes = {name: _compose("demo", [f"model={name}"])["model"] for name in ("bert-tiny", "bert-mini", "bert-small",
-                                                                               "bert-base", "bert-large")}
+    sizes = {
+        name: _compose("demo", [f"model={name}"])["model"]
+        for name in ("bert-tiny", "bert-mini", "bert-small", "bert-base", "bert-large")
+    }
     got = {n: (m["num_layers"], m["hidden_size"], m["num_heads"]) for n, m in sizes.items()}
-    assert got == {"bert-tiny": (2, 128, 2), "bert-mini": (4, 256, 4), "bert-small": (4, 512, 8),
-                   "bert-base": (12, 768, 12), "bert-large": (24, 1024, 16)}
+    assert got == {
+        "bert-tiny": (2, 128, 2),
+        "bert-mini": (4, 256, 4),
+        "bert-small": (4, 512, 8),
+        "bert-base": (12, 768, 12),
+        "bert-large": (24, 1024, 16),
+    }
 
 
-@pytest.mark.parametrize("override,expected", [
-    ("trainer.max_stpes=5", "Did you mean 'max_steps'?"),
-    ("optimizer.learning_rate=1e-3", "Valid keys of 'optimizer'"),
-    ("model=bert-mni", "Did you mean 'bert-mini'?"),
-    ("objective=mlm,mln", "Did you mean 'mlm'?"),
-    ("trainr.max_steps=5", "Did you mean 'trainer'?"),
-    ("model.hiden_size=5", "Did you mean 'hidden_size'?"),
-])
+@pytest.mark.parametrize(
+    "override,expected",
+    [
+        ("trainer.max_stpes=5", "Did you mean 'max_steps'?"),
+        ("optimizer.learning_rate=1e-3", "Valid keys of 'optimizer'"),
+        ("model=bert-mni", "Did you mean 'bert-mini'?"),
+        ("objective=mlm,mln", "Did you mean 'mlm'?"),
+        ("trainr.max_steps=5", "Did you mean 'trainer'?"),
+        ("model.hiden_size=5", "Did you mean 'hidden_size'?"),
+    ],
+)
 def test_typo_in_override_fails_with_did_you_mean(override, expected):
     with pytest.raises(PtmError, match=expected.replace("?", r"\?").replace("(", r"\(")):
         check_override(override, COMMANDS["pretrain"])
@@ -89,12 +99,15 @@ def test_unknown_key_in_a_yaml_file_is_caught_after_composition():
         check_pretrain(cfg)
 
 
-@pytest.mark.parametrize("key,value,expected", [
-    ("trainer", ("max_steps", "ten"), "expected int"),
-    ("optimizer", ("schedule", "cosin"), "Did you mean 'cosine'"),
-    ("hardware", ("compile", "yes"), "expected bool"),
-    ("data", ("max_seq_len", 1024), "model.max_positions"),
-])
+@pytest.mark.parametrize(
+    "key,value,expected",
+    [
+        ("trainer", ("max_steps", "ten"), "expected int"),
+        ("optimizer", ("schedule", "cosin"), "Did you mean 'cosine'"),
+        ("hardware", ("compile", "yes"), "expected bool"),
+        ("data", ("max_seq_len", 1024), "model.max_positions"),
+    ],
+)
 def test_wrong_types_and_values_fail(key, value, expected):
     cfg = _compose("demo")
     cfg[key][value[0]] = value[1]

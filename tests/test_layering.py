@@ -1,4 +1,5 @@
 """Each layer imports only from layers below it; no model family imports another; nothing imports the CLI."""
+
 from __future__ import annotations
 
 import ast
@@ -8,12 +9,27 @@ PACKAGE = Path(__file__).resolve().parents[1] / "ptmcli"
 
 # module (or package prefix) -> rank; a module may import only modules of a lower or equal rank
 LAYERS = {
-    "errors": 0, "schema": 0,
-    "models": 1, "hardware": 1, "optim": 1, "distributed": 1, "peft": 1.5,
-    "objectives": 2, "tasks": 2, "data": 2, "runlog": 2,
-    "checkpoint": 3, "weights": 3.5, "rundir": 4, "loop": 4,
-    "pretrain": 5, "finetune": 5, "inference": 5.5, "export": 5.7,
-    "cli": 6, "__main__": 7,
+    "errors": 0,
+    "schema": 0,
+    "models": 1,
+    "hardware": 1,
+    "optim": 1,
+    "distributed": 1,
+    "peft": 1.5,
+    "objectives": 2,
+    "tasks": 2,
+    "data": 2,
+    "runlog": 2,
+    "checkpoint": 3,
+    "weights": 3.5,
+    "rundir": 4,
+    "loop": 4,
+    "pretrain": 5,
+    "finetune": 5,
+    "inference": 5.5,
+    "export": 5.7,
+    "cli": 6,
+    "__main__": 7,
 }
 
 
@@ -44,8 +60,13 @@ def test_layers_import_downwards_only():
             if other != head and other_rank > rank:
                 problems.append(f"{module} imports {imported}")
             shared = ("models.layers",)
-            if head == "models" and other == "models" and imported not in shared and module != "models" \
-                    and imported != module:
+            if (
+                head == "models"
+                and other == "models"
+                and imported not in shared
+                and module != "models"
+                and imported != module
+            ):
                 problems.append(f"model family {module} imports {imported}")
     assert not problems, problems
 

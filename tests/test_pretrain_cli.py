@@ -1,4 +1,5 @@
 """`ptm pretrain` through the real CLI: it learns, it resumes exactly after SIGKILL, and bad input loses nothing."""
+
 from __future__ import annotations
 
 import json
@@ -14,14 +15,29 @@ import pytest
 
 from tests.conftest import TINY, comparable, read_metrics, run_ptm
 
-SCHEDULE = ["trainer.max_steps=40", "trainer.log_every=1", "trainer.eval_every=10", "trainer.save_every=10",
-            "trainer.keep_last=0", "model.dropout=0.1"]
+SCHEDULE = [
+    "trainer.max_steps=40",
+    "trainer.log_every=1",
+    "trainer.eval_every=10",
+    "trainer.save_every=10",
+    "trainer.keep_last=0",
+    "model.dropout=0.1",
+]
 
 
 def test_tiny_pretraining_learns(cache_env, tmp_path):
     run = tmp_path / "run"
-    run_ptm(["pretrain", *TINY, "trainer.max_steps=150", "trainer.log_every=10", "trainer.eval_every=50",
-             f"hydra.run.dir={run}"], cache_env)
+    run_ptm(
+        [
+            "pretrain",
+            *TINY,
+            "trainer.max_steps=150",
+            "trainer.log_every=10",
+            "trainer.eval_every=50",
+            f"hydra.run.dir={run}",
+        ],
+        cache_env,
+    )
     rows = read_metrics(run)
     train = [r for r in rows if r["split"] == "train"]
     val = [r for r in rows if r["split"] == "val"]
@@ -33,13 +49,19 @@ def test_tiny_pretraining_learns(cache_env, tmp_path):
     assert (run / "tokenizer.json").exists() and (run / "config.yaml").exists()
     latest = run / "checkpoints" / "latest"
     assert latest.resolve().name == "step-150"
-    assert {p.name for p in latest.iterdir()} >= {"model.safetensors", "optimizer.safetensors", "trainer_state.json",
-                                                  "rng-rank0.safetensors", "COMPLETE"}
+    assert {p.name for p in latest.iterdir()} >= {
+        "model.safetensors",
+        "optimizer.safetensors",
+        "trainer_state.json",
+        "rng-rank0.safetensors",
+        "COMPLETE",
+    }
 
 
 def _kill_after_checkpoint(args: list[str], env: dict, checkpoint: Path) -> int:
-    proc = subprocess.Popen([sys.executable, "-m", "ptmcli", *args], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ptmcli", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 300
     while not (checkpoint / "COMPLETE").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.002)
@@ -78,24 +100,36 @@ def test_resume_auto_continues_the_newest_run_with_this_config(cache_env, tmp_pa
     assert first.returncode == 0
     (earlier,) = list(runs.iterdir())
     time.sleep(1.1)  # a new timestamped directory
-    out = run_ptm(["pretrain", *TINY, "trainer.max_steps=10", "trainer.save_every=10", "resume=auto"], cache_env,
-                  cwd=tmp_path)
+    out = run_ptm(
+        ["pretrain", *TINY, "trainer.max_steps=10", "trainer.save_every=10", "resume=auto"], cache_env, cwd=tmp_path
+    )
     assert f"Resuming {earlier.relative_to(tmp_path)}" in out.stderr or f"Resuming {earlier}" in out.stderr
     assert list(runs.iterdir()) == [earlier]  # no stray empty directory
     # a different config has nothing to resume: a fresh run, and it says so
     time.sleep(1.1)
-    out = run_ptm(["pretrain", *TINY, "trainer.max_steps=5", "trainer.save_every=5", "resume=auto"], cache_env,
-                  cwd=tmp_path)
+    out = run_ptm(
+        ["pretrain", *TINY, "trainer.max_steps=5", "trainer.save_every=5", "resume=auto"], cache_env, cwd=tmp_path
+    )
     assert "starting fresh" in out.stderr and len(list(runs.iterdir())) == 2
 
 
 def test_sweep_makes_one_run_dir_per_job(cache_env, tmp_path):
-    run_ptm(["pretrain", *TINY, "trainer.max_steps=3", "optimizer.lr=1e-3,2e-3", "-m",
-             f"hydra.sweep.dir={tmp_path / 'sweep'}"], cache_env)
+    run_ptm(
+        [
+            "pretrain",
+            *TINY,
+            "trainer.max_steps=3",
+            "optimizer.lr=1e-3,2e-3",
+            "-m",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        ],
+        cache_env,
+    )
     jobs = sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir())
     assert jobs == ["0", "1"]
-    lrs = [json.loads((tmp_path / "sweep" / j / "config.yaml").read_text().split("lr: ")[1].split("\n")[0])
-           for j in jobs]
+    lrs = [
+        json.loads((tmp_path / "sweep" / j / "config.yaml").read_text().split("lr: ")[1].split("\n")[0]) for j in jobs
+    ]
     assert lrs == [1e-3, 2e-3]
     assert all((tmp_path / "sweep" / j / "metrics.jsonl").exists() for j in jobs)
 
@@ -112,19 +146,33 @@ def test_bad_input_gets_a_clear_error_and_loses_nothing(cache_env, tmp_path):
     run_ptm(["pretrain", *TINY, "trainer.max_steps=10", "trainer.save_every=10", f"hydra.run.dir={run}"], cache_env)
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and ".hydra" not in p.parts}
     at = f"hydra.run.dir={run}"
-    _fails(["pretrain", *TINY, "data=files", f"data.source={tmp_path / 'nope.txt'}", at, "resume=auto"], cache_env,
-           "does not exist")
+    _fails(
+        ["pretrain", *TINY, "data=files", f"data.source={tmp_path / 'nope.txt'}", at, "resume=auto"],
+        cache_env,
+        "does not exist",
+    )
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n  \n")
-    _fails(["pretrain", *TINY, "data=files", f"data.source={empty}", "hydra.run.dir=" + str(tmp_path / "r2")],
-           cache_env, "corpus is empty")
+    _fails(
+        ["pretrain", *TINY, "data=files", f"data.source={empty}", "hydra.run.dir=" + str(tmp_path / "r2")],
+        cache_env,
+        "corpus is empty",
+    )
     _fails(["pretrain", *TINY, "data.max_seq_len=128", at], cache_env, "model.max_positions")
-    _fails(["pretrain", *TINY, f"resume={tmp_path}", "hydra.run.dir=" + str(tmp_path / "r3")], cache_env,
-           "holds no complete checkpoint")
-    _fails(["pretrain", *TINY, "model.num_layers=3", "trainer.max_steps=20", "resume=" + str(run), at], cache_env,
-           "another architecture")
+    _fails(
+        ["pretrain", *TINY, f"resume={tmp_path}", "hydra.run.dir=" + str(tmp_path / "r3")],
+        cache_env,
+        "holds no complete checkpoint",
+    )
+    _fails(
+        ["pretrain", *TINY, "model.num_layers=3", "trainer.max_steps=20", "resume=" + str(run), at],
+        cache_env,
+        "another architecture",
+    )
     _fails(["pretrain", *TINY, "trainer.max_steps=20", at], cache_env, "already holds checkpoints")
-    _fails(["pretrain", *TINY, "data=files", "hydra.run.dir=" + str(tmp_path / "r4")], cache_env, "data.source is not set")
+    _fails(
+        ["pretrain", *TINY, "data=files", "hydra.run.dir=" + str(tmp_path / "r4")], cache_env, "data.source is not set"
+    )
     after = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and ".hydra" not in p.parts}
     assert after == before
 
@@ -133,14 +181,26 @@ def test_non_editable_install_runs_from_another_directory(cache_env, tmp_path):
     root = Path(__file__).resolve().parents[1]
     wheels, site, elsewhere = tmp_path / "wheels", tmp_path / "site", tmp_path / "elsewhere"
     elsewhere.mkdir()
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels),
-                    str(root)], check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels), str(root)],
+        check=True,
+        capture_output=True,
+    )
     (wheel,) = wheels.glob("ptmcli-*.whl")
-    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
+        check=True,
+        capture_output=True,
+    )
     env = dict(cache_env, PYTHONPATH=str(site))
-    where = subprocess.run([sys.executable, "-c", "import ptmcli; print(ptmcli.__file__)"], env=env, cwd=elsewhere,
-                           capture_output=True, text=True, check=True).stdout
+    where = subprocess.run(
+        [sys.executable, "-c", "import ptmcli; print(ptmcli.__file__)"],
+        env=env,
+        cwd=elsewhere,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert where.startswith(str(site))
     assert (site / "ptmcli" / "conf" / "model" / "bert-base.yaml").exists()
     assert (site / "ptmcli" / "recipes" / "bert-mini.yaml").exists()

@@ -4,6 +4,7 @@ Micro-batch k of the run is slice `rank` of global batch k, and global batch k i
 seeded per-epoch permutation. Resuming at micro-batch k therefore needs only k (no data replay), and
 N processes with batch B/N see exactly the examples that one process with batch B sees.
 """
+
 from __future__ import annotations
 
 from typing import Iterator, Protocol

@@ -4,6 +4,7 @@ Records are plain dicts of one of four shapes, by task kind:
   text-cls  {"id", "text", "label"}            pair-cls {"id", "text", "text_pair", "label"}
   token-cls {"id", "tokens", "tags"}           qa       {"id", "question", "context", "answers": {...}}
 """
+
 from __future__ import annotations
 
 import json
@@ -55,8 +56,10 @@ def read_table(path: Path, cfg: LabeledDataConfig, key: str, pair: bool) -> list
         wanted["data.filter_column"] = cfg.filter_column
     for name, column in wanted.items():
         if column not in ds.column_names:
-            raise PtmError(f"{name}='{column}' is not a column of {key}='{path}'; its columns are "
-                           f"{', '.join(ds.column_names)}. Set {name} to the right one.")
+            raise PtmError(
+                f"{name}='{column}' is not a column of {key}='{path}'; its columns are "
+                f"{', '.join(ds.column_names)}. Set {name} to the right one."
+            )
     drop = set(cfg.filter_values)
     records = []
     for i, row in enumerate(ds):
@@ -74,8 +77,10 @@ def read_table(path: Path, cfg: LabeledDataConfig, key: str, pair: bool) -> list
 
 def read_folders(path: Path) -> list[dict]:
     """One sub-folder per label, one .txt document per file."""
-    records = [{"id": f"{f.parent.name}/{f.name}", "text": read_text_file(f).strip(), "label": f.parent.name}
-               for f in sorted(path.glob("*/*.txt"))]
+    records = [
+        {"id": f"{f.parent.name}/{f.name}", "text": read_text_file(f).strip(), "label": f.parent.name}
+        for f in sorted(path.glob("*/*.txt"))
+    ]
     if not records:
         raise PtmError(f"'{path}' has no LABEL/*.txt files; the folders loader wants one sub-folder per label.")
     return [r for r in records if r["text"]]
@@ -106,9 +111,18 @@ def read_squad(path: Path) -> list[dict]:
     except (ValueError, KeyError) as err:
         raise PtmError(f"'{path}' is not SQuAD-format JSON (a top-level 'data' list of paragraphs): {err}") from err
     return [
-        {"id": qa["id"], "question": qa["question"], "context": paragraph["context"],
-         "answers": {"text": [a["text"] for a in qa["answers"]], "answer_start": [a["answer_start"] for a in qa["answers"]]}}
-        for article in data for paragraph in article["paragraphs"] for qa in paragraph["qas"]
+        {
+            "id": qa["id"],
+            "question": qa["question"],
+            "context": paragraph["context"],
+            "answers": {
+                "text": [a["text"] for a in qa["answers"]],
+                "answer_start": [a["answer_start"] for a in qa["answers"]],
+            },
+        }
+        for article in data
+        for paragraph in article["paragraphs"]
+        for qa in paragraph["qas"]
     ]
 
 
@@ -126,8 +140,11 @@ def bbc_pairs(articles: list[dict], seed: int) -> list[dict]:
     return pairs
 
 
-_QUESTIONS = {"ORG": "Which organization is mentioned?", "PER": "Which person is mentioned?",
-              "LOC": "Which location is mentioned?"}
+_QUESTIONS = {
+    "ORG": "Which organization is mentioned?",
+    "PER": "Which person is mentioned?",
+    "LOC": "Which location is mentioned?",
+}
 
 
 def entity_spans(tags: list[str]) -> list[tuple[str, int, int]]:
@@ -155,8 +172,14 @@ def conll_qa(sentences: list[dict]) -> list[dict]:
             if kind in _QUESTIONS and kind not in seen:
                 seen.add(kind)
                 text = " ".join(s["tokens"][first : last + 1])
-                out.append({"id": f"{s['id']}:{kind}", "question": _QUESTIONS[kind], "context": context,
-                            "answers": {"text": [text], "answer_start": [int(starts[first])]}})
+                out.append(
+                    {
+                        "id": f"{s['id']}:{kind}",
+                        "question": _QUESTIONS[kind],
+                        "context": context,
+                        "answers": {"text": [text], "answer_start": [int(starts[first])]},
+                    }
+                )
     return out
 
 
@@ -212,13 +235,16 @@ def load_splits(cfg: LabeledDataConfig, kind: str) -> dict[str, list[dict]]:
         splits["train"] = [splits["train"][i] for i in sorted(keep)]  # a seeded sample, not the first rows
     for name in SPLITS:
         if not splits.get(name):
-            raise PtmError(f"The {name} split of data '{cfg.name}' is empty (from {given[name] or 'data.train'}). "
-                           f"Check the file, or the held-out fractions data.validation_fraction / data.test_fraction.")
+            raise PtmError(
+                f"The {name} split of data '{cfg.name}' is empty (from {given[name] or 'data.train'}). "
+                f"Check the file, or the held-out fractions data.validation_fraction / data.test_fraction."
+            )
     return splits
 
 
 def label_names(splits: dict[str, list[dict]], kind: str, given: list[str] | None, data_name: str) -> list[str]:
     """The label vocabulary (given, or sorted from train), after checking every split uses only those labels."""
+
     def labels_of(records):
         if kind == "token-cls":
             return {t for r in records for t in r["tags"]}
@@ -230,6 +256,8 @@ def label_names(splits: dict[str, list[dict]], kind: str, given: list[str] | Non
     for split, records in splits.items():
         unknown = labels_of(records) - set(names)
         if unknown:
-            raise PtmError(f"The {split} split of data '{data_name}' has label(s) {sorted(unknown)} that are not among "
-                           f"the known labels {names}. Fix the data, or list every label in task.labels.")
+            raise PtmError(
+                f"The {split} split of data '{data_name}' has label(s) {sorted(unknown)} that are not among "
+                f"the known labels {names}. Fix the data, or list every label in task.labels."
+            )
     return names

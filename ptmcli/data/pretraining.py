@@ -5,6 +5,7 @@ random (NSP pairing, masking) is drawn when an example is served, from a generat
 (seed, epoch, example index): the same example gets the same masks however many processes train,
 and a new set of masks every epoch (dynamic masking).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -22,8 +23,11 @@ from ptmcli.schema import ObjectiveConfig
 _LINE_BREAK = re.compile(r"\s*\n\s*")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'“‘(\[]?[A-Z0-9])|(?<=[。！？])")
 _FEATURES = datasets.Features(
-    {"ids": datasets.Sequence(datasets.Value("int32")), "sent_lens": datasets.Sequence(datasets.Value("int32")),
-     "doc": datasets.Value("int64")}
+    {
+        "ids": datasets.Sequence(datasets.Value("int32")),
+        "sent_lens": datasets.Sequence(datasets.Value("int32")),
+        "doc": datasets.Value("int64"),
+    }
 )
 
 
@@ -79,15 +83,27 @@ def _pack_stream(batch: dict, indices: list[int], max_tokens: int, sep_id: int) 
         owner.extend([doc] * len(ids))
     blocks = [stream[i : i + max_tokens] for i in range(0, len(stream), max_tokens)]
     blocks = [b for b in blocks if b != [sep_id]]
-    return {"ids": blocks, "sent_lens": [[len(b)] for b in blocks], "doc": [owner[i] for i in range(0, len(stream), max_tokens)][: len(blocks)]}
+    return {
+        "ids": blocks,
+        "sent_lens": [[len(b)] for b in blocks],
+        "doc": [owner[i] for i in range(0, len(stream), max_tokens)][: len(blocks)],
+    }
 
 
-def build_chunks(docs: datasets.Dataset, tokenizer: Tokenizer, max_seq_len: int, nsp: bool, num_proc: int | None) -> datasets.Dataset:
+def build_chunks(
+    docs: datasets.Dataset, tokenizer: Tokenizer, max_seq_len: int, nsp: bool, num_proc: int | None
+) -> datasets.Dataset:
     """Tokenize and pack `docs` (cached by datasets under fingerprints of input, tokenizer and settings)."""
     tok_fp = hashlib.sha1(f"{docs._fingerprint}:{tokenizer_digest(tokenizer)}:v1".encode()).hexdigest()[:16]
     tokenized = docs.map(
-        _tokenize, batched=True, batch_size=256, fn_kwargs={"tokenizer": tokenizer}, remove_columns=docs.column_names,
-        new_fingerprint=tok_fp, num_proc=num_proc, desc="tokenizing",
+        _tokenize,
+        batched=True,
+        batch_size=256,
+        fn_kwargs={"tokenizer": tokenizer},
+        remove_columns=docs.column_names,
+        new_fingerprint=tok_fp,
+        num_proc=num_proc,
+        desc="tokenizing",
     )
     mode = "nsp" if nsp else "stream"
     chunk_fp = hashlib.sha1(f"{tok_fp}:{mode}:{max_seq_len}:v1".encode()).hexdigest()[:16]
@@ -96,13 +112,25 @@ def build_chunks(docs: datasets.Dataset, tokenizer: Tokenizer, max_seq_len: int,
     else:
         fn, kwargs = _pack_stream, {"max_tokens": max_seq_len - 2, "sep_id": SpecialIds.of(tokenizer).sep}
     return tokenized.map(
-        fn, batched=True, batch_size=1000, with_indices=True, fn_kwargs=kwargs, remove_columns=tokenized.column_names,
-        features=_FEATURES, new_fingerprint=chunk_fp, desc="packing",
+        fn,
+        batched=True,
+        batch_size=1000,
+        with_indices=True,
+        fn_kwargs=kwargs,
+        remove_columns=tokenized.column_names,
+        features=_FEATURES,
+        new_fingerprint=chunk_fp,
+        desc="packing",
     )
 
 
 def mask_tokens(
-    ids: np.ndarray, rng: np.random.Generator, cfg: ObjectiveConfig, special: np.ndarray, mask_id: int, random_pool: np.ndarray
+    ids: np.ndarray,
+    rng: np.random.Generator,
+    cfg: ObjectiveConfig,
+    special: np.ndarray,
+    mask_id: int,
+    random_pool: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray]:
     """BERT masking of one sequence: choose round(mask_prob * candidates) non-special positions; of those
     80 % -> [MASK], 10 % -> a random non-special token, 10 % unchanged. Returns (inputs, labels with -100)."""
@@ -169,14 +197,14 @@ class PretrainingExamples:
             types = [0] * (len(a) + 2) + [1] * (len(b) + 1)
         else:
             tokens, types, label = [self.ids.cls, *row["ids"], self.ids.sep], [0] * (len(row["ids"]) + 2), -100
-        inputs, labels = mask_tokens(np.array(tokens), rng, self.objective, self.special, self.ids.mask, self.random_pool)
+        inputs, labels = mask_tokens(
+            np.array(tokens), rng, self.objective, self.special, self.ids.mask, self.random_pool
+        )
         return {"input_ids": inputs, "token_type_ids": np.array(types), "labels": labels, "nsp_label": label}
 
     def batch(self, indices: list[int], epoch: int) -> dict:
         rows = self.chunks[list(indices)]
-        examples = [
-            self.example({k: rows[k][i] for k in rows}, int(index), epoch) for i, index in enumerate(indices)
-        ]
+        examples = [self.example({k: rows[k][i] for k in rows}, int(index), epoch) for i, index in enumerate(indices)]
         return collate(examples, self.ids.pad, self.nsp)
 
 
@@ -197,9 +225,13 @@ def collate(examples: list[dict], pad_id: int, nsp: bool) -> dict:
         attention_mask[i, :n] = 1
     positions = labels != -100
     batch = {
-        "input_ids": input_ids, "token_type_ids": token_type_ids, "attention_mask": attention_mask,
-        "mlm_positions": positions, "mlm_targets": labels[positions],
-        "counts": {"mlm": int(positions.sum())}, "num_tokens": int(attention_mask.sum()),
+        "input_ids": input_ids,
+        "token_type_ids": token_type_ids,
+        "attention_mask": attention_mask,
+        "mlm_positions": positions,
+        "mlm_targets": labels[positions],
+        "counts": {"mlm": int(positions.sum())},
+        "num_tokens": int(attention_mask.sum()),
     }
     if nsp:
         batch["nsp_labels"] = torch.tensor([e["nsp_label"] for e in examples], dtype=torch.long)

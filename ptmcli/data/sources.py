@@ -4,6 +4,7 @@ Accepted sources: a local file or directory (text, csv/tsv, json/jsonl, parquet,
 `pkg://package/relative/path` for files shipped inside an installed Python package, and
 `hf:name[/config]` for a dataset hub name (online use only).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -17,8 +18,15 @@ import datasets
 from ptmcli.errors import PtmError
 from ptmcli.schema import DataConfig
 
-FORMATS = {".txt": "text", ".text": "text", ".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json",
-           ".parquet": "parquet"}
+FORMATS = {
+    ".txt": "text",
+    ".text": "text",
+    ".csv": "csv",
+    ".tsv": "csv",
+    ".json": "json",
+    ".jsonl": "json",
+    ".parquet": "parquet",
+}
 
 
 def cache_root() -> Path:
@@ -63,8 +71,13 @@ def data_files(path: Path, fmt: str) -> tuple[str, list[str]]:
     if path.is_file():
         files = [path]
     else:
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in FORMATS
-                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        files = sorted(
+            p
+            for p in path.rglob("*")
+            if p.is_file()
+            and p.suffix.lower() in FORMATS
+            and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        )
         if not files:
             raise PtmError(f"data.source directory '{path}' holds no {', '.join(sorted(FORMATS))} files.")
     builders = {FORMATS.get(p.suffix.lower()) for p in files} if fmt == "auto" else {fmt}

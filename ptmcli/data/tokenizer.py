@@ -1,4 +1,5 @@
 """BERT WordPiece tokenizers: load a given tokenizer.json / vocab.txt, or train one with `tokenizers`."""
+
 from __future__ import annotations
 
 import hashlib
@@ -29,7 +30,9 @@ class SpecialIds:
         ids = {t: tokenizer.token_to_id(t) for t in SPECIAL_TOKENS}
         missing = [t for t, i in ids.items() if i is None]
         if missing:
-            raise PtmError(f"The tokenizer has no {', '.join(missing)} token; a BERT tokenizer needs all of {SPECIAL_TOKENS}.")
+            raise PtmError(
+                f"The tokenizer has no {', '.join(missing)} token; a BERT tokenizer needs all of {SPECIAL_TOKENS}."
+            )
         return cls(*(ids[t] for t in SPECIAL_TOKENS))
 
 
@@ -46,7 +49,9 @@ def _bert_pipeline(tokenizer: Tokenizer, lowercase: bool) -> Tokenizer:
 def _add_post_processor(tokenizer: Tokenizer) -> Tokenizer:
     cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
     tokenizer.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
     )
     return tokenizer
 
@@ -57,7 +62,9 @@ def load_tokenizer(spec: str, lowercase: bool = True) -> Tokenizer:
     if path.is_dir():
         path = next((path / n for n in ("tokenizer.json", "vocab.txt") if (path / n).exists()), path / "tokenizer.json")
     if not path.exists():
-        raise PtmError(f"data.tokenizer='{spec}' does not exist; give a tokenizer.json, a vocab.txt or a directory with one.")
+        raise PtmError(
+            f"data.tokenizer='{spec}' does not exist; give a tokenizer.json, a vocab.txt or a directory with one."
+        )
     try:
         if path.suffix == ".json":
             tok = Tokenizer.from_file(str(path))

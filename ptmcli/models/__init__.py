@@ -1,4 +1,5 @@
 """Model families, picked by the short name in `model.family`."""
+
 from ptmcli.models import bert
 
 # family -> builder(arch, vocab_size, nsp) of the pretraining model

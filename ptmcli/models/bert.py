@@ -3,6 +3,7 @@
 `Bert` is the encoder every downstream head sits on; `BertForPretraining` adds the masked-LM head
 (tied to the word embeddings) and, optionally, the next-sentence head. Losses live with the objectives.
 """
+
 from __future__ import annotations
 
 import torch
@@ -149,18 +150,27 @@ def arch_from_hf(config: dict) -> BertArch:
     if config.get("hidden_act", "gelu") != "gelu" or config.get("position_embedding_type", "absolute") != "absolute":
         raise ValueError("only BERT with gelu activations and absolute positions maps onto ptm's BERT")
     return BertArch(
-        hidden_size=config["hidden_size"], num_layers=config["num_hidden_layers"], num_heads=config["num_attention_heads"],
-        intermediate_size=config["intermediate_size"], max_positions=config["max_position_embeddings"],
-        type_vocab_size=config.get("type_vocab_size", 2), dropout=config.get("hidden_dropout_prob", 0.1),
+        hidden_size=config["hidden_size"],
+        num_layers=config["num_hidden_layers"],
+        num_heads=config["num_attention_heads"],
+        intermediate_size=config["intermediate_size"],
+        max_positions=config["max_position_embeddings"],
+        type_vocab_size=config.get("type_vocab_size", 2),
+        dropout=config.get("hidden_dropout_prob", 0.1),
         attention_dropout=config.get("attention_probs_dropout_prob", 0.1),
-        layer_norm_eps=config.get("layer_norm_eps", 1e-12), init_std=config.get("initializer_range", 0.02),
+        layer_norm_eps=config.get("layer_norm_eps", 1e-12),
+        init_std=config.get("initializer_range", 0.02),
     )
 
 
 def encoder_state_from_hf(state: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
     """A Hugging Face BertModel / BertFor* state dict -> the state dict of our `Bert` encoder."""
-    state = {k.removeprefix("bert.").replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta",
-             "LayerNorm.bias"): v for k, v in state.items()}
+    state = {
+        k.removeprefix("bert.")
+        .replace("LayerNorm.gamma", "LayerNorm.weight")
+        .replace("LayerNorm.beta", "LayerNorm.bias"): v
+        for k, v in state.items()
+    }
     out = {}
     for theirs, ours in HF_KEY_MAP.items():
         for i in range(num_layers) if "{i}" in theirs else [None]:

@@ -1,4 +1,5 @@
 """Task heads on any encoder that maps (input_ids, token_type_ids, attention_mask) -> (B, T, C) hidden states."""
+
 from __future__ import annotations
 
 import torch
@@ -11,8 +12,15 @@ class TaskModel(nn.Module):
     With `frozen=True` the encoder runs in eval mode under no_grad: feature extraction, head-only training.
     """
 
-    def __init__(self, encoder: nn.Module, head: str, num_outputs: int, dropout: float, frozen: bool = False,
-                 pooling: str = "pooler"):
+    def __init__(
+        self,
+        encoder: nn.Module,
+        head: str,
+        num_outputs: int,
+        dropout: float,
+        frozen: bool = False,
+        pooling: str = "pooler",
+    ):
         super().__init__()
         self.encoder, self.head_kind, self.frozen, self.pooling = encoder, head, frozen, pooling
         hidden = encoder.arch.hidden_size
@@ -36,8 +44,11 @@ class TaskModel(nn.Module):
             if self.head_kind != "sequence":
                 return hidden
             if self.pooling == "mean":
-                weights = attention_mask.unsqueeze(-1).to(hidden.dtype) if attention_mask is not None \
+                weights = (
+                    attention_mask.unsqueeze(-1).to(hidden.dtype)
+                    if attention_mask is not None
                     else torch.ones_like(hidden[..., :1])
+                )
                 return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
             if self.pooling == "pooler" and getattr(self.encoder, "pooler", None) is not None:
                 return self.encoder.pool(hidden)

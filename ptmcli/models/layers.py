@@ -1,4 +1,5 @@
 """Pieces shared by the model families: attention on `scaled_dot_product_attention`, feed-forward."""
+
 from __future__ import annotations
 
 import torch
@@ -35,7 +36,9 @@ class SelfAttention(nn.Module):
         """x: (B, T, C); mask: (B, 1, 1|T, T) boolean, True = may attend. Returns (B, T, C)."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.num_heads, C // self.num_heads).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        q, k, v = (
+            t.view(B, T, self.num_heads, C // self.num_heads).transpose(1, 2) for t in (q, k, v)
+        )  # (B, nh, T, hs)
         if self.prefix is not None:
             pk, pv = self.prefix(B)  # (B, nh, P, hs) each
             k, v = torch.cat([pk, k], 2), torch.cat([pv, v], 2)
@@ -47,7 +50,9 @@ class SelfAttention(nn.Module):
         return self.out(y.transpose(1, 2).reshape(B, T, C))
 
 
-def prefix_mask(mask: torch.Tensor | None, B: int, T: int, P: int, causal: bool, device: torch.device) -> torch.Tensor | None:
+def prefix_mask(
+    mask: torch.Tensor | None, B: int, T: int, P: int, causal: bool, device: torch.device
+) -> torch.Tensor | None:
     """Extend a (B, 1, 1|T, T) mask with P always-visible prefix keys: (B, 1, 1|T, P+T)."""
     if mask is None and not causal:
         return None

@@ -4,6 +4,7 @@ An objective returns sums, not means: the loop divides by the number of targets 
 (all micro-batches, all processes), so gradient accumulation and data parallelism give the same
 update as one big batch.
 """
+
 from ptmcli.objectives.mlm import MaskedLM
 
 OBJECTIVES = {"mlm": lambda cfg: MaskedLM(nsp=False), "mlm-nsp": lambda cfg: MaskedLM(nsp=True)}

@@ -1,4 +1,5 @@
 """Masked language modelling, optionally with next-sentence prediction (BERT)."""
+
 from __future__ import annotations
 
 import math
@@ -29,8 +30,11 @@ class MaskedLM:
     def metrics(self, sums: dict[str, float], counts: dict[str, float], stats: dict[str, float]) -> dict[str, float]:
         """Validation metrics from totals over the whole validation pass."""
         mlm_loss = sums["mlm"] / counts["mlm"]
-        out = {"mlm_loss": mlm_loss, "mlm_accuracy": stats["mlm_correct"] / counts["mlm"],
-               "perplexity": math.exp(min(mlm_loss, 50.0))}
+        out = {
+            "mlm_loss": mlm_loss,
+            "mlm_accuracy": stats["mlm_correct"] / counts["mlm"],
+            "perplexity": math.exp(min(mlm_loss, 50.0)),
+        }
         if self.nsp:
             out["nsp_loss"] = sums["nsp"] / counts["nsp"]
             out["nsp_accuracy"] = stats["nsp_correct"] / counts["nsp"]

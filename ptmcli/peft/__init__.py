@@ -5,6 +5,7 @@ layers named in `transfer.targets` (query/key/value are slices of the fused `qkv
 attention output and feed-forward output projection, prefix tuning hands every attention layer its prefix.
 The returned `Method` is what the loop may call: `regularizer()`, `after_update(step)`, `state()`.
 """
+
 from __future__ import annotations
 
 import torch
@@ -31,7 +32,9 @@ def linear_targets(encoder: nn.Module, targets: list[str]) -> dict[str, tuple[nn
     for name, module in encoder.named_modules():
         prefix = f"{name}." if name else ""
         if isinstance(module, SelfAttention):
-            slices = sorted({QKV_SLICES[t] for t in targets if t in QKV_SLICES} | ({0, 1, 2} if "qkv" in targets else set()))
+            slices = sorted(
+                {QKV_SLICES[t] for t in targets if t in QKV_SLICES} | ({0, 1, 2} if "qkv" in targets else set())
+            )
             if slices:
                 found[prefix + "qkv"] = (module, "qkv", slices, 3)
             if "out" in targets:
@@ -101,7 +104,7 @@ def apply(model: nn.Module, cfg, total_steps: int) -> Method:
         if svd:
             method.allocator = RankAllocator(method.low_rank, cfg, total_steps)
     elif cfg.mode == "adapter":
-        for name, module in list(encoder.named_modules()):
+        for module in list(encoder.modules()):
             if isinstance(module, SelfAttention):
                 module.out = Adapted(module.out, cfg.bottleneck)
             elif isinstance(module, FeedForward):
@@ -112,8 +115,9 @@ def apply(model: nn.Module, cfg, total_steps: int) -> Method:
     elif cfg.mode == "prefix":
         layers = [m for m in encoder.modules() if isinstance(m, SelfAttention)]
         arch = encoder.arch
-        method.prefix = PrefixEncoder(len(layers), arch.num_heads, arch.hidden_size, cfg.num_virtual_tokens,
-                                      cfg.projection_hidden, cfg.dropout)
+        method.prefix = PrefixEncoder(
+            len(layers), arch.num_heads, arch.hidden_size, cfg.num_virtual_tokens, cfg.projection_hidden, cfg.dropout
+        )
         model.prefix_encoder = method.prefix
         for i, attention in enumerate(layers):
             attention.prefix = LayerPrefix(method.prefix, i)

@@ -6,6 +6,7 @@ triplet i is s(E_i) + mean_j s(A_ij) + mean_j s(B_ji). The total budget (ranks k
 init_r per update for the first tinit of training, falls cubically to target_r per update until the last
 tfinal, and the lowest-scoring triplets beyond it are switched off (E_i = 0) every delta_t steps.
 """
+
 from __future__ import annotations
 
 import torch
@@ -66,6 +67,7 @@ class RankAllocator:
 
     def ranks(self) -> dict[str, int]:
         """Ranks kept per update, named like 'layers.0.attention.query'."""
+
         def label(name: str, k: int) -> str:
             part = self.modules[name].slice_ids[k]
             return name.removesuffix("qkv") + ("query", "key", "value")[part] if name.endswith("qkv") else name

@@ -1,5 +1,6 @@
 """Houlsby adapters (Houlsby et al. 2019): a bottleneck MLP with a residual connection after the attention
 output projection and after the feed-forward output, before each sub-layer's own residual and LayerNorm."""
+
 from __future__ import annotations
 
 import torch

@@ -5,6 +5,7 @@ LoRA: A ~ Kaiming, B = 0 (no effect at start), scale = alpha / r.
 AdaLoRA: the update is in SVD form P diag(E) Q (PEFT's names: B, E, A), E = 0 at start, and the entries of E
 are switched off by importance to meet a shrinking rank budget; scale = alpha / r.
 """
+
 from __future__ import annotations
 
 import math
@@ -17,8 +18,16 @@ from torch import nn
 class LowRankLinear(nn.Module):
     """`base` plus low-rank updates on some of its `num_slices` equal output slices."""
 
-    def __init__(self, base: nn.Linear, slices: list[int], num_slices: int, r: int, alpha: float, dropout: float,
-                 svd: bool = False):
+    def __init__(
+        self,
+        base: nn.Linear,
+        slices: list[int],
+        num_slices: int,
+        r: int,
+        alpha: float,
+        dropout: float,
+        svd: bool = False,
+    ):
         super().__init__()
         self.base, self.r, self.svd, self.merged = base, r, svd, False
         width = base.out_features // num_slices
@@ -80,5 +89,6 @@ class LowRankLinear(nn.Module):
     def orthogonality(self) -> torch.Tensor:
         """AdaLoRA's regulariser: ||A A^T - I||^2 + ||B^T B - I||^2 over the slices."""
         eye = torch.eye(self.r, device=self.base.weight.device)
-        return sum(((a @ a.T - eye) ** 2).sum() + ((b.T @ b - eye) ** 2).sum()
-                   for a, b in zip(self.lora_A, self.lora_B))
+        return sum(
+            ((a @ a.T - eye) ** 2).sum() + ((b.T @ b - eye) ** 2).sum() for a, b in zip(self.lora_A, self.lora_B)
+        )

@@ -4,6 +4,7 @@ During training the prefixes come from a reparametrisation, an embedding of P to
 (tanh), which trains more stably than the raw states; `freeze()` replaces it by the plain tensors it
 produces, which is all inference and export need.
 """
+
 from __future__ import annotations
 
 import torch
@@ -11,13 +12,17 @@ from torch import nn
 
 
 class PrefixEncoder(nn.Module):
-    def __init__(self, num_layers: int, num_heads: int, hidden_size: int, num_tokens: int, projection_hidden: int,
-                 dropout: float):
+    def __init__(
+        self, num_layers: int, num_heads: int, hidden_size: int, num_tokens: int, projection_hidden: int, dropout: float
+    ):
         super().__init__()
         self.shape = (num_tokens, num_layers, 2, num_heads, hidden_size // num_heads)
         self.embedding = nn.Embedding(num_tokens, hidden_size)
-        self.mlp = nn.Sequential(nn.Linear(hidden_size, projection_hidden), nn.Tanh(),
-                                 nn.Linear(projection_hidden, num_layers * 2 * hidden_size))
+        self.mlp = nn.Sequential(
+            nn.Linear(hidden_size, projection_hidden),
+            nn.Tanh(),
+            nn.Linear(projection_hidden, num_layers * 2 * hidden_size),
+        )
         self.dropout = nn.Dropout(dropout)
         self.register_buffer("frozen_states", None)
 

@@ -1,4 +1,5 @@
 """Text and text-pair classification: [CLS] a [SEP] (b [SEP]) -> one label."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -20,8 +21,9 @@ def confusion_metrics(matrix: np.ndarray, labels: list[str]) -> dict[str, float]
     f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros_like(tp), where=precision + recall > 0)
     out = {"accuracy": float(tp.sum() / max(matrix.sum(), 1)), "macro_f1": float(f1.mean())}
     for i, name in enumerate(labels):
-        out.update({f"precision_{name}": float(precision[i]), f"recall_{name}": float(recall[i]),
-                    f"f1_{name}": float(f1[i])})
+        out.update(
+            {f"precision_{name}": float(precision[i]), f"recall_{name}": float(recall[i]), f"f1_{name}": float(f1[i])}
+        )
     return out
 
 
@@ -38,9 +40,15 @@ class Classification:
     def encode(self, records: list[dict]) -> list[dict]:
         inputs = [(r["text"], r["text_pair"]) if self.pair else r["text"] for r in records]
         index = {name: i for i, name in enumerate(self.labels)}
-        return [{"input_ids": np.array(e.ids), "type_ids": np.array(e.type_ids), "label": index.get(r.get("label"), -1),
-                 "input": {k: r[k] for k in ("id", "text", "text_pair") if k in r}}
-                for r, e in zip(records, self.tokenizer.encode_batch(inputs))]
+        return [
+            {
+                "input_ids": np.array(e.ids),
+                "type_ids": np.array(e.type_ids),
+                "label": index.get(r.get("label"), -1),
+                "input": {k: r[k] for k in ("id", "text", "text_pair") if k in r},
+            }
+            for r, e in zip(records, self.tokenizer.encode_batch(inputs))
+        ]
 
     def examples(self, records: list[dict]) -> EncodedExamples:
         return EncodedExamples(self.encode(records), self.collate)
@@ -67,12 +75,20 @@ class Classification:
     def metrics(self, sums: dict, counts: dict, stats: dict) -> dict[str, float]:
         n = len(self.labels)
         matrix = np.array([stats[f"cm_{i}_{j}"] for i in range(n) for j in range(n)], dtype=np.int64).reshape(n, n)
-        return {"loss": sums["cls"] / counts["cls"], **confusion_metrics(matrix, self.labels),
-                "confusion_matrix": matrix.tolist()}
+        return {
+            "loss": sums["cls"] / counts["cls"],
+            **confusion_metrics(matrix, self.labels),
+            "confusion_matrix": matrix.tolist(),
+        }
 
     @torch.no_grad()
     def predict(self, model: nn.Module, batch: dict) -> list[dict]:
         probs = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"]).float().softmax(-1)
-        return [{**source, "label": self.labels[int(p.argmax())],
-                 "scores": {n: round(float(v), 6) for n, v in zip(self.labels, p)}}
-                for source, p in zip(batch["inputs"], probs)]
+        return [
+            {
+                **source,
+                "label": self.labels[int(p.argmax())],
+                "scores": {n: round(float(v), 6) for n, v in zip(self.labels, p)},
+            }
+            for source, p in zip(batch["inputs"], probs)
+        ]

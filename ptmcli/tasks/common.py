@@ -1,4 +1,5 @@
 """What every fine-tuning task shares: encoded features served as padded batches."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -26,8 +27,11 @@ def pad(rows: list[np.ndarray], value: int) -> torch.Tensor:
 
 def encoder_inputs(features: list[dict], pad_id: int) -> dict:
     ids = pad([f["input_ids"] for f in features], pad_id)
-    return {"input_ids": ids, "token_type_ids": pad([f["type_ids"] for f in features], 0),
-            "attention_mask": pad([np.ones(len(f["input_ids"])) for f in features], 0)}
+    return {
+        "input_ids": ids,
+        "token_type_ids": pad([f["type_ids"] for f in features], 0),
+        "attention_mask": pad([np.ones(len(f["input_ids"])) for f in features], 0),
+    }
 
 
 @dataclass

@@ -1,4 +1,5 @@
 """Extractive QA: start/end of the answer span in the context; long contexts in overlapping windows."""
+
 from __future__ import annotations
 
 import collections
@@ -76,12 +77,27 @@ class ExtractiveQA:
                 offsets = np.array(e.offsets)
                 start = end = 0  # [CLS] when the answer is not inside this window
                 inside = np.flatnonzero(context & (offsets[:, 0] >= char_start) & (offsets[:, 1] <= char_end))
-                if char_start >= 0 and len(inside) and offsets[inside[0], 0] == char_start \
-                        and offsets[inside[-1], 1] == char_end:
+                if (
+                    char_start >= 0
+                    and len(inside)
+                    and offsets[inside[0], 0] == char_start
+                    and offsets[inside[-1], 1] == char_end
+                ):
                     start, end = int(inside[0]), int(inside[-1])
-                features.append({"input_ids": np.array(e.ids), "type_ids": np.array(e.type_ids), "start": start,
-                                 "end": end, "context_mask": context, "offsets": offsets, "text": r["context"],
-                                 "answers": answers["text"], "example": len(groups), "id": r["id"]})
+                features.append(
+                    {
+                        "input_ids": np.array(e.ids),
+                        "type_ids": np.array(e.type_ids),
+                        "start": start,
+                        "end": end,
+                        "context_mask": context,
+                        "offsets": offsets,
+                        "text": r["context"],
+                        "answers": answers["text"],
+                        "example": len(groups),
+                        "id": r["id"],
+                    }
+                )
             groups.append((begin, len(features)))
         return features, groups
 
@@ -111,15 +127,20 @@ class ExtractiveQA:
 
     def __call__(self, model: nn.Module, batch: dict) -> tuple[dict, dict]:
         logits = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])  # (B, T, 2)
-        loss = (F.cross_entropy(logits[..., 0].float(), batch["start"], reduction="sum")
-                + F.cross_entropy(logits[..., 1].float(), batch["end"], reduction="sum")) / 2
+        loss = (
+            F.cross_entropy(logits[..., 0].float(), batch["start"], reduction="sum")
+            + F.cross_entropy(logits[..., 1].float(), batch["end"], reduction="sum")
+        ) / 2
         if model.training:
             return {"span": loss}, {}
         answers = self._answers(logits.detach(), batch["features"])
         exact = sum(exact_match(text, f["answers"]) for text, f in answers.values() if f["answers"])
         f1 = sum(token_f1(text, f["answers"]) for text, f in answers.values() if f["answers"])
-        return {"span": loss}, {"exact": torch.tensor(exact), "f1": torch.tensor(f1),
-                                "questions": torch.tensor(sum(1 for _, f in answers.values() if f["answers"]))}
+        return {"span": loss}, {
+            "exact": torch.tensor(exact),
+            "f1": torch.tensor(f1),
+            "questions": torch.tensor(sum(1 for _, f in answers.values() if f["answers"])),
+        }
 
     def metrics(self, sums: dict, counts: dict, stats: dict) -> dict[str, float]:
         n = max(stats["questions"], 1)

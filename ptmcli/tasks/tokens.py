@@ -1,4 +1,5 @@
 """Token classification (NER): a tag per word, predicted at the word's first sub-token; entity-level scoring."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -57,8 +58,16 @@ class TokenClassification:
             labels = np.full(len(e.ids), -100)
             kept = first >= 0
             labels[first[kept]] = [index.get(t, 0) for t, k in zip(r["tags"], kept) if k]
-            features.append({"input_ids": np.array(e.ids), "type_ids": np.array(e.type_ids), "labels": labels,
-                             "first": first, "tags": [index.get(t, 0) for t in r["tags"]], "words": r["tokens"]})
+            features.append(
+                {
+                    "input_ids": np.array(e.ids),
+                    "type_ids": np.array(e.type_ids),
+                    "labels": labels,
+                    "first": first,
+                    "tags": [index.get(t, 0) for t in r["tags"]],
+                    "words": r["tokens"],
+                }
+            )
         return features
 
     def examples(self, records: list[dict]) -> EncodedExamples:
@@ -78,8 +87,11 @@ class TokenClassification:
         logits = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"]).float()  # (B, T, L)
         labels = batch["labels"]
         weight = self.weights.to(logits.device) if self.weights is not None else None
-        sums = {"token": F.cross_entropy(logits.flatten(0, 1), labels.flatten(), weight=weight, ignore_index=-100,
-                                         reduction="sum")}
+        sums = {
+            "token": F.cross_entropy(
+                logits.flatten(0, 1), labels.flatten(), weight=weight, ignore_index=-100, reduction="sum"
+            )
+        }
         if model.training:
             return sums, {}
         predicted = logits.argmax(-1)
@@ -100,7 +112,9 @@ class TokenClassification:
         totals = [sum(stats[f"{c}_{t}"] for t in self.types) for c in ("tp", "fp", "fn")]
         out["precision"], out["recall"], out["f1"] = prf(*totals)
         for t in self.types:
-            out[f"precision_{t}"], out[f"recall_{t}"], out[f"f1_{t}"] = prf(*(stats[f"{c}_{t}"] for c in ("tp", "fp", "fn")))
+            out[f"precision_{t}"], out[f"recall_{t}"], out[f"f1_{t}"] = prf(
+                *(stats[f"{c}_{t}"] for c in ("tp", "fp", "fn"))
+            )
         return out
 
     @torch.no_grad()
@@ -109,7 +123,8 @@ class TokenClassification:
         out = []
         for row, first, words in zip(predicted, batch["first"], batch["words"]):
             tags = [self.labels[row[p]] if p >= 0 else "O" for p in first]
-            entities = [{"type": k, "text": " ".join(words[a : b + 1]), "start": a, "end": b}
-                        for k, a, b in entity_spans(tags)]
+            entities = [
+                {"type": k, "text": " ".join(words[a : b + 1]), "start": a, "end": b} for k, a, b in entity_spans(tags)
+            ]
             out.append({"tokens": words, "tags": tags, "entities": entities})
         return out

@@ -4,6 +4,7 @@ Same architecture (4 layers, hidden 256, 4 heads, intermediate 1024), same token
 sequences (128 tokens), batch 32, fp32 on CPU. Each side runs in its own process so that its peak
 RSS is its own; tokens/s is measured after a few warm-up steps. Not a test: run it, read it.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,10 +19,18 @@ from pathlib import Path
 STEPS, WARMUP, BATCH, SEQ = 40, 5, 32, 128
 ARCH = dict(hidden_size=256, num_layers=4, num_heads=4, intermediate_size=1024)
 OVERRIDES = [
-    "conf=bert-mini", "objective=mlm", "hardware=cpu", f"data.max_seq_len={SEQ}", f"trainer.batch_size={BATCH}",
-    f"trainer.max_steps={STEPS}", "optimizer.warmup_steps=2", f"trainer.log_every={WARMUP}", "trainer.eval_every=0",
+    "conf=bert-mini",
+    "objective=mlm",
+    "hardware=cpu",
+    f"data.max_seq_len={SEQ}",
+    f"trainer.batch_size={BATCH}",
+    f"trainer.max_steps={STEPS}",
+    "optimizer.warmup_steps=2",
+    f"trainer.log_every={WARMUP}",
+    "trainer.eval_every=0",
     "trainer.eval_batches=1",
-    "trainer.save_every=0", *(f"model.{k}={v}" for k, v in ARCH.items()),
+    "trainer.save_every=0",
+    *(f"model.{k}={v}" for k, v in ARCH.items()),
 ]
 
 
@@ -45,8 +54,15 @@ def run_ptm(workdir: Path) -> dict:
 
 def run_hf(workdir: Path) -> dict:
     import torch
-    from transformers import (BertConfig, BertForMaskedLM, DataCollatorForLanguageModeling, PreTrainedTokenizerFast,
-                              Trainer, TrainerCallback, TrainingArguments)
+    from transformers import (
+        BertConfig,
+        BertForMaskedLM,
+        DataCollatorForLanguageModeling,
+        PreTrainedTokenizerFast,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
 
     from ptmcli.data.pretraining import build_chunks
     from ptmcli.data.sources import load_documents, split_documents
@@ -59,11 +75,22 @@ def run_hf(workdir: Path) -> dict:
     chunks = build_chunks(train_docs, tok, SEQ, nsp=False, num_proc=None)
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     full = [{"input_ids": [cls, *ids, sep]} for ids in chunks["ids"] if len(ids) == SEQ - 2]
-    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
-                                     sep_token="[SEP]", mask_token="[MASK]")
-    config = BertConfig(vocab_size=tok.get_vocab_size(), hidden_size=ARCH["hidden_size"],
-                        num_hidden_layers=ARCH["num_layers"], num_attention_heads=ARCH["num_heads"],
-                        intermediate_size=ARCH["intermediate_size"], max_position_embeddings=512)
+    hf_tok = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+    )
+    config = BertConfig(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=ARCH["hidden_size"],
+        num_hidden_layers=ARCH["num_layers"],
+        num_attention_heads=ARCH["num_heads"],
+        intermediate_size=ARCH["intermediate_size"],
+        max_position_embeddings=512,
+    )
     torch.manual_seed(0)
     model = BertForMaskedLM(config)
 
@@ -75,11 +102,27 @@ def run_hf(workdir: Path) -> dict:
                 Clock.start = time.perf_counter()
             Clock.end = time.perf_counter()
 
-    args = TrainingArguments(output_dir=str(workdir / "hf-run"), per_device_train_batch_size=BATCH, max_steps=STEPS,
-                             learning_rate=5e-4, warmup_steps=2, weight_decay=0.01, logging_steps=STEPS,
-                             save_strategy="no", report_to=[], use_cpu=True, dataloader_num_workers=0, seed=0)
-    Trainer(model=model, args=args, train_dataset=full, callbacks=[Clock()],
-            data_collator=DataCollatorForLanguageModeling(hf_tok, mlm_probability=0.15)).train()
+    args = TrainingArguments(
+        output_dir=str(workdir / "hf-run"),
+        per_device_train_batch_size=BATCH,
+        max_steps=STEPS,
+        learning_rate=5e-4,
+        warmup_steps=2,
+        weight_decay=0.01,
+        logging_steps=STEPS,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        dataloader_num_workers=0,
+        seed=0,
+    )
+    Trainer(
+        model=model,
+        args=args,
+        train_dataset=full,
+        callbacks=[Clock()],
+        data_collator=DataCollatorForLanguageModeling(hf_tok, mlm_probability=0.15),
+    ).train()
     tokens = (STEPS - WARMUP) * BATCH * SEQ
     return {"tokens_per_s": tokens / (Clock.end - Clock.start), "peak_rss_mb": peak_rss_mb()}
 
@@ -92,19 +135,27 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory() as workdir:
         for side in ("ptm", "hf"):
-            proc = subprocess.run([sys.executable, __file__, side, workdir], capture_output=True, text=True,
-                                  env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+            proc = subprocess.run(
+                [sys.executable, __file__, side, workdir],
+                capture_output=True,
+                text=True,
+                env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
+            )
             lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
             if proc.returncode or not lines:
                 sys.exit(f"{side} benchmark failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
             results[side] = json.loads(lines[-1][7:])
     ptm, hf = results["ptm"], results["hf"]
-    print(f"BERT-mini MLM, seq {SEQ}, batch {BATCH}, {STEPS} steps ({WARMUP} warm-up), fp32 CPU, {os.cpu_count()} cores")
+    print(
+        f"BERT-mini MLM, seq {SEQ}, batch {BATCH}, {STEPS} steps ({WARMUP} warm-up), fp32 CPU, {os.cpu_count()} cores"
+    )
     print(f"{'':12}{'tokens/s':>12}{'peak RSS MB':>14}")
     for name, r in (("ptm", ptm), ("HF Trainer", hf)):
         print(f"{name:12}{r['tokens_per_s']:>12,.0f}{r['peak_rss_mb']:>14,.0f}")
-    print(f"ratio ptm/HF: {ptm['tokens_per_s'] / hf['tokens_per_s']:.2f}x tokens/s, "
-          f"{ptm['peak_rss_mb'] / hf['peak_rss_mb']:.2f}x peak RSS")
+    print(
+        f"ratio ptm/HF: {ptm['tokens_per_s'] / hf['tokens_per_s']:.2f}x tokens/s, "
+        f"{ptm['peak_rss_mb'] / hf['peak_rss_mb']:.2f}x peak RSS"
+    )
 
 
 if __name__ == "__main__":
