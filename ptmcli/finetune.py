@@ -12,7 +12,7 @@ from pathlib import Path
 import datasets
 import torch
 
-from ptmcli import checkpoint, hardware, rundir
+from ptmcli import checkpoint, hardware, peft, rundir
 from ptmcli.data.labeled import label_names, load_splits
 from ptmcli.data.tokenizer import load_tokenizer, train_tokenizer
 from ptmcli.distributed import init_from_env
@@ -21,7 +21,6 @@ from ptmcli.loop import Job, evaluate, train
 from ptmcli.models import ENCODERS
 from ptmcli.models.heads import HEADS, TaskModel
 from ptmcli.runlog import console, print_metrics
-from ptmcli import peft
 from ptmcli.schema import DataConfig, FinetuneConfig, check_finetune
 from ptmcli.tasks import TASKS
 from ptmcli.weights import Pretrained, load_pretrained
@@ -42,7 +41,7 @@ def scratch(cfg: FinetuneConfig, train_texts: list[str]) -> Pretrained:
 
 
 def build_model(
-    pretrained: Pretrained, kind: str, num_labels: int, dropout: float, transfer, strict: bool, pooling: str = "pooler"
+    pretrained: Pretrained, kind: str, num_labels: int, dropout: float, transfer, pooling: str = "pooler"
 ) -> TaskModel:
     """Encoder of the pretrained family with its weights, a fresh head, and the transfer mode's frozen parts."""
     vocab = pretrained.tokenizer.get_vocab_size()
@@ -50,7 +49,7 @@ def build_model(
     if pretrained.encoder_state:
         missing, unexpected = encoder.load_state_dict(pretrained.encoder_state, strict=False)
         missing = [k for k in missing if not k.startswith("pooler")]  # an MLM-only checkpoint has no pooler
-        if missing or unexpected or (strict and not pretrained.encoder_state):
+        if missing or unexpected:
             raise PtmError(
                 f"The weights of {pretrained.source} do not fit a {pretrained.family} encoder (missing "
                 f"{missing[:5]}, unexpected {list(unexpected)[:5]})."
@@ -106,6 +105,11 @@ def finetune(raw_cfg: dict, run_dir: Path, recipe: str) -> dict[str, float]:
     kind = cfg.task.kind
     splits = load_splits(cfg.data, kind)
     labels = label_names(splits, kind, cfg.task.labels, cfg.data.name)
+    if cfg.task.class_weights is not None and len(cfg.task.class_weights) != len(labels):
+        raise PtmError(
+            f"task.class_weights has {len(cfg.task.class_weights)} values but there are {len(labels)} labels "
+            f"{labels}; give one weight per label, in that order."
+        )
     if kind != "qa" and len(labels) < 2:
         raise PtmError(f"data '{cfg.data.name}' has {len(labels)} label(s) {labels}; classification needs at least 2.")
     pretrained = load_pretrained(cfg.init) if cfg.init else scratch(cfg, [r.get("text", "") for r in splits["train"]])
@@ -118,7 +122,6 @@ def finetune(raw_cfg: dict, run_dir: Path, recipe: str) -> dict[str, float]:
         len(labels),
         cfg.task.classifier_dropout,
         cfg.transfer,
-        strict=bool(cfg.init),
         pooling=cfg.task.pooling,
     )
     trainer = cfg.trainer

@@ -53,9 +53,7 @@ def load_run(run: Path, checkpoint_name: str | None = None, with_method: bool = 
                 f"The base weights at init='{cfg.init}' are not the ones run '{run}' was trained on "
                 f"(checksum differs); restore them to use this run."
             )
-        model = build_model(
-            pretrained, cfg.task.kind, len(labels), 0.0, cfg.transfer, strict=True, pooling=cfg.task.pooling
-        )
+        model = build_model(pretrained, cfg.task.kind, len(labels), 0.0, cfg.transfer, pooling=cfg.task.pooling)
         method = peft.apply(model, cfg.transfer, cfg.trainer.max_steps)
         checkpoint.load_weights(ckpt, model, peft.trainable_keys(model))
         if method.prefix is not None and not with_method:
@@ -64,9 +62,7 @@ def load_run(run: Path, checkpoint_name: str | None = None, with_method: bool = 
         schema = MODEL_SCHEMAS[spec["family"]]
         arch = schema(**{k: v for k, v in spec.items() if k in {f.name for f in dataclasses.fields(schema)}})
         pretrained = Pretrained(spec["family"], arch, {}, tokenizer, str(ckpt))
-        model = build_model(
-            pretrained, cfg.task.kind, len(labels), 0.0, FullTransfer(), strict=False, pooling=cfg.task.pooling
-        )
+        model = build_model(pretrained, cfg.task.kind, len(labels), 0.0, FullTransfer(), pooling=cfg.task.pooling)
         checkpoint.load_weights(ckpt, model)
     hw = hardware.resolve(cfg.hardware, Dist())
     model.to(hw.device).eval()
