@@ -199,7 +199,9 @@ class LoraTransfer:
     r: int = _f(8, "rank of the update")
     alpha: float = _f(16.0, "scale numerator: the update is multiplied by alpha / r")
     dropout: float = _f(0.1, "dropout on the LoRA input")
-    targets: list[str] = _f(["query", "value"], "linear layers to adapt: query, key, value, qkv, out, up, down")
+    targets: list[str] = _f(
+        ["qkv", "out", "up", "down"], "linear layers to adapt: query, key, value, qkv, out, up, down"
+    )
     bias: Literal["none", "all", "lora_only"] = _f("none", "which biases train too")
 
 
