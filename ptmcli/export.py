@@ -36,9 +36,8 @@ def peft_lora(model, method, cfg, family: str, total_steps: int) -> tuple[dict, 
     to_hf = HF_MODULE_NAMES[family]
     tensors, targets = {}, set()
     for name, module in method.low_rank.items():
-        ours = name.removeprefix("encoder.") if name.startswith("encoder.") else name
         for k, part in enumerate(module.slice_ids):
-            hf = to_hf(ours, part)
+            hf = to_hf(name, part)
             targets.add(hf.split("encoder.layer.")[1].split(".", 1)[1])
             prefix = f"base_model.model.{hf}"
             if method.name == "lora":

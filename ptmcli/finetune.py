@@ -21,20 +21,15 @@ from ptmcli.loop import Job, evaluate, train
 from ptmcli.models import ENCODERS
 from ptmcli.models.heads import HEADS, TaskModel
 from ptmcli.runlog import console, print_metrics
-from ptmcli.schema import DataConfig, FinetuneConfig, check_finetune
+from ptmcli.schema import DataConfig, FinetuneConfig, architecture_spec, check_finetune
 from ptmcli.tasks import TASKS
 from ptmcli.weights import Pretrained, load_pretrained
-
-_NOT_ARCHITECTURE = {"dropout", "attention_dropout", "init_std"}
 
 
 def scratch(cfg: FinetuneConfig, train_texts: list[str]) -> Pretrained:
     """A randomly initialised encoder of `model=...`; its tokenizer is given, or trained on the task's texts."""
     if cfg.tokenizer:
-        path = Path(cfg.tokenizer)
-        tokenizer = load_tokenizer(
-            str(path / "tokenizer.json") if (path / "tokenizer.json").exists() else cfg.tokenizer
-        )
+        tokenizer = load_tokenizer(cfg.tokenizer)
     else:
         tokenizer = train_tokenizer(datasets.Dataset.from_dict({"text": train_texts}), DataConfig(vocab_size=8000))
     return Pretrained(cfg.model.family, cfg.model, {}, tokenizer, f"random init ({cfg.model.family})")
@@ -86,8 +81,12 @@ def state_digest(state: dict[str, torch.Tensor]) -> str:
 
 
 def model_spec(pretrained: Pretrained, kind: str, num_labels: int) -> dict:
-    arch = {k: v for k, v in dataclasses.asdict(pretrained.arch).items() if k not in _NOT_ARCHITECTURE}
-    return {**arch, "vocab_size": pretrained.tokenizer.get_vocab_size(), "task": kind, "num_labels": num_labels}
+    return {
+        **architecture_spec(pretrained.arch),
+        "vocab_size": pretrained.tokenizer.get_vocab_size(),
+        "task": kind,
+        "num_labels": num_labels,
+    }
 
 
 def parameter_counts(model: torch.nn.Module) -> dict[str, float]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -17,9 +16,9 @@ from ptmcli.data.labeled import label_names, load_splits
 from ptmcli.distributed import Dist
 from ptmcli.errors import PtmError
 from ptmcli.finetune import build_model, state_digest
-from ptmcli.loop import evaluate
+from ptmcli.loop import evaluate, to_device
 from ptmcli.runlog import console, print_metrics
-from ptmcli.schema import MODEL_SCHEMAS, FullTransfer, check_finetune
+from ptmcli.schema import FullTransfer, arch_from_spec, check_finetune
 from ptmcli.tasks import TASKS
 from ptmcli.weights import Pretrained, load_pretrained
 
@@ -59,9 +58,7 @@ def load_run(run: Path, checkpoint_name: str | None = None, with_method: bool = 
         if method.prefix is not None and not with_method:
             method.prefix.freeze()  # plain prefix tensors from here on
     else:
-        schema = MODEL_SCHEMAS[spec["family"]]
-        arch = schema(**{k: v for k, v in spec.items() if k in {f.name for f in dataclasses.fields(schema)}})
-        pretrained = Pretrained(spec["family"], arch, {}, tokenizer, str(ckpt))
+        pretrained = Pretrained(spec["family"], arch_from_spec(spec), {}, tokenizer, str(ckpt))
         model = build_model(pretrained, cfg.task.kind, len(labels), 0.0, FullTransfer(), pooling=cfg.task.pooling)
         checkpoint.load_weights(ckpt, model)
     hw = hardware.resolve(cfg.hardware, Dist())
@@ -136,7 +133,7 @@ def predict_run(run: Path, input_path: Path, output: str | None = None, checkpoi
     try:
         for start, stop in examples.eval_ranges(cfg.trainer.batch_size):
             batch = examples.batch(list(range(start, stop)), 0)
-            batch = {k: v.to(hw.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            batch = to_device(batch, hw.device)
             with hw.autocast():
                 predictions = task.predict(model, batch)
             for prediction in predictions:

@@ -75,7 +75,7 @@ class Best:
         return self.patience > 0 and self.stale >= self.patience
 
 
-def _to(batch: dict, device: torch.device) -> dict:
+def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
@@ -90,7 +90,7 @@ def evaluate(
     terms, stat_names = objective.terms, objective.stats
     totals = torch.zeros(2 * len(terms) + len(stat_names), dtype=torch.float64)  # sums, counts, stats
     for batch in eval_batches(examples, batch_size, dist.world_size, dist.rank, max_batches):
-        batch = _to(batch, hw.device)
+        batch = to_device(batch, hw.device)
         with hw.autocast():
             sums, stats = objective(model, batch)
         totals += torch.tensor(
@@ -156,7 +156,7 @@ def train(
     window_start = time.perf_counter()
     try:
         while step < cfg.max_steps:
-            micro = [_to(next(batches), hw.device) for _ in range(cfg.grad_accum)]
+            micro = [to_device(next(batches), hw.device) for _ in range(cfg.grad_accum)]
             # Targets in the whole step, over all micro-batches and processes: the loss is a mean over these.
             counts = dist.sum(
                 torch.tensor(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import datasets
@@ -17,10 +16,7 @@ from ptmcli.loop import Job, train
 from ptmcli.models import PRETRAINING_MODELS
 from ptmcli.objectives import OBJECTIVES
 from ptmcli.runlog import console
-from ptmcli.schema import PretrainConfig, check_pretrain
-
-# Settings that change how a model trains but not which weights it has: a checkpoint may resume under others.
-_NOT_ARCHITECTURE = {"dropout", "attention_dropout", "init_std"}
+from ptmcli.schema import PretrainConfig, architecture_spec, check_pretrain
 
 
 def build_examples(cfg: PretrainConfig, nsp: bool, dist: Dist) -> tuple:
@@ -41,8 +37,7 @@ def build_examples(cfg: PretrainConfig, nsp: bool, dist: Dist) -> tuple:
 
 
 def model_spec(cfg: PretrainConfig, vocab_size: int, nsp: bool) -> dict:
-    arch = {k: v for k, v in dataclasses.asdict(cfg.model).items() if k not in _NOT_ARCHITECTURE}
-    return {**arch, "vocab_size": vocab_size, "nsp_head": nsp}
+    return {**architecture_spec(cfg.model), "vocab_size": vocab_size, "nsp_head": nsp}
 
 
 def pretrain(raw_cfg: dict, run_dir: Path, recipe: str) -> dict[str, float]:

@@ -366,6 +366,22 @@ def check_section(name: str, values: Any, schema: type) -> Any:
     return schema(**kwargs)
 
 
+# Settings that change how a model trains but not which weights it has: a checkpoint may resume under others.
+TRAINING_ONLY_FIELDS = {"dropout", "attention_dropout", "init_std"}
+
+
+def architecture_spec(arch: Any) -> dict:
+    """The identity of an architecture, as stored in checkpoints and compared on resume."""
+    return {k: v for k, v in dataclasses.asdict(arch).items() if k not in TRAINING_ONLY_FIELDS}
+
+
+def arch_from_spec(spec: dict) -> Any:
+    """The architecture dataclass back from a checkpoint's spec (training-only fields take their defaults)."""
+    schema = model_schema(spec)
+    fields = {f.name for f in dataclasses.fields(schema)}
+    return schema(**{k: v for k, v in spec.items() if k in fields})
+
+
 def model_schema(values: Any) -> type:
     family = values.get("family") if isinstance(values, dict) else None
     if family not in MODEL_SCHEMAS:

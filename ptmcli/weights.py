@@ -6,7 +6,6 @@ Only the encoder is taken; pretraining heads are dropped. Weights are read with 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ from ptmcli.data.sources import package_path
 from ptmcli.data.tokenizer import load_tokenizer
 from ptmcli.errors import PtmError
 from ptmcli.models import HF_FAMILIES
-from ptmcli.schema import MODEL_SCHEMAS
+from ptmcli.schema import MODEL_SCHEMAS, arch_from_spec
 
 
 @dataclass
@@ -96,12 +95,12 @@ def from_ptm(path: Path) -> Pretrained:
                 f"checkpoint directory (with a {checkpoint.MARKER} marker) or a Hugging Face model directory "
                 f"(with config.json)."
             )
-    spec = dict(checkpoint.read_state(ckpt).get("model", {}))
-    family = spec.get("family")
-    if family not in MODEL_SCHEMAS:
-        raise PtmError(f"init='{path}': checkpoint {ckpt} does not record a known model family ({family!r}).")
-    fields = {f.name for f in dataclasses.fields(MODEL_SCHEMAS[family])}
-    arch = MODEL_SCHEMAS[family](**{k: v for k, v in spec.items() if k in fields})
+    spec = checkpoint.read_state(ckpt).get("model", {})
+    if spec.get("family") not in MODEL_SCHEMAS:
+        raise PtmError(
+            f"init='{path}': checkpoint {ckpt} does not record a known model family ({spec.get('family')!r})."
+        )
+    arch = arch_from_spec(spec)
     tokenizer_path = run / "tokenizer.json"
     if not tokenizer_path.exists():
         raise PtmError(f"init='{path}': the run directory {run} has no tokenizer.json.")
@@ -110,7 +109,7 @@ def from_ptm(path: Path) -> Pretrained:
         for k, v in load_file(str(ckpt / "model.safetensors")).items()
         if k.startswith("encoder.")
     }
-    return Pretrained(family, arch, state, Tokenizer.from_file(str(tokenizer_path)), f"ptm checkpoint {ckpt}")
+    return Pretrained(spec["family"], arch, state, Tokenizer.from_file(str(tokenizer_path)), f"ptm checkpoint {ckpt}")
 
 
 def load_pretrained(spec: str) -> Pretrained:

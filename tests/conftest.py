@@ -61,6 +61,14 @@ def run_ptm(args: list[str], env: dict, cwd: Path | None = None, check: bool = T
     return proc
 
 
+def fails_with(args: list[str], env: dict, expected: str) -> str:
+    """Run ptm, expecting exit status 2 with `expected` in a message that is not a traceback."""
+    proc = run_ptm(args, env, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert expected in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    return proc.stderr
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from tests.conftest import TINY, comparable, read_metrics, run_ptm
+from tests.conftest import TINY, comparable, fails_with, read_metrics, run_ptm
 
 # MiniLM on a seeded 160-article sample of BBC News, 64 tokens per article: a minute on 2 CPU cores.
 SMALL = [
@@ -143,16 +143,11 @@ def test_frozen_backbone_trains_only_the_head(tiny_pretrained, cache_env, tmp_pa
     assert info["parameters"]["trainable"] == 64 * 5 + 5  # the linear head over 64-wide features
 
 
-def _fails(args, env, expected):
-    proc = run_ptm(args, env, check=False)
-    assert proc.returncode == 2 and expected in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
-
-
 def test_finetune_errors(cache_env, tmp_path):
-    _fails(["finetune", f"init={tmp_path}", f"hydra.run.dir={tmp_path / 'a'}"], cache_env, "is not a checkpoint")
+    fails_with(["finetune", f"init={tmp_path}", f"hydra.run.dir={tmp_path / 'a'}"], cache_env, "is not a checkpoint")
     csv = tmp_path / "mine.csv"
     csv.write_text("body,topic\n" + "".join(f"text number {i},{'ab'[i % 2]}\n" for i in range(20)))
-    _fails(
+    fails_with(
         [
             "finetune",
             "task=text-cls",
@@ -163,7 +158,7 @@ def test_finetune_errors(cache_env, tmp_path):
         cache_env,
         "data.text_column='text' is not a column",
     )
-    _fails(["finetune", "task=text-cls", f"hydra.run.dir={tmp_path / 'c'}"], cache_env, "data.train is not set")
-    _fails(["finetune", "task=news-cls", "transfer.freze_layers=2"], cache_env, "Did you mean 'freeze_layers'?")
-    _fails(["finetune", "task=news-clss"], cache_env, "Did you mean 'news-cls'?")
-    _fails(["evaluate", f"run={tmp_path}"], cache_env, "not a ptm fine-tuning run directory")
+    fails_with(["finetune", "task=text-cls", f"hydra.run.dir={tmp_path / 'c'}"], cache_env, "data.train is not set")
+    fails_with(["finetune", "task=news-cls", "transfer.freze_layers=2"], cache_env, "Did you mean 'freeze_layers'?")
+    fails_with(["finetune", "task=news-clss"], cache_env, "Did you mean 'news-cls'?")
+    fails_with(["evaluate", f"run={tmp_path}"], cache_env, "not a ptm fine-tuning run directory")

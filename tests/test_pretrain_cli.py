@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TINY, comparable, read_metrics, run_ptm
+from tests.conftest import TINY, comparable, fails_with, read_metrics, run_ptm
 
 SCHEDULE = [
     "trainer.max_steps=40",
@@ -134,43 +134,36 @@ def test_sweep_makes_one_run_dir_per_job(cache_env, tmp_path):
     assert all((tmp_path / "sweep" / j / "metrics.jsonl").exists() for j in jobs)
 
 
-def _fails(args: list[str], env: dict, expected: str) -> str:
-    proc = run_ptm(args, env, check=False)
-    assert proc.returncode == 2, proc.stderr
-    assert expected in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
-    return proc.stderr
-
-
 def test_bad_input_gets_a_clear_error_and_loses_nothing(cache_env, tmp_path):
     run = tmp_path / "run"
     run_ptm(["pretrain", *TINY, "trainer.max_steps=10", "trainer.save_every=10", f"hydra.run.dir={run}"], cache_env)
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and ".hydra" not in p.parts}
     at = f"hydra.run.dir={run}"
-    _fails(
+    fails_with(
         ["pretrain", *TINY, "data=files", f"data.source={tmp_path / 'nope.txt'}", at, "resume=auto"],
         cache_env,
         "does not exist",
     )
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n  \n")
-    _fails(
+    fails_with(
         ["pretrain", *TINY, "data=files", f"data.source={empty}", "hydra.run.dir=" + str(tmp_path / "r2")],
         cache_env,
         "corpus is empty",
     )
-    _fails(["pretrain", *TINY, "data.max_seq_len=128", at], cache_env, "model.max_positions")
-    _fails(
+    fails_with(["pretrain", *TINY, "data.max_seq_len=128", at], cache_env, "model.max_positions")
+    fails_with(
         ["pretrain", *TINY, f"resume={tmp_path}", "hydra.run.dir=" + str(tmp_path / "r3")],
         cache_env,
         "holds no complete checkpoint",
     )
-    _fails(
+    fails_with(
         ["pretrain", *TINY, "model.num_layers=3", "trainer.max_steps=20", "resume=" + str(run), at],
         cache_env,
         "another architecture",
     )
-    _fails(["pretrain", *TINY, "trainer.max_steps=20", at], cache_env, "already holds checkpoints")
-    _fails(
+    fails_with(["pretrain", *TINY, "trainer.max_steps=20", at], cache_env, "already holds checkpoints")
+    fails_with(
         ["pretrain", *TINY, "data=files", "hydra.run.dir=" + str(tmp_path / "r4")], cache_env, "data.source is not set"
     )
     after = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and ".hydra" not in p.parts}
