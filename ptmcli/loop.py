@@ -130,6 +130,7 @@ def train(
     scheduler = build_schedule(optimizer, optim_cfg, cfg.max_steps)
     scaler = torch.amp.GradScaler(hw.device.type, enabled=hw.uses_scaler)
     terms = job.objective.terms
+    weights = [getattr(job.objective, "weights", {}).get(t, 1.0) for t in terms]
     ckpt_root = run_dir / "checkpoints"
 
     step, consumed = 0, 0
@@ -172,7 +173,7 @@ def train(
                     with hw.autocast():
                         sums, _ = job.objective(model, batch)
                     # DDP averages gradients over processes; multiplying by world size turns that into a sum.
-                    loss = sum(sums[t] / counts[k].item() for k, t in enumerate(terms)) * dist.world_size
+                    loss = sum(weights[k] * sums[t] / counts[k].item() for k, t in enumerate(terms)) * dist.world_size
                     if last and job.method is not None and (penalty := job.method.regularizer()) is not None:
                         loss = loss + penalty  # the same on every process, so DDP's average keeps it as is
                     scaler.scale(loss).backward()
@@ -191,7 +192,7 @@ def train(
             consumed += cfg.grad_accum
 
             term_losses = (dist.sum(step_sums) / counts[: len(terms)]).tolist()
-            window["loss"] += sum(term_losses)
+            window["loss"] += sum(w * v for w, v in zip(weights, term_losses))
             for t, value in zip(terms, term_losses):
                 window["terms"][t] += value
             window["steps"] += 1

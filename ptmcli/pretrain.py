@@ -8,6 +8,7 @@ import datasets
 import torch
 
 from ptmcli import checkpoint, hardware, rundir
+from ptmcli.data.lm_examples import CausalExamples, PermutationExamples
 from ptmcli.data.pretraining import PretrainingExamples, build_chunks
 from ptmcli.data.sources import load_documents, split_documents
 from ptmcli.data.tokenizer import get_tokenizer
@@ -19,25 +20,39 @@ from ptmcli.runlog import console
 from ptmcli.schema import PretrainConfig, architecture_spec, check_pretrain
 
 
-def build_examples(cfg: PretrainConfig, nsp: bool, dist: Dist) -> tuple:
+# objective -> packing layout of its sequences (see data.pretraining.LAYOUTS)
+LAYOUT = {"mlm-nsp": "sentences", "mlm": "blocks-cls-sep", "rtd": "blocks-cls-sep", "plm": "blocks-cls-sep", "clm": "blocks"}
+
+
+def make_examples(cfg: PretrainConfig, chunks, tokenizer):
+    o, seed = cfg.objective, cfg.trainer.seed
+    if o.name == "clm":
+        return CausalExamples(chunks, tokenizer)
+    if o.name == "plm":
+        return PermutationExamples(chunks, tokenizer, o, seed)
+    return PretrainingExamples(chunks, tokenizer, o, seed, nsp=o.name == "mlm-nsp")
+
+
+def build_examples(cfg: PretrainConfig, dist: Dist) -> tuple:
     """(tokenizer, train examples, validation examples). Rank 0 prepares first; the others then hit its caches."""
     if not dist.is_main:
         dist.barrier()
     docs = load_documents(cfg.data)
     train_docs, val_docs = split_documents(docs, cfg.data)
-    tokenizer = get_tokenizer(train_docs, cfg.data)
+    tokenizer = get_tokenizer(train_docs, cfg.data, need_mask=cfg.objective.name in ("mlm", "mlm-nsp", "rtd"))
     chunks = {
-        name: build_chunks(d, tokenizer, cfg.data.max_seq_len, nsp, cfg.data.num_proc)
+        name: build_chunks(
+            d, tokenizer, cfg.data.max_seq_len, LAYOUT[cfg.objective.name], cfg.data.num_proc, cfg.data.word_segmenter
+        )
         for name, d in (("train", train_docs), ("val", val_docs))
     }
     if dist.is_main:
         dist.barrier()
-    make = lambda split: PretrainingExamples(chunks[split], tokenizer, cfg.objective, cfg.trainer.seed, nsp)  # noqa: E731
-    return tokenizer, make("train"), make("val"), (len(train_docs), len(val_docs))
+    return tokenizer, *(make_examples(cfg, chunks[s], tokenizer) for s in ("train", "val")), (len(train_docs), len(val_docs))
 
 
-def model_spec(cfg: PretrainConfig, vocab_size: int, nsp: bool) -> dict:
-    return {**architecture_spec(cfg.model), "vocab_size": vocab_size, "nsp_head": nsp}
+def model_spec(cfg: PretrainConfig, vocab_size: int) -> dict:
+    return {**architecture_spec(cfg.model), "vocab_size": vocab_size, "objective": cfg.objective.name}
 
 
 def pretrain(raw_cfg: dict, run_dir: Path, recipe: str) -> dict[str, float]:
@@ -46,10 +61,9 @@ def pretrain(raw_cfg: dict, run_dir: Path, recipe: str) -> dict[str, float]:
     dist = init_from_env()
     hw = hardware.resolve(cfg.hardware, dist)
     run_dir, resume_from = rundir.prepare(run_dir, raw_cfg, "pretrain", recipe, dist)
-    nsp = cfg.objective.name == "mlm-nsp"
-    tokenizer, train_ex, val_ex, (n_train_docs, n_val_docs) = build_examples(cfg, nsp, dist)
+    tokenizer, train_ex, val_ex, (n_train_docs, n_val_docs) = build_examples(cfg, dist)
     vocab_size = tokenizer.get_vocab_size()
-    spec = model_spec(cfg, vocab_size, nsp)
+    spec = model_spec(cfg, vocab_size)
     if resume_from is not None:
         checkpoint.check_architecture(resume_from, checkpoint.read_state(resume_from).get("model", {}), spec)
     rundir.record(run_dir, raw_cfg, "pretrain", recipe, dist)
@@ -57,7 +71,7 @@ def pretrain(raw_cfg: dict, run_dir: Path, recipe: str) -> dict[str, float]:
         tokenizer.save(str(run_dir / "tokenizer.json"))
 
     torch.manual_seed(cfg.trainer.seed)
-    model = PRETRAINING_MODELS[cfg.model.family](cfg.model, vocab_size, nsp)
+    model = PRETRAINING_MODELS[cfg.model.family](cfg.model, vocab_size, cfg.objective)
     if dist.is_main:
         params = sum(p.numel() for p in model.parameters())
         console.print(

@@ -39,32 +39,141 @@ class BertArch:
     init_std: float = _f(0.02, "std of the normal weight initialisation")
 
 
+@dataclass
+class RobertaArch:
+    """RoBERTa (Liu et al. 2019): BERT's post-LN encoder without segment embeddings, trained by MLM only."""
+
+    family: Literal["roberta"] = _f("roberta", "model family: picks the model file")
+    hidden_size: int = _f(256, "width of every token representation")
+    num_layers: int = _f(4, "number of encoder layers")
+    num_heads: int = _f(4, "attention heads per layer (must divide hidden_size)")
+    intermediate_size: int = _f(1024, "width of the feed-forward inner layer")
+    max_positions: int = _f(512, "number of learned position embeddings")
+    dropout: float = _f(0.1, "dropout on embeddings and residual branches")
+    attention_dropout: float = _f(0.1, "dropout on attention probabilities")
+    layer_norm_eps: float = _f(1e-5, "LayerNorm epsilon")
+    init_std: float = _f(0.02, "std of the normal weight initialisation")
+
+
+@dataclass
+class GptArch:
+    """GPT-2 (Radford et al. 2019): pre-LN causal decoder, learned positions, output tied to the word embeddings."""
+
+    family: Literal["gpt"] = _f("gpt", "model family: picks the model file")
+    hidden_size: int = _f(256, "width of every token representation")
+    num_layers: int = _f(4, "number of decoder blocks")
+    num_heads: int = _f(4, "attention heads per block (must divide hidden_size)")
+    intermediate_size: int = _f(1024, "width of the feed-forward inner layer")
+    max_positions: int = _f(1024, "number of learned position embeddings (the longest context)")
+    dropout: float = _f(0.1, "dropout on embeddings and residual branches")
+    attention_dropout: float = _f(0.1, "dropout on attention probabilities")
+    layer_norm_eps: float = _f(1e-5, "LayerNorm epsilon")
+    init_std: float = _f(0.02, "std of the normal weight initialisation (residual projections scaled by 1/sqrt(2L))")
+
+
+@dataclass
+class XlnetArch:
+    """XLNet (Yang et al. 2019): two-stream self-attention with Transformer-XL relative positions."""
+
+    family: Literal["xlnet"] = _f("xlnet", "model family: picks the model file")
+    hidden_size: int = _f(256, "width of every token representation")
+    num_layers: int = _f(4, "number of layers")
+    num_heads: int = _f(4, "attention heads per layer (must divide hidden_size)")
+    intermediate_size: int = _f(1024, "width of the feed-forward inner layer")
+    max_positions: int = _f(512, "longest sequence trained on (positions are relative, so this is only a check)")
+    dropout: float = _f(0.1, "dropout on embeddings and residual branches")
+    attention_dropout: float = _f(0.1, "dropout on attention probabilities")
+    layer_norm_eps: float = _f(1e-12, "LayerNorm epsilon")
+    init_std: float = _f(0.02, "std of the normal weight initialisation")
+
+
+@dataclass
+class ElectraArch:
+    """ELECTRA (Clark et al. 2020): a small MLM generator and a discriminator sharing the embeddings."""
+
+    family: Literal["electra"] = _f("electra", "model family: picks the model file")
+    hidden_size: int = _f(256, "discriminator width")
+    num_layers: int = _f(12, "discriminator (and generator) layers")
+    num_heads: int = _f(4, "discriminator attention heads (must divide hidden_size)")
+    intermediate_size: int = _f(1024, "discriminator feed-forward width")
+    embedding_size: int = _f(128, "width of the shared embeddings (projected to each network's width)")
+    generator_hidden_size: int = _f(64, "generator width (the paper: 1/4 to 1/2 of the discriminator's)")
+    generator_num_heads: int = _f(1, "generator attention heads (must divide generator_hidden_size)")
+    generator_intermediate_size: int = _f(256, "generator feed-forward width")
+    max_positions: int = _f(512, "number of learned position embeddings")
+    type_vocab_size: int = _f(2, "number of segment (token type) embeddings")
+    dropout: float = _f(0.1, "dropout on embeddings and residual branches")
+    attention_dropout: float = _f(0.1, "dropout on attention probabilities")
+    layer_norm_eps: float = _f(1e-12, "LayerNorm epsilon")
+    init_std: float = _f(0.02, "std of the normal weight initialisation")
+
+
 # One architecture dataclass per family; `model.family` picks which one checks the `model` group.
-MODEL_SCHEMAS: dict[str, type] = {"bert": BertArch}
+MODEL_SCHEMAS: dict[str, type] = {
+    "bert": BertArch,
+    "roberta": RobertaArch,
+    "gpt": GptArch,
+    "xlnet": XlnetArch,
+    "electra": ElectraArch,
+}
+# The pretraining objectives each family's pretraining model is built for.
+FAMILY_OBJECTIVES: dict[str, tuple[str, ...]] = {
+    "bert": ("mlm", "mlm-nsp"),
+    "roberta": ("mlm",),
+    "gpt": ("clm",),
+    "xlnet": ("plm",),
+    "electra": ("rtd",),
+}
 
 
 @dataclass
 class ObjectiveConfig:
-    name: Literal["mlm", "mlm-nsp"] = _f("mlm-nsp", "pretraining objective")
+    name: Literal["mlm", "mlm-nsp", "clm", "plm", "rtd"] = _f(
+        "mlm-nsp",
+        "pretraining objective: masked LM (+ next-sentence prediction), causal LM, XLNet permutation LM, "
+        "ELECTRA replaced-token detection",
+    )
     mask_prob: float = _f(0.15, "fraction of (non-special) tokens chosen for prediction")
     mask_token_prob: float = _f(0.8, "of the chosen tokens, fraction replaced by [MASK]")
     random_token_prob: float = _f(0.1, "of the chosen tokens, fraction replaced by a random token")
     nsp_random_prob: float = _f(0.5, "mlm-nsp: probability that segment B comes from another document")
+    whole_word_mask: bool = _f(
+        False, "mask all tokens of a chosen word together (sub-words; with data.word_segmenter=jieba, Chinese words)"
+    )
+    plm_k: int = _f(6, "plm: predict the last 1/K of each sampled factorisation order (the paper's K)")
+    rtd_weight: float = _f(50.0, "rtd: weight of the discriminator loss against the generator's MLM loss (lambda)")
 
 
 @dataclass
 class DataConfig:
     name: str = _f("custom", "short name of this corpus, used in logs")
-    source: str = _f("", "text, csv, json(l), parquet or zip file or directory; pkg://package/path; hf:hub-name")
-    format: Literal["auto", "text", "csv", "json", "parquet"] = _f("auto", "file format; auto = by file extension")
-    text_column: str = _f("text", "column holding the document text")
+    source: str = _f(
+        "", "text, csv, json(l), parquet, pickle or zip file or directory; pkg://package/path; hf:hub-name"
+    )
+    format: Literal["auto", "text", "csv", "json", "parquet", "pickle"] = _f(
+        "auto", "file format; auto = by file extension (pickles are read with a loader that runs no code)"
+    )
+    text_column: str = _f("text", "column holding the document text (title+text joins two with a line break)")
     text_sample_by: Literal["line", "paragraph", "document"] = _f(
         "paragraph", "plain-text files: one document per line, per blank-line paragraph or per file"
     )
     validation_fraction: float = _f(0.05, "fraction of documents held out for validation")
     max_train_samples: Optional[int] = _f(None, "use at most this many training documents")
     max_seq_len: int = _f(128, "tokens per packed training sequence, special tokens included")
-    tokenizer: Optional[str] = _f(None, "tokenizer.json or vocab.txt to use as is; none = train a WordPiece one")
+    tokenizer: Optional[str] = _f(
+        None,
+        "tokenizer.json, vocab.txt, or a GPT-2 style vocab.json (merges file beside it) to use as is; "
+        "none = train one of tokenizer_kind",
+    )
+    tokenizer_kind: Literal["wordpiece", "byte-bpe"] = _f(
+        "wordpiece", "trained tokenizer: BERT WordPiece, or byte-level BPE (GPT-2, RoBERTa)"
+    )
+    word_segmenter: Literal["none", "jieba"] = _f(
+        "none", "word boundaries for whole-word masking: the tokenizer's words, or jieba's Chinese words"
+    )
+    pickle_columns: list[str] = _f(
+        [], "pickle sources: names of the columns of a pickled tuple of lists, e.g. [title, text, label]"
+    )
     vocab_size: int = _f(30522, "vocabulary size of a trained tokenizer")
     lowercase: bool = _f(True, "lower-case and strip accents (BERT uncased)")
     min_frequency: int = _f(2, "trained tokenizer: minimum count for a merge")
@@ -134,10 +243,10 @@ class TaskConfig:
     )
     labels: Optional[list[str]] = _f(None, "label names in order; none = sorted labels of the training split")
     classifier_dropout: float = _f(0.1, "dropout before the task head")
-    pooling: Literal["pooler", "cls", "mean"] = _f(
+    pooling: Literal["pooler", "cls", "last", "mean"] = _f(
         "pooler",
-        "text/pair-cls features: BERT's pooler (or [CLS] when the "
-        "encoder has none), the [CLS] state, or the mean over tokens",
+        "text/pair-cls features: the family's summary (BERT's pooler; else the first token, or the last for "
+        "GPT), the first token's state, the last real token's state, or the mean over tokens",
     )
     class_weights: Optional[list[float]] = _f(None, "per-label loss weights, in label order (text/pair/token-cls)")
     doc_stride: int = _f(64, "qa: tokens of overlap between windows of a long context")
@@ -464,6 +573,18 @@ def check_consistency(cfg: PretrainConfig) -> None:
             f"data.max_seq_len={d.max_seq_len} is above the model's position embeddings "
             f"(model.max_positions={m.max_positions}). Lower data.max_seq_len or raise model.max_positions."
         )
+    if o.name not in FAMILY_OBJECTIVES[m.family]:
+        raise PtmError(
+            f"objective={o.name} does not train a {m.family} model; {m.family} pretrains with "
+            f"{' or '.join('objective=' + n for n in FAMILY_OBJECTIVES[m.family])}."
+        )
+    if m.family == "electra" and m.generator_hidden_size % m.generator_num_heads:
+        raise PtmError(
+            f"model.generator_hidden_size={m.generator_hidden_size} is not divisible by "
+            f"model.generator_num_heads={m.generator_num_heads}."
+        )
+    if o.plm_k < 2:
+        raise PtmError(f"objective.plm_k={o.plm_k} must be at least 2 (1/K of each order is predicted).")
     if d.max_seq_len < 8:
         raise PtmError(f"data.max_seq_len={d.max_seq_len} is too short; use at least 8.")
     if not 0 < d.validation_fraction < 1:

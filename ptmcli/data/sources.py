@@ -1,6 +1,7 @@
 """Turn `data.source` into a `datasets.Dataset` of documents with a single `text` column.
 
-Accepted sources: a local file or directory (text, csv/tsv, json/jsonl, parquet, or a zip of those),
+Accepted sources: a local file or directory (text, csv/tsv, json/jsonl, parquet, pickles of plain lists,
+or a zip of those),
 `pkg://package/relative/path` for files shipped inside an installed Python package, and
 `hf:name[/config]` for a dataset hub name (online use only).
 """
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import datasets
 
+from ptmcli.data.chinese import pickle_columns
 from ptmcli.errors import PtmError
 from ptmcli.schema import DataConfig
 
@@ -26,6 +28,8 @@ FORMATS = {
     ".json": "json",
     ".jsonl": "json",
     ".parquet": "parquet",
+    ".pkl": "pickle",
+    ".pickle": "pickle",
 }
 
 
@@ -84,7 +88,7 @@ def data_files(path: Path, fmt: str) -> tuple[str, list[str]]:
     if None in builders or len(builders) != 1:
         raise PtmError(
             f"data.source '{path}': cannot tell the format of {[p.name for p in files[:5]]}; "
-            f"set data.format to one of text, csv, json, parquet."
+            f"set data.format to one of text, csv, json, parquet, pickle."
         )
     return builders.pop(), [str(p) for p in files]
 
@@ -103,26 +107,52 @@ def load_documents(cfg: DataConfig) -> datasets.Dataset:
             path = extract_zip(path)
         builder, files = data_files(path, cfg.format)
         kwargs = {}
-        if builder == "text":
+        if builder == "pickle":
+            ds = read_pickles(files, cfg.pickle_columns)
+        elif builder == "text":
             kwargs["sample_by"] = cfg.text_sample_by
         elif builder == "csv" and files[0].endswith(".tsv"):
             kwargs["delimiter"] = "\t"
-        try:
-            ds = datasets.load_dataset(builder, data_files=files, split="train", **kwargs)
-        except Exception as err:  # datasets raises many types; the user needs the file and the cause
-            raise PtmError(f"data.source '{source}' could not be read as {builder}: {err}") from err
-    if cfg.text_column not in ds.column_names:
+        if builder != "pickle":
+            try:
+                ds = datasets.load_dataset(builder, data_files=files, split="train", **kwargs)
+            except Exception as err:  # datasets raises many types; the user needs the file and the cause
+                raise PtmError(f"data.source '{source}' could not be read as {builder}: {err}") from err
+    columns = cfg.text_column.split("+")
+    missing = [c for c in columns if c not in ds.column_names]
+    if missing:
         raise PtmError(
-            f"data.text_column='{cfg.text_column}' is not a column of '{source}'; its columns are "
-            f"{', '.join(ds.column_names)}. Set data.text_column to the one holding the text."
+            f"data.text_column='{cfg.text_column}': {', '.join(missing)} is not a column of '{source}'; its columns "
+            f"are {', '.join(ds.column_names)}. Set data.text_column to the one holding the text (a+b joins two)."
         )
     column = cfg.text_column
+    if len(columns) > 1:
+        ds = ds.map(
+            lambda b: {"text": ["\n".join(str(c) for c in row if c) for row in zip(*(b[k] for k in columns))]},
+            batched=True,
+            remove_columns=ds.column_names,
+        )
+        column = "text"
     ds = ds.select_columns([column])
     if column != "text":
         ds = ds.rename_column(column, "text")
     ds = ds.filter(lambda batch: [bool(t and t.strip()) for t in batch["text"]], batched=True)
     if len(ds) == 0:
         raise PtmError(f"data.source '{source}' has no non-empty text in column '{column}': the corpus is empty.")
+    return ds
+
+
+def read_pickles(files: list[str], names: list[str]) -> datasets.Dataset:
+    """Pickled columns of all files, concatenated, fingerprinted by file identity so later maps cache."""
+    columns: dict[str, list] = {}
+    digest = hashlib.sha1(repr(names).encode())
+    for file in files:
+        stat = Path(file).stat()
+        digest.update(f"{Path(file).resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+        for name, values in pickle_columns(Path(file), names).items():
+            columns.setdefault(name, []).extend("" if v is None else v for v in values)
+    ds = datasets.Dataset.from_dict(columns)
+    ds._fingerprint = digest.hexdigest()[:16]  # from_dict gives a random one, which would defeat the caches
     return ds
 
 

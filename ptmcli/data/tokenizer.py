@@ -1,4 +1,8 @@
-"""BERT WordPiece tokenizers: load a given tokenizer.json / vocab.txt, or train one with `tokenizers`."""
+"""Tokenizers: load a tokenizer.json, a BERT vocab.txt or a GPT-2 vocab.json + merges.txt, or train one with
+`tokenizers` (BERT WordPiece, or byte-level BPE as GPT-2 and RoBERTa use).
+
+Every family needs the same roles: padding, unknown, sequence start (cls), separator/end (sep) and, for masked
+objectives, a mask token. `SpecialIds` finds them under BERT's, RoBERTa's or GPT-2's names."""
 
 from __future__ import annotations
 
@@ -15,6 +19,16 @@ from ptmcli.errors import PtmError
 from ptmcli.schema import DataConfig
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+BYTE_BPE_SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+GPT2_END = "<|endoftext|>"
+# role -> names it goes by, in order of preference (BERT, RoBERTa, GPT-2)
+ROLE_NAMES = {
+    "pad": ("[PAD]", "<pad>", GPT2_END),
+    "unk": ("[UNK]", "<unk>", GPT2_END),
+    "cls": ("[CLS]", "<s>", GPT2_END),
+    "sep": ("[SEP]", "</s>", GPT2_END),
+    "mask": ("[MASK]", "<mask>"),
+}
 
 
 @dataclass(frozen=True)
@@ -23,17 +37,21 @@ class SpecialIds:
     unk: int
     cls: int
     sep: int
-    mask: int
+    mask: int | None  # causal-LM vocabularies (GPT-2's) have none
 
     @classmethod
-    def of(cls, tokenizer: Tokenizer) -> "SpecialIds":
-        ids = {t: tokenizer.token_to_id(t) for t in SPECIAL_TOKENS}
-        missing = [t for t, i in ids.items() if i is None]
+    def of(cls, tokenizer: Tokenizer, need_mask: bool = False) -> "SpecialIds":
+        ids = {}
+        for role, names in ROLE_NAMES.items():
+            ids[role] = next((i for n in names if (i := tokenizer.token_to_id(n)) is not None), None)
+        missing = [r for r, i in ids.items() if i is None and (r != "mask" or need_mask)]
         if missing:
             raise PtmError(
-                f"The tokenizer has no {', '.join(missing)} token; a BERT tokenizer needs all of {SPECIAL_TOKENS}."
+                f"The tokenizer has no {' / '.join(ROLE_NAMES[missing[0]])} token (role '{missing[0]}'); "
+                f"a tokenizer for this job needs tokens for {', '.join(missing)}. Use a BERT, RoBERTa or GPT-2 "
+                f"style tokenizer, or leave data.tokenizer unset to train one."
             )
-        return cls(*(ids[t] for t in SPECIAL_TOKENS))
+        return cls(**ids)
 
 
 def _bert_pipeline(tokenizer: Tokenizer, lowercase: bool) -> Tokenizer:
@@ -56,16 +74,55 @@ def _add_post_processor(tokenizer: Tokenizer) -> Tokenizer:
     return tokenizer
 
 
+def _byte_bpe_pipeline(tokenizer: Tokenizer) -> Tokenizer:
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    return tokenizer
+
+
+def _add_end_processor(tokenizer: Tokenizer, bos: str | None, eos: str) -> Tokenizer:
+    """RoBERTa-style `<s> A </s></s> B </s>`, or GPT-2 style `A <|endoftext|>` when there is no start token:
+    a causal model summarises a text in its last token, so the text must end in one it knows."""
+    if bos is None:
+        single, pair, special = f"$A {eos}", f"$A {eos} $B:1 {eos}:1", [(eos, tokenizer.token_to_id(eos))]
+    else:
+        single, pair = f"{bos} $A {eos}", f"{bos} $A {eos} {eos} $B {eos}"
+        special = [(bos, tokenizer.token_to_id(bos)), (eos, tokenizer.token_to_id(eos))]
+    tokenizer.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=special)
+    return tokenizer
+
+
+def load_gpt2_files(vocab_path: Path) -> Tokenizer:
+    """GPT-2's vocab.json + merges.txt (the merges file beside it: merges.txt or <prefix>_merges.txt)."""
+    stem = vocab_path.name.removesuffix("vocab.json")
+    merges = next(
+        (p for p in (vocab_path.with_name(stem + "merges.txt"), vocab_path.with_name("merges.txt")) if p.exists()),
+        None,
+    )
+    if merges is None:
+        raise PtmError(f"data.tokenizer='{vocab_path}' is a BPE vocab.json, but no merges.txt lies beside it.")
+    tok = Tokenizer(models.BPE.from_file(str(vocab_path), str(merges)))
+    tok = _byte_bpe_pipeline(tok)
+    if tok.token_to_id(GPT2_END) is not None:
+        tok.add_special_tokens([GPT2_END])
+        return _add_end_processor(tok, None, GPT2_END)
+    return tok
+
+
 def load_tokenizer(spec: str, lowercase: bool = True) -> Tokenizer:
-    """A tokenizer.json, a vocab.txt, or a directory holding one of them."""
+    """A tokenizer.json, a vocab.txt, a GPT-2 style vocab.json (+ merges), or a directory holding one of them."""
     path = package_path(spec, "data.tokenizer") if spec.startswith("pkg://") else Path(spec).expanduser()
     if path.is_dir():
-        path = next((path / n for n in ("tokenizer.json", "vocab.txt") if (path / n).exists()), path / "tokenizer.json")
+        names = ("tokenizer.json", "vocab.txt", "vocab.json")
+        path = next((path / n for n in names if (path / n).exists()), path / "tokenizer.json")
     if not path.exists():
         raise PtmError(
-            f"data.tokenizer='{spec}' does not exist; give a tokenizer.json, a vocab.txt or a directory with one."
+            f"data.tokenizer='{spec}' does not exist; give a tokenizer.json, a vocab.txt, a vocab.json with its "
+            f"merges.txt, or a directory with one of them."
         )
     try:
+        if path.name.endswith("vocab.json"):
+            return load_gpt2_files(path)
         if path.suffix == ".json":
             tok = Tokenizer.from_file(str(path))
             tok.no_padding()  # padding and truncation are ptm's job (collate, task settings), not the file's
@@ -81,18 +138,35 @@ def load_tokenizer(spec: str, lowercase: bool = True) -> Tokenizer:
 
 
 def train_tokenizer(texts: datasets.Dataset, cfg: DataConfig) -> Tokenizer:
-    """Train a WordPiece tokenizer on the training documents, cached by corpus fingerprint and settings."""
-    key = f"{texts._fingerprint}:{cfg.vocab_size}:{cfg.lowercase}:{cfg.min_frequency}:wordpiece-v1"
+    """Train a WordPiece or byte-level BPE tokenizer on the training documents, cached by corpus fingerprint and
+    settings. Byte-level BPE never lower-cases: it is lossless by design."""
+    kind = cfg.tokenizer_kind
+    key = f"{texts._fingerprint}:{cfg.vocab_size}:{cfg.lowercase}:{cfg.min_frequency}:{kind}-v1"
     cached = cache_root() / "tokenizers" / (hashlib.sha1(key.encode()).hexdigest()[:16] + ".json")
     if cached.exists():
         return Tokenizer.from_file(str(cached))
-    tok = _bert_pipeline(Tokenizer(models.WordPiece(unk_token="[UNK]")), cfg.lowercase)
-    trainer = trainers.WordPieceTrainer(
-        vocab_size=cfg.vocab_size, min_frequency=cfg.min_frequency, special_tokens=SPECIAL_TOKENS, show_progress=False
-    )
     batches = (texts[i : i + 1000]["text"] for i in range(0, len(texts), 1000))
-    tok.train_from_iterator(batches, trainer=trainer, length=len(texts))
-    _add_post_processor(tok)
+    if kind == "byte-bpe":
+        tok = _byte_bpe_pipeline(Tokenizer(models.BPE()))
+        trainer = trainers.BpeTrainer(
+            vocab_size=cfg.vocab_size,
+            min_frequency=cfg.min_frequency,
+            special_tokens=BYTE_BPE_SPECIAL_TOKENS,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        tok.train_from_iterator(batches, trainer=trainer, length=len(texts))
+        _add_end_processor(tok, "<s>", "</s>")
+    else:
+        tok = _bert_pipeline(Tokenizer(models.WordPiece(unk_token="[UNK]")), cfg.lowercase)
+        trainer = trainers.WordPieceTrainer(
+            vocab_size=cfg.vocab_size,
+            min_frequency=cfg.min_frequency,
+            special_tokens=SPECIAL_TOKENS,
+            show_progress=False,
+        )
+        tok.train_from_iterator(batches, trainer=trainer, length=len(texts))
+        _add_post_processor(tok)
     cached.parent.mkdir(parents=True, exist_ok=True)
     tmp = cached.with_suffix(f".tmp{os.getpid()}")
     tok.save(str(tmp))
@@ -100,9 +174,9 @@ def train_tokenizer(texts: datasets.Dataset, cfg: DataConfig) -> Tokenizer:
     return tok
 
 
-def get_tokenizer(train_docs: datasets.Dataset, cfg: DataConfig) -> Tokenizer:
+def get_tokenizer(train_docs: datasets.Dataset, cfg: DataConfig, need_mask: bool = True) -> Tokenizer:
     tok = load_tokenizer(cfg.tokenizer, cfg.lowercase) if cfg.tokenizer else train_tokenizer(train_docs, cfg)
-    SpecialIds.of(tok)
+    SpecialIds.of(tok, need_mask)
     return tok
 
 

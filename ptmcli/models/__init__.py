@@ -1,11 +1,12 @@
-"""Model families, picked by the short name in `model.family`."""
+"""Model families, picked by the short name in `model.family`. Each family is one file; none imports another."""
 
-from ptmcli.models import bert
+from ptmcli.models import bert, electra, gpt, roberta, xlnet
 
-# family -> builder(arch, vocab_size, nsp) of the pretraining model
-PRETRAINING_MODELS = {"bert": bert.build_pretraining}
+FAMILIES = {"bert": bert, "roberta": roberta, "gpt": gpt, "xlnet": xlnet, "electra": electra}
+# family -> builder(arch, vocab_size, objective config) of the pretraining model
+PRETRAINING_MODELS = {name: module.build_pretraining for name, module in FAMILIES.items()}
 # family -> builder(arch, vocab_size) of the bare encoder that task heads sit on
-ENCODERS = {"bert": bert.build_encoder}
+ENCODERS = {name: module.build_encoder for name, module in FAMILIES.items()}
 # Hugging Face `model_type` -> (family, config.json -> arch, HF state dict -> encoder state dict)
 HF_FAMILIES = {"bert": ("bert", bert.arch_from_hf, bert.encoder_state_from_hf)}
 # family -> our encoder module name (+ slice) -> Hugging Face module name, for exporting adapters

@@ -7,10 +7,9 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ptmcli.models.layers import FeedForward, SelfAttention, init_normal, padding_mask
+from ptmcli.models.layers import EncoderLayer, MaskedLMHead, init_normal, padding_mask
 from ptmcli.schema import BertArch
 
 
@@ -31,20 +30,6 @@ class Embeddings(nn.Module):
         return self.dropout(self.norm(x))
 
 
-class EncoderLayer(nn.Module):
-    def __init__(self, arch: BertArch):
-        super().__init__()
-        self.attention = SelfAttention(arch.hidden_size, arch.num_heads, arch.attention_dropout)
-        self.attention_norm = nn.LayerNorm(arch.hidden_size, eps=arch.layer_norm_eps)
-        self.ffn = FeedForward(arch.hidden_size, arch.intermediate_size)
-        self.ffn_norm = nn.LayerNorm(arch.hidden_size, eps=arch.layer_norm_eps)
-        self.dropout = nn.Dropout(arch.dropout)
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        x = self.attention_norm(x + self.dropout(self.attention(x, mask)))
-        return self.ffn_norm(x + self.dropout(self.ffn(x)))
-
-
 class Bert(nn.Module):
     """The encoder: (B, T) token ids -> (B, T, C) hidden states; `pool` gives the (B, C) [CLS] summary."""
 
@@ -53,7 +38,17 @@ class Bert(nn.Module):
         self.arch = arch
         self.vocab_size = vocab_size
         self.embeddings = Embeddings(arch, vocab_size)
-        self.layers = nn.ModuleList(EncoderLayer(arch) for _ in range(arch.num_layers))
+        self.layers = nn.ModuleList(
+            EncoderLayer(
+                arch.hidden_size,
+                arch.num_heads,
+                arch.intermediate_size,
+                arch.dropout,
+                arch.attention_dropout,
+                arch.layer_norm_eps,
+            )
+            for _ in range(arch.num_layers)
+        )
         self.pooler = nn.Linear(arch.hidden_size, arch.hidden_size) if with_pooler else None
 
     def forward(
@@ -76,28 +71,13 @@ class Bert(nn.Module):
         return torch.tanh(self.pooler(hidden[:, 0]))
 
 
-class MaskedLMHead(nn.Module):
-    """dense -> GELU -> LayerNorm -> decoder tied to the word embeddings."""
-
-    def __init__(self, arch: BertArch, word_embeddings: nn.Embedding):
-        super().__init__()
-        self.dense = nn.Linear(arch.hidden_size, arch.hidden_size)
-        self.norm = nn.LayerNorm(arch.hidden_size, eps=arch.layer_norm_eps)
-        self.word_embeddings = word_embeddings
-        self.bias = nn.Parameter(torch.zeros(word_embeddings.num_embeddings))
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(N, C) -> (N, V)"""
-        return F.linear(self.norm(F.gelu(self.dense(hidden))), self.word_embeddings.weight, self.bias)
-
-
 class BertForPretraining(nn.Module):
     """Encoder + masked-LM head (+ next-sentence head when `nsp`)."""
 
     def __init__(self, arch: BertArch, vocab_size: int, nsp: bool = True):
         super().__init__()
         self.encoder = Bert(arch, vocab_size, with_pooler=nsp)
-        self.mlm_head = MaskedLMHead(arch, self.encoder.embeddings.word)
+        self.mlm_head = MaskedLMHead(arch.hidden_size, self.encoder.embeddings.word, arch.layer_norm_eps)
         self.nsp_head = nn.Linear(arch.hidden_size, 2) if nsp else None
         init_normal(self, arch.init_std)
 
@@ -118,8 +98,8 @@ class BertForPretraining(nn.Module):
         return out
 
 
-def build_pretraining(arch: BertArch, vocab_size: int, nsp: bool) -> BertForPretraining:
-    return BertForPretraining(arch, vocab_size, nsp=nsp)
+def build_pretraining(arch: BertArch, vocab_size: int, objective) -> BertForPretraining:
+    return BertForPretraining(arch, vocab_size, nsp=objective.name == "mlm-nsp")
 
 
 # Hugging Face BERT parameter names -> ours. Names appear only here; {i} is the layer index.

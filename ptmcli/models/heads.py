@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ptmcli.models.layers import last_token
+
 
 class TaskModel(nn.Module):
     """encoder + a head: `sequence` (pooled -> labels), `token` (every position -> labels) or `span` (start/end).
@@ -50,9 +52,12 @@ class TaskModel(nn.Module):
                     else torch.ones_like(hidden[..., :1])
                 )
                 return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
-            if self.pooling == "pooler" and getattr(self.encoder, "pooler", None) is not None:
-                return self.encoder.pool(hidden)
-            return hidden[:, 0]
+            pooling = self.pooling
+            if pooling == "pooler":  # the family's own summary: BERT's pooler, else its summary token
+                if getattr(self.encoder, "pooler", None) is not None:
+                    return self.encoder.pool(hidden)
+                pooling = "last" if getattr(self.encoder, "summary", "first") == "last" else "cls"
+            return last_token(hidden, attention_mask) if pooling == "last" else hidden[:, 0]
 
     def forward(self, input_ids, token_type_ids=None, attention_mask=None) -> torch.Tensor:
         """sequence: (B, labels); token: (B, T, labels); span: (B, T, 2) start/end logits."""

@@ -1,4 +1,6 @@
-"""Pieces shared by the model families: attention on `scaled_dot_product_attention`, feed-forward."""
+"""Pieces shared by the model families: attention on `scaled_dot_product_attention` (with a KV cache for
+decoding), feed-forward, the post-LN encoder layer (BERT, RoBERTa, ELECTRA), the pre-LN decoder block (GPT)
+and the tied masked-LM head. Family files import from here, never from each other."""
 
 from __future__ import annotations
 
@@ -32,13 +34,26 @@ class SelfAttention(nn.Module):
         self.dropout = dropout
         self.prefix = None
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, causal: bool = False) -> torch.Tensor:
-        """x: (B, T, C); mask: (B, 1, 1|T, T) boolean, True = may attend. Returns (B, T, C)."""
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None, causal: bool = False, cache: dict | None = None
+    ) -> torch.Tensor:
+        """x: (B, T, C); mask: (B, 1, 1|T, T) boolean, True = may attend. Returns (B, T, C).
+
+        `cache` (decoding): a dict holding this layer's keys/values of earlier positions; the new ones are
+        appended, and the T new queries attend to everything cached plus, causally, to each other."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         q, k, v = (
             t.view(B, T, self.num_heads, C // self.num_heads).transpose(1, 2) for t in (q, k, v)
         )  # (B, nh, T, hs)
+        if cache is not None:
+            if "k" in cache:
+                k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
+            cache["k"], cache["v"] = k, v
+            past = k.shape[2] - T
+            if causal and past:  # SDPA's is_causal aligns to the top-left corner; with a past it must be explicit
+                mask = cached_causal_mask(T, past, x.device) if T > 1 else mask
+                causal = False
         if self.prefix is not None:
             pk, pv = self.prefix(B)  # (B, nh, P, hs) each
             k, v = torch.cat([pk, k], 2), torch.cat([pv, v], 2)
@@ -48,6 +63,11 @@ class SelfAttention(nn.Module):
             q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=causal and mask is None
         )
         return self.out(y.transpose(1, 2).reshape(B, T, C))
+
+
+def cached_causal_mask(T: int, past: int, device: torch.device) -> torch.Tensor:
+    """(1, 1, T, past+T): new query t sees every cached key and the new keys up to itself."""
+    return torch.ones(T, past + T, dtype=torch.bool, device=device).tril(past)[None, None]
 
 
 def prefix_mask(
@@ -73,6 +93,66 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down(F.gelu(self.up(x)))
+
+
+class EncoderLayer(nn.Module):
+    """Post-LayerNorm transformer layer (BERT, RoBERTa, ELECTRA): x = LN(x + attn(x)); x = LN(x + ffn(x))."""
+
+    def __init__(
+        self, hidden: int, heads: int, intermediate: int, dropout: float, attention_dropout: float, eps: float
+    ):
+        super().__init__()
+        self.attention = SelfAttention(hidden, heads, attention_dropout)
+        self.attention_norm = nn.LayerNorm(hidden, eps=eps)
+        self.ffn = FeedForward(hidden, intermediate)
+        self.ffn_norm = nn.LayerNorm(hidden, eps=eps)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        x = self.attention_norm(x + self.dropout(self.attention(x, mask)))
+        return self.ffn_norm(x + self.dropout(self.ffn(x)))
+
+
+class DecoderBlock(nn.Module):
+    """Pre-LayerNorm causal block (GPT-2): x = x + attn(LN(x)); x = x + ffn(LN(x))."""
+
+    def __init__(
+        self, hidden: int, heads: int, intermediate: int, dropout: float, attention_dropout: float, eps: float
+    ):
+        super().__init__()
+        self.attention_norm = nn.LayerNorm(hidden, eps=eps)
+        self.attention = SelfAttention(hidden, heads, attention_dropout)
+        self.ffn_norm = nn.LayerNorm(hidden, eps=eps)
+        self.ffn = FeedForward(hidden, intermediate)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
+        x = x + self.dropout(self.attention(self.attention_norm(x), None, causal=True, cache=cache))
+        return x + self.dropout(self.ffn(self.ffn_norm(x)))
+
+
+class MaskedLMHead(nn.Module):
+    """dense -> GELU -> LayerNorm -> decoder tied to the word embeddings (whose width may differ from the input's,
+    as in ELECTRA's generator)."""
+
+    def __init__(self, hidden: int, word_embeddings: nn.Embedding, eps: float):
+        super().__init__()
+        self.dense = nn.Linear(hidden, word_embeddings.embedding_dim)
+        self.norm = nn.LayerNorm(word_embeddings.embedding_dim, eps=eps)
+        self.word_embeddings = word_embeddings
+        self.bias = nn.Parameter(torch.zeros(word_embeddings.num_embeddings))
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(N, C) -> (N, V)"""
+        return F.linear(self.norm(F.gelu(self.dense(hidden))), self.word_embeddings.weight, self.bias)
+
+
+def last_token(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """(B, T, C) -> (B, C): the state of each row's last real token (right padding)."""
+    if attention_mask is None:
+        return hidden[:, -1]
+    last = attention_mask.long().sum(1).clamp(min=1) - 1
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
 
 
 def init_normal(module: nn.Module, std: float) -> None:

@@ -2,9 +2,18 @@
 
 An objective returns sums, not means: the loop divides by the number of targets in the whole step
 (all micro-batches, all processes), so gradient accumulation and data parallelism give the same
-update as one big batch.
+update as one big batch. An objective may weight its terms (`weights`, default 1).
 """
 
+from ptmcli.objectives.clm import CausalLM
 from ptmcli.objectives.mlm import MaskedLM
+from ptmcli.objectives.plm import PermutationLM
+from ptmcli.objectives.rtd import ReplacedTokenDetection
 
-OBJECTIVES = {"mlm": lambda cfg: MaskedLM(nsp=False), "mlm-nsp": lambda cfg: MaskedLM(nsp=True)}
+OBJECTIVES = {
+    "mlm": lambda cfg: MaskedLM(nsp=False),
+    "mlm-nsp": lambda cfg: MaskedLM(nsp=True),
+    "clm": lambda cfg: CausalLM(),
+    "plm": lambda cfg: PermutationLM(),
+    "rtd": lambda cfg: ReplacedTokenDetection(cfg.rtd_weight),
+}

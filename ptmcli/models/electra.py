@@ -1,0 +1,112 @@
+"""ELECTRA (Clark et al., 2020): replaced-token detection.
+
+A small masked-LM generator fills the masked positions with samples; the discriminator (the model that is
+kept and fine-tuned) predicts for every token whether it was replaced. Both networks share the token,
+position and segment embeddings, which have their own width and are projected to each network's width.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ptmcli.models.layers import EncoderLayer, MaskedLMHead, init_normal, padding_mask
+from ptmcli.schema import ElectraArch
+
+
+class Embeddings(nn.Module):
+    def __init__(self, arch: ElectraArch, vocab_size: int):
+        super().__init__()
+        width = arch.embedding_size
+        self.word = nn.Embedding(vocab_size, width)
+        self.position = nn.Embedding(arch.max_positions, width)
+        self.token_type = nn.Embedding(arch.type_vocab_size, width)
+        self.norm = nn.LayerNorm(width, eps=arch.layer_norm_eps)
+        self.dropout = nn.Dropout(arch.dropout)
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None) -> torch.Tensor:
+        x = self.word(input_ids) + self.position.weight[: input_ids.shape[1]]
+        x = x + (self.token_type(token_type_ids) if token_type_ids is not None else self.token_type.weight[0])
+        return self.dropout(self.norm(x))
+
+
+class Electra(nn.Module):
+    """A post-LN encoder over (possibly shared) embeddings: the discriminator, or with generator sizes the
+    generator. (B, T) ids -> (B, T, hidden)."""
+
+    summary = "first"
+
+    def __init__(self, arch: ElectraArch, vocab_size: int, generator: bool = False, embeddings=None):
+        super().__init__()
+        hidden = arch.generator_hidden_size if generator else arch.hidden_size
+        heads = arch.generator_num_heads if generator else arch.num_heads
+        intermediate = arch.generator_intermediate_size if generator else arch.intermediate_size
+        self.arch = arch
+        self.vocab_size = vocab_size
+        self.embeddings = embeddings if embeddings is not None else Embeddings(arch, vocab_size)
+        self.projection = nn.Linear(arch.embedding_size, hidden) if arch.embedding_size != hidden else None
+        self.layers = nn.ModuleList(
+            EncoderLayer(hidden, heads, intermediate, arch.dropout, arch.attention_dropout, arch.layer_norm_eps)
+            for _ in range(arch.num_layers)
+        )
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        mask = padding_mask(attention_mask)
+        x = self.embeddings(input_ids, token_type_ids)
+        if self.projection is not None:
+            x = self.projection(x)
+        for layer in self.layers:
+            x = layer(x, mask)
+        return x
+
+
+class ElectraForPretraining(nn.Module):
+    """`encoder` is the discriminator (what fine-tuning loads); `generator` shares its embeddings."""
+
+    def __init__(self, arch: ElectraArch, vocab_size: int):
+        super().__init__()
+        self.encoder = Electra(arch, vocab_size)
+        self.generator = Electra(arch, vocab_size, generator=True, embeddings=self.encoder.embeddings)
+        self.mlm_head = MaskedLMHead(arch.generator_hidden_size, self.encoder.embeddings.word, arch.layer_norm_eps)
+        self.rtd_dense = nn.Linear(arch.hidden_size, arch.hidden_size)
+        self.rtd_out = nn.Linear(arch.hidden_size, 1)
+        init_normal(self, arch.init_std)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        token_type_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        mlm_positions: torch.Tensor,
+        mlm_targets: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        """Generator logits at the masked positions (N, V); the discriminator's replaced-token logits (B, T) on
+        the input with those positions filled by generator samples; and which tokens were replaced (B, T).
+
+        One forward does both, so data-parallel training syncs the gradients of both networks."""
+        generator_logits = self.mlm_head(self.generator(input_ids, token_type_ids, attention_mask)[mlm_positions])
+        with torch.no_grad():  # the generator is trained by its MLM loss only: sampling is not differentiated
+            sampled = torch.multinomial(F.softmax(generator_logits.float(), -1), 1).squeeze(-1)
+        original = input_ids.clone()
+        original[mlm_positions] = mlm_targets
+        corrupted = original.clone()
+        corrupted[mlm_positions] = sampled
+        hidden = self.encoder(corrupted, token_type_ids, attention_mask)
+        rtd_logits = self.rtd_out(F.gelu(self.rtd_dense(hidden))).squeeze(-1)
+        return {"mlm_logits": generator_logits, "rtd_logits": rtd_logits, "replaced": corrupted != original}
+
+
+def build_pretraining(arch: ElectraArch, vocab_size: int, objective) -> ElectraForPretraining:
+    return ElectraForPretraining(arch, vocab_size)
+
+
+def build_encoder(arch: ElectraArch, vocab_size: int) -> Electra:
+    encoder = Electra(arch, vocab_size)
+    init_normal(encoder, arch.init_std)
+    return encoder

@@ -1,0 +1,116 @@
+"""GPT-2 (Radford et al., 2019): a pre-LayerNorm causal decoder with learned positions.
+
+`Gpt` maps token ids to final hidden states and is what task heads sit on (they read the last real token:
+only it has seen the whole text). `GptForCausalLM` adds the output projection tied to the word embeddings
+and decodes incrementally with a KV cache.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ptmcli.models.layers import DecoderBlock, init_normal
+from ptmcli.schema import GptArch
+
+
+class Embeddings(nn.Module):
+    def __init__(self, arch: GptArch, vocab_size: int):
+        super().__init__()
+        self.word = nn.Embedding(vocab_size, arch.hidden_size)
+        self.position = nn.Embedding(arch.max_positions, arch.hidden_size)
+        self.dropout = nn.Dropout(arch.dropout)
+
+    def forward(self, input_ids: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """input_ids: (B, T) at positions start..start+T-1 -> (B, T, C)"""
+        T = input_ids.shape[1]
+        return self.dropout(self.word(input_ids) + self.position.weight[start : start + T])
+
+
+class Gpt(nn.Module):
+    """The decoder stack: (B, T) ids -> (B, T, C) hidden states after the final LayerNorm.
+
+    Attention is causal, so right padding never reaches a real token and `attention_mask` is not needed
+    here; heads use it to find each row's last real token."""
+
+    summary = "last"  # the token whose state summarises a text for sequence heads
+
+    def __init__(self, arch: GptArch, vocab_size: int):
+        super().__init__()
+        self.arch = arch
+        self.vocab_size = vocab_size
+        self.embeddings = Embeddings(arch, vocab_size)
+        self.layers = nn.ModuleList(
+            DecoderBlock(
+                arch.hidden_size,
+                arch.num_heads,
+                arch.intermediate_size,
+                arch.dropout,
+                arch.attention_dropout,
+                arch.layer_norm_eps,
+            )
+            for _ in range(arch.num_layers)
+        )
+        self.final_norm = nn.LayerNorm(arch.hidden_size, eps=arch.layer_norm_eps)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: list[dict] | None = None,
+    ) -> torch.Tensor:
+        """`cache`: one dict per layer of earlier keys/values (decoding); the new ids continue after them."""
+        start = cache[0]["k"].shape[2] if cache and "k" in cache[0] else 0
+        if start + input_ids.shape[1] > self.arch.max_positions:
+            raise ValueError(
+                f"sequence of {start + input_ids.shape[1]} tokens exceeds the model's {self.arch.max_positions} "
+                f"positions"
+            )
+        x = self.embeddings(input_ids, start)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cache[i] if cache is not None else None)
+        return self.final_norm(x)
+
+
+def init_gpt(module: nn.Module, arch: GptArch) -> None:
+    """GPT-2 initialisation: N(0, 0.02), with the projections that write into the residual stream scaled by
+    1/sqrt(2 * layers) so the stream's variance does not grow with depth."""
+    init_normal(module, arch.init_std)
+    for name, p in module.named_parameters():
+        if name.endswith(("attention.out.weight", "ffn.down.weight")):
+            nn.init.normal_(p, mean=0.0, std=arch.init_std / math.sqrt(2 * arch.num_layers))
+
+
+class GptForCausalLM(nn.Module):
+    def __init__(self, arch: GptArch, vocab_size: int):
+        super().__init__()
+        self.encoder = Gpt(arch, vocab_size)
+        init_gpt(self, arch)
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, cache: list[dict] | None = None
+    ) -> torch.Tensor:
+        """(B, T) -> next-token logits (B, T, V); the output projection is the word embedding matrix."""
+        hidden = self.encoder(input_ids, cache=cache)
+        return F.linear(hidden, self.encoder.embeddings.word.weight)
+
+    def new_cache(self) -> list[dict]:
+        return [{} for _ in self.encoder.layers]
+
+    @property
+    def max_positions(self) -> int:
+        return self.encoder.arch.max_positions
+
+
+def build_pretraining(arch: GptArch, vocab_size: int, objective) -> GptForCausalLM:
+    return GptForCausalLM(arch, vocab_size)
+
+
+def build_encoder(arch: GptArch, vocab_size: int) -> Gpt:
+    encoder = Gpt(arch, vocab_size)
+    init_gpt(encoder, arch)
+    return encoder

@@ -1,0 +1,90 @@
+"""RoBERTa (Liu et al., 2019): BERT's post-LayerNorm encoder without segment embeddings, pretrained by
+masked LM alone (no next-sentence prediction) with dynamic masking, byte-level BPE and full-length
+segments packed across document boundaries; the data side lives in `data/`, this file is the network."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ptmcli.models.layers import EncoderLayer, MaskedLMHead, init_normal, padding_mask
+from ptmcli.schema import RobertaArch
+
+
+class Embeddings(nn.Module):
+    def __init__(self, arch: RobertaArch, vocab_size: int):
+        super().__init__()
+        self.word = nn.Embedding(vocab_size, arch.hidden_size)
+        self.position = nn.Embedding(arch.max_positions, arch.hidden_size)
+        self.norm = nn.LayerNorm(arch.hidden_size, eps=arch.layer_norm_eps)
+        self.dropout = nn.Dropout(arch.dropout)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids: (B, T) -> (B, T, C)"""
+        x = self.word(input_ids) + self.position.weight[: input_ids.shape[1]]
+        return self.dropout(self.norm(x))
+
+
+class Roberta(nn.Module):
+    """(B, T) ids -> (B, T, C). Segment ids are accepted and ignored: RoBERTa has no segment embeddings."""
+
+    summary = "first"
+
+    def __init__(self, arch: RobertaArch, vocab_size: int):
+        super().__init__()
+        self.arch = arch
+        self.vocab_size = vocab_size
+        self.embeddings = Embeddings(arch, vocab_size)
+        self.layers = nn.ModuleList(
+            EncoderLayer(
+                arch.hidden_size,
+                arch.num_heads,
+                arch.intermediate_size,
+                arch.dropout,
+                arch.attention_dropout,
+                arch.layer_norm_eps,
+            )
+            for _ in range(arch.num_layers)
+        )
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        mask = padding_mask(attention_mask)
+        x = self.embeddings(input_ids)
+        for layer in self.layers:
+            x = layer(x, mask)
+        return x
+
+
+class RobertaForMaskedLM(nn.Module):
+    def __init__(self, arch: RobertaArch, vocab_size: int):
+        super().__init__()
+        self.encoder = Roberta(arch, vocab_size)
+        self.mlm_head = MaskedLMHead(arch.hidden_size, self.encoder.embeddings.word, arch.layer_norm_eps)
+        init_normal(self, arch.init_std)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        mlm_positions: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Returns mlm_logits (N, V) at `mlm_positions` (B, T) bool, or at every position."""
+        hidden = self.encoder(input_ids, None, attention_mask)
+        selected = hidden[mlm_positions] if mlm_positions is not None else hidden.flatten(0, 1)
+        return {"mlm_logits": self.mlm_head(selected)}
+
+
+def build_pretraining(arch: RobertaArch, vocab_size: int, objective) -> RobertaForMaskedLM:
+    return RobertaForMaskedLM(arch, vocab_size)
+
+
+def build_encoder(arch: RobertaArch, vocab_size: int) -> Roberta:
+    encoder = Roberta(arch, vocab_size)
+    init_normal(encoder, arch.init_std)
+    return encoder

@@ -1,0 +1,180 @@
+"""XLNet (Yang et al., 2019): permutation language modelling with two-stream self-attention.
+
+Each layer runs two streams with the same weights. The content stream h_i encodes token i and what it may
+see; the query stream g_i starts from a learned vector, knows position i only through relative attention,
+and predicts token i without seeing it. For a sampled factorisation order with ranks r:
+  content stream: i attends to j iff r_j <= r_i   (itself included)
+  query stream:   i attends to j iff r_j <  r_i   (never itself)
+Keys and values always come from the content stream. Attention scores use Transformer-XL relative
+positions: score(i, j) = (q_i + u) . k_j + (q_i + v) . R_{i-j}, with R a projected sinusoid of the distance.
+Fine-tuning uses the content stream alone with ordinary bidirectional attention.
+Left out here: Transformer-XL segment recurrence (memory) and the relative segment encoding; segment ids
+are accepted and ignored.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ptmcli.models.layers import FeedForward, SelfAttention, init_normal
+from ptmcli.schema import XlnetArch
+
+
+def relative_sinusoid(T: int, dim: int, device: torch.device) -> torch.Tensor:
+    """(2T-1, dim) sinusoid embeddings of the distances T-1, T-2, ..., -(T-1)."""
+    distances = torch.arange(T - 1, -T, -1.0, device=device)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2.0, device=device) / dim))
+    angles = distances[:, None] * inv_freq[None, :]
+    return torch.cat([angles.sin(), angles.cos()], -1)
+
+
+class TwoStreamAttention(SelfAttention):
+    """Relative multi-head attention for both streams. It subclasses `SelfAttention` for its `qkv`/`out`
+    projections, so LoRA and adapters find it like any other attention layer."""
+
+    def __init__(self, hidden_size: int, num_heads: int, dropout: float):
+        super().__init__(hidden_size, num_heads, dropout, bias=False)
+        head_size = hidden_size // num_heads
+        self.position = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.content_bias = nn.Parameter(torch.zeros(num_heads, head_size))  # u
+        self.position_bias = nn.Parameter(torch.zeros(num_heads, head_size))  # v
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        return x.view(B, T, self.num_heads, C // self.num_heads).transpose(1, 2)
+
+    def _attend(self, q, k, v, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """q, k, v: (B, nh, T, hs); positions: (nh, 2T-1, hs); mask: (B, 1, T|1, T), True = may attend."""
+        B, nh, T, hs = q.shape
+        content = (q + self.content_bias[:, None]) @ k.transpose(-1, -2)
+        by_distance = (q + self.position_bias[:, None]) @ positions.transpose(-1, -2)  # (B, nh, T, 2T-1)
+        i = torch.arange(T, device=q.device)
+        index = (T - 1) - (i[:, None] - i[None, :])  # column of distance i - j
+        position = by_distance.gather(-1, index.expand(B, nh, T, T))
+        scores = ((content + position) / math.sqrt(hs)).masked_fill(~mask, float("-inf"))
+        # a query with nothing to attend to (first in the order) gets zeros, not NaN
+        probs = F.softmax(scores.float(), -1).nan_to_num(0.0).to(v.dtype)
+        probs = F.dropout(probs, self.dropout, self.training)
+        return (probs @ v).transpose(1, 2).reshape(B, T, nh * hs)
+
+    def forward(self, h, g, content_mask, query_mask, sinusoid):
+        """h, g: (B, T, C) content and query streams (g may be None); returns their attention outputs."""
+        if self.prefix is not None:
+            raise ValueError("prefix tuning is not supported by XLNet's two-stream attention")
+        C = h.shape[-1]
+        q, k, v = (self._heads(t) for t in self.qkv(h).split(C, dim=2))
+        positions = self.position(sinusoid).view(-1, self.num_heads, C // self.num_heads).transpose(0, 1)
+        h_out = self.out(self._attend(q, k, v, positions, content_mask))
+        if g is None:
+            return h_out, None
+        query = self._heads(self.qkv(g)[..., :C])  # the query stream asks with its own state, never its content
+        return h_out, self.out(self._attend(query, k, v, positions, query_mask))
+
+
+class Layer(nn.Module):
+    """Post-LN: x = LN(x + attn); x = LN(x + ffn(x)), applied to both streams with the same weights."""
+
+    def __init__(self, arch: XlnetArch):
+        super().__init__()
+        self.attention = TwoStreamAttention(arch.hidden_size, arch.num_heads, arch.attention_dropout)
+        self.attention_norm = nn.LayerNorm(arch.hidden_size, eps=arch.layer_norm_eps)
+        self.ffn = FeedForward(arch.hidden_size, arch.intermediate_size)
+        self.ffn_norm = nn.LayerNorm(arch.hidden_size, eps=arch.layer_norm_eps)
+        self.dropout = nn.Dropout(arch.dropout)
+
+    def _post(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        x = self.attention_norm(x + self.dropout(attended))
+        return self.ffn_norm(x + self.dropout(self.ffn(x)))
+
+    def forward(self, h, g, content_mask, query_mask, sinusoid):
+        h_att, g_att = self.attention(h, g, content_mask, query_mask, sinusoid)
+        return self._post(h, h_att), (self._post(g, g_att) if g is not None else None)
+
+
+class Embeddings(nn.Module):
+    def __init__(self, arch: XlnetArch, vocab_size: int):
+        super().__init__()
+        self.word = nn.Embedding(vocab_size, arch.hidden_size)
+        self.query = nn.Parameter(torch.zeros(arch.hidden_size))  # the query stream's starting state
+        self.dropout = nn.Dropout(arch.dropout)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.word(input_ids))
+
+
+class Xlnet(nn.Module):
+    summary = "first"
+
+    def __init__(self, arch: XlnetArch, vocab_size: int):
+        super().__init__()
+        self.arch = arch
+        self.vocab_size = vocab_size
+        self.embeddings = Embeddings(arch, vocab_size)
+        self.layers = nn.ModuleList(Layer(arch) for _ in range(arch.num_layers))
+        self.dropout = nn.Dropout(arch.dropout)
+
+    def _sinusoid(self, T: int, like: torch.Tensor) -> torch.Tensor:
+        return self.dropout(relative_sinusoid(T, self.arch.hidden_size, like.device).to(like.dtype))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Content stream with bidirectional attention (fine-tuning): (B, T) -> (B, T, C)."""
+        B, T = input_ids.shape
+        real = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
+        mask = real[:, None, None, :]
+        h = self.embeddings(input_ids)
+        sinusoid = self._sinusoid(T, h)
+        for layer in self.layers:
+            h, _ = layer(h, None, mask, None, sinusoid)
+        return h
+
+    def two_stream(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, rank: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both streams under the factorisation order given by `rank` (B, T). Returns (h, g), each (B, T, C)."""
+        B, T = input_ids.shape
+        real = attention_mask.bool()[:, None, :]
+        earlier_or_same = rank[:, None, :] <= rank[:, :, None]  # [b, i, j]: j comes no later than i
+        content_mask = (earlier_or_same & real)[:, None]
+        query_mask = (earlier_or_same & (rank[:, None, :] != rank[:, :, None]) & real)[:, None]
+        h = self.embeddings(input_ids)
+        g = self.embeddings.dropout(self.embeddings.query.to(h.dtype).expand(B, T, -1))
+        sinusoid = self._sinusoid(T, h)
+        for layer in self.layers:
+            h, g = layer(h, g, content_mask, query_mask, sinusoid)
+        return h, g
+
+
+class XlnetForPermutationLM(nn.Module):
+    def __init__(self, arch: XlnetArch, vocab_size: int):
+        super().__init__()
+        self.encoder = Xlnet(arch, vocab_size)
+        self.lm_bias = nn.Parameter(torch.zeros(vocab_size))
+        init_normal(self, arch.init_std)
+        nn.init.normal_(self.encoder.embeddings.query, std=arch.init_std)
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, rank: torch.Tensor, target_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Logits (N, V) of the N target positions, read from the query stream, tied to the word embeddings."""
+        _, g = self.encoder.two_stream(input_ids, attention_mask, rank)
+        return F.linear(g[target_mask], self.encoder.embeddings.word.weight, self.lm_bias)
+
+
+def build_pretraining(arch: XlnetArch, vocab_size: int, objective) -> XlnetForPermutationLM:
+    return XlnetForPermutationLM(arch, vocab_size)
+
+
+def build_encoder(arch: XlnetArch, vocab_size: int) -> Xlnet:
+    encoder = Xlnet(arch, vocab_size)
+    init_normal(encoder, arch.init_std)
+    nn.init.normal_(encoder.embeddings.query, std=arch.init_std)
+    return encoder
