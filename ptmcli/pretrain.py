@@ -21,7 +21,13 @@ from ptmcli.schema import PretrainConfig, architecture_spec, check_pretrain
 
 
 # objective -> packing layout of its sequences (see data.pretraining.LAYOUTS)
-LAYOUT = {"mlm-nsp": "sentences", "mlm": "blocks-cls-sep", "rtd": "blocks-cls-sep", "plm": "blocks-cls-sep", "clm": "blocks"}
+LAYOUT = {
+    "mlm-nsp": "sentences",
+    "mlm": "blocks-cls-sep",
+    "rtd": "blocks-cls-sep",
+    "plm": "blocks-cls-sep",
+    "clm": "blocks",
+}
 
 
 def make_examples(cfg: PretrainConfig, chunks, tokenizer):
@@ -48,7 +54,11 @@ def build_examples(cfg: PretrainConfig, dist: Dist) -> tuple:
     }
     if dist.is_main:
         dist.barrier()
-    return tokenizer, *(make_examples(cfg, chunks[s], tokenizer) for s in ("train", "val")), (len(train_docs), len(val_docs))
+    return (
+        tokenizer,
+        *(make_examples(cfg, chunks[s], tokenizer) for s in ("train", "val")),
+        (len(train_docs), len(val_docs)),
+    )
 
 
 def model_spec(cfg: PretrainConfig, vocab_size: int) -> dict:
