@@ -62,6 +62,18 @@ RUN_COMMANDS = {
     "evaluate": "metrics of a fine-tuned run on a split: ptm evaluate run=DIR split=test",
     "predict": "predictions, one JSON line per input: ptm predict run=DIR input=texts.txt [output=FILE]",
     "export": "adapter in PEFT format, or LoRA merged into the base: ptm export run=DIR [merge=true]",
+    "generate": "continue text with a causal LM run: ptm generate run=DIR prompt=TEXT [max_new_tokens=40 top_p=0.9 "
+    "top_k=0 temperature=1 greedy=false seed=0 cache=true] (or input=FILE, one prompt per line)",
+}
+# ptm generate's arguments -> (type, default)
+GENERATE_ARGS = {
+    "max_new_tokens": (int, 40),
+    "greedy": (bool, False),
+    "temperature": (float, 1.0),
+    "top_k": (int, 0),
+    "top_p": (float, 1.0),
+    "seed": (int, 0),
+    "cache": (bool, True),
 }
 # Hydra flags whose next argument is their value, not an override (--info takes one only from its choices).
 HYDRA_FLAGS_WITH_VALUE = {
@@ -277,6 +289,7 @@ def run_run_command(name: str, args: list[str]) -> None:
             "evaluate": ("run", "split", "checkpoint"),
             "predict": ("run", "input", "output", "checkpoint"),
             "export": ("run", "merge", "output"),
+            "generate": ("run", "prompt", "input", "output", "checkpoint", *GENERATE_ARGS),
         }[name]
         if not sep or key not in allowed:
             raise PtmError(
@@ -285,7 +298,11 @@ def run_run_command(name: str, args: list[str]) -> None:
             )
         values[key] = value
     if "run" not in values:
-        raise PtmError(f"ptm {name} needs run=DIR, a fine-tuning run directory.")
+        kind = "causal-LM pretraining" if name == "generate" else "fine-tuning"
+        raise PtmError(f"ptm {name} needs run=DIR, a {kind} run directory.")
+    if name == "generate":
+        run_generate(values)
+        return
     from ptmcli import inference
 
     if name == "export":
@@ -303,6 +320,37 @@ def run_run_command(name: str, args: list[str]) -> None:
         inference.predict_run(
             Path(values["run"]), Path(values["input"]), values.get("output"), values.get("checkpoint")
         )
+
+
+def _typed(key: str, value: str, kind: type):
+    try:
+        if kind is bool:
+            if value.lower() not in ("true", "false"):
+                raise ValueError
+            return value.lower() == "true"
+        return kind(value)
+    except ValueError:
+        raise PtmError(f"{key}={value!r} is not a valid {kind.__name__}.") from None
+
+
+def run_generate(values: dict[str, str]) -> None:
+    from ptmcli.generate import generate_run
+    from ptmcli.generation import Sampling
+
+    settings = {
+        k: _typed(k, values[k], kind) if k in values else default for k, (kind, default) in GENERATE_ARGS.items()
+    }
+    settings["use_cache"] = settings.pop("cache")
+    if ("prompt" in values) == ("input" in values):
+        raise PtmError("ptm generate needs either prompt=TEXT or input=FILE (one prompt per line).")
+    if "input" in values:
+        path = Path(values["input"])
+        if not path.is_file():
+            raise PtmError(f"input='{path}' does not exist; give a text file with one prompt per line.")
+        prompts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    else:
+        prompts = [values["prompt"]]
+    generate_run(Path(values["run"]), prompts, Sampling(**settings), values.get("output"), values.get("checkpoint"))
 
 
 def fail(err: PtmError) -> None:

@@ -130,7 +130,7 @@ def train(
     scheduler = build_schedule(optimizer, optim_cfg, cfg.max_steps)
     scaler = torch.amp.GradScaler(hw.device.type, enabled=hw.uses_scaler)
     terms = job.objective.terms
-    weights = [getattr(job.objective, "weights", {}).get(t, 1.0) for t in terms]
+    weights = [getattr(job.objective, "term_weights", {}).get(t, 1.0) for t in terms]
     ckpt_root = run_dir / "checkpoints"
 
     step, consumed = 0, 0

@@ -256,17 +256,20 @@ class TaskConfig:
 @dataclass
 class LabeledDataConfig:
     name: str = _f("custom", "short name of this dataset")
-    loader: Literal["table", "folders", "conll", "squad", "bbc-pairs", "conll-qa"] = _f(
+    loader: Literal["table", "folders", "lines", "conll", "squad", "bbc-pairs", "conll-qa", "peoples-daily"] = _f(
         "table",
-        "table: csv/tsv/json(l)/parquet; folders: one folder of .txt files per label; conll: word ... tag "
-        "columns; squad: SQuAD JSON; bbc-pairs / conll-qa: the derived pair and QA tasks",
+        "table: csv/tsv/json(l)/parquet/pickle; folders: one folder of .txt files per label; lines: one "
+        "LABEL.txt file per label, one text per line; conll: word ... tag columns; squad: SQuAD JSON; "
+        "bbc-pairs / conll-qa / peoples-daily: the derived pair, QA and Chinese NER tasks",
     )
     train: str = _f("", "training file or folder (pkg://package/path allowed)")
     validation: Optional[str] = _f(None, "validation file; none = hold out validation_fraction of train")
     test: Optional[str] = _f(None, "test file; none = hold out test_fraction of train")
-    text_column: str = _f("text", "table: column with the text")
+    text_column: str = _f("text", "table: column with the text (title+text joins two with a line break)")
     text_pair_column: Optional[str] = _f(None, "table: column with the second text (pair-cls)")
     label_column: str = _f("label", "table: column with the label")
+    index_labels: list[str] = _f([], "table: names of integer-coded labels (label value i is index_labels[i])")
+    pickle_columns: list[str] = _f([], "table: names of the columns of a pickled tuple of lists")
     filter_column: Optional[str] = _f(None, "table: drop rows whose filter_column equals one of filter_values")
     filter_values: list[str] = _f([], "table: values of filter_column to drop")
     tag_column: int = _f(-1, "conll: index of the tag column (-1 = last)")

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -79,3 +81,15 @@ TIMING_KEYS = {"tokens_per_s"}
 def comparable(rows: list[dict]) -> list[dict]:
     """Metric rows without wall-clock fields."""
     return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
+
+
+def kill_after_checkpoint(args: list[str], env: dict, checkpoint: Path) -> int:
+    """Start ptm, SIGKILL it as soon as `checkpoint` is complete; returns its exit status."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ptmcli", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.time() + 300
+    while not (checkpoint / "COMPLETE").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    return proc.wait()

@@ -27,6 +27,8 @@ LAYERS = {
     "pretrain": 5,
     "finetune": 5,
     "inference": 5.5,
+    "generate": 5.5,
+    "generation": 2,
     "export": 5.7,
     "cli": 6,
     "__main__": 7,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TINY, comparable, fails_with, read_metrics, run_ptm
+from tests.conftest import TINY, comparable, fails_with, kill_after_checkpoint, read_metrics, run_ptm
 
 SCHEDULE = [
     "trainer.max_steps=40",
@@ -58,22 +58,11 @@ def test_tiny_pretraining_learns(cache_env, tmp_path):
     }
 
 
-def _kill_after_checkpoint(args: list[str], env: dict, checkpoint: Path) -> int:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ptmcli", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    deadline = time.time() + 300
-    while not (checkpoint / "COMPLETE").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.002)
-    proc.send_signal(signal.SIGKILL)
-    return proc.wait()
-
-
 def test_sigkill_then_resume_matches_an_uninterrupted_run(cache_env, tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     run_ptm(["pretrain", *TINY, *SCHEDULE, f"hydra.run.dir={straight}"], cache_env)
     args = ["pretrain", *TINY, *SCHEDULE, f"hydra.run.dir={killed}"]
-    assert _kill_after_checkpoint(args, cache_env, killed / "checkpoints" / "step-10") == -signal.SIGKILL
+    assert kill_after_checkpoint(args, cache_env, killed / "checkpoints" / "step-10") == -signal.SIGKILL
     last = json.loads((killed / "checkpoints" / "latest" / "trainer_state.json").read_text())["step"]
     assert 10 <= last < 40
     run_ptm([*args, "resume=auto"], cache_env)

@@ -55,7 +55,7 @@ ENTITY_TAGS = {"nr": "PER", "ns": "LOC", "nt": "ORG"}
 
 def peoples_daily_ner(path: Path) -> list[dict]:
     """Character-level BIO tags (PER/LOC/ORG) derived from the nr/ns/nt tags of the POS-tagged corpus:
-    one record per line, words = characters."""
+    one record per line, tokens = characters."""
     records = []
     for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
         chars, tags, previous = [], [], None
@@ -70,7 +70,7 @@ def peoples_daily_ner(path: Path) -> list[dict]:
                 tags.append("O" if entity is None else ("I-" if i or continues else "B-") + entity)
             previous = entity
         if chars:
-            records.append({"id": f"{Path(path).name}:{n}", "words": chars, "tags": tags})
+            records.append({"id": f"{Path(path).name}:{n}", "tokens": chars, "tags": tags})
     return records
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 
+from ptmcli.data.chinese import peoples_daily_ner, pickle_columns
 from ptmcli.data.sources import FORMATS, package_path
 from ptmcli.errors import PtmError
 from ptmcli.schema import LabeledDataConfig
@@ -41,15 +42,21 @@ def read_table(path: Path, cfg: LabeledDataConfig, key: str, pair: bool) -> list
     suffix = "".join(path.suffixes[-2:]) if path.suffix in (".bz2", ".gz", ".xz") else path.suffix
     builder = FORMATS.get(suffix.split(".")[1] and "." + suffix.split(".")[1])
     if builder in (None, "text"):
-        raise PtmError(f"{key}='{path}': a table must be .csv, .tsv, .json, .jsonl or .parquet (optionally .bz2/.gz).")
+        raise PtmError(
+            f"{key}='{path}': a table must be .csv, .tsv, .json, .jsonl, .parquet (optionally .bz2/.gz) or .pkl."
+        )
     kwargs = {"delimiter": "\t"} if ".tsv" in suffix else {}
-    try:
-        ds = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
-    except Exception as err:  # datasets raises many types; the user needs the file and the cause
-        if "corresponds to no data" in str(err):
-            return []  # a header and no rows: reported as an empty split
-        raise PtmError(f"{key}='{path}' could not be read as {builder}: {err}") from err
-    wanted = {"data.text_column": cfg.text_column, "data.label_column": cfg.label_column}
+    if builder == "pickle":
+        ds = datasets.Dataset.from_dict(pickle_columns(path, cfg.pickle_columns))
+    else:
+        try:
+            ds = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
+        except Exception as err:  # datasets raises many types; the user needs the file and the cause
+            if "corresponds to no data" in str(err):
+                return []  # a header and no rows: reported as an empty split
+            raise PtmError(f"{key}='{path}' could not be read as {builder}: {err}") from err
+    text_columns = cfg.text_column.split("+")
+    wanted = {f"data.text_column ({c})": c for c in text_columns} | {"data.label_column": cfg.label_column}
     if pair:
         wanted["data.text_pair_column"] = cfg.text_pair_column or "text_pair"
     if cfg.filter_column:
@@ -65,10 +72,18 @@ def read_table(path: Path, cfg: LabeledDataConfig, key: str, pair: bool) -> list
     for i, row in enumerate(ds):
         if cfg.filter_column and str(row[cfg.filter_column]) in drop:
             continue
-        text = row[cfg.text_column]
-        if text is None or not str(text).strip():
+        text = "\n".join(str(row[c]) for c in text_columns if row[c] is not None and str(row[c]).strip())
+        if not text.strip():
             continue
-        record = {"id": f"{path.name}:{i}", "text": str(text), "label": str(row[cfg.label_column])}
+        label = row[cfg.label_column]
+        if cfg.index_labels:
+            if not isinstance(label, int) or not 0 <= label < len(cfg.index_labels):
+                raise PtmError(
+                    f"{key}='{path}' row {i}: label {label!r} is not an index into data.index_labels="
+                    f"{cfg.index_labels}."
+                )
+            label = cfg.index_labels[label]
+        record = {"id": f"{path.name}:{i}", "text": text, "label": str(label)}
         if pair:
             record["text_pair"] = str(row[wanted["data.text_pair_column"]] or "")
         records.append(record)
@@ -84,6 +99,20 @@ def read_folders(path: Path) -> list[dict]:
     if not records:
         raise PtmError(f"'{path}' has no LABEL/*.txt files; the folders loader wants one sub-folder per label.")
     return [r for r in records if r["text"]]
+
+
+def read_lines(path: Path) -> list[dict]:
+    """One LABEL.txt file per label, one text per line."""
+    files = sorted(path.glob("*.txt")) if path.is_dir() else [path]
+    records = [
+        {"id": f"{f.name}:{n}", "text": line.strip(), "label": f.stem}
+        for f in files
+        for n, line in enumerate(read_text_file(f).splitlines(), 1)
+        if line.strip()
+    ]
+    if len(files) < 2:
+        raise PtmError(f"'{path}' should be a folder of LABEL.txt files (one per label, one text per line).")
+    return records
 
 
 def read_conll(path: Path, tag_column: int) -> list[dict]:
@@ -189,6 +218,10 @@ def _read(spec: str, key: str, cfg: LabeledDataConfig, kind: str) -> list[dict]:
         records = read_table(path, cfg, key, pair=kind == "pair-cls")
     elif cfg.loader in ("folders", "bbc-pairs"):
         records = read_folders(path)
+    elif cfg.loader == "lines":
+        records = read_lines(path)
+    elif cfg.loader == "peoples-daily":
+        records = peoples_daily_ner(path)
     elif cfg.loader in ("conll", "conll-qa"):
         records = read_conll(path, cfg.tag_column)
     else:

@@ -34,6 +34,8 @@ class SelfAttention(nn.Module):
         self.dropout = dropout
         self.prefix = None
 
+    supports_prefix = True  # subclasses with their own attention may not honour `prefix`
+
     def forward(
         self, x: torch.Tensor, mask: torch.Tensor | None, causal: bool = False, cache: dict | None = None
     ) -> torch.Tensor:

@@ -36,6 +36,8 @@ class TwoStreamAttention(SelfAttention):
     """Relative multi-head attention for both streams. It subclasses `SelfAttention` for its `qkv`/`out`
     projections, so LoRA and adapters find it like any other attention layer."""
 
+    supports_prefix = False
+
     def __init__(self, hidden_size: int, num_heads: int, dropout: float):
         super().__init__(hidden_size, num_heads, dropout, bias=False)
         head_size = hidden_size // num_heads

@@ -2,7 +2,7 @@
 
 An objective returns sums, not means: the loop divides by the number of targets in the whole step
 (all micro-batches, all processes), so gradient accumulation and data parallelism give the same
-update as one big batch. An objective may weight its terms (`weights`, default 1).
+update as one big batch. An objective may weight its terms (`term_weights`, default 1).
 """
 
 from ptmcli.objectives.clm import CausalLM

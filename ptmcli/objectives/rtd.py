@@ -15,7 +15,7 @@ class ReplacedTokenDetection:
     stats = ("mlm_correct", "rtd_correct", "replaced", "flagged", "flagged_replaced")
 
     def __init__(self, rtd_weight: float):
-        self.weights = {"rtd": rtd_weight}  # the loop weights the per-token means of the terms by these
+        self.term_weights = {"rtd": rtd_weight}  # the loop weights the per-token means of the terms by these
 
     def __call__(self, model: nn.Module, batch: dict) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         out = model(
@@ -53,5 +53,5 @@ class ReplacedTokenDetection:
             "replaced_fraction": stats["replaced"] / counts["rtd"],
             "rtd_precision": stats["flagged_replaced"] / max(stats["flagged"], 1),
             "rtd_recall": stats["flagged_replaced"] / max(stats["replaced"], 1),
-            "loss": mlm + self.weights["rtd"] * rtd,
+            "loss": mlm + self.term_weights["rtd"] * rtd,
         }

@@ -115,6 +115,11 @@ def apply(model: nn.Module, cfg, total_steps: int) -> Method:
     elif cfg.mode == "prefix":
         layers = [m for m in encoder.modules() if isinstance(m, SelfAttention)]
         arch = encoder.arch
+        if not all(layer.supports_prefix for layer in layers):
+            raise PtmError(
+                f"transfer=prefix is not available for {arch.family}: its attention does not take prefix key/values. "
+                f"Use transfer=lora, adalora or adapter."
+            )
         method.prefix = PrefixEncoder(
             len(layers), arch.num_heads, arch.hidden_size, cfg.num_virtual_tokens, cfg.projection_hidden, cfg.dropout
         )

@@ -1,0 +1,79 @@
+"""`ptm generate`: continue prompts with a causal LM pretraining run (its config, tokenizer and checkpoint)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+from tokenizers import Tokenizer
+
+from ptmcli import checkpoint, hardware
+from ptmcli.data.tokenizer import SpecialIds
+from ptmcli.distributed import Dist
+from ptmcli.errors import PtmError
+from ptmcli.generation import Sampling, generate
+from ptmcli.models import PRETRAINING_MODELS
+from ptmcli.runlog import console
+from ptmcli.schema import check_pretrain
+
+
+def load_causal_lm(run: Path, checkpoint_name: str | None = None):
+    """(model in eval mode, tokenizer, hardware) of a pretraining run whose model decodes (has a KV cache)."""
+    if not (run / "config.yaml").exists() or not (run / "tokenizer.json").exists():
+        raise PtmError(f"run='{run}' is not a ptm pretraining run directory (it needs config.yaml and tokenizer.json).")
+    raw = yaml.safe_load((run / "config.yaml").read_text())
+    if "objective" not in raw:
+        raise PtmError(f"run='{run}' is a fine-tuning run; ptm generate continues text with a pretrained causal LM.")
+    cfg = check_pretrain(raw)
+    if cfg.objective.name != "clm":
+        raise PtmError(
+            f"run='{run}' trained a {cfg.model.family} model with objective={cfg.objective.name}; ptm generate "
+            f"needs a causal LM (a gpt run, objective=clm)."
+        )
+    root = run / "checkpoints"
+    path = (root / checkpoint_name) if checkpoint_name else (root / "best" if (root / "best").exists() else None)
+    path = path or checkpoint.latest(root)
+    if path is None or not (path / checkpoint.MARKER).exists():
+        raise PtmError(f"run='{run}' has no complete checkpoint{' ' + checkpoint_name if checkpoint_name else ''}.")
+    tokenizer = Tokenizer.from_file(str(run / "tokenizer.json"))
+    model = PRETRAINING_MODELS[cfg.model.family](cfg.model, tokenizer.get_vocab_size(), cfg.objective)
+    checkpoint.load_weights(path.resolve(), model)
+    hw = hardware.resolve(cfg.hardware, Dist())
+    return model.to(hw.device).eval(), tokenizer, hw
+
+
+def continue_texts(model, tokenizer: Tokenizer, prompts: list[str], cfg: Sampling, hw) -> list[str]:
+    """Each prompt, continued. A prompt starts after the end token, as every document did in training."""
+    end = SpecialIds.of(tokenizer).sep
+
+    def step(ids: torch.Tensor, cache):
+        with hw.autocast():
+            return model(ids, cache=cache)[:, -1].float()
+
+    out = []
+    for prompt in prompts:
+        ids = torch.tensor([[end, *tokenizer.encode(prompt, add_special_tokens=False).ids]], device=hw.device)
+        new = generate(step, model.new_cache, ids, cfg, stop_id=end, max_length=model.max_positions)
+        tokens = [t for t in new[0].tolist() if t != end]
+        out.append(prompt + tokenizer.decode(tokens, skip_special_tokens=True))
+    return out
+
+
+def generate_run(run: Path, prompts: list[str], cfg: Sampling, output: str | None, checkpoint_name: str | None):
+    problems = cfg.check()
+    if problems:
+        raise PtmError("ptm generate: " + "; ".join(problems) + ".")
+    model, tokenizer, hw = load_causal_lm(run, checkpoint_name)
+    texts = continue_texts(model, tokenizer, prompts, cfg, hw)
+    if output:
+        with open(output, "w", encoding="utf-8") as f:
+            for prompt, text in zip(prompts, texts):
+                f.write(json.dumps({"prompt": prompt, "text": text}, ensure_ascii=False) + "\n")
+        console.print(f"{len(texts)} continuation(s) written to {output}")
+    else:
+        for text in texts:
+            sys.stdout.write(text + "\n\n")
+    return texts
