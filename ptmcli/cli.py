@@ -62,8 +62,9 @@ RUN_COMMANDS = {
     "evaluate": "metrics of a fine-tuned run on a split: ptm evaluate run=DIR split=test",
     "predict": "predictions, one JSON line per input: ptm predict run=DIR input=texts.txt [output=FILE]",
     "export": "adapter in PEFT format, or LoRA merged into the base: ptm export run=DIR [merge=true]",
-    "generate": "continue text with a causal LM run: ptm generate run=DIR prompt=TEXT [max_new_tokens=40 top_p=0.9 "
-    "top_k=0 temperature=1 greedy=false seed=0 cache=true] (or input=FILE, one prompt per line)",
+    "generate": "continue text with a causal LM run, or write outputs with a text-to-text run: ptm generate "
+    "run=DIR prompt=TEXT | input=FILE (one per line) [max_new_tokens=40 top_p=0.9 top_k=0 temperature=1 "
+    "greedy=false seed=0 cache=true num_beams=1 length_penalty=1 no_repeat_ngram_size=0]",
 }
 # ptm generate's arguments -> (type, default)
 GENERATE_ARGS = {
@@ -74,6 +75,9 @@ GENERATE_ARGS = {
     "top_p": (float, 1.0),
     "seed": (int, 0),
     "cache": (bool, True),
+    "num_beams": (int, 1),
+    "length_penalty": (float, 1.0),
+    "no_repeat_ngram_size": (int, 0),
 }
 # Hydra flags whose next argument is their value, not an override (--info takes one only from its choices).
 HYDRA_FLAGS_WITH_VALUE = {

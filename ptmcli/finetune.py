@@ -18,11 +18,12 @@ from ptmcli.data.tokenizer import load_tokenizer, train_tokenizer
 from ptmcli.distributed import init_from_env
 from ptmcli.errors import PtmError
 from ptmcli.loop import Job, evaluate, train
-from ptmcli.models import ENCODERS
+from ptmcli.models import ENCODERS, SEQ2SEQ_MODELS
 from ptmcli.models.heads import HEADS, TaskModel
 from ptmcli.runlog import console, print_metrics
-from ptmcli.schema import DataConfig, FinetuneConfig, architecture_spec, check_finetune
+from ptmcli.schema import SEQ2SEQ_FAMILIES, DataConfig, FinetuneConfig, architecture_spec, check_finetune
 from ptmcli.tasks import TASKS
+from ptmcli.tasks.text2text import TextToText
 from ptmcli.weights import Pretrained, load_pretrained
 
 
@@ -56,6 +57,40 @@ def build_model(
         encoder.embeddings.requires_grad_(False)
         for layer in encoder.layers[: transfer.freeze_layers]:
             layer.requires_grad_(False)
+    return model
+
+
+def writes_text(cfg: FinetuneConfig, family: str) -> bool:
+    """Whether this run trains an encoder-decoder to write its answers (text2text tasks, transfer=text-to-text)."""
+    wanted = cfg.task.kind == "text2text" or cfg.transfer.mode == "text-to-text"
+    if wanted and family not in SEQ2SEQ_FAMILIES:
+        raise PtmError(
+            f"task.kind={cfg.task.kind} with transfer={cfg.transfer.mode} writes text and needs an encoder-decoder "
+            f"({', '.join(SEQ2SEQ_FAMILIES)}); init gives a {family} model. Start from a t5 or bart run."
+        )
+    if wanted and cfg.transfer.mode not in ("full", "text-to-text"):
+        raise PtmError(
+            f"transfer={cfg.transfer.mode} is not available for text-to-text training; use transfer=text-to-text."
+        )
+    if wanted and cfg.task.kind not in ("text-cls", "pair-cls", "text2text"):
+        raise PtmError(f"transfer=text-to-text casts classification tasks as text; task.kind={cfg.task.kind} is not.")
+    return wanted
+
+
+def text_task(cfg: FinetuneConfig, labels: list[str], pretrained: Pretrained) -> TextToText:
+    start = "pad" if pretrained.family == "t5" else "sep"
+    return TextToText(cfg.task, labels, pretrained.tokenizer, decoder_start=start)
+
+
+def build_seq2seq(pretrained: Pretrained) -> torch.nn.Module:
+    model = SEQ2SEQ_MODELS[pretrained.family](pretrained.arch, pretrained.tokenizer.get_vocab_size())
+    if pretrained.model_state:
+        missing, unexpected = model.load_state_dict(pretrained.model_state, strict=False)
+        if missing or unexpected:
+            raise PtmError(
+                f"The weights of {pretrained.source} do not fit a {pretrained.family} encoder-decoder (missing "
+                f"{missing[:5]}, unexpected {list(unexpected)[:5]})."
+            )
     return model
 
 
@@ -109,27 +144,26 @@ def finetune(raw_cfg: dict, run_dir: Path, recipe: str) -> dict[str, float]:
             f"task.class_weights has {len(cfg.task.class_weights)} values but there are {len(labels)} labels "
             f"{labels}; give one weight per label, in that order."
         )
-    if kind != "qa" and len(labels) < 2:
+    if kind not in ("qa", "text2text") and len(labels) < 2:
         raise PtmError(f"data '{cfg.data.name}' has {len(labels)} label(s) {labels}; classification needs at least 2.")
     pretrained = load_pretrained(cfg.init) if cfg.init else scratch(cfg, [r.get("text", "") for r in splits["train"]])
-    task = TASKS[kind](cfg.task, labels, pretrained.tokenizer)
+    text = writes_text(cfg, pretrained.family)
+    task = text_task(cfg, labels, pretrained) if text else TASKS[kind](cfg.task, labels, pretrained.tokenizer)
     examples = {name: task.examples(records) for name, records in splits.items()}
     torch.manual_seed(cfg.trainer.seed)
-    model = build_model(
-        pretrained,
-        kind,
-        len(labels),
-        cfg.task.classifier_dropout,
-        cfg.transfer,
-        pooling=cfg.task.pooling,
-    )
+    if text:
+        model = build_seq2seq(pretrained)
+    else:
+        model = build_model(
+            pretrained, kind, len(labels), cfg.task.classifier_dropout, cfg.transfer, pooling=cfg.task.pooling
+        )
     trainer = cfg.trainer
     if trainer.epochs is not None:
         per_step = trainer.batch_size * dist.world_size * trainer.grad_accum
         trainer = dataclasses.replace(
             trainer, max_steps=max(1, math.ceil(trainer.epochs * len(examples["train"]) / per_step))
         )
-    spec = model_spec(pretrained, kind, len(labels))
+    spec = {**model_spec(pretrained, kind, len(labels)), "text_to_text": text}
     method, saved_keys = None, None
     if cfg.transfer.mode in peft.METHODS:
         method = peft.apply(model, cfg.transfer, trainer.max_steps)

@@ -1,4 +1,5 @@
-"""`ptm generate`: continue prompts with a causal LM pretraining run (its config, tokenizer and checkpoint)."""
+"""`ptm generate`: continue prompts with a causal LM pretraining run, or write outputs with a text-to-text
+fine-tuning run (e.g. headlines for articles), from the run's own config, tokenizer and checkpoint."""
 
 from __future__ import annotations
 
@@ -62,12 +63,38 @@ def continue_texts(model, tokenizer: Tokenizer, prompts: list[str], cfg: Samplin
     return out
 
 
+def write_texts(run: Path, inputs: list[str], cfg: Sampling, checkpoint_name: str | None) -> list[str]:
+    """Outputs of a text-to-text fine-tuning run for `inputs` (its task prefix and truncation apply)."""
+    from ptmcli.inference import load_run
+    from ptmcli.loop import to_device
+    from ptmcli.tasks.text2text import TextToText
+
+    run_cfg, task, model, _labels, hw, _ckpt = load_run(run, checkpoint_name)
+    if not isinstance(task, TextToText):
+        raise PtmError(
+            f"run='{run}' fine-tuned a {run_cfg.task.kind} head, which does not write text; use ptm predict, or "
+            f"generate with a text-to-text run (t5/bart with task.kind=text2text or transfer=text-to-text)."
+        )
+    examples = task.examples([{"id": str(i), "text": t} for i, t in enumerate(inputs)])
+    out = []
+    for start, stop in examples.eval_ranges(run_cfg.trainer.batch_size):
+        batch = to_device(examples.batch(list(range(start, stop)), 0), hw.device)
+        with hw.autocast():
+            out.extend(task.generate(model, batch, cfg))
+    return out
+
+
 def generate_run(run: Path, prompts: list[str], cfg: Sampling, output: str | None, checkpoint_name: str | None):
     problems = cfg.check()
     if problems:
         raise PtmError("ptm generate: " + "; ".join(problems) + ".")
-    model, tokenizer, hw = load_causal_lm(run, checkpoint_name)
-    texts = continue_texts(model, tokenizer, prompts, cfg, hw)
+    if (run / "labels.json").exists():  # a fine-tuning run: it writes outputs for inputs
+        texts = write_texts(run, prompts, cfg, checkpoint_name)
+    else:
+        if cfg.num_beams > 1:
+            raise PtmError("num_beams applies to text-to-text runs; a causal LM continues by sampling or greedy.")
+        model, tokenizer, hw = load_causal_lm(run, checkpoint_name)
+        texts = continue_texts(model, tokenizer, prompts, cfg, hw)
     if output:
         with open(output, "w", encoding="utf-8") as f:
             for prompt, text in zip(prompts, texts):

@@ -15,7 +15,7 @@ from ptmcli import checkpoint, hardware, peft
 from ptmcli.data.labeled import label_names, load_splits
 from ptmcli.distributed import Dist
 from ptmcli.errors import PtmError
-from ptmcli.finetune import build_model, state_digest
+from ptmcli.finetune import build_model, build_seq2seq, state_digest, text_task
 from ptmcli.loop import evaluate, to_device
 from ptmcli.runlog import console, print_metrics
 from ptmcli.schema import FullTransfer, arch_from_spec, check_finetune
@@ -59,11 +59,17 @@ def load_run(run: Path, checkpoint_name: str | None = None, with_method: bool = 
             method.prefix.freeze()  # plain prefix tensors from here on
     else:
         pretrained = Pretrained(spec["family"], arch_from_spec(spec), {}, tokenizer, str(ckpt))
-        model = build_model(pretrained, cfg.task.kind, len(labels), 0.0, FullTransfer(), pooling=cfg.task.pooling)
+        if spec.get("text_to_text"):
+            model = build_seq2seq(pretrained)
+        else:
+            model = build_model(pretrained, cfg.task.kind, len(labels), 0.0, FullTransfer(), pooling=cfg.task.pooling)
         checkpoint.load_weights(ckpt, model)
     hw = hardware.resolve(cfg.hardware, Dist())
     model.to(hw.device).eval()
-    task = TASKS[cfg.task.kind](cfg.task, labels, tokenizer)
+    if spec.get("text_to_text"):
+        task = text_task(cfg, labels, Pretrained(spec["family"], None, {}, tokenizer, str(ckpt)))
+    else:
+        task = TASKS[cfg.task.kind](cfg.task, labels, tokenizer)
     return (cfg, task, model, labels, hw, ckpt, method) if with_method else (cfg, task, model, labels, hw, ckpt)
 
 
@@ -112,6 +118,7 @@ def _records(path: Path, kind: str) -> list[dict]:
             "pair-cls": ["text", "text_pair"],
             "token-cls": ["tokens"],
             "qa": ["question", "context"],
+            "text2text": ["text"],
         }[kind]
         missing = [k for k in needed if k not in record]
         if missing:

@@ -10,6 +10,7 @@ import torch
 from ptmcli import checkpoint, hardware, rundir
 from ptmcli.data.lm_examples import CausalExamples, PermutationExamples
 from ptmcli.data.pretraining import PretrainingExamples, build_chunks
+from ptmcli.data.seq2seq_examples import DenoisingExamples, SpanCorruptionExamples
 from ptmcli.data.sources import load_documents, split_documents
 from ptmcli.data.tokenizer import get_tokenizer
 from ptmcli.distributed import Dist, init_from_env
@@ -27,6 +28,8 @@ LAYOUT = {
     "rtd": "blocks-cls-sep",
     "plm": "blocks-cls-sep",
     "clm": "blocks",
+    "span-corruption": "blocks",
+    "denoise": "sentences",
 }
 
 
@@ -36,6 +39,10 @@ def make_examples(cfg: PretrainConfig, chunks, tokenizer):
         return CausalExamples(chunks, tokenizer)
     if o.name == "plm":
         return PermutationExamples(chunks, tokenizer, o, seed)
+    if o.name == "span-corruption":
+        return SpanCorruptionExamples(chunks, tokenizer, o, seed)
+    if o.name == "denoise":
+        return DenoisingExamples(chunks, tokenizer, o, seed)
     return PretrainingExamples(chunks, tokenizer, o, seed, nsp=o.name == "mlm-nsp")
 
 
@@ -45,7 +52,9 @@ def build_examples(cfg: PretrainConfig, dist: Dist) -> tuple:
         dist.barrier()
     docs = load_documents(cfg.data)
     train_docs, val_docs = split_documents(docs, cfg.data)
-    tokenizer = get_tokenizer(train_docs, cfg.data, need_mask=cfg.objective.name in ("mlm", "mlm-nsp", "rtd"))
+    tokenizer = get_tokenizer(
+        train_docs, cfg.data, need_mask=cfg.objective.name in ("mlm", "mlm-nsp", "rtd", "denoise")
+    )
     chunks = {
         name: build_chunks(
             d, tokenizer, cfg.data.max_seq_len, LAYOUT[cfg.objective.name], cfg.data.num_proc, cfg.data.word_segmenter

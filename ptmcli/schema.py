@@ -108,6 +108,43 @@ class ElectraArch:
     init_std: float = _f(0.02, "std of the normal weight initialisation")
 
 
+@dataclass
+class T5Arch:
+    """T5 (Raffel et al. 2020): pre-norm encoder-decoder, RMS norms, no biases, relative position buckets."""
+
+    family: Literal["t5"] = _f("t5", "model family: picks the model file")
+    hidden_size: int = _f(256, "d_model: width of every token representation")
+    num_layers: int = _f(4, "encoder layers")
+    num_decoder_layers: int = _f(4, "decoder layers")
+    num_heads: int = _f(4, "attention heads (must divide hidden_size)")
+    intermediate_size: int = _f(1024, "d_ff: width of the feed-forward inner layer")
+    feed_forward: Literal["relu", "gated-gelu"] = _f("relu", "feed-forward: T5's ReLU, or T5 v1.1's gated GELU")
+    relative_buckets: int = _f(32, "relative position buckets")
+    relative_max_distance: int = _f(128, "distance beyond which all relative positions share a bucket")
+    max_positions: int = _f(512, "longest input trained on (positions are relative, so this is only a check)")
+    dropout: float = _f(0.1, "dropout on embeddings and residual branches")
+    attention_dropout: float = _f(0.1, "dropout on attention probabilities")
+    layer_norm_eps: float = _f(1e-6, "RMS norm epsilon")
+    init_std: float = _f(1.0, "initialisation factor (T5's: every matrix N(0, factor/sqrt(fan_in)))")
+
+
+@dataclass
+class BartArch:
+    """BART (Lewis et al. 2020): post-LN encoder-decoder with learned positions, a denoising autoencoder."""
+
+    family: Literal["bart"] = _f("bart", "model family: picks the model file")
+    hidden_size: int = _f(256, "width of every token representation")
+    num_layers: int = _f(4, "encoder layers")
+    num_decoder_layers: int = _f(4, "decoder layers")
+    num_heads: int = _f(4, "attention heads (must divide hidden_size)")
+    intermediate_size: int = _f(1024, "width of the feed-forward inner layer")
+    max_positions: int = _f(1024, "number of learned position embeddings (encoder and decoder each)")
+    dropout: float = _f(0.1, "dropout on embeddings and residual branches")
+    attention_dropout: float = _f(0.0, "dropout on attention probabilities")
+    layer_norm_eps: float = _f(1e-5, "LayerNorm epsilon")
+    init_std: float = _f(0.02, "std of the normal weight initialisation")
+
+
 # One architecture dataclass per family; `model.family` picks which one checks the `model` group.
 MODEL_SCHEMAS: dict[str, type] = {
     "bert": BertArch,
@@ -115,7 +152,11 @@ MODEL_SCHEMAS: dict[str, type] = {
     "gpt": GptArch,
     "xlnet": XlnetArch,
     "electra": ElectraArch,
+    "t5": T5Arch,
+    "bart": BartArch,
 }
+# Families with a decoder that generates text from an encoded input.
+SEQ2SEQ_FAMILIES = ("t5", "bart")
 # The pretraining objectives each family's pretraining model is built for.
 FAMILY_OBJECTIVES: dict[str, tuple[str, ...]] = {
     "bert": ("mlm", "mlm-nsp"),
@@ -123,15 +164,17 @@ FAMILY_OBJECTIVES: dict[str, tuple[str, ...]] = {
     "gpt": ("clm",),
     "xlnet": ("plm",),
     "electra": ("rtd",),
+    "t5": ("span-corruption",),
+    "bart": ("denoise",),
 }
 
 
 @dataclass
 class ObjectiveConfig:
-    name: Literal["mlm", "mlm-nsp", "clm", "plm", "rtd"] = _f(
+    name: Literal["mlm", "mlm-nsp", "clm", "plm", "rtd", "span-corruption", "denoise"] = _f(
         "mlm-nsp",
         "pretraining objective: masked LM (+ next-sentence prediction), causal LM, XLNet permutation LM, "
-        "ELECTRA replaced-token detection",
+        "ELECTRA replaced-token detection, T5 span corruption, BART denoising",
     )
     mask_prob: float = _f(0.15, "fraction of (non-special) tokens chosen for prediction")
     mask_token_prob: float = _f(0.8, "of the chosen tokens, fraction replaced by [MASK]")
@@ -142,6 +185,11 @@ class ObjectiveConfig:
     )
     plm_k: int = _f(6, "plm: predict the last 1/K of each sampled factorisation order (the paper's K)")
     rtd_weight: float = _f(50.0, "rtd: weight of the discriminator loss against the generator's MLM loss (lambda)")
+    noise_density: float = _f(0.15, "span-corruption: fraction of tokens dropped into spans")
+    mean_span_length: float = _f(3.0, "span-corruption: mean length of a corrupted span")
+    mask_ratio: float = _f(0.3, "denoise: fraction of tokens inside infilled spans")
+    poisson_lambda: float = _f(3.0, "denoise: mean of the Poisson span lengths (a 0-length span inserts a mask)")
+    permute_sentences: bool = _f(True, "denoise: shuffle the sentences of each sequence")
 
 
 @dataclass
@@ -165,8 +213,10 @@ class DataConfig:
         "tokenizer.json, vocab.txt, or a GPT-2 style vocab.json (merges file beside it) to use as is; "
         "none = train one of tokenizer_kind",
     )
-    tokenizer_kind: Literal["wordpiece", "byte-bpe"] = _f(
-        "wordpiece", "trained tokenizer: BERT WordPiece, or byte-level BPE (GPT-2, RoBERTa)"
+    tokenizer_kind: Literal["wordpiece", "byte-bpe", "unigram"] = _f(
+        "wordpiece",
+        "trained tokenizer: BERT WordPiece, byte-level BPE (GPT-2, RoBERTa, BART), or SentencePiece-style "
+        "Unigram with 100 sentinel tokens (T5)",
     )
     word_segmenter: Literal["none", "jieba"] = _f(
         "none", "word boundaries for whole-word masking: the tokenizer's words, or jieba's Chinese words"
@@ -235,8 +285,9 @@ class PretrainConfig:
 
 @dataclass
 class TaskConfig:
-    kind: Literal["text-cls", "pair-cls", "token-cls", "qa"] = _f(
-        "text-cls", "what is predicted: a label per text, per text pair, per word, or an answer span"
+    kind: Literal["text-cls", "pair-cls", "token-cls", "qa", "text2text"] = _f(
+        "text-cls",
+        "what is predicted: a label per text, per text pair, per word, an answer span, or a text (encoder-decoder)",
     )
     max_seq_len: int = _f(
         128, "tokens per input, special tokens included (longer inputs are truncated, QA uses stride)"
@@ -251,16 +302,24 @@ class TaskConfig:
     class_weights: Optional[list[float]] = _f(None, "per-label loss weights, in label order (text/pair/token-cls)")
     doc_stride: int = _f(64, "qa: tokens of overlap between windows of a long context")
     max_answer_len: int = _f(30, "qa: longest answer span in tokens")
+    prefix: str = _f("", "text-to-text: task prefix put before every input, e.g. 'summarize: '")
+    max_target_len: int = _f(32, "text-to-text: longest target / generated output in tokens")
+    num_beams: int = _f(1, "text-to-text: beams when generating in validation and predict (1 = greedy)")
+    length_penalty: float = _f(1.0, "text-to-text beam search: score = log p / length**length_penalty")
+    no_repeat_ngram_size: int = _f(0, "text-to-text: never generate an n-gram of this size twice (0 = off)")
 
 
 @dataclass
 class LabeledDataConfig:
     name: str = _f("custom", "short name of this dataset")
-    loader: Literal["table", "folders", "lines", "conll", "squad", "bbc-pairs", "conll-qa", "peoples-daily"] = _f(
+    loader: Literal[
+        "table", "folders", "lines", "conll", "squad", "bbc-pairs", "conll-qa", "peoples-daily", "bbc-headlines"
+    ] = _f(
         "table",
         "table: csv/tsv/json(l)/parquet/pickle; folders: one folder of .txt files per label; lines: one "
         "LABEL.txt file per label, one text per line; conll: word ... tag columns; squad: SQuAD JSON; "
-        "bbc-pairs / conll-qa / peoples-daily: the derived pair, QA and Chinese NER tasks",
+        "bbc-pairs / conll-qa / peoples-daily / bbc-headlines: the derived pair, QA, Chinese NER and "
+        "headline-generation tasks",
     )
     train: str = _f("", "training file or folder (pkg://package/path allowed)")
     validation: Optional[str] = _f(None, "validation file; none = hold out validation_fraction of train")
@@ -353,6 +412,13 @@ class PrefixTransfer:
     dropout: float = _f(0.0, "dropout on the prefix states")
 
 
+@dataclass
+class TextToTextTransfer:
+    """An encoder-decoder (t5, bart) trained whole to write the answer: for classification, the label word."""
+
+    mode: Literal["text-to-text"] = _f("text-to-text", "transfer method")
+
+
 TRANSFER_SCHEMAS: dict[str, type] = {
     "full": FullTransfer,
     "frozen": FrozenTransfer,
@@ -361,6 +427,7 @@ TRANSFER_SCHEMAS: dict[str, type] = {
     "adalora": AdaLoraTransfer,
     "adapter": AdapterTransfer,
     "prefix": PrefixTransfer,
+    "text-to-text": TextToTextTransfer,
 }
 
 
@@ -585,6 +652,10 @@ def check_consistency(cfg: PretrainConfig) -> None:
         raise PtmError(
             f"model.generator_hidden_size={m.generator_hidden_size} is not divisible by "
             f"model.generator_num_heads={m.generator_num_heads}."
+        )
+    if not 0 < o.noise_density < 1 or o.mean_span_length < 1 or not 0 < o.mask_ratio < 1:
+        raise PtmError(
+            "objective.noise_density and objective.mask_ratio must lie in (0, 1), objective.mean_span_length >= 1."
         )
     if o.plm_k < 2:
         raise PtmError(f"objective.plm_k={o.plm_k} must be at least 2 (1/K of each order is predicted).")

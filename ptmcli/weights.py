@@ -7,7 +7,7 @@ Only the encoder is taken; pretraining heads are dropped. Weights are read with 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ class Pretrained:
     encoder_state: dict[str, torch.Tensor]
     tokenizer: Tokenizer
     source: str
+    model_state: dict[str, torch.Tensor] = field(default_factory=dict)  # the whole checkpoint (encoder-decoders)
 
 
 def _hub_snapshot(name: str) -> Path:
@@ -104,12 +105,10 @@ def from_ptm(path: Path) -> Pretrained:
     tokenizer_path = run / "tokenizer.json"
     if not tokenizer_path.exists():
         raise PtmError(f"init='{path}': the run directory {run} has no tokenizer.json.")
-    state = {
-        k.removeprefix("encoder."): v
-        for k, v in load_file(str(ckpt / "model.safetensors")).items()
-        if k.startswith("encoder.")
-    }
-    return Pretrained(spec["family"], arch, state, Tokenizer.from_file(str(tokenizer_path)), f"ptm checkpoint {ckpt}")
+    full = load_file(str(ckpt / "model.safetensors"))
+    state = {k.removeprefix("encoder."): v for k, v in full.items() if k.startswith("encoder.")}
+    tokenizer = Tokenizer.from_file(str(tokenizer_path))
+    return Pretrained(spec["family"], arch, state, tokenizer, f"ptm checkpoint {ckpt}", model_state=full)
 
 
 def load_pretrained(spec: str) -> Pretrained:

@@ -76,8 +76,12 @@ def peoples_daily_ner(path: Path) -> list[dict]:
 
 def jieba_word_ids(text: str) -> list[int]:
     """For every character of `text`, the index of the jieba word it belongs to."""
-    import jieba
-
+    try:
+        import jieba
+    except ImportError as err:
+        raise PtmError(
+            "data.word_segmenter=jieba needs the jieba package: `pip install jieba` (or `pip install ptmcli[zh]`)."
+        ) from err
     jieba.setLogLevel(60)  # jieba prints its dictionary loading to stderr otherwise
     out = [0] * len(text)
     for k, (_word, start, end) in enumerate(jieba.tokenize(text)):

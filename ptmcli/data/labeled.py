@@ -176,6 +176,16 @@ _QUESTIONS = {
 }
 
 
+def headlines(articles: list[dict]) -> list[dict]:
+    """Derived generation task: an article's body -> its headline (the first line of each BBC file)."""
+    out = []
+    for a in articles:
+        headline, _, body = a["text"].strip().partition("\n")
+        if headline.strip() and body.strip():
+            out.append({"id": a["id"], "text": " ".join(body.split()), "target": headline.strip()})
+    return out
+
+
 def entity_spans(tags: list[str]) -> list[tuple[str, int, int]]:
     """(type, first, last) word spans of BIO/IOB tags, conlleval-style: an I- after O or another type starts one."""
     spans, current = [], None
@@ -216,7 +226,7 @@ def _read(spec: str, key: str, cfg: LabeledDataConfig, kind: str) -> list[dict]:
     path = _path(spec, key)
     if cfg.loader == "table":
         records = read_table(path, cfg, key, pair=kind == "pair-cls")
-    elif cfg.loader in ("folders", "bbc-pairs"):
+    elif cfg.loader in ("folders", "bbc-pairs", "bbc-headlines"):
         records = read_folders(path)
     elif cfg.loader == "lines":
         records = read_lines(path)
@@ -263,6 +273,8 @@ def load_splits(cfg: LabeledDataConfig, kind: str) -> dict[str, list[dict]]:
         splits = {name: bbc_pairs(records, cfg.split_seed + i) for i, (name, records) in enumerate(splits.items())}
     if cfg.loader == "conll-qa":
         splits = {name: conll_qa(records) for name, records in splits.items()}
+    if cfg.loader == "bbc-headlines":
+        splits = {name: headlines(records) for name, records in splits.items()}
     if cfg.max_train_samples is not None and cfg.max_train_samples < len(splits["train"]):
         keep = np.random.default_rng(cfg.split_seed).permutation(len(splits["train"]))[: cfg.max_train_samples]
         splits["train"] = [splits["train"][i] for i in sorted(keep)]  # a seeded sample, not the first rows
@@ -281,7 +293,7 @@ def label_names(splits: dict[str, list[dict]], kind: str, given: list[str] | Non
     def labels_of(records):
         if kind == "token-cls":
             return {t for r in records for t in r["tags"]}
-        return {r["label"] for r in records} if kind != "qa" else set()
+        return {r["label"] for r in records} if kind not in ("qa", "text2text") else set()
 
     names = list(given) if given else sorted(labels_of(splits["train"]))
     if kind == "token-cls" and "O" in names:

@@ -20,12 +20,15 @@ from ptmcli.schema import DataConfig
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 BYTE_BPE_SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+NUM_SENTINELS = 100
+SENTINELS = [f"<extra_id_{i}>" for i in range(NUM_SENTINELS)]  # T5's span-corruption placeholders
+UNIGRAM_SPECIAL_TOKENS = ["<pad>", "</s>", "<unk>", *SENTINELS]
 GPT2_END = "<|endoftext|>"
 # role -> names it goes by, in order of preference (BERT, RoBERTa, GPT-2)
 ROLE_NAMES = {
     "pad": ("[PAD]", "<pad>", GPT2_END),
     "unk": ("[UNK]", "<unk>", GPT2_END),
-    "cls": ("[CLS]", "<s>", GPT2_END),
+    "cls": ("[CLS]", "<s>", GPT2_END, "</s>"),  # T5's vocabulary has no start token: its end token stands in
     "sep": ("[SEP]", "</s>", GPT2_END),
     "mask": ("[MASK]", "<mask>"),
 }
@@ -72,6 +75,16 @@ def _add_post_processor(tokenizer: Tokenizer) -> Tokenizer:
         special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
     )
     return tokenizer
+
+
+def sentinel_ids(tokenizer: Tokenizer) -> list[int]:
+    ids = [tokenizer.token_to_id(t) for t in SENTINELS]
+    if any(i is None for i in ids):
+        raise PtmError(
+            "objective=span-corruption needs a tokenizer with T5's sentinel tokens <extra_id_0> .. <extra_id_99>; "
+            "leave data.tokenizer unset with data.tokenizer_kind=unigram to train one."
+        )
+    return ids
 
 
 def _byte_bpe_pipeline(tokenizer: Tokenizer) -> Tokenizer:
@@ -146,7 +159,18 @@ def train_tokenizer(texts: datasets.Dataset, cfg: DataConfig) -> Tokenizer:
     if cached.exists():
         return Tokenizer.from_file(str(cached))
     batches = (texts[i : i + 1000]["text"] for i in range(0, len(texts), 1000))
-    if kind == "byte-bpe":
+    if kind == "unigram":
+        tok = Tokenizer(models.Unigram())
+        steps = [normalizers.NFKC(), *([normalizers.Lowercase()] if cfg.lowercase else [])]
+        tok.normalizer = normalizers.Sequence(steps)
+        tok.pre_tokenizer = pre_tokenizers.Metaspace()
+        tok.decoder = decoders.Metaspace()
+        trainer = trainers.UnigramTrainer(
+            vocab_size=cfg.vocab_size, special_tokens=UNIGRAM_SPECIAL_TOKENS, unk_token="<unk>", show_progress=False
+        )
+        tok.train_from_iterator(batches, trainer=trainer, length=len(texts))
+        _add_end_processor(tok, None, "</s>")
+    elif kind == "byte-bpe":
         tok = _byte_bpe_pipeline(Tokenizer(models.BPE()))
         trainer = trainers.BpeTrainer(
             vocab_size=cfg.vocab_size,

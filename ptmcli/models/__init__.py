@@ -1,12 +1,14 @@
 """Model families, picked by the short name in `model.family`. Each family is one file; none imports another."""
 
-from ptmcli.models import bert, electra, gpt, roberta, xlnet
+from ptmcli.models import bart, bert, electra, gpt, roberta, t5, xlnet
 
-FAMILIES = {"bert": bert, "roberta": roberta, "gpt": gpt, "xlnet": xlnet, "electra": electra}
+FAMILIES = {"bert": bert, "roberta": roberta, "gpt": gpt, "xlnet": xlnet, "electra": electra, "t5": t5, "bart": bart}
 # family -> builder(arch, vocab_size, objective config) of the pretraining model
 PRETRAINING_MODELS = {name: module.build_pretraining for name, module in FAMILIES.items()}
 # family -> builder(arch, vocab_size) of the bare encoder that task heads sit on
 ENCODERS = {name: module.build_encoder for name, module in FAMILIES.items()}
+# family -> builder(arch, vocab_size) of the encoder-decoder that text-to-text tasks train
+SEQ2SEQ_MODELS = {"t5": t5.build_seq2seq, "bart": bart.build_seq2seq}
 # Hugging Face `model_type` -> (family, config.json -> arch, HF state dict -> encoder state dict)
 HF_FAMILIES = {"bert": ("bert", bert.arch_from_hf, bert.encoder_state_from_hf)}
 # family -> our encoder module name (+ slice) -> Hugging Face module name, for exporting adapters

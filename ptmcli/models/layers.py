@@ -26,23 +26,31 @@ class SelfAttention(nn.Module):
     query may attend to; it is kept out of the module tree, since its owner registers its parameters.
     """
 
-    def __init__(self, hidden_size: int, num_heads: int, dropout: float, bias: bool = True):
+    def __init__(self, hidden_size: int, num_heads: int, dropout: float, bias: bool = True, scale: float | None = None):
         super().__init__()
         self.num_heads = num_heads
         self.qkv = nn.Linear(hidden_size, 3 * hidden_size, bias=bias)
         self.out = nn.Linear(hidden_size, hidden_size, bias=bias)
         self.dropout = dropout
+        self.scale = scale  # None = 1/sqrt(head size); T5 folds the scaling into its initialisation (1.0)
         self.prefix = None
 
     supports_prefix = True  # subclasses with their own attention may not honour `prefix`
 
     def forward(
-        self, x: torch.Tensor, mask: torch.Tensor | None, causal: bool = False, cache: dict | None = None
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None,
+        causal: bool = False,
+        cache: dict | None = None,
+        position_bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x: (B, T, C); mask: (B, 1, 1|T, T) boolean, True = may attend. Returns (B, T, C).
 
         `cache` (decoding): a dict holding this layer's keys/values of earlier positions; the new ones are
-        appended, and the T new queries attend to everything cached plus, causally, to each other."""
+        appended, and the T new queries attend to everything cached plus, causally, to each other.
+        `position_bias` (T5): (1|B, nh, T, S) added to the scores; it must already hold -inf where `mask` and
+        causality forbid, since both are folded into it."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         q, k, v = (
@@ -61,8 +69,51 @@ class SelfAttention(nn.Module):
             k, v = torch.cat([pk, k], 2), torch.cat([pv, v], 2)
             mask = prefix_mask(mask, B, T, pk.shape[2], causal, x.device)
             causal = False  # folded into the explicit mask
+        if position_bias is not None:
+            mask, causal = position_bias.to(q.dtype), False
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=causal and mask is None
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=causal and mask is None,
+            scale=self.scale,
+        )
+        return self.out(y.transpose(1, 2).reshape(B, T, C))
+
+
+class CrossAttention(nn.Module):
+    """Decoder-to-encoder attention: queries from the decoder, keys/values from the encoder output. When
+    decoding with a cache, the encoder's keys/values are projected once and kept."""
+
+    def __init__(self, hidden_size: int, num_heads: int, dropout: float, bias: bool = True, scale: float | None = None):
+        super().__init__()
+        self.num_heads = num_heads
+        self.query = nn.Linear(hidden_size, hidden_size, bias=bias)
+        self.kv = nn.Linear(hidden_size, 2 * hidden_size, bias=bias)
+        self.out = nn.Linear(hidden_size, hidden_size, bias=bias)
+        self.dropout, self.scale = dropout, scale
+
+    def forward(
+        self, x: torch.Tensor, memory: torch.Tensor, mask: torch.Tensor | None, cache: dict | None = None
+    ) -> torch.Tensor:
+        """x: (B, T, C) decoder states; memory: (B, S, C) encoder states; mask: (B, 1, 1, S) or None."""
+        B, T, C = x.shape
+        heads = lambda t: t.view(B, -1, self.num_heads, C // self.num_heads).transpose(1, 2)  # noqa: E731
+        if cache is not None and "memory_k" in cache:
+            k, v = cache["memory_k"], cache["memory_v"]
+        else:
+            k, v = (heads(t) for t in self.kv(memory).split(C, dim=2))
+            if cache is not None:
+                cache["memory_k"], cache["memory_v"] = k, v
+        y = F.scaled_dot_product_attention(
+            heads(self.query(x)),
+            k,
+            v,
+            attn_mask=mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            scale=self.scale,
         )
         return self.out(y.transpose(1, 2).reshape(B, T, C))
 
@@ -87,14 +138,38 @@ def prefix_mask(
     return out
 
 
+ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu}
+
+
 class FeedForward(nn.Module):
-    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = True):
+    """down(act(up(x))), or with `gated` (T5 v1.1's gated-GELU) down(act(gate(x)) * up(x))."""
+
+    def __init__(
+        self, hidden_size: int, intermediate_size: int, bias: bool = True, activation: str = "gelu", gated: bool = False
+    ):
         super().__init__()
         self.up = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        self.gate = nn.Linear(hidden_size, intermediate_size, bias=bias) if gated else None
         self.down = nn.Linear(intermediate_size, hidden_size, bias=bias)
+        self.activation = ACTIVATIONS[activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(F.gelu(self.up(x)))
+        if self.gate is not None:
+            return self.down(self.activation(self.gate(x)) * self.up(x))
+        return self.down(self.activation(self.up(x)))
+
+
+class RMSNorm(nn.Module):
+    """T5's layer norm: scale by the root mean square, no mean subtraction and no bias; computed in fp32."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        variance = x.float().pow(2).mean(-1, keepdim=True)
+        return self.weight * (x.float() * torch.rsqrt(variance + self.eps)).to(self.weight.dtype)
 
 
 class EncoderLayer(nn.Module):

@@ -9,6 +9,7 @@ from ptmcli.objectives.clm import CausalLM
 from ptmcli.objectives.mlm import MaskedLM
 from ptmcli.objectives.plm import PermutationLM
 from ptmcli.objectives.rtd import ReplacedTokenDetection
+from ptmcli.objectives.seq2seq import Seq2SeqLM
 
 OBJECTIVES = {
     "mlm": lambda cfg: MaskedLM(nsp=False),
@@ -16,4 +17,6 @@ OBJECTIVES = {
     "clm": lambda cfg: CausalLM(),
     "plm": lambda cfg: PermutationLM(),
     "rtd": lambda cfg: ReplacedTokenDetection(cfg.rtd_weight),
+    "span-corruption": lambda cfg: Seq2SeqLM("span"),
+    "denoise": lambda cfg: Seq2SeqLM("denoise"),
 }

@@ -1,0 +1,133 @@
+"""BART (Lewis et al., 2020): a post-LayerNorm encoder-decoder with learned positions, pretrained to rebuild
+text from a corrupted copy (span infilling + sentence permutation; the noise lives in `data/`).
+
+`Bart` is the encoder (what classification heads sit on); `BartForConditionalGeneration` adds the decoder,
+which embeds with the encoder's word matrix and projects back onto it (plus a bias), so the matrix is
+stored once, under `encoder`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ptmcli.models.layers import CrossAttention, EncoderLayer, FeedForward, SelfAttention, init_normal, padding_mask
+from ptmcli.schema import BartArch
+
+
+class Embeddings(nn.Module):
+    def __init__(self, arch: BartArch, vocab_size: int):
+        super().__init__()
+        self.word = nn.Embedding(vocab_size, arch.hidden_size)
+        self.position = nn.Embedding(arch.max_positions, arch.hidden_size)
+        self.norm = nn.LayerNorm(arch.hidden_size, eps=arch.layer_norm_eps)
+        self.dropout = nn.Dropout(arch.dropout)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.word(input_ids) + self.position.weight[: input_ids.shape[1]]
+        return self.dropout(self.norm(x))
+
+
+class Bart(nn.Module):
+    """The encoder: (B, T) ids -> (B, T, C)."""
+
+    summary = "first"
+
+    def __init__(self, arch: BartArch, vocab_size: int):
+        super().__init__()
+        self.arch, self.vocab_size = arch, vocab_size
+        self.embeddings = Embeddings(arch, vocab_size)
+        self.layers = nn.ModuleList(
+            EncoderLayer(
+                arch.hidden_size,
+                arch.num_heads,
+                arch.intermediate_size,
+                arch.dropout,
+                arch.attention_dropout,
+                arch.layer_norm_eps,
+            )
+            for _ in range(arch.num_layers)
+        )
+
+    def forward(self, input_ids, token_type_ids=None, attention_mask=None) -> torch.Tensor:
+        mask = padding_mask(attention_mask)
+        x = self.embeddings(input_ids)
+        for layer in self.layers:
+            x = layer(x, mask)
+        return x
+
+
+class DecoderLayer(nn.Module):
+    """Post-LN: x = LN(x + self_attn(x)); x = LN(x + cross(x, memory)); x = LN(x + ffn(x))."""
+
+    def __init__(self, arch: BartArch):
+        super().__init__()
+        h, eps = arch.hidden_size, arch.layer_norm_eps
+        self.attention = SelfAttention(h, arch.num_heads, arch.attention_dropout)
+        self.attention_norm = nn.LayerNorm(h, eps=eps)
+        self.cross = CrossAttention(h, arch.num_heads, arch.attention_dropout)
+        self.cross_norm = nn.LayerNorm(h, eps=eps)
+        self.ffn = FeedForward(h, arch.intermediate_size)
+        self.ffn_norm = nn.LayerNorm(h, eps=eps)
+        self.dropout = nn.Dropout(arch.dropout)
+
+    def forward(self, x, memory, memory_mask, cache=None):
+        x = self.attention_norm(x + self.dropout(self.attention(x, None, causal=True, cache=cache)))
+        x = self.cross_norm(x + self.dropout(self.cross(x, memory, memory_mask, cache)))
+        return self.ffn_norm(x + self.dropout(self.ffn(x)))
+
+
+class Decoder(nn.Module):
+    def __init__(self, arch: BartArch):
+        super().__init__()
+        self.position = nn.Embedding(arch.max_positions, arch.hidden_size)
+        self.norm = nn.LayerNorm(arch.hidden_size, eps=arch.layer_norm_eps)
+        self.dropout = nn.Dropout(arch.dropout)
+        self.layers = nn.ModuleList(DecoderLayer(arch) for _ in range(arch.num_decoder_layers))
+
+    def forward(self, words, memory, memory_mask, cache=None) -> torch.Tensor:
+        """words: (B, T, C) word embeddings of the decoder inputs."""
+        past = cache[0]["k"].shape[2] if cache and "k" in cache[0] else 0
+        x = self.dropout(self.norm(words + self.position.weight[past : past + words.shape[1]]))
+        for i, layer in enumerate(self.layers):
+            x = layer(x, memory, memory_mask, cache[i] if cache is not None else None)
+        return x
+
+
+class BartForConditionalGeneration(nn.Module):
+    def __init__(self, arch: BartArch, vocab_size: int):
+        super().__init__()
+        self.encoder = Bart(arch, vocab_size)
+        self.decoder = Decoder(arch)
+        self.lm_bias = nn.Parameter(torch.zeros(vocab_size))
+        init_normal(self, arch.init_std)
+
+    def encode(self, input_ids, attention_mask) -> torch.Tensor:
+        return self.encoder(input_ids, None, attention_mask)
+
+    def decode(self, decoder_ids, memory, attention_mask, cache=None) -> torch.Tensor:
+        memory_mask = padding_mask(attention_mask)
+        word = self.encoder.embeddings.word
+        hidden = self.decoder(word(decoder_ids), memory, memory_mask, cache)
+        return F.linear(hidden, word.weight, self.lm_bias)
+
+    def forward(self, input_ids, attention_mask, decoder_input_ids) -> torch.Tensor:
+        return self.decode(decoder_input_ids, self.encode(input_ids, attention_mask), attention_mask)
+
+    def new_cache(self) -> list[dict]:
+        return [{} for _ in self.decoder.layers]
+
+
+def build_pretraining(arch: BartArch, vocab_size: int, objective) -> BartForConditionalGeneration:
+    return BartForConditionalGeneration(arch, vocab_size)
+
+
+def build_encoder(arch: BartArch, vocab_size: int) -> Bart:
+    encoder = Bart(arch, vocab_size)
+    init_normal(encoder, arch.init_std)
+    return encoder
+
+
+def build_seq2seq(arch: BartArch, vocab_size: int) -> BartForConditionalGeneration:
+    return BartForConditionalGeneration(arch, vocab_size)
