@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import datasets
 import numpy as np
-import torch
 from tokenizers import Tokenizer
 
 from ptmcli.data.tokenizer import SpecialIds, sentinel_ids
