@@ -1,5 +1,6 @@
 """Every family through the real CLI: pretraining on real text learns, resumes exactly after SIGKILL, the
-checkpoint fine-tunes on news-cls, and a GPT run generates (seeded, cache or not)."""
+checkpoint fine-tunes on news-cls, a GPT run generates (seeded, cache or not), and the encoder-decoders
+fine-tune text-to-text and write headlines."""
 
 from __future__ import annotations
 
@@ -35,9 +36,19 @@ FAMILIES = {
     "xlnet": ["conf=xlnet-mini", *SMALL],
     "electra": ["conf=electra-mini", *SMALL, *ELECTRA],
     "bert-zh": ["conf=bert-mini-zh", *SMALL, "data.vocab_size=3000"],
+    "t5": ["conf=t5-mini", *SMALL, "model.num_decoder_layers=2"],
+    "bart": ["conf=bart-mini", *SMALL, "model.num_decoder_layers=2"],
 }
 # the loss term whose fall shows learning (ELECTRA's discriminator term is easy early on; its generator is not)
-TERM = {"gpt": "clm_loss", "roberta": "mlm_loss", "xlnet": "plm_loss", "electra": "mlm_loss", "bert-zh": "mlm_loss"}
+TERM = {
+    "gpt": "clm_loss",
+    "roberta": "mlm_loss",
+    "xlnet": "plm_loss",
+    "electra": "mlm_loss",
+    "bert-zh": "mlm_loss",
+    "t5": "span_loss",
+    "bart": "denoise_loss",
+}
 # nats the training loss must fall in 80 steps; XLNet predicts only 1/6 of its tokens, so it learns slower per step
 MIN_DROP = {"xlnet": 0.5}
 
@@ -89,9 +100,10 @@ def test_pretraining_loss_drops_and_the_checkpoint_fine_tunes(family, pretrained
     assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["loss"] > 0
 
 
-@pytest.mark.parametrize("family", ["xlnet", "electra"])
+@pytest.mark.parametrize("family", ["xlnet", "electra", "t5"])
 def test_sigkill_then_resume_matches_an_uninterrupted_run(family, cache_env, tmp_path):
-    """XLNet draws orders per example; ELECTRA samples replacements from torch's generator: both must resume."""
+    """XLNet draws orders per example, ELECTRA samples replacements from torch's generator, T5 draws spans:
+    all must resume exactly."""
     schedule = ["trainer.max_steps=30", "trainer.log_every=1", "trainer.eval_every=10", "trainer.save_every=10"]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     run_ptm(["pretrain", *FAMILIES[family], *schedule, f"hydra.run.dir={straight}"], cache_env)
@@ -143,3 +155,38 @@ def test_lora_fine_tunes_a_gpt_checkpoint(pretrained, cache_env, tmp_path):
     )
     config = json.loads((tmp_path / "ft" / "checkpoints" / "latest" / "trainer_state.json").read_text())
     assert config["model"]["transfer"] == "lora" and config["model"]["family"] == "gpt"
+
+
+def _finetune(args: list[str], run, env):
+    small = ["trainer.epochs=null", "trainer.batch_size=8", "data.max_train_samples=80", "task.max_seq_len=64"]
+    run_ptm(["finetune", *args, *small, f"hydra.run.dir={run}"], env)
+    return json.loads((run / "test_metrics.json").read_text())
+
+
+def test_headline_generation_from_t5_scores_rouge_and_generates_with_beams(pretrained, cache_env, tmp_path):
+    run = tmp_path / "headlines"
+    steps = ["trainer.max_steps=20", "trainer.eval_every=20", "trainer.eval_batches=2", "task.max_target_len=12"]
+    metrics = _finetune(["task=headline-gen", f"init={pretrained('t5')}", *steps], run, cache_env)
+    assert {"rouge1", "rouge2", "rougeL", "loss"} <= set(metrics) and 0 <= metrics["rougeL"] <= 1
+    articles = tmp_path / "articles.txt"
+    articles.write_text("Shares in the bank fell sharply on Monday.\nThe team won the cup final.\n")
+    args = ["generate", f"run={run}", f"input={articles}", "num_beams=3", "max_new_tokens=8"]
+    out = run_ptm([*args, f"output={tmp_path / 'out.jsonl'}"], cache_env)
+    lines = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in lines] == ["Shares in the bank fell sharply on Monday.", "The team won the cup final."]
+    assert "2 continuation(s)" in out.stderr
+    again = run_ptm([*args, f"output={tmp_path / 'again.jsonl'}", "cache=false"], cache_env)
+    assert again.returncode == 0 and (tmp_path / "again.jsonl").read_text() == (tmp_path / "out.jsonl").read_text()
+
+
+def test_classification_as_text_to_text_from_bart(pretrained, cache_env, tmp_path):
+    steps = ["trainer.max_steps=15", "trainer.eval_every=15", "trainer.eval_batches=2"]
+    metrics = _finetune(
+        ["task=news-cls", "transfer=text-to-text", f"init={pretrained('bart')}", *steps], tmp_path / "r", cache_env
+    )
+    assert 0 <= metrics["accuracy"] <= 1 and metrics["accuracy"] == metrics["exact_match"]
+    fails_with(
+        ["finetune", "task=headline-gen", f"init={pretrained('gpt')}", f"hydra.run.dir={tmp_path / 'x'}"],
+        cache_env,
+        "needs an encoder-decoder",
+    )
