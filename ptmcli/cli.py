@@ -197,11 +197,12 @@ def print_help(name: str) -> None:
     for group in command.groups:
         table.add_row(group, ", ".join(group_options(group)))
     console.print(table)
-    sections = {"model": MODEL_SCHEMAS["bert"], **command.sections}
+    sections = {f"model (family={family})": schema for family, schema in MODEL_SCHEMAS.items()}
+    sections.update(command.sections)
     if name == "finetune":
         sections.update({f"transfer={mode}": schema for mode, schema in TRANSFER_SCHEMAS.items()})
     for section, schema in sections.items():
-        prefix = section.split("=")[0]
+        prefix = section.split("=")[0].split(" ")[0]
         table = Table(f"{section}: KEY", "default", "meaning", box=None)
         for f in dataclasses.fields(schema):
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default

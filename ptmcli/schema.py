@@ -296,8 +296,8 @@ class TaskConfig:
     classifier_dropout: float = _f(0.1, "dropout before the task head")
     pooling: Literal["pooler", "cls", "last", "mean"] = _f(
         "pooler",
-        "text/pair-cls features: the family's summary (BERT's pooler; else the first token, or the last for "
-        "GPT), the first token's state, the last real token's state, or the mean over tokens",
+        "text/pair-cls features: the family's summary (BERT's pooler; the first token; the last for GPT, the mean "
+        "for T5), the first token's state, the last real token's state, or the mean over tokens",
     )
     class_weights: Optional[list[float]] = _f(None, "per-label loss weights, in label order (text/pair/token-cls)")
     doc_stride: int = _f(64, "qa: tokens of overlap between windows of a long context")

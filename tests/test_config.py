@@ -9,7 +9,9 @@ from omegaconf import OmegaConf
 
 from ptmcli.cli import COMMANDS, check_override, config_dirs, recipes, register_defaults
 from ptmcli.errors import PtmError
-from ptmcli.schema import check_finetune, check_pretrain
+import yaml
+
+from ptmcli.schema import FAMILY_OBJECTIVES, check_finetune, check_pretrain
 from tests.conftest import ROOT, run_ptm
 
 CONF, RECIPES = config_dirs()
@@ -43,8 +45,18 @@ def test_every_group_option_composes_and_checks(group, option):
     overrides = [f"{group}={option}"]
     if group == "data" and option == "files":
         overrides.append("data.source=/some/corpus.txt")
+    # a model needs an objective its family trains with, and an objective a model of its family
+    mini = {f: f"{f}-mini" if f != "bert" else "bert-tiny" for f in FAMILY_OBJECTIVES}
+    values = yaml.safe_load((CONF / group / f"{option}.yaml").read_text()) or {}
+    pretrain = list(overrides)
+    if group == "model":
+        pretrain.append(f"objective={_objective_option(FAMILY_OBJECTIVES[values['family']][0])}")
+    if group == "objective":
+        family = next(f for f, names in FAMILY_OBJECTIVES.items() if values["name"] in names)
+        pretrain.append(f"model={mini[family]}")
     if group in COMMANDS["pretrain"].groups:
-        assert check_pretrain(_compose("demo", overrides)).model.family == "bert"
+        cfg = check_pretrain(_compose("demo", pretrain))
+        assert cfg.objective.name in FAMILY_OBJECTIVES[cfg.model.family]
     if group in COMMANDS["finetune"].groups:
         if group == "task" and option == "text-cls":
             overrides.append("data.train=/some/table.csv")
@@ -52,6 +64,12 @@ def test_every_group_option_composes_and_checks(group, option):
         assert cfg.trainer.metric.startswith("val/")
         if group == "transfer":
             assert cfg.transfer.mode == option
+
+
+def _objective_option(name: str) -> str:
+    return next(
+        p.stem for p in sorted((CONF / "objective").glob("*.yaml")) if yaml.safe_load(p.read_text())["name"] == name
+    )
 
 
 def test_recipes_start_with_their_command_hardware_time_and_loss():

@@ -45,18 +45,18 @@ class TaskModel(nn.Module):
             hidden = self.encoder(input_ids, token_type_ids, attention_mask)
             if self.head_kind != "sequence":
                 return hidden
-            if self.pooling == "mean":
+            pooling = self.pooling
+            if pooling == "pooler":  # the family's own summary: BERT's pooler, else its summary token or the mean
+                if getattr(self.encoder, "pooler", None) is not None:
+                    return self.encoder.pool(hidden)
+                pooling = {"last": "last", "mean": "mean"}.get(getattr(self.encoder, "summary", "first"), "cls")
+            if pooling == "mean":
                 weights = (
                     attention_mask.unsqueeze(-1).to(hidden.dtype)
                     if attention_mask is not None
                     else torch.ones_like(hidden[..., :1])
                 )
                 return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
-            pooling = self.pooling
-            if pooling == "pooler":  # the family's own summary: BERT's pooler, else its summary token
-                if getattr(self.encoder, "pooler", None) is not None:
-                    return self.encoder.pool(hidden)
-                pooling = "last" if getattr(self.encoder, "summary", "first") == "last" else "cls"
             return last_token(hidden, attention_mask) if pooling == "last" else hidden[:, 0]
 
     def forward(self, input_ids, token_type_ids=None, attention_mask=None) -> torch.Tensor:
