@@ -60,6 +60,19 @@ def build_model(
     return model
 
 
+def check_lengths(cfg: FinetuneConfig, pretrained: Pretrained) -> None:
+    """Inputs must fit the learned position embeddings (XLNet and T5 use relative positions: no limit)."""
+    if pretrained.family in ("xlnet", "t5"):
+        return
+    limit = pretrained.arch.max_positions
+    for key, value in (("task.max_seq_len", cfg.task.max_seq_len), ("task.max_target_len", cfg.task.max_target_len)):
+        if value > limit and (key == "task.max_seq_len" or cfg.task.kind == "text2text"):
+            raise PtmError(
+                f"{key}={value} is longer than the {pretrained.family} model's {limit} positions "
+                f"({pretrained.source}); lower {key}."
+            )
+
+
 def writes_text(cfg: FinetuneConfig, family: str) -> bool:
     """Whether this run trains an encoder-decoder to write its answers (text2text tasks, transfer=text-to-text)."""
     wanted = cfg.task.kind == "text2text" or cfg.transfer.mode == "text-to-text"
@@ -147,6 +160,7 @@ def finetune(raw_cfg: dict, run_dir: Path, recipe: str) -> dict[str, float]:
     if kind not in ("qa", "text2text") and len(labels) < 2:
         raise PtmError(f"data '{cfg.data.name}' has {len(labels)} label(s) {labels}; classification needs at least 2.")
     pretrained = load_pretrained(cfg.init) if cfg.init else scratch(cfg, [r.get("text", "") for r in splits["train"]])
+    check_lengths(cfg, pretrained)
     text = writes_text(cfg, pretrained.family)
     task = text_task(cfg, labels, pretrained) if text else TASKS[kind](cfg.task, labels, pretrained.tokenizer)
     examples = {name: task.examples(records) for name, records in splits.items()}

@@ -131,6 +131,11 @@ def test_generate_and_transfer_errors_are_clear(pretrained, cache_env, tmp_path)
     fails_with(["generate", f"run={pretrained('gpt')}", "prompt=x", "max_new_tokens=many"], cache_env, "not a valid")
     fails_with(["pretrain", "conf=gpt-mini", "objective=mlm"], cache_env, "does not train a gpt model")
     fails_with(
+        ["finetune", "task=news-cls", f"init={pretrained('gpt')}", "task.max_seq_len=100", f"hydra.run.dir={tmp_path}"],
+        cache_env,
+        "longer than the gpt model's 64 positions",
+    )
+    fails_with(
         ["finetune", "task=news-cls", f"init={pretrained('xlnet')}", "transfer=prefix", f"hydra.run.dir={tmp_path}"],
         cache_env,
         "not available for xlnet",
