@@ -68,7 +68,7 @@ def test_sentence_split():
 @pytest.fixture(scope="module")
 def nsp_examples(corpus):
     _, train, _, tokenizer = corpus
-    chunks = build_chunks(train, tokenizer, 64, nsp=True, num_proc=None)
+    chunks = build_chunks(train, tokenizer, 64, "sentences", num_proc=None)
     return PretrainingExamples(chunks, tokenizer, ObjectiveConfig(), seed=0, nsp=True)
 
 
@@ -124,7 +124,7 @@ def test_nsp_pairs_are_half_random_and_typed(nsp_examples):
 
 def test_stream_packing_for_mlm_fills_sequences(corpus):
     _, train, _, tokenizer = corpus
-    chunks = build_chunks(train, tokenizer, 64, nsp=False, num_proc=None)
+    chunks = build_chunks(train, tokenizer, 64, "blocks-cls-sep", num_proc=None)
     lengths = [len(ids) for ids in chunks["ids"]]
     assert max(lengths) == 62 and np.mean(lengths) > 60
 
