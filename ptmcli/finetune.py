@@ -160,8 +160,8 @@ def finetune(raw_cfg: dict, run_dir: Path, recipe: str) -> dict[str, float]:
     if kind not in ("qa", "text2text") and len(labels) < 2:
         raise PtmError(f"data '{cfg.data.name}' has {len(labels)} label(s) {labels}; classification needs at least 2.")
     pretrained = load_pretrained(cfg.init) if cfg.init else scratch(cfg, [r.get("text", "") for r in splits["train"]])
-    check_lengths(cfg, pretrained)
     text = writes_text(cfg, pretrained.family)
+    check_lengths(cfg, pretrained)
     task = text_task(cfg, labels, pretrained) if text else TASKS[kind](cfg.task, labels, pretrained.tokenizer)
     examples = {name: task.examples(records) for name, records in splits.items()}
     torch.manual_seed(cfg.trainer.seed)

@@ -56,7 +56,8 @@ def read_table(path: Path, cfg: LabeledDataConfig, key: str, pair: bool) -> list
                 return []  # a header and no rows: reported as an empty split
             raise PtmError(f"{key}='{path}' could not be read as {builder}: {err}") from err
     text_columns = cfg.text_column.split("+")
-    wanted = {f"data.text_column ({c})": c for c in text_columns} | {"data.label_column": cfg.label_column}
+    name = (lambda c: "data.text_column") if len(text_columns) == 1 else (lambda c: f"data.text_column ({c})")
+    wanted = {name(c): c for c in text_columns} | {"data.label_column": cfg.label_column}
     if pair:
         wanted["data.text_pair_column"] = cfg.text_pair_column or "text_pair"
     if cfg.filter_column:
