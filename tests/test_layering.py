@@ -11,6 +11,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "ptmcli"
 LAYERS = {
     "errors": 0,
     "schema": 0,
+    "fields": 0,
+    "architectures": 0,
     "models": 1,
     "hardware": 1,
     "optim": 1,

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ptmcli.models.layers import CrossAttention, EncoderLayer, FeedForward, SelfAttention, init_normal, padding_mask
-from ptmcli.schema import BartArch
+from ptmcli.architectures import BartArch
 
 
 class Embeddings(nn.Module):

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ptmcli.models.layers import EncoderLayer, MaskedLMHead, init_normal, padding_mask
-from ptmcli.schema import BertArch
+from ptmcli.architectures import BertArch
 
 
 class Embeddings(nn.Module):

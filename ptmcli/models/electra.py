@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ptmcli.models.layers import EncoderLayer, MaskedLMHead, init_normal, padding_mask
-from ptmcli.schema import ElectraArch
+from ptmcli.architectures import ElectraArch
 
 
 class Embeddings(nn.Module):

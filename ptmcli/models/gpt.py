@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ptmcli.models.layers import DecoderBlock, init_normal
-from ptmcli.schema import GptArch
+from ptmcli.architectures import GptArch
 
 
 class Embeddings(nn.Module):

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ptmcli.models.layers import EncoderLayer, MaskedLMHead, init_normal, padding_mask
-from ptmcli.schema import RobertaArch
+from ptmcli.architectures import RobertaArch
 
 
 class Embeddings(nn.Module):

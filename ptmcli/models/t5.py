@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ptmcli.models.layers import CrossAttention, FeedForward, RMSNorm, SelfAttention
-from ptmcli.schema import T5Arch
+from ptmcli.architectures import T5Arch
 
 
 def relative_position_bucket(relative: torch.Tensor, bidirectional: bool, buckets: int, max_distance: int):

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ptmcli.models.layers import FeedForward, SelfAttention, init_normal
-from ptmcli.schema import XlnetArch
+from ptmcli.architectures import XlnetArch
 
 
 def relative_sinusoid(T: int, dim: int, device: torch.device) -> torch.Tensor:
