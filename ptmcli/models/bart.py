@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ptmcli.models.layers import CrossAttention, EncoderLayer, FeedForward, SelfAttention, init_normal, padding_mask
 from ptmcli.architectures import BartArch
+from ptmcli.models.layers import CrossAttention, FeedForward, SelfAttention, encoder_layers, init_normal, padding_mask
 
 
 class Embeddings(nn.Module):
@@ -38,17 +38,7 @@ class Bart(nn.Module):
         super().__init__()
         self.arch, self.vocab_size = arch, vocab_size
         self.embeddings = Embeddings(arch, vocab_size)
-        self.layers = nn.ModuleList(
-            EncoderLayer(
-                arch.hidden_size,
-                arch.num_heads,
-                arch.intermediate_size,
-                arch.dropout,
-                arch.attention_dropout,
-                arch.layer_norm_eps,
-            )
-            for _ in range(arch.num_layers)
-        )
+        self.layers = encoder_layers(arch)
 
     def forward(self, input_ids, token_type_ids=None, attention_mask=None) -> torch.Tensor:
         mask = padding_mask(attention_mask)

@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ptmcli.models.layers import EncoderLayer, MaskedLMHead, init_normal, padding_mask
 from ptmcli.architectures import BertArch
+from ptmcli.models.layers import MaskedLMHead, encoder_layers, init_normal, padding_mask
 
 
 class Embeddings(nn.Module):
@@ -38,17 +38,7 @@ class Bert(nn.Module):
         self.arch = arch
         self.vocab_size = vocab_size
         self.embeddings = Embeddings(arch, vocab_size)
-        self.layers = nn.ModuleList(
-            EncoderLayer(
-                arch.hidden_size,
-                arch.num_heads,
-                arch.intermediate_size,
-                arch.dropout,
-                arch.attention_dropout,
-                arch.layer_norm_eps,
-            )
-            for _ in range(arch.num_layers)
-        )
+        self.layers = encoder_layers(arch)
         self.pooler = nn.Linear(arch.hidden_size, arch.hidden_size) if with_pooler else None
 
     def forward(

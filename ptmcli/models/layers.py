@@ -190,6 +190,21 @@ class EncoderLayer(nn.Module):
         return self.ffn_norm(x + self.dropout(self.ffn(x)))
 
 
+def encoder_layers(arch) -> nn.ModuleList:
+    """`arch.num_layers` post-LN layers of the sizes an architecture dataclass gives (BERT, RoBERTa, BART)."""
+    return nn.ModuleList(
+        EncoderLayer(
+            arch.hidden_size,
+            arch.num_heads,
+            arch.intermediate_size,
+            arch.dropout,
+            arch.attention_dropout,
+            arch.layer_norm_eps,
+        )
+        for _ in range(arch.num_layers)
+    )
+
+
 class DecoderBlock(nn.Module):
     """Pre-LayerNorm causal block (GPT-2): x = x + attn(LN(x)); x = x + ffn(LN(x))."""
 
