@@ -1,4 +1,4 @@
-"""AdamW with weight-decay groups, and warmup + linear/cosine/constant learning-rate schedules."""
+"""AdamW or Adafactor with weight-decay groups, and warmup + linear/cosine/constant learning-rate schedules."""
 
 from __future__ import annotations
 
@@ -31,6 +31,11 @@ def param_groups(model: nn.Module, cfg: OptimizerConfig, lr_scale: Callable[[str
 def build_optimizer(
     model: nn.Module, cfg: OptimizerConfig, device: torch.device, lr_scale: Callable[[str], float] | None = None
 ) -> torch.optim.Optimizer:
+    if cfg.name == "adafactor":
+        # T5's optimiser: factored second moments, and steps relative to each parameter's scale (its RMS), which
+        # T5's initialisation (embeddings of std 1, matrices of std fan_in^-0.5) is tuned for; lr is the
+        # relative step size, capped at 1/sqrt(step) as in the paper
+        return torch.optim.Adafactor(param_groups(model, cfg, lr_scale), lr=cfg.lr)
     fused = cfg.fused == "on" or (cfg.fused == "auto" and device.type == "cuda")
     return torch.optim.AdamW(
         param_groups(model, cfg, lr_scale), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None

@@ -83,7 +83,9 @@ class DataConfig:
 
 @dataclass
 class OptimizerConfig:
-    name: Literal["adamw"] = _f("adamw", "optimizer")
+    name: Literal["adamw", "adafactor"] = _f(
+        "adamw", "optimizer; adafactor (T5's) takes lr as a step relative to each parameter's scale, e.g. 1e-2"
+    )
     lr: float = _f(5e-4, "peak learning rate")
     weight_decay: float = _f(0.01, "decoupled weight decay (never on biases and LayerNorm weights)")
     betas: list[float] = _f([0.9, 0.999], "Adam betas")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from ptmcli import checkpoint
@@ -13,10 +14,10 @@ from ptmcli.schema import BertArch, OptimizerConfig
 ARCH = BertArch(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32, max_positions=16)
 
 
-def _parts(seed: int):
+def _parts(seed: int, optimizer_name: str = "adamw"):
     torch.manual_seed(seed)
     model = BertForPretraining(ARCH, 30, nsp=True)
-    optimizer = build_optimizer(model, OptimizerConfig(), torch.device("cpu"))
+    optimizer = build_optimizer(model, OptimizerConfig(name=optimizer_name), torch.device("cpu"))
     return (
         model,
         optimizer,
@@ -32,14 +33,16 @@ def _train_step(model, optimizer, scheduler):
     optimizer.step(), scheduler.step(), optimizer.zero_grad()
 
 
-def test_round_trip_restores_everything(tmp_path):
-    model, optimizer, scheduler, scaler = _parts(0)
+@pytest.mark.parametrize("optimizer_name", ["adamw", "adafactor"])
+def test_round_trip_restores_everything(tmp_path, optimizer_name):
+    model, optimizer, scheduler, scaler = _parts(0, optimizer_name)
+    assert type(optimizer).__name__.lower() == optimizer_name
     for _ in range(3):
         _train_step(model, optimizer, scheduler)
     spec = {"family": "bert", "vocab_size": 30}
     path = checkpoint.save(tmp_path, 3, model, optimizer, scheduler, scaler, {"consumed": 3, "model": spec}, Dist(), 0)
     expected_next = torch.rand(3)
-    other, other_opt, other_sched, other_scaler = _parts(1)
+    other, other_opt, other_sched, other_scaler = _parts(1, optimizer_name)
     torch.manual_seed(123)
     state, _ = checkpoint.load(path, other, other_opt, other_sched, other_scaler, Dist(), spec)
     assert state["step"] == 3 and state["consumed"] == 3
@@ -48,7 +51,8 @@ def test_round_trip_restores_everything(tmp_path):
     assert other.mlm_head.word_embeddings.weight is other.encoder.embeddings.word.weight  # still tied
     assert other_sched.get_last_lr() == scheduler.get_last_lr()
     assert torch.allclose(torch.rand(3), expected_next)  # the RNG continues where it was saved
-    # one more identical step lands on identical weights only if the Adam moments came back too
+    # one more identical step lands on identical weights only if the moments (Adam's, Adafactor's factored
+    # ones) and step counts came back too
     for parts in ((model, optimizer, scheduler), (other, other_opt, other_sched)):
         torch.manual_seed(7)
         _train_step(*parts)
