@@ -159,6 +159,9 @@ class TaskConfig:
     num_beams: int = _f(1, "text-to-text: beams when generating in validation and predict (1 = greedy)")
     length_penalty: float = _f(1.0, "text-to-text beam search: score = log p / length**length_penalty")
     no_repeat_ngram_size: int = _f(0, "text-to-text: never generate an n-gram of this size twice (0 = off)")
+    lead_words: int = _f(
+        0, "text-to-text: also score the input's first N words as the output (lead baseline: lead_rougeL ...; 0 = off)"
+    )
 
 
 @dataclass

@@ -173,6 +173,7 @@ def test_headline_generation_from_t5_scores_rouge_and_generates_with_beams(pretr
     steps = ["trainer.max_steps=20", "trainer.eval_every=20", "trainer.eval_batches=2", "task.max_target_len=12"]
     metrics = _finetune(["task=headline-gen", f"init={pretrained('t5')}", *steps], run, cache_env)
     assert {"rouge1", "rouge2", "rougeL", "loss"} <= set(metrics) and 0 <= metrics["rougeL"] <= 1
+    assert 0.1 < metrics["lead_rougeL"] < 0.3  # the body's first 10 words share a few words with the headline
     articles = tmp_path / "articles.txt"
     articles.write_text("Shares in the bank fell sharply on Monday.\nThe team won the cup final.\n")
     args = ["generate", f"run={run}", f"input={articles}", "num_beams=3", "max_new_tokens=8"]

@@ -2,7 +2,7 @@
 
 Any classification task becomes one by writing its label word (`transfer=text-to-text`); its accuracy is
 the exact match of the generated word. Summarisation-like tasks (`task.kind=text2text`, records with a
-`target`) are scored by ROUGE. Training is teacher-forced cross-entropy; validation also generates (greedy or
+`target`) are scored by ROUGE, next to the lead baseline (the input's first `task.lead_words` words) when set. Training is teacher-forced cross-entropy; validation also generates (greedy or
 beam search, as `task.num_beams` says), so the metric that picks checkpoints is the one users care about.
 """
 
@@ -21,6 +21,7 @@ from ptmcli.tasks.common import EncodedExamples, pad, task_tokenizer
 from ptmcli.tasks.rouge import rouge
 
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL")
+LEAD_KEYS = tuple(f"lead_{k}" for k in ROUGE_KEYS)
 
 
 class TextToText:
@@ -30,6 +31,9 @@ class TextToText:
     def __init__(self, cfg: TaskConfig, labels: list[str], tokenizer: Tokenizer, decoder_start: str = "pad"):
         self.cfg, self.labels = cfg, labels
         self.classify = cfg.kind in ("text-cls", "pair-cls")
+        self.lead = bool(cfg.lead_words) and not self.classify
+        if self.lead:
+            self.stats = (*self.stats, *LEAD_KEYS)
         self.tokenizer = tokenizer
         self.inputs = task_tokenizer(tokenizer, cfg.max_seq_len)
         self.targets = task_tokenizer(tokenizer, cfg.max_target_len)
@@ -118,6 +122,10 @@ class TextToText:
             ),
             **{k: torch.tensor(sum(s[k] for s in scores)) for k in ROUGE_KEYS},
         )
+        if self.lead:
+            leads = [" ".join(source["text"].split()[: self.cfg.lead_words]) for source in batch["inputs"]]
+            lead = [rouge(text, r) for text, r in zip(leads, batch["references"])]
+            stats.update({f"lead_{k}": torch.tensor(sum(s[k] for s in lead)) for k in ROUGE_KEYS})
         return sums, stats
 
     def metrics(self, sums: dict, counts: dict, stats: dict) -> dict[str, float]:
@@ -131,6 +139,8 @@ class TextToText:
             out["accuracy"] = out["exact_match"]
         else:
             out.update({k: stats[k] / n for k in ROUGE_KEYS})
+            if self.lead:
+                out.update({k: stats[k] / n for k in LEAD_KEYS})
         return out
 
     def predict(self, model: nn.Module, batch: dict) -> list[dict]:
