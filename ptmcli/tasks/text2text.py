@@ -2,8 +2,9 @@
 
 Any classification task becomes one by writing its label word (`transfer=text-to-text`); its accuracy is
 the exact match of the generated word. Summarisation-like tasks (`task.kind=text2text`, records with a
-`target`) are scored by ROUGE, next to the lead baseline (the input's first `task.lead_words` words) when set. Training is teacher-forced cross-entropy; validation also generates (greedy or
-beam search, as `task.num_beams` says), so the metric that picks checkpoints is the one users care about.
+`target`) are scored by ROUGE, next to the lead baseline (the input's first `task.lead_words` words) when set.
+Training is teacher-forced cross-entropy; validation also generates (greedy or beam search, as
+`task.num_beams` says), so the metric that picks checkpoints is the one users care about.
 """
 
 from __future__ import annotations
