@@ -18,8 +18,9 @@ from ptmcli.errors import PtmError
 from ptmcli.finetune import build_model, build_seq2seq, state_digest, text_task
 from ptmcli.loop import evaluate, to_device
 from ptmcli.runlog import console, print_metrics
-from ptmcli.schema import FullTransfer, arch_from_spec, check_finetune
+from ptmcli.schema import arch_from_spec, check_finetune
 from ptmcli.tasks import TASKS
+from ptmcli.transfers import FullTransfer
 from ptmcli.weights import Pretrained, load_pretrained
 
 

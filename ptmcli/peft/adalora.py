@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ptmcli.peft.lora import LowRankLinear
-from ptmcli.schema import AdaLoraTransfer
+from ptmcli.transfers import AdaLoraTransfer
 
 
 def budget(step: int, total_steps: int, cfg: AdaLoraTransfer, num_updates: int) -> tuple[int, bool]:
