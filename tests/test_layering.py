@@ -13,6 +13,7 @@ LAYERS = {
     "schema": 0,
     "fields": 0,
     "architectures": 0,
+    "transfers": 0,
     "models": 1,
     "hardware": 1,
     "optim": 1,
