@@ -8,6 +8,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ptmcli.errors import PtmError
 from ptmcli.schema import OptimizerConfig
 
 
@@ -35,6 +36,11 @@ def build_optimizer(
         # T5's optimiser: factored second moments, and steps relative to each parameter's scale (its RMS), which
         # T5's initialisation (embeddings of std 1, matrices of std fan_in^-0.5) is tuned for; lr is the
         # relative step size, capped at 1/sqrt(step) as in the paper
+        if not hasattr(torch.optim, "Adafactor"):
+            raise PtmError(
+                f"optimizer.name=adafactor needs torch >= 2.5 (this is {torch.__version__}); upgrade torch, or use "
+                "optimizer=adamw with an absolute learning rate such as optimizer.lr=1e-3."
+            )
         return torch.optim.Adafactor(param_groups(model, cfg, lr_scale), lr=cfg.lr)
     fused = cfg.fused == "on" or (cfg.fused == "auto" and device.type == "cuda")
     return torch.optim.AdamW(
