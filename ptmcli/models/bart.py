@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ptmcli.architectures import BartArch
-from ptmcli.models.layers import CrossAttention, FeedForward, SelfAttention, encoder_layers, init_normal, padding_mask
+from ptmcli.models.layers import CrossAttention, FeedForward, SelfAttention, layer_stack, init_normal, padding_mask
 
 
 class Embeddings(nn.Module):
@@ -38,7 +38,7 @@ class Bart(nn.Module):
         super().__init__()
         self.arch, self.vocab_size = arch, vocab_size
         self.embeddings = Embeddings(arch, vocab_size)
-        self.layers = encoder_layers(arch)
+        self.layers = layer_stack(arch)
 
     def forward(self, input_ids, token_type_ids=None, attention_mask=None) -> torch.Tensor:
         mask = padding_mask(attention_mask)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ptmcli.architectures import BertArch
-from ptmcli.models.layers import MaskedLMHead, encoder_layers, init_normal, padding_mask
+from ptmcli.models.layers import MaskedLMHead, layer_stack, init_normal, padding_mask
 
 
 class Embeddings(nn.Module):
@@ -38,7 +38,7 @@ class Bert(nn.Module):
         self.arch = arch
         self.vocab_size = vocab_size
         self.embeddings = Embeddings(arch, vocab_size)
-        self.layers = encoder_layers(arch)
+        self.layers = layer_stack(arch)
         self.pooler = nn.Linear(arch.hidden_size, arch.hidden_size) if with_pooler else None
 
     def forward(

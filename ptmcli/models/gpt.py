@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ptmcli.models.layers import DecoderBlock, init_normal
+from ptmcli.models.layers import DecoderBlock, init_normal, layer_stack
 from ptmcli.architectures import GptArch
 
 
@@ -43,17 +43,7 @@ class Gpt(nn.Module):
         self.arch = arch
         self.vocab_size = vocab_size
         self.embeddings = Embeddings(arch, vocab_size)
-        self.layers = nn.ModuleList(
-            DecoderBlock(
-                arch.hidden_size,
-                arch.num_heads,
-                arch.intermediate_size,
-                arch.dropout,
-                arch.attention_dropout,
-                arch.layer_norm_eps,
-            )
-            for _ in range(arch.num_layers)
-        )
+        self.layers = layer_stack(arch, DecoderBlock)
         self.final_norm = nn.LayerNorm(arch.hidden_size, eps=arch.layer_norm_eps)
 
     def forward(

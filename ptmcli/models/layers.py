@@ -190,10 +190,12 @@ class EncoderLayer(nn.Module):
         return self.ffn_norm(x + self.dropout(self.ffn(x)))
 
 
-def encoder_layers(arch) -> nn.ModuleList:
-    """`arch.num_layers` post-LN layers of the sizes an architecture dataclass gives (BERT, RoBERTa, BART)."""
+def layer_stack(arch, layer: type[nn.Module] | None = None) -> nn.ModuleList:
+    """`arch.num_layers` layers of the sizes an architecture dataclass gives: post-LN `EncoderLayer`s (BERT,
+    RoBERTa, BART's encoder) unless `layer` names another class of the same signature (GPT's `DecoderBlock`)."""
+    layer = layer or EncoderLayer
     return nn.ModuleList(
-        EncoderLayer(
+        layer(
             arch.hidden_size,
             arch.num_heads,
             arch.intermediate_size,

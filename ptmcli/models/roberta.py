@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ptmcli.architectures import RobertaArch
-from ptmcli.models.layers import MaskedLMHead, encoder_layers, init_normal, padding_mask
+from ptmcli.models.layers import MaskedLMHead, layer_stack, init_normal, padding_mask
 
 
 class Embeddings(nn.Module):
@@ -35,7 +35,7 @@ class Roberta(nn.Module):
         self.arch = arch
         self.vocab_size = vocab_size
         self.embeddings = Embeddings(arch, vocab_size)
-        self.layers = encoder_layers(arch)
+        self.layers = layer_stack(arch)
 
     def forward(
         self,
