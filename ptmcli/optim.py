@@ -48,6 +48,18 @@ def build_optimizer(
     )
 
 
+def lr_caution(cfg: OptimizerConfig) -> str | None:
+    """A warning for an Adafactor lr at AdamW's scale: task files set absolute rates such as 1e-4, which as a
+    relative step barely move the weights."""
+    if cfg.name == "adafactor" and cfg.lr < 1e-3:
+        return (
+            f"optimizer.lr={cfg.lr:g} is small for Adafactor, whose lr is a step relative to each weight's scale "
+            "(T5 fine-tunes at 1e-3 and pretrains at 1e-2); a task file's lr is meant for AdamW: pass "
+            "optimizer.lr=1e-2 or 1e-3 to override it."
+        )
+    return None
+
+
 def lr_factor(step: int, cfg: OptimizerConfig, max_steps: int) -> float:
     """Multiplier of the peak lr at `step`: linear warmup, then decay to `min_lr_ratio`."""
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_ratio * max_steps)

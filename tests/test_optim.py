@@ -1,0 +1,48 @@
+"""Learning-rate schedules, weight-decay groups and the Adafactor lr caution, against hand-computed values."""
+
+from __future__ import annotations
+
+import pytest
+from torch import nn
+
+from ptmcli.optim import lr_caution, lr_factor, param_groups
+from ptmcli.schema import OptimizerConfig
+
+
+@pytest.mark.parametrize(
+    "schedule, step, expected",
+    [
+        ("linear", 0, 0.25),  # warmup: (step + 1) / 4
+        ("linear", 3, 1.0),
+        ("linear", 4, 1.0),  # decay starts at the peak
+        ("linear", 8, 0.5),  # halfway through the 8 steps after warmup
+        ("linear", 12, 0.0),
+        ("cosine", 8, 0.5),
+        ("cosine", 6, 0.5 * (1 + 2**-0.5)),  # a quarter of the way: (1 + cos(pi / 4)) / 2
+        ("constant", 11, 1.0),
+    ],
+)
+def test_warmup_then_decay(schedule, step, expected):
+    cfg = OptimizerConfig(schedule=schedule, warmup_steps=4)
+    assert lr_factor(step, cfg, max_steps=12) == pytest.approx(expected)
+
+
+def test_decay_stops_at_the_floor_and_warmup_ratio_counts_steps():
+    cfg = OptimizerConfig(warmup_ratio=0.1, min_lr_ratio=0.1)
+    assert lr_factor(0, cfg, max_steps=100) == pytest.approx(0.1)  # 10 warmup steps
+    assert lr_factor(55, cfg, max_steps=100) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_factor(100, cfg, max_steps=100) == pytest.approx(0.1)
+
+
+def test_only_matrices_decay_and_tied_weights_appear_once():
+    model = nn.Sequential(nn.Embedding(10, 4), nn.LayerNorm(4), nn.Linear(4, 10))
+    model[2].weight = model[0].weight  # tied output projection
+    groups = {g["weight_decay"]: g for g in param_groups(model, OptimizerConfig(weight_decay=0.01, lr=1e-3))}
+    assert [p.shape for p in groups[0.01]["params"]] == [(10, 4)]
+    assert sorted(p.numel() for p in groups[0.0]["params"]) == [4, 4, 10]  # LayerNorm weight and bias, Linear bias
+
+
+def test_an_adamw_sized_lr_for_adafactor_gets_a_caution():
+    assert "optimizer.lr=0.0001" in lr_caution(OptimizerConfig(name="adafactor", lr=1e-4))
+    assert lr_caution(OptimizerConfig(name="adafactor", lr=1e-2)) is None
+    assert lr_caution(OptimizerConfig(name="adamw", lr=1e-4)) is None
