@@ -11,7 +11,7 @@ from ptmcli.cli import COMMANDS, check_override, config_dirs, recipes, register_
 from ptmcli.errors import PtmError
 import yaml
 
-from ptmcli.schema import FAMILY_OBJECTIVES, check_finetune, check_pretrain
+from ptmcli.schema import FAMILY_OBJECTIVES, arch_from_spec, architecture_spec, check_finetune, check_pretrain
 from tests.conftest import ROOT, run_ptm
 
 CONF, RECIPES = config_dirs()
@@ -174,3 +174,13 @@ def test_finetune_defaults_and_transfer_keys_are_checked():
     assert check_finetune(_compose("finetune", ["transfer=lora", "transfer.r=4"])).transfer.r == 4
     with pytest.raises(PtmError, match="init=none trains from scratch"):
         check_finetune(_compose("finetune", ["init=none"]))
+
+
+def test_pretraining_dropout_is_not_part_of_a_checkpoints_identity():
+    # the t5 recipes pretrain without dropout (T5 v1.1); a fine-tune from such a checkpoint gets the default back
+    arch = check_pretrain(_compose("t5-mini")).model
+    assert arch.dropout == 0.0 and arch.attention_dropout == 0.0
+    spec = architecture_spec(arch)
+    assert "dropout" not in spec and spec["hidden_size"] == 256
+    restored = arch_from_spec({**spec, "family": "t5"})
+    assert restored.dropout == 0.1 and restored.attention_dropout == 0.1
