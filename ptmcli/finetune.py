@@ -20,7 +20,6 @@ from ptmcli.errors import PtmError
 from ptmcli.loop import Job, evaluate, train
 from ptmcli.models import ENCODERS, SEQ2SEQ_MODELS
 from ptmcli.models.heads import HEADS, TaskModel
-from ptmcli.optim import lr_caution
 from ptmcli.runlog import console, print_metrics
 from ptmcli.schema import SEQ2SEQ_FAMILIES, DataConfig, FinetuneConfig, architecture_spec, check_finetune
 from ptmcli.tasks import TASKS
@@ -198,8 +197,6 @@ def finetune(raw_cfg: dict, run_dir: Path, recipe: str) -> dict[str, float]:
             f"examples, transfer={cfg.transfer.mode}, {counts['trainable']:,} of {counts['total']:,} parameters "
             f"trainable ({counts['trainable_percent']}%), {trainer.max_steps} steps, {hw.device}\n  run dir: {run_dir}"
         )
-        if caution := lr_caution(cfg.optimizer):
-            console.print(f"[yellow]note[/] {caution}")
     decay = getattr(cfg.transfer, "layer_lr_decay", 1.0)
     lr_scale = layer_lr_scale(pretrained.arch.num_layers, decay) if decay != 1.0 else None
     job = Job(

@@ -23,7 +23,7 @@ from ptmcli.data.batches import BatchOrder, Examples, eval_batches, train_batche
 from ptmcli.distributed import Dist
 from ptmcli.errors import PtmError
 from ptmcli.hardware import Hardware
-from ptmcli.optim import build_optimizer, build_schedule
+from ptmcli.optim import build_optimizer, build_schedule, lr_caution
 from ptmcli.runlog import RunLog, truncate_metrics
 from ptmcli.schema import OptimizerConfig, TrainerConfig
 
@@ -150,6 +150,8 @@ def train(
         torch.manual_seed(cfg.seed * 1000 + dist.rank + 1)  # dropout stream, distinct per process
 
     log = RunLog(run_dir / "metrics.jsonl" if dist.is_main else None, cfg.max_steps, step)
+    if caution := lr_caution(optim_cfg):
+        log.note(f"[yellow]note[/] {caution}")
     batches = train_batches(
         job.train, BatchOrder(len(job.train), cfg.batch_size, dist.world_size, dist.rank, cfg.seed), consumed
     )

@@ -17,7 +17,6 @@ from ptmcli.distributed import Dist, init_from_env
 from ptmcli.loop import Job, train
 from ptmcli.models import PRETRAINING_MODELS
 from ptmcli.objectives import OBJECTIVES
-from ptmcli.optim import lr_caution
 from ptmcli.runlog import console
 from ptmcli.schema import PretrainConfig, architecture_spec, check_pretrain
 
@@ -100,8 +99,6 @@ def pretrain(raw_cfg: dict, run_dir: Path, recipe: str) -> dict[str, float]:
             f"{len(train_ex):,} / {len(val_ex):,} sequences of <= {cfg.data.max_seq_len}), {hw.device} {hw.dtype}, "
             f"{dist.world_size} process(es)\n  run dir: {run_dir}"
         )
-        if caution := lr_caution(cfg.optimizer):
-            console.print(f"[yellow]note[/] {caution}")
     job = Job(
         model=model,
         objective=OBJECTIVES[cfg.objective.name](cfg.objective),
