@@ -109,6 +109,17 @@ def evaluate(
     )
 
 
+def fresh_window(terms: tuple[str, ...]) -> dict:
+    """Running totals between two train log lines (a term's mean is over the steps that had its targets)."""
+    return {
+        "loss": 0.0,
+        "terms": dict.fromkeys(terms, 0.0),
+        "term_steps": dict.fromkeys(terms, 0),
+        "steps": 0,
+        "tokens": 0,
+    }
+
+
 def train(
     job: Job,
     cfg: TrainerConfig,
@@ -134,7 +145,7 @@ def train(
     ckpt_root = run_dir / "checkpoints"
 
     step, consumed = 0, 0
-    window = {"loss": 0.0, "terms": {t: 0.0 for t in terms}, "steps": 0, "tokens": 0}
+    window = fresh_window(terms)
     best = Best(cfg.metric.removeprefix("val/"), cfg.metric_mode, cfg.patience)
     if resume_from is not None:
         state, extra = checkpoint.load(
@@ -167,6 +178,8 @@ def train(
                     dtype=torch.float64,
                 )
             )
+            # a term may have no targets in a step (span corruption's whole-block share): it adds 0, not 0/0
+            term_counts = counts[: len(terms)].clamp(min=1).tolist()
             step_sums = torch.zeros(len(terms), dtype=torch.float64)
             for i, batch in enumerate(micro):
                 last = i == len(micro) - 1
@@ -175,7 +188,7 @@ def train(
                     with hw.autocast():
                         sums, _ = job.objective(model, batch)
                     # DDP averages gradients over processes; multiplying by world size turns that into a sum.
-                    loss = sum(weights[k] * sums[t] / counts[k].item() for k, t in enumerate(terms)) * dist.world_size
+                    loss = sum(weights[k] * sums[t] / term_counts[k] for k, t in enumerate(terms)) * dist.world_size
                     if last and job.method is not None and (penalty := job.method.regularizer()) is not None:
                         loss = loss + penalty  # the same on every process, so DDP's average keeps it as is
                     scaler.scale(loss).backward()
@@ -193,10 +206,11 @@ def train(
             step += 1
             consumed += cfg.grad_accum
 
-            term_losses = (dist.sum(step_sums) / counts[: len(terms)]).tolist()
+            term_losses = (dist.sum(step_sums) / torch.tensor(term_counts, dtype=torch.float64)).tolist()
             window["loss"] += sum(w * v for w, v in zip(weights, term_losses))
-            for t, value in zip(terms, term_losses):
+            for t, value, present in zip(terms, term_losses, (counts[: len(terms)] > 0).tolist()):
                 window["terms"][t] += value
+                window["term_steps"][t] += present
             window["steps"] += 1
             window["tokens"] += int(counts[-1])
             if step % cfg.log_every == 0 or step == cfg.max_steps:
@@ -207,14 +221,14 @@ def train(
                         "step": step,
                         "split": "train",
                         "loss": window["loss"] / n,
-                        **{f"{t}_loss": v / n for t, v in window["terms"].items()},
+                        **{f"{t}_loss": v / max(window["term_steps"][t], 1) for t, v in window["terms"].items()},
                         "lr": lr,
                         "tokens_per_s": window["tokens"] / max(elapsed, 1e-9),
                         "epoch": consumed * cfg.batch_size * dist.world_size / len(job.train),
                         **window.get("extras", {}),
                     }
                 )
-                window = {"loss": 0.0, "terms": {t: 0.0 for t in terms}, "steps": 0, "tokens": 0}
+                window = fresh_window(terms)
                 window_start = time.perf_counter()
             else:
                 log.advance(step)

@@ -40,6 +40,11 @@ class ObjectiveConfig:
     rtd_weight: float = _f(50.0, "rtd: weight of the discriminator loss against the generator's MLM loss (lambda)")
     noise_density: float = _f(0.15, "span-corruption: fraction of tokens dropped into spans")
     mean_span_length: float = _f(3.0, "span-corruption: mean length of a corrupted span")
+    full_target_fraction: float = _f(
+        0.0,
+        "span-corruption: fraction of examples whose target is the whole original block instead of the spans, "
+        "so the decoder also learns to copy (term `full`); 0 = the paper's objective",
+    )
     mask_ratio: float = _f(0.3, "denoise: fraction of tokens inside infilled spans")
     poisson_lambda: float = _f(3.0, "denoise: mean of the Poisson span lengths (a 0-length span inserts a mask)")
     permute_sentences: bool = _f(True, "denoise: shuffle the sentences of each sequence")
@@ -433,6 +438,11 @@ def check_consistency(cfg: PretrainConfig) -> None:
     if not 0 < o.noise_density < 1 or o.mean_span_length < 1 or not 0 < o.mask_ratio < 1:
         raise PtmError(
             "objective.noise_density and objective.mask_ratio must lie in (0, 1), objective.mean_span_length >= 1."
+        )
+    if not 0 <= o.full_target_fraction <= 1:
+        raise PtmError(
+            f"objective.full_target_fraction={o.full_target_fraction} must lie in [0, 1]: the share of span-corruption "
+            "examples that target the whole block (0 = only the dropped spans, as in the T5 paper)."
         )
     if o.plm_k < 2:
         raise PtmError(f"objective.plm_k={o.plm_k} must be at least 2 (1/K of each order is predicted).")

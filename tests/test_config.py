@@ -124,6 +124,7 @@ def test_unknown_key_in_a_yaml_file_is_caught_after_composition():
         ("optimizer", ("schedule", "cosin"), "Did you mean 'cosine'"),
         ("hardware", ("compile", "yes"), "expected bool"),
         ("data", ("max_seq_len", 1024), "model.max_positions"),
+        ("objective", ("full_target_fraction", 1.5), r"full_target_fraction=1.5 must lie in \[0, 1\]"),
     ],
 )
 def test_wrong_types_and_values_fail(key, value, expected):

@@ -102,15 +102,22 @@ def test_pretraining_loss_drops_and_the_checkpoint_fine_tunes(family, pretrained
 
 @pytest.mark.parametrize("family", ["xlnet", "electra", "t5"])
 def test_sigkill_then_resume_matches_an_uninterrupted_run(family, cache_env, tmp_path):
-    """XLNet draws orders per example, ELECTRA samples replacements from torch's generator, T5 draws spans:
-    all must resume exactly."""
+    """XLNet draws orders per example, ELECTRA samples replacements from torch's generator, T5 draws spans
+    (and which examples target the whole block, a second loss term): all must resume exactly."""
     schedule = ["trainer.max_steps=30", "trainer.log_every=1", "trainer.eval_every=10", "trainer.save_every=10"]
+    if family == "t5":
+        schedule.append("objective.full_target_fraction=0.3")
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     run_ptm(["pretrain", *FAMILIES[family], *schedule, f"hydra.run.dir={straight}"], cache_env)
     args = ["pretrain", *FAMILIES[family], *schedule, f"hydra.run.dir={killed}"]
     assert kill_after_checkpoint(args, cache_env, killed / "checkpoints" / "step-10") == -signal.SIGKILL
     run_ptm([*args, "resume=auto"], cache_env)
-    assert comparable(read_metrics(killed)) == comparable(read_metrics(straight))
+    rows = read_metrics(straight)
+    assert comparable(read_metrics(killed)) == comparable(rows)
+    if family == "t5":
+        val = [r for r in rows if r["split"] == "val"]
+        assert all(r["full_loss"] > 0 and r["span_loss"] > 0 for r in val)
+        assert val[-1]["loss"] == pytest.approx(val[-1]["span_loss"] + val[-1]["full_loss"])
 
 
 def test_generate_is_seeded_and_the_cache_changes_nothing(pretrained, cache_env):

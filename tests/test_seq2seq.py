@@ -1,17 +1,21 @@
-"""Encoder-decoders: T5 position buckets, span corruption, BART noise, decoder causality, cached decoding,
-beam search, ROUGE."""
+"""Encoder-decoders: T5 position buckets, span corruption (and its whole-block targets), BART noise, decoder
+causality, cached decoding, beam search, ROUGE."""
 
 from __future__ import annotations
 
+import datasets
 import numpy as np
 import pytest
 import torch
+from tokenizers import Tokenizer, models
 
-from ptmcli.data.seq2seq_examples import corrupt_spans, infill, span_noise_mask
+from ptmcli.data.seq2seq_examples import SpanCorruptionExamples, corrupt_spans, infill, span_noise_mask
+from ptmcli.data.tokenizer import SENTINELS
 from ptmcli.generation import Sampling, beam_search, generate
 from ptmcli.models import SEQ2SEQ_MODELS
 from ptmcli.models.t5 import relative_position_bucket
-from ptmcli.schema import BartArch, T5Arch
+from ptmcli.objectives.seq2seq import Seq2SeqLM
+from ptmcli.schema import BartArch, ObjectiveConfig, T5Arch
 from ptmcli.tasks.rouge import rouge
 
 V = 60
@@ -58,6 +62,56 @@ def test_span_corruption_round_trips_and_orders_sentinels():
                 pieces[current].append(t)
         rebuilt = [x for t in inputs[:-1] for x in (pieces[t] if t >= 1000 else [t])]
         assert rebuilt == ids
+
+
+def _span_examples(fraction: float) -> SpanCorruptionExamples:
+    """Blocks of word ids 200.. under a T5-style vocabulary: <pad> <unk> </s>, then the 100 sentinels."""
+    vocab = {t: i for i, t in enumerate(["<pad>", "<unk>", "</s>", *SENTINELS])}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    chunks = datasets.Dataset.from_dict({"ids": [list(range(200 + i, 260 + i)) for i in range(200)]})
+    objective = ObjectiveConfig(name="span-corruption", full_target_fraction=fraction)
+    return SpanCorruptionExamples(chunks, tokenizer, objective, seed=3)
+
+
+def test_whole_block_targets_keep_the_inputs_and_take_their_share():
+    paper, mixed = _span_examples(0.0), _span_examples(0.3)
+    assert paper.terms == ("span",) and mixed.terms == ("span", "full")
+    rows = paper.chunks["ids"]
+    full = 0
+    for i, ids in enumerate(rows):
+        plain, other = paper.example(ids, i, epoch=1), mixed.example(ids, i, epoch=1)
+        assert other["inputs"] == plain["inputs"] and plain["term"] == 0  # same corruption either way
+        if other["term"]:
+            full += 1
+            assert other["labels"] == [*ids, 2] and other["decoder_inputs"] == [0, *ids]  # the whole block, shifted
+        else:
+            assert other["labels"] == plain["labels"]
+    assert 0.2 * len(rows) < full < 0.4 * len(rows)
+    batch = mixed.batch(list(range(32)), epoch=1)
+    per_row = (batch["labels"] != -100).sum(1)
+    assert batch["counts"]["full"] == per_row[batch["label_terms"] == 1].sum() > 0
+    assert batch["counts"]["span"] + batch["counts"]["full"] == per_row.sum()
+
+
+def test_two_term_seq2seq_loss_splits_the_rows_by_term():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 4, 7)
+    labels = torch.tensor([[1, 2, -100, -100], [3, 4, 5, 6], [0, -100, -100, -100]])
+    batch = {"input_ids": None, "attention_mask": None, "decoder_input_ids": None, "labels": labels}
+    model = lambda *_: logits  # noqa: E731
+    sums, stats = Seq2SeqLM("span", "full")(model, {**batch, "label_terms": torch.tensor([0, 1, 0])})
+    keep = labels != -100
+    token_losses = torch.nn.functional.cross_entropy(logits[keep], labels[keep], reduction="none")
+    assert torch.allclose(sums["span"], token_losses[[0, 1, 6]].sum())
+    assert torch.allclose(sums["full"], token_losses[2:6].sum())
+    single, _ = Seq2SeqLM("span")(model, batch)  # one term: no label_terms needed
+    assert torch.allclose(single["span"], token_losses.sum())
+    # a term without rows adds nothing, and its metrics are left out rather than divided by zero
+    sums, stats = Seq2SeqLM("span", "full")(model, {**batch, "label_terms": torch.zeros(3, dtype=torch.long)})
+    assert sums["full"] == 0 and stats["full_correct"] == 0
+    totals = {"span_correct": 3.0, "full_correct": 0.0}
+    metrics = Seq2SeqLM("span", "full").metrics({"span": 14.0, "full": 0.0}, {"span": 7, "full": 0}, totals)
+    assert metrics["loss"] == metrics["span_loss"] == 2.0 and "full_loss" not in metrics
 
 
 def test_bart_infilling_covers_about_the_ratio_with_one_mask_per_span():

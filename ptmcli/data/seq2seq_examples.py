@@ -5,6 +5,10 @@ mean_span_length; the input keeps a sentinel in place of each span, the target l
 the span it replaced. BART (Lewis et al. 2020): shuffle the sentences, then replace spans with Poisson(lambda)
 lengths, covering mask_ratio of the tokens, by one <mask> each (a 0-length span inserts one); the target is
 the original text. Everything random comes from (seed, epoch, index), as for masking.
+
+Span corruption never asks the decoder to copy: every target token is missing from the input. With
+full_target_fraction > 0 that share of the examples keeps the corrupted input but targets the whole original
+block, as in the paper's BERT-style variants, so the decoder also learns to copy the kept text (term `full`).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from dataclasses import dataclass
 
 import datasets
 import numpy as np
+import torch
 from tokenizers import Tokenizer
 
 from ptmcli.data.tokenizer import SpecialIds, sentinel_ids
@@ -85,19 +90,23 @@ def infill(ids: list[int], ratio: float, lam: float, mask_id: int, rng: np.rando
     return out
 
 
-def collate_seq2seq(examples: list[dict], pad_id: int, term: str) -> dict:
-    """Pad encoder inputs, decoder inputs and labels (-100 where padded)."""
+def collate_seq2seq(examples: list[dict], pad_id: int, terms: tuple[str, ...]) -> dict:
+    """Pad encoder inputs, decoder inputs and labels (-100 where padded). An example's labels count towards
+    terms[example["term"]] (default the first); `label_terms` says which, per row."""
     input_ids = pad([e["inputs"] for e in examples], pad_id)
     decoder = pad([e["decoder_inputs"] for e in examples], pad_id)
     labels = pad([e["labels"] for e in examples], -100)
     attention_mask = pad([np.ones(len(e["inputs"])) for e in examples], 0)
+    label_terms = torch.tensor([e.get("term", 0) for e in examples], dtype=torch.long)
+    per_row = (labels != -100).sum(1)
     return {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "decoder_input_ids": decoder,
         "labels": labels,
-        "counts": {term: int((labels != -100).sum())},
-        "num_tokens": int(attention_mask.sum()) + int((labels != -100).sum()),
+        "label_terms": label_terms,
+        "counts": {t: int(per_row[label_terms == k].sum()) for k, t in enumerate(terms)},
+        "num_tokens": int(attention_mask.sum()) + int(per_row.sum()),
     }
 
 
@@ -111,6 +120,7 @@ class SpanCorruptionExamples:
     def __post_init__(self) -> None:
         self.ids = SpecialIds.of(self.tokenizer)
         self.sentinels = sentinel_ids(self.tokenizer)
+        self.terms = ("span", "full") if self.objective.full_target_fraction > 0 else ("span",)
 
     def __len__(self) -> int:
         return len(self.chunks)
@@ -122,12 +132,17 @@ class SpanCorruptionExamples:
         else:
             mask = span_noise_mask(len(ids), self.objective.noise_density, self.objective.mean_span_length, rng)
             inputs, targets = corrupt_spans(ids, mask, self.sentinels, self.ids.sep)
+        # drawn after the mask, so that fraction 0 gives exactly the paper's examples
+        full = bool(rng.random() < self.objective.full_target_fraction)
+        if full:
+            targets = [*ids, self.ids.sep]
         # T5 starts decoding from the padding token
-        return {"inputs": inputs, "decoder_inputs": [self.ids.pad, *targets[:-1]], "labels": targets}
+        return {"inputs": inputs, "decoder_inputs": [self.ids.pad, *targets[:-1]], "labels": targets, "term": int(full)}
 
     def batch(self, indices: list[int], epoch: int) -> dict:
         rows = self.chunks[list(indices)]["ids"]
-        return collate_seq2seq([self.example(r, int(i), epoch) for r, i in zip(rows, indices)], self.ids.pad, "span")
+        examples = [self.example(r, int(i), epoch) for r, i in zip(rows, indices)]
+        return collate_seq2seq(examples, self.ids.pad, self.terms)
 
 
 @dataclass
@@ -165,4 +180,4 @@ class DenoisingExamples:
     def batch(self, indices: list[int], epoch: int) -> dict:
         rows = self.chunks[list(indices)]
         examples = [self.example({k: rows[k][i] for k in rows}, int(idx), epoch) for i, idx in enumerate(indices)]
-        return collate_seq2seq(examples, self.ids.pad, "denoise")
+        return collate_seq2seq(examples, self.ids.pad, ("denoise",))

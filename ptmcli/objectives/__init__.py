@@ -17,6 +17,6 @@ OBJECTIVES = {
     "clm": lambda cfg: CausalLM(),
     "plm": lambda cfg: PermutationLM(),
     "rtd": lambda cfg: ReplacedTokenDetection(cfg.rtd_weight),
-    "span-corruption": lambda cfg: Seq2SeqLM("span"),
+    "span-corruption": lambda cfg: Seq2SeqLM("span", "full") if cfg.full_target_fraction > 0 else Seq2SeqLM("span"),
     "denoise": lambda cfg: Seq2SeqLM("denoise"),
 }
