@@ -190,6 +190,7 @@ class LabeledDataConfig:
     text_column: str = _f("text", "table: column with the text (title+text joins two with a line break)")
     text_pair_column: Optional[str] = _f(None, "table: column with the second text (pair-cls)")
     label_column: str = _f("label", "table: column with the label")
+    target_column: str = _f("target", "table, task.kind=text2text: column with the target text (e.g. title)")
     index_labels: list[str] = _f([], "table: names of integer-coded labels (label value i is index_labels[i])")
     pickle_columns: list[str] = _f([], "table: names of the columns of a pickled tuple of lists")
     filter_column: Optional[str] = _f(None, "table: drop rows whose filter_column equals one of filter_values")

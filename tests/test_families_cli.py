@@ -192,6 +192,16 @@ def test_headline_generation_from_t5_scores_rouge_and_generates_with_beams(pretr
     assert again.returncode == 0 and (tmp_path / "again.jsonl").read_text() == (tmp_path / "out.jsonl").read_text()
 
 
+def test_title_generation_then_headlines_from_its_run(pretrained, cache_env, tmp_path):
+    steps = ["trainer.max_steps=10", "trainer.eval_every=10", "trainer.eval_batches=1", "task.max_target_len=12"]
+    titles = _finetune(["task=title-gen", f"init={pretrained('t5')}", *steps], tmp_path / "titles", cache_env)
+    assert 0 <= titles["rougeL"] <= 1 and 0.05 < titles["lead_rougeL"] < 0.4
+    run = tmp_path / "headlines"
+    _finetune(["task=headline-gen", f"init={tmp_path / 'titles'}", *steps], run, cache_env)
+    init = json.loads((run / "run.json").read_text())["init"]
+    assert init == f"ptm checkpoint {(tmp_path / 'titles' / 'checkpoints' / 'best').resolve()}"
+
+
 def test_classification_as_text_to_text_from_bart(pretrained, cache_env, tmp_path):
     steps = ["trainer.max_steps=15", "trainer.eval_every=15", "trainer.eval_batches=2"]
     metrics = _finetune(

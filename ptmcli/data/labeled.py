@@ -1,8 +1,9 @@
 """Labelled data for fine-tuning: read records, deduplicate, split, and check labels.
 
-Records are plain dicts of one of four shapes, by task kind:
+Records are plain dicts of one of five shapes, by task kind:
   text-cls  {"id", "text", "label"}            pair-cls {"id", "text", "text_pair", "label"}
   token-cls {"id", "tokens", "tags"}           qa       {"id", "question", "context", "answers": {...}}
+  text2text {"id", "text", "target"}
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import datasets
 import numpy as np
 
 from ptmcli.data.chinese import peoples_daily_ner, pickle_columns
-from ptmcli.data.sources import FORMATS, package_path
+from ptmcli.data.sources import FORMATS, extract_zip, package_path
 from ptmcli.errors import PtmError
 from ptmcli.schema import LabeledDataConfig
 
@@ -38,7 +39,9 @@ def read_text_file(path: Path) -> str:
         return raw.decode("latin-1")
 
 
-def read_table(path: Path, cfg: LabeledDataConfig, key: str, pair: bool) -> list[dict]:
+def read_table(path: Path, cfg: LabeledDataConfig, key: str, kind: str) -> list[dict]:
+    if path.suffix.lower() == ".zip":
+        path = _only_table(extract_zip(path), key)
     suffix = "".join(path.suffixes[-2:]) if path.suffix in (".bz2", ".gz", ".xz") else path.suffix
     builder = FORMATS.get(suffix.split(".")[1] and "." + suffix.split(".")[1])
     if builder in (None, "text"):
@@ -57,7 +60,10 @@ def read_table(path: Path, cfg: LabeledDataConfig, key: str, pair: bool) -> list
             raise PtmError(f"{key}='{path}' could not be read as {builder}: {err}") from err
     text_columns = cfg.text_column.split("+")
     name = (lambda c: "data.text_column") if len(text_columns) == 1 else (lambda c: f"data.text_column ({c})")
-    wanted = {name(c): c for c in text_columns} | {"data.label_column": cfg.label_column}
+    generate = kind == "text2text"
+    answer = ("data.target_column", cfg.target_column) if generate else ("data.label_column", cfg.label_column)
+    wanted = {name(c): c for c in text_columns} | dict([answer])
+    pair = kind == "pair-cls"
     if pair:
         wanted["data.text_pair_column"] = cfg.text_pair_column or "text_pair"
     if cfg.filter_column:
@@ -76,6 +82,11 @@ def read_table(path: Path, cfg: LabeledDataConfig, key: str, pair: bool) -> list
         text = "\n".join(str(row[c]) for c in text_columns if row[c] is not None and str(row[c]).strip())
         if not text.strip():
             continue
+        if generate:  # a row without a target has nothing to learn from (titles are missing in some corpora)
+            target = " ".join(str(row[cfg.target_column] or "").split())
+            if target:
+                records.append({"id": f"{path.name}:{i}", "text": text, "target": target})
+            continue
         label = row[cfg.label_column]
         if cfg.index_labels:
             if not isinstance(label, int) or not 0 <= label < len(cfg.index_labels):
@@ -89,6 +100,15 @@ def read_table(path: Path, cfg: LabeledDataConfig, key: str, pair: bool) -> list
             record["text_pair"] = str(row[wanted["data.text_pair_column"]] or "")
         records.append(record)
     return records
+
+
+def _only_table(folder: Path, key: str) -> Path:
+    """The one table in an extracted zip."""
+    tables = [p for p in sorted(folder.rglob("*")) if p.is_file() and FORMATS.get(p.suffix.lower(), "text") != "text"]
+    if len(tables) != 1:
+        names = ", ".join(p.name for p in tables) or "none"
+        raise PtmError(f"{key}: the zip should hold exactly one table (csv/tsv/json(l)/parquet/pkl); it holds {names}.")
+    return tables[0]
 
 
 def read_folders(path: Path) -> list[dict]:
@@ -226,7 +246,7 @@ def conll_qa(sentences: list[dict]) -> list[dict]:
 def _read(spec: str, key: str, cfg: LabeledDataConfig, kind: str) -> list[dict]:
     path = _path(spec, key)
     if cfg.loader == "table":
-        records = read_table(path, cfg, key, pair=kind == "pair-cls")
+        records = read_table(path, cfg, key, kind)
     elif cfg.loader in ("folders", "bbc-pairs", "bbc-headlines"):
         records = read_folders(path)
     elif cfg.loader == "lines":
