@@ -179,7 +179,7 @@ def train(
                 )
             )
             # a term may have no targets in a step (span corruption's whole-block share): it adds 0, not 0/0
-            term_counts = counts[: len(terms)].clamp(min=1).tolist()
+            term_counts = counts[: len(terms)].clamp(min=1)
             step_sums = torch.zeros(len(terms), dtype=torch.float64)
             for i, batch in enumerate(micro):
                 last = i == len(micro) - 1
@@ -188,7 +188,9 @@ def train(
                     with hw.autocast():
                         sums, _ = job.objective(model, batch)
                     # DDP averages gradients over processes; multiplying by world size turns that into a sum.
-                    loss = sum(weights[k] * sums[t] / term_counts[k] for k, t in enumerate(terms)) * dist.world_size
+                    loss = (
+                        sum(weights[k] * sums[t] / term_counts[k].item() for k, t in enumerate(terms)) * dist.world_size
+                    )
                     if last and job.method is not None and (penalty := job.method.regularizer()) is not None:
                         loss = loss + penalty  # the same on every process, so DDP's average keeps it as is
                     scaler.scale(loss).backward()
@@ -206,7 +208,7 @@ def train(
             step += 1
             consumed += cfg.grad_accum
 
-            term_losses = (dist.sum(step_sums) / torch.tensor(term_counts, dtype=torch.float64)).tolist()
+            term_losses = (dist.sum(step_sums) / term_counts).tolist()
             window["loss"] += sum(w * v for w, v in zip(weights, term_losses))
             for t, value, present in zip(terms, term_losses, (counts[: len(terms)] > 0).tolist()):
                 window["terms"][t] += value

@@ -19,11 +19,10 @@ class Seq2SeqLM:
     def __call__(self, model: nn.Module, batch: dict) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         logits = model(batch["input_ids"], batch["attention_mask"], batch["decoder_input_ids"])
         labels = batch["labels"]
+        labelled = labels != -100
         sums, stats = {}, {}
         for k, term in enumerate(self.terms):
-            keep = labels != -100
-            if len(self.terms) > 1:
-                keep &= (batch["label_terms"] == k)[:, None]
+            keep = labelled & (batch["label_terms"] == k)[:, None] if len(self.terms) > 1 else labelled
             term_logits, targets = logits[keep].float(), labels[keep]
             sums[term] = F.cross_entropy(term_logits, targets, reduction="sum")  # 0 when no row has this term
             stats[f"{term}_correct"] = (term_logits.argmax(-1) == targets).sum()
