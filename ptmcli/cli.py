@@ -15,6 +15,7 @@ from pathlib import Path
 
 from dataclasses import dataclass
 
+from ptmcli.confdirs import config_dirs
 from ptmcli.errors import PtmError
 from ptmcli.schema import (
     FINETUNE_SECTIONS,
@@ -63,21 +64,22 @@ RUN_COMMANDS = {
     "predict": "predictions, one JSON line per input: ptm predict run=DIR input=texts.txt [output=FILE]",
     "export": "adapter in PEFT format, or LoRA merged into the base: ptm export run=DIR [merge=true]",
     "generate": "continue text with a causal LM run, or write outputs with a text-to-text run: ptm generate "
-    "run=DIR prompt=TEXT | input=FILE (one per line) [max_new_tokens=40 top_p=0.9 top_k=0 temperature=1 "
-    "greedy=false seed=0 cache=true num_beams=1 length_penalty=1 no_repeat_ngram_size=0]",
+    "run=DIR prompt=TEXT | input=FILE (one per line) [max_new_tokens=40 top_p=1 top_k=0 temperature=1 "
+    "greedy=false seed=0 cache=true num_beams=1 length_penalty=1 no_repeat_ngram_size=0]; a text-to-text run "
+    "decodes as its validation did (the task's beams, n-gram blocking and target length) unless told otherwise",
 }
-# ptm generate's arguments -> (type, default)
+# ptm generate's arguments -> their types (defaults: generation.Sampling's, or a text-to-text run's task)
 GENERATE_ARGS = {
-    "max_new_tokens": (int, 40),
-    "greedy": (bool, False),
-    "temperature": (float, 1.0),
-    "top_k": (int, 0),
-    "top_p": (float, 1.0),
-    "seed": (int, 0),
-    "cache": (bool, True),
-    "num_beams": (int, 1),
-    "length_penalty": (float, 1.0),
-    "no_repeat_ngram_size": (int, 0),
+    "max_new_tokens": int,
+    "greedy": bool,
+    "temperature": float,
+    "top_k": int,
+    "top_p": float,
+    "seed": int,
+    "cache": bool,
+    "num_beams": int,
+    "length_penalty": float,
+    "no_repeat_ngram_size": int,
 }
 # Hydra flags whose next argument is their value, not an override (--info takes one only from its choices).
 HYDRA_FLAGS_WITH_VALUE = {
@@ -94,15 +96,6 @@ HYDRA_FLAGS_WITH_VALUE = {
     "--experimental-rerun",
 }
 INFO_CHOICES = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
-
-
-def config_dirs() -> tuple[Path, Path]:
-    """(conf, recipes): inside the installed package, or beside it in a source checkout."""
-    here = Path(__file__).resolve().parent
-    for root in (here, here.parent):
-        if (root / "conf").is_dir() and (root / "recipes").is_dir():
-            return root / "conf", root / "recipes"
-    raise PtmError(f"Cannot find the conf/ and recipes/ folders next to {here}; reinstall ptm.")
 
 
 def group_options(group: str) -> list[str]:
@@ -340,12 +333,10 @@ def _typed(key: str, value: str, kind: type):
 
 def run_generate(values: dict[str, str]) -> None:
     from ptmcli.generate import generate_run
-    from ptmcli.generation import Sampling
 
-    settings = {
-        k: _typed(k, values[k], kind) if k in values else default for k, (kind, default) in GENERATE_ARGS.items()
-    }
-    settings["use_cache"] = settings.pop("cache")
+    settings = {k: _typed(k, values[k], kind) for k, kind in GENERATE_ARGS.items() if k in values}
+    if "cache" in settings:
+        settings["use_cache"] = settings.pop("cache")
     if ("prompt" in values) == ("input" in values):
         raise PtmError("ptm generate needs either prompt=TEXT or input=FILE (one prompt per line).")
     if "input" in values:
@@ -355,7 +346,7 @@ def run_generate(values: dict[str, str]) -> None:
         prompts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     else:
         prompts = [values["prompt"]]
-    generate_run(Path(values["run"]), prompts, Sampling(**settings), values.get("output"), values.get("checkpoint"))
+    generate_run(Path(values["run"]), prompts, settings, values.get("output"), values.get("checkpoint"))
 
 
 def fail(err: PtmError) -> None:
@@ -389,6 +380,9 @@ def main(argv: list[str] | None = None) -> None:
     name, args = argv[0], argv[1:]
     try:
         if name in RUN_COMMANDS:
+            if "--help" in args or "-h" in args:
+                print(f"ptm {name}: {RUN_COMMANDS[name]}")
+                return
             run_run_command(name, args)
             return
         if name not in COMMANDS:

@@ -3,6 +3,7 @@ fine-tuning run (e.g. headlines for articles), from the run's own config, tokeni
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -63,8 +64,9 @@ def continue_texts(model, tokenizer: Tokenizer, prompts: list[str], cfg: Samplin
     return out
 
 
-def write_texts(run: Path, inputs: list[str], cfg: Sampling, checkpoint_name: str | None) -> list[str]:
-    """Outputs of a text-to-text fine-tuning run for `inputs` (its task prefix and truncation apply)."""
+def write_texts(run: Path, inputs: list[str], settings: dict, checkpoint_name: str | None) -> list[str]:
+    """Outputs of a text-to-text fine-tuning run for `inputs` (its task prefix and truncation apply), decoded as
+    its validation decoded except for the given `settings`."""
     from ptmcli.inference import load_run
     from ptmcli.loop import to_device
     from ptmcli.tasks.text2text import TextToText
@@ -75,6 +77,10 @@ def write_texts(run: Path, inputs: list[str], cfg: Sampling, checkpoint_name: st
             f"run='{run}' fine-tuned a {run_cfg.task.kind} head, which does not write text; use ptm predict, or "
             f"generate with a text-to-text run (t5/bart with task.kind=text2text or transfer=text-to-text)."
         )
+    base = task.sampling
+    if not settings.get("greedy", True) or {"temperature", "top_k", "top_p"} & settings.keys():
+        base = dataclasses.replace(base, greedy=False, num_beams=1)  # sampling settings ask for sampling, not beams
+    cfg = checked(dataclasses.replace(base, **settings))
     examples = task.examples([{"id": str(i), "text": t} for i, t in enumerate(inputs)])
     out = []
     for start, stop in examples.eval_ranges(run_cfg.trainer.batch_size):
@@ -84,13 +90,19 @@ def write_texts(run: Path, inputs: list[str], cfg: Sampling, checkpoint_name: st
     return out
 
 
-def generate_run(run: Path, prompts: list[str], cfg: Sampling, output: str | None, checkpoint_name: str | None):
+def checked(cfg: Sampling) -> Sampling:
     problems = cfg.check()
     if problems:
         raise PtmError("ptm generate: " + "; ".join(problems) + ".")
+    return cfg
+
+
+def generate_run(run: Path, prompts: list[str], settings: dict, output: str | None, checkpoint_name: str | None):
+    """`settings`: the Sampling fields the user gave; the rest default to Sampling's, or a text-to-text run's task."""
     if (run / "labels.json").exists():  # a fine-tuning run: it writes outputs for inputs
-        texts = write_texts(run, prompts, cfg, checkpoint_name)
+        texts = write_texts(run, prompts, settings, checkpoint_name)
     else:
+        cfg = checked(Sampling(**settings))
         if cfg.num_beams > 1:
             raise PtmError("num_beams applies to text-to-text runs; a causal LM continues by sampling or greedy.")
         model, tokenizer, hw = load_causal_lm(run, checkpoint_name)

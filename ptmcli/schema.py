@@ -54,7 +54,9 @@ class ObjectiveConfig:
 class DataConfig:
     name: str = _f("custom", "short name of this corpus, used in logs")
     source: str = _f(
-        "", "text, csv, json(l), parquet, pickle or zip file or directory; pkg://package/path; hf:hub-name"
+        "",
+        "text, csv, json(l), parquet, pickle or zip file or directory; pkg://package/path; hf:hub-name; "
+        "task:NAME = the input texts of fine-tuning task NAME's training split (task-adaptive pretraining)",
     )
     format: Literal["auto", "text", "csv", "json", "parquet", "pickle"] = _f(
         "auto", "file format; auto = by file extension (pickles are read with a loader that runs no code)"
@@ -141,6 +143,11 @@ class PretrainConfig:
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     resume: Optional[str] = _f(None, "auto, or a run directory / checkpoint to continue")
+    init: Optional[str] = _f(
+        None,
+        "a ptm pretraining run or checkpoint to start from: its weights and tokenizer, with a fresh optimizer, "
+        "schedule and data (continued, domain- or task-adaptive pretraining)",
+    )
 
 
 @dataclass
@@ -359,8 +366,13 @@ def check_pretrain(cfg: dict) -> PretrainConfig:
         raise PtmError("No model selected: add model=NAME (see `ptm pretrain --help` for the options).")
     sections = {name: check_section(name, cfg.get(name, {}), schema) for name, schema in SECTIONS.items()}
     model = check_section("model", cfg["model"], model_schema(cfg["model"]))
-    resume = _coerce(cfg.get("resume"), Optional[str], "resume")
-    out = PretrainConfig(model=model, resume=resume, **sections)
+    resume, init = (_coerce(cfg.get(k), Optional[str], k) for k in ("resume", "init"))
+    if init and sections["data"].tokenizer:
+        raise PtmError(
+            f"init={init} brings the tokenizer its weights were trained with, and data.tokenizer="
+            f"{sections['data'].tokenizer} names another; drop data.tokenizer."
+        )
+    out = PretrainConfig(model=model, resume=resume, init=init, **sections)
     check_consistency(out)
     return out
 

@@ -31,6 +31,7 @@ class Pretrained:
     tokenizer: Tokenizer
     source: str
     model_state: dict[str, torch.Tensor] = field(default_factory=dict)  # the whole checkpoint (encoder-decoders)
+    checkpoint: Path | None = None  # a ptm checkpoint's directory
 
 
 def _hub_snapshot(name: str) -> Path:
@@ -108,7 +109,7 @@ def from_ptm(path: Path) -> Pretrained:
     full = load_file(str(ckpt / "model.safetensors"))
     state = {k.removeprefix("encoder."): v for k, v in full.items() if k.startswith("encoder.")}
     tokenizer = Tokenizer.from_file(str(tokenizer_path))
-    return Pretrained(spec["family"], arch, state, tokenizer, f"ptm checkpoint {ckpt}", model_state=full)
+    return Pretrained(spec["family"], arch, state, tokenizer, f"ptm checkpoint {ckpt}", full, ckpt)
 
 
 def load_pretrained(spec: str) -> Pretrained:

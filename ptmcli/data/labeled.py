@@ -14,11 +14,13 @@ from pathlib import Path
 
 import datasets
 import numpy as np
+import yaml
 
+from ptmcli.confdirs import config_dirs
 from ptmcli.data.chinese import peoples_daily_ner, pickle_columns
 from ptmcli.data.sources import FORMATS, extract_zip, package_path
 from ptmcli.errors import PtmError
-from ptmcli.schema import LabeledDataConfig
+from ptmcli.schema import LabeledDataConfig, check_section, did_you_mean
 
 SPLITS = ("train", "validation", "test")
 
@@ -327,3 +329,37 @@ def label_names(splits: dict[str, list[dict]], kind: str, given: list[str] | Non
                 f"the known labels {names}. Fix the data, or list every label in task.labels."
             )
     return names
+
+
+def input_texts(record: dict) -> list[str]:
+    """What a model reads of a record, without its label, tags, answer or target: a pair gives two texts."""
+    if "tokens" in record:
+        return [" ".join(record["tokens"])]
+    if "context" in record:
+        return [record["context"]]
+    return [str(record[k]) for k in ("text", "text_pair") if record.get(k)]
+
+
+def task_texts(spec: str) -> list[str]:
+    """data.source=task:NAME (conf/task/NAME.yaml) or task:PATH.yaml for pretraining: the distinct input texts of
+    that task's training split. Labels, targets and the validation/test texts stay out, so task-adaptive
+    pretraining (Gururangan et al., 2020) never sees what fine-tuning is scored on."""
+    name = spec.removeprefix("task:")
+    tasks = config_dirs()[0] / "task"
+    path = Path(name).expanduser() if name.endswith((".yaml", ".yml")) else tasks / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in tasks.glob("*.yaml"))
+        raise PtmError(
+            f"data.source={spec}: there is no task '{name}'.{did_you_mean(name, known)} Tasks: {', '.join(known)}; "
+            f"or give task:path/to/task.yaml."
+        )
+    task_file = yaml.safe_load(path.read_text()) or {}
+    data = task_file.get("data") or {}
+    if data.get("train") in (None, "", "???"):
+        raise PtmError(
+            f"data.source={spec}: {path} names no training data (data.train). Point data.source at your "
+            f"texts directly instead."
+        )
+    kind = (task_file.get("task") or {}).get("kind", "text-cls")
+    records = load_splits(check_section("data", data, LabeledDataConfig), kind)["train"]
+    return list(dict.fromkeys(t for r in records for t in input_texts(r) if t.strip()))

@@ -2,8 +2,9 @@
 
 Accepted sources: a local file or directory (text, csv/tsv, json/jsonl, parquet, pickles of plain lists,
 or a zip of those),
-`pkg://package/relative/path` for files shipped inside an installed Python package, and
-`hf:name[/config]` for a dataset hub name (online use only).
+`pkg://package/relative/path` for files shipped inside an installed Python package,
+`hf:name[/config]` for a dataset hub name (online use only), and `task:NAME` for the training texts of a
+fine-tuning task (task-adaptive pretraining).
 """
 
 from __future__ import annotations
@@ -96,6 +97,8 @@ def data_files(path: Path, fmt: str) -> tuple[str, list[str]]:
 def load_documents(cfg: DataConfig) -> datasets.Dataset:
     """All documents of the source as a Dataset with one non-empty `text` column."""
     source = cfg.source
+    if source.startswith("task:"):
+        return task_documents(source)
     if source.startswith("hf:"):
         name, _, config = source[3:].partition("/")
         ds = datasets.load_dataset(name, config or None, split="train")
@@ -139,6 +142,16 @@ def load_documents(cfg: DataConfig) -> datasets.Dataset:
     ds = ds.filter(lambda batch: [bool(t and t.strip()) for t in batch["text"]], batched=True)
     if len(ds) == 0:
         raise PtmError(f"data.source '{source}' has no non-empty text in column '{column}': the corpus is empty.")
+    return ds
+
+
+def task_documents(source: str) -> datasets.Dataset:
+    """The training texts of a fine-tuning task (data.source=task:NAME), fingerprinted by content."""
+    from ptmcli.data.labeled import task_texts  # labeled reads its files through this module
+
+    texts = task_texts(source)
+    ds = datasets.Dataset.from_dict({"text": texts})
+    ds._fingerprint = hashlib.sha1("\0".join(texts).encode()).hexdigest()[:16]  # from_dict's is random
     return ds
 
 

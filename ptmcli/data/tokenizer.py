@@ -198,8 +198,14 @@ def train_tokenizer(texts: datasets.Dataset, cfg: DataConfig) -> Tokenizer:
     return tok
 
 
-def get_tokenizer(train_docs: datasets.Dataset, cfg: DataConfig, need_mask: bool = True) -> Tokenizer:
-    tok = load_tokenizer(cfg.tokenizer, cfg.lowercase) if cfg.tokenizer else train_tokenizer(train_docs, cfg)
+def get_tokenizer(
+    train_docs: datasets.Dataset, cfg: DataConfig, need_mask: bool = True, given: Tokenizer | None = None
+) -> Tokenizer:
+    """`given` (an init run's), else data.tokenizer, else one trained on the training documents."""
+    if given is not None:
+        tok = given
+    else:
+        tok = load_tokenizer(cfg.tokenizer, cfg.lowercase) if cfg.tokenizer else train_tokenizer(train_docs, cfg)
     SpecialIds.of(tok, need_mask)
     return tok
 
