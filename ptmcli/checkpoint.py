@@ -161,12 +161,17 @@ def read_state(path: Path) -> dict:
     return json.loads((path / "trainer_state.json").read_text())
 
 
-def check_architecture(path: Path, saved: dict, current: dict) -> None:
-    diffs = [
+def spec_diffs(saved: dict, current: dict) -> list[str]:
+    """'key: checkpoint X vs config Y' for every key where a checkpoint's model spec and the config's differ."""
+    return [
         f"{k}: checkpoint {saved.get(k)!r} vs config {current.get(k)!r}"
         for k in sorted(set(saved) | set(current))
         if saved.get(k) != current.get(k)
     ]
+
+
+def check_architecture(path: Path, saved: dict, current: dict) -> None:
+    diffs = spec_diffs(saved, current)
     if diffs:
         raise PtmError(
             f"The checkpoint '{path}' was written for another architecture ({'; '.join(diffs)}). Resume it with the "

@@ -94,8 +94,7 @@ def load_init(cfg: PretrainConfig) -> Pretrained:
             f"init={cfg.init} was pretrained with objective={saved_objective} and this config has "
             f"objective={cfg.objective.name}; continue with objective={saved_objective} (or the recipe it used)."
         )
-    saved, wanted = architecture_spec(start.arch), architecture_spec(cfg.model)
-    diffs = [f"{k}: init {saved.get(k)!r} vs config {wanted.get(k)!r}" for k in wanted if saved.get(k) != wanted.get(k)]
+    diffs = checkpoint.spec_diffs(architecture_spec(start.arch), architecture_spec(cfg.model))
     if diffs:
         raise PtmError(
             f"init={cfg.init} was trained with another architecture ({'; '.join(diffs)}). Pick the recipe or "
@@ -125,7 +124,7 @@ def pretrain(raw_cfg: dict, run_dir: Path, recipe: str) -> dict[str, float]:
 
     torch.manual_seed(cfg.trainer.seed)
     model = PRETRAINING_MODELS[cfg.model.family](cfg.model, vocab_size, cfg.objective)
-    if start is not None and resume_from is None:
+    if start is not None:
         checkpoint.load_weights(start.checkpoint, model)  # safetensors' loader re-ties shared embeddings
     if dist.is_main:
         params = sum(p.numel() for p in model.parameters())
@@ -133,9 +132,7 @@ def pretrain(raw_cfg: dict, run_dir: Path, recipe: str) -> dict[str, float]:
             f"[bold]ptm pretrain[/] {recipe}: {cfg.model.family} {params / 1e6:.1f}M params, vocab {vocab_size:,}, "
             f"{cfg.objective.name} on {cfg.data.name} ({n_train_docs:,} train / {n_val_docs:,} val documents -> "
             f"{len(train_ex):,} / {len(val_ex):,} sequences of <= {cfg.data.max_seq_len}), {hw.device} {hw.dtype}, "
-            f"{dist.world_size} process(es)"
-            + (f"\n  from {start.source}" if start and resume_from is None else "")
-            + f"\n  run dir: {run_dir}"
+            f"{dist.world_size} process(es)" + (f"\n  from {start.source}" if start else "") + f"\n  run dir: {run_dir}"
         )
     job = Job(
         model=model,

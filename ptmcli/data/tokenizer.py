@@ -204,8 +204,10 @@ def get_tokenizer(
     """`given` (an init run's), else data.tokenizer, else one trained on the training documents."""
     if given is not None:
         tok = given
+    elif cfg.tokenizer:
+        tok = load_tokenizer(cfg.tokenizer, cfg.lowercase)
     else:
-        tok = load_tokenizer(cfg.tokenizer, cfg.lowercase) if cfg.tokenizer else train_tokenizer(train_docs, cfg)
+        tok = train_tokenizer(train_docs, cfg)
     SpecialIds.of(tok, need_mask)
     return tok
 
