@@ -11,12 +11,12 @@ import dataclasses
 import os
 import sys
 import time
-from pathlib import Path
-
 from dataclasses import dataclass
+from pathlib import Path
 
 from ptmcli.confdirs import config_dirs
 from ptmcli.errors import PtmError
+from ptmcli.hydra_args import check_hydra_override, split_flags
 from ptmcli.schema import (
     FINETUNE_SECTIONS,
     MODEL_SCHEMAS,
@@ -81,21 +81,6 @@ GENERATE_ARGS = {
     "length_penalty": float,
     "no_repeat_ngram_size": int,
 }
-# Hydra flags whose next argument is their value, not an override (--info takes one only from its choices).
-HYDRA_FLAGS_WITH_VALUE = {
-    "-c",
-    "--cfg",
-    "-p",
-    "--package",
-    "-cp",
-    "--config-path",
-    "-cn",
-    "--config-name",
-    "-cd",
-    "--config-dir",
-    "--experimental-rerun",
-}
-INFO_CHOICES = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
 
 
 def group_options(group: str) -> list[str]:
@@ -125,12 +110,12 @@ def register_defaults() -> None:
 
 def check_override(arg: str, command: Command) -> None:
     """Fail early, with a did-you-mean, on an override naming an unknown group option or key."""
-    if arg.startswith(("-", "hydra.", "hydra/", "+", "~")) or "=" not in arg:
+    key, has_value, value = arg.lstrip("+~").partition("=")
+    if key.startswith("hydra") or not (has_value or arg.startswith("~")):
         return
-    key, _, value = arg.partition("=")
     if key in command.groups:
         options = group_options(key)
-        for choice in value.split(","):
+        for choice in value.split(",") if has_value else []:
             if choice not in options and not (key == "model" and choice == "null"):
                 raise PtmError(
                     f"'{choice}' is not an option of the '{key}' group.{did_you_mean(choice, options)} "
@@ -152,26 +137,6 @@ def check_override(arg: str, command: Command) -> None:
         raise PtmError(
             f"Unknown key '{key}'.{did_you_mean(rest, fields)} Valid keys of '{head}': {', '.join(sorted(fields))}."
         )
-
-
-def split_flags(args: list[str]) -> tuple[list[str], list[str]]:
-    """(overrides, Hydra flags with their values), wherever on the line the flags were."""
-    overrides, flags = [], []
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        if not arg.startswith("-"):
-            overrides.append(arg)
-        else:
-            flags.append(arg)
-            takes_value = arg in HYDRA_FLAGS_WITH_VALUE or (
-                arg in ("-i", "--info") and i + 1 < len(args) and args[i + 1] in INFO_CHOICES
-            )
-            if takes_value and i + 1 < len(args):
-                flags.append(args[i + 1])
-                i += 1
-        i += 1
-    return overrides, flags
 
 
 def print_help(name: str) -> None:
@@ -244,8 +209,10 @@ def run_command(name: str, args: list[str]) -> None:
     if recipe != command.base and recipe not in known:
         raise PtmError(f"conf={recipe}: no such recipe.{did_you_mean(recipe, known)} Recipes: {', '.join(known)}.")
     overrides, flags = split_flags(rest)
-    if not {"-sc", "--shell-completion"} & set(flags):  # there, install=bash / query=bash are not overrides
-        for arg in overrides:
+    completing = {"-sc", "--shell-completion"} & set(flags)  # there, install=bash / query=bash are not overrides
+    for arg in overrides:
+        check_hydra_override(arg)
+        if not completing:
             check_override(arg, command)
     conf_dir, recipe_dir = config_dirs()
     register_defaults()

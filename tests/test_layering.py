@@ -34,6 +34,7 @@ LAYERS = {
     "generate": 5.5,
     "generation": 2,
     "export": 5.7,
+    "hydra_args": 0,
     "cli": 6,
     "__main__": 7,
 }
