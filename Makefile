@@ -25,8 +25,10 @@ install: $(VENV)/.installed
 demo: install
 	$(VENV)/bin/ptm pretrain
 
+# Two workers, each test module on one of them (its shared fixtures are built once); the runs inside tests use
+# one thread each, so the second core would otherwise sit idle.
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 test-slow: install
 	$(PY) -m pytest -q -m slow

@@ -19,6 +19,7 @@ from torch import nn
 
 from ptmcli.distributed import Dist
 from ptmcli.errors import PtmError
+from ptmcli.schema import MODEL_SCHEMAS, architecture_spec
 
 MARKER = "COMPLETE"
 
@@ -161,8 +162,15 @@ def read_state(path: Path) -> dict:
     return json.loads((path / "trainer_state.json").read_text())
 
 
+def _with_defaults(spec: dict) -> dict:
+    schema = MODEL_SCHEMAS.get(spec.get("family"))
+    return {**architecture_spec(schema()), **spec} if schema else spec
+
+
 def spec_diffs(saved: dict, current: dict) -> list[str]:
-    """'key: checkpoint X vs config Y' for every key where a checkpoint's model spec and the config's differ."""
+    """'key: checkpoint X vs config Y' for every key where a checkpoint's model spec and the config's differ.
+    A key the checkpoint does not record (it predates that field) counts as the field's default."""
+    saved, current = _with_defaults(saved), _with_defaults(current)
     return [
         f"{k}: checkpoint {saved.get(k)!r} vs config {current.get(k)!r}"
         for k in sorted(set(saved) | set(current))

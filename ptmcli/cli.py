@@ -62,7 +62,9 @@ COMMANDS = {
 RUN_COMMANDS = {
     "evaluate": "metrics of a fine-tuned run on a split: ptm evaluate run=DIR split=test",
     "predict": "predictions, one JSON line per input: ptm predict run=DIR input=texts.txt [output=FILE]",
-    "export": "adapter in PEFT format, or LoRA merged into the base: ptm export run=DIR [merge=true]",
+    "export": "a run for transformers or PEFT: ptm export run=DIR [format=hf|peft] [output=DIR] [merge=true] "
+    "[checkpoint=NAME]; format=hf (the default, but for adapter runs) writes a directory from_pretrained loads, "
+    "format=peft an adapter, merge=true LoRA folded into the base as format=hf",
     "generate": "continue text with a causal LM run, or write outputs with a text-to-text run: ptm generate "
     "run=DIR prompt=TEXT | input=FILE (one per line) [max_new_tokens=40 top_p=1 top_k=0 temperature=1 "
     "greedy=false seed=0 cache=true num_beams=1 length_penalty=1 no_repeat_ngram_size=0]; a text-to-text run "
@@ -253,7 +255,7 @@ def run_run_command(name: str, args: list[str]) -> None:
         allowed = {
             "evaluate": ("run", "split", "checkpoint"),
             "predict": ("run", "input", "output", "checkpoint"),
-            "export": ("run", "merge", "output"),
+            "export": ("run", "format", "merge", "output", "checkpoint"),
             "generate": ("run", "prompt", "input", "output", "checkpoint", *GENERATE_ARGS),
         }[name]
         if not sep or key not in allowed:
@@ -263,7 +265,7 @@ def run_run_command(name: str, args: list[str]) -> None:
             )
         values[key] = value
     if "run" not in values:
-        kind = "causal-LM pretraining" if name == "generate" else "fine-tuning"
+        kind = {"generate": "causal-LM pretraining", "export": "pretraining or fine-tuning"}.get(name, "fine-tuning")
         raise PtmError(f"ptm {name} needs run=DIR, a {kind} run directory.")
     if name == "generate":
         run_generate(values)
@@ -276,7 +278,8 @@ def run_run_command(name: str, args: list[str]) -> None:
         merge = values.get("merge", "false").lower()
         if merge not in ("true", "false"):
             raise PtmError(f"merge={values['merge']!r}: use merge=true or merge=false.")
-        export_run(Path(values["run"]), merge == "true", Path(values["output"]) if "output" in values else None)
+        output = Path(values["output"]) if "output" in values else None
+        export_run(Path(values["run"]), values.get("format"), merge == "true", output, values.get("checkpoint"))
     elif name == "evaluate":
         inference.evaluate_run(Path(values["run"]), values.get("split", "test"), values.get("checkpoint"))
     else:
@@ -319,7 +322,8 @@ def run_generate(values: dict[str, str]) -> None:
 def fail(err: PtmError) -> None:
     from rich.console import Console
 
-    Console(stderr=True).print(f"[bold red]error:[/] {err}", highlight=False)
+    # soft wrap: the terminal wraps, so paths and keys in the message stay whole for copying (and for grep)
+    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {err}", highlight=False)
     sys.exit(err.exit_code)
 
 

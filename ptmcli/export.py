@@ -1,24 +1,33 @@
-"""`ptm export run=DIR [merge=true] [output=DIR]`: a fine-tuning run's weights for use elsewhere.
+"""`ptm export run=DIR [format=hf|peft] [merge=true] [output=DIR]`: a run's model for use elsewhere.
 
-merge=true (LoRA/AdaLoRA): the update folded into the base weights, written as a plain ptm model
-(`model.safetensors` with the usual names). Otherwise, for LoRA, AdaLoRA and prefix tuning, the adapter in
-Hugging Face PEFT's format (`adapter_model.safetensors` + `adapter_config.json`, PEFT's key names) so that
-PEFT users can load it onto the same base model.
+format=hf (every run that is not an adapter run): a directory `transformers` loads with `from_pretrained`.
+A pretraining run becomes its family's pretraining class (BertForPreTraining, GPT2LMHeadModel,
+T5ForConditionalGeneration, ...; ELECTRA's generator goes to `generator/`); a fine-tuning run becomes the
+matching task class with its labels. A head that has no Hugging Face equivalent (a [CLS] or mean-pooled
+classifier, which Hugging Face puts behind a dense + tanh layer) is not dressed up as one: the encoder is
+exported as the bare model and the head's weights beside it, and the message says so.
+format=peft (LoRA, AdaLoRA and prefix runs): the adapter in PEFT's format, loadable onto the base model.
+merge=true: LoRA/AdaLoRA folded into the base weights, written as format=hf.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
+import re
 from pathlib import Path
 
 import torch
+import yaml
 from safetensors.torch import save_file
+from tokenizers import Tokenizer
 
+from ptmcli import checkpoint, hf
 from ptmcli.errors import PtmError
-from ptmcli.inference import load_run
-from ptmcli.models import HF_MODULE_NAMES
+from ptmcli.hf.electra import generator_rules
+from ptmcli.inference import checkpoint_of, load_run
+from ptmcli.models import PRETRAINING_MODELS
 from ptmcli.runlog import console
+from ptmcli.schema import check_pretrain
 
 
 def merged_state(model: torch.nn.Module, method) -> dict[str, torch.Tensor]:
@@ -32,35 +41,75 @@ def merged_state(model: torch.nn.Module, method) -> dict[str, torch.Tensor]:
     return state
 
 
-def peft_lora(model, method, cfg, family: str, total_steps: int) -> tuple[dict, dict]:
-    to_hf = HF_MODULE_NAMES[family]
-    tensors, targets = {}, set()
+def _peft_module(family: hf.HfFamily, arch, tokens, ours: str, part: int, parts: int) -> tuple[str, bool]:
+    """(Hugging Face module name relative to the base model, whether it fuses all `parts` slices) of slice `part`
+    of our linear `ours` (e.g. 'layers.3.attention.qkv' slice 0 -> 'encoder.layer.3.attention.self.query')."""
+    target = f"encoder.{ours}.weight"
+    for r in family.rules(arch, tokens):
+        for index in [{"i": n} for n in range(arch.num_layers)] if "{i}" in r.ours else [{}]:
+            if r.ours.format(**index) != target or r.theirs[0].endswith(("rel_attn.q", "rel_attn.o")):
+                continue  # (XLNet's projections are parameters, not modules PEFT can wrap)
+            fused = len(r.theirs) != parts
+            name = r.theirs[0 if fused else part].format(**index)
+            return name.removesuffix(".weight").removeprefix(family.prefix), fused
+    raise PtmError(
+        f"format=peft: the adapted layer '{ours}' has no module in Hugging Face's {family.model_type} model that PEFT "
+        f"can wrap; adapt other transfer.targets (e.g. up, down) or export with merge=true."
+    )
+
+
+def _suffix(module: str) -> str:
+    """'encoder.layer.3.attention.self.query' -> 'attention.self.query': PEFT matches target modules by suffix."""
+    return re.split(r"\.\d+\.", module, maxsplit=1)[-1]
+
+
+def peft_lora(model, method, cfg, arch, tokenizer: Tokenizer, total_steps: int) -> tuple[dict, dict]:
+    """LoRA/AdaLoRA factors under PEFT's names. Where Hugging Face fuses q/k/v into one layer (GPT-2's c_attn),
+    the three rank-r updates are one rank-3r update of it: A stacked, B block-diagonal, alpha scaled to keep
+    alpha / r."""
+    family = hf.BY_FAMILY[arch.family]
+    tokens = hf.tokens_of(tokenizer)
+    tensors, targets, ranks, alphas = {}, set(), {}, {}
     for name, module in method.low_rank.items():
+        total = module.base.out_features // (module.slices[0][1] - module.slices[0][0])
+        groups: dict[str, list[int]] = {}
         for k, part in enumerate(module.slice_ids):
-            hf = to_hf(name, part)
-            targets.add(hf.split("encoder.layer.")[1].split(".", 1)[1])
-            prefix = f"base_model.model.{hf}"
+            hf_name, fused = _peft_module(family, arch, tokens, name, part, total)
+            groups.setdefault(hf_name, []).append(k)
+        for hf_name, ks in groups.items():
+            suffix = _suffix(hf_name)
+            targets.add(suffix)
+            a = torch.cat([module.lora_A[k].detach() for k in ks])
+            b = torch.block_diag(*(module.lora_B[k].detach() for k in ks))
+            if fused:
+                if len(ks) != total:
+                    raise PtmError(
+                        f"format=peft: Hugging Face's {family.model_type} fuses q, k and v into '{suffix}', which PEFT "
+                        f"adapts only whole: fine-tune with transfer.targets=[qkv] to export this run's adapter."
+                    )
+                ranks[suffix], alphas[suffix] = a.shape[0], cfg.alpha * total
+            prefix = f"base_model.model.{hf_name}"
             if method.name == "lora":
-                tensors[f"{prefix}.lora_A.weight"] = module.lora_A[k].detach().contiguous()
-                tensors[f"{prefix}.lora_B.weight"] = module.lora_B[k].detach().contiguous()
+                tensors[f"{prefix}.lora_A.weight"] = a.contiguous()
+                tensors[f"{prefix}.lora_B.weight"] = b.contiguous()
             else:
-                tensors[f"{prefix}.lora_A"] = module.lora_A[k].detach().contiguous()
-                tensors[f"{prefix}.lora_B"] = module.lora_B[k].detach().contiguous()
-                tensors[f"{prefix}.lora_E"] = module.lora_E[k].detach().contiguous()
-                tensors[f"{prefix}.ranknum"] = torch.tensor([float(module.r)])
+                tensors[f"{prefix}.lora_A"] = a.contiguous()
+                tensors[f"{prefix}.lora_B"] = b.contiguous()
+                tensors[f"{prefix}.lora_E"] = torch.cat([module.lora_E[k].detach() for k in ks]).contiguous()
+                tensors[f"{prefix}.ranknum"] = torch.tensor([float(a.shape[0])])
     config = {
         "peft_type": method.name.upper(),
         "task_type": None,
         "target_modules": sorted(targets),
         "lora_dropout": cfg.dropout,
         "bias": getattr(cfg, "bias", "none"),
-        "fan_in_fan_out": False,
+        "fan_in_fan_out": family.family == "gpt",  # GPT-2's Conv1D stores (in, out)
         "inference_mode": True,
         "modules_to_save": None,
         "base_model_name_or_path": None,
     }
     if method.name == "lora":
-        config.update(r=cfg.r, lora_alpha=cfg.alpha)
+        config.update(r=cfg.r, lora_alpha=cfg.alpha, rank_pattern=ranks, alpha_pattern=alphas)
     else:
         config.update(
             r=cfg.init_r,
@@ -97,42 +146,197 @@ def peft_prefix(model, method, cfg) -> tuple[dict, dict]:
     return tensors, config
 
 
-def export_run(run: Path, merge: bool, output: Path | None = None) -> Path:
-    cfg, task, model, labels, hw, ckpt, method = load_run(run, with_method=True)
+def _hf_config(family: hf.HfFamily, arch, tokenizer: Tokenizer, architecture: str, **extra) -> dict:
+    tokens = hf.tokens_of(tokenizer)
+    return {
+        "model_type": family.model_type,
+        "architectures": [architecture],
+        "vocab_size": tokenizer.get_vocab_size(),
+        **family.config_from_arch(arch, tokens),
+        **extra,
+    }
+
+
+def _generation(config: dict, **settings) -> dict:
+    keys = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id", "forced_eos_token_id")
+    return {**{k: config[k] for k in keys if k in config}, **settings}
+
+
+def _check_named(family: hf.HfFamily, arch, state: dict, rules: list) -> None:
+    left = hf.unmapped(family, arch, state, rules)
+    if left:
+        raise PtmError(f"format=hf: ptm's {family.family} tensors {left[:5]} have no Hugging Face name.")
+
+
+def write_pretraining(model: torch.nn.Module, arch, objective: str, tokenizer: Tokenizer, out: Path) -> None:
+    """A pretraining model (heads included) as its family's Hugging Face pretraining class."""
+    family = hf.BY_FAMILY[arch.family]
+    state = checkpoint.unwrap(model).state_dict()
+    tokens = hf.tokens_of(tokenizer)
+    rules = family.rules(arch, tokens)
+    extra_rules = generator_rules(arch, tokens) if family.family == "electra" else []
+    _check_named(family, arch, state, rules + extra_rules)
+    config = _hf_config(family, arch, tokenizer, family.pretraining[objective])
+    generation = _generation(config) if family.generates else None
+    hf.write_dir(
+        out,
+        config,
+        hf.hf_state(family, arch, tokenizer, state, rules),
+        tokenizer,
+        family,
+        arch.max_positions,
+        generation,
+    )
+    if extra_rules:  # ELECTRA's generator is a model of its own in Hugging Face
+        gen_config = _hf_config(
+            family, arch, tokenizer, "ElectraForMaskedLM", **family.config_from_arch(arch, tokens, generator=True)
+        )
+        gen_state = hf.hf_state(family, arch, tokenizer, state, extra_rules)
+        hf.write_dir(out / "generator", gen_config, gen_state, tokenizer, family, arch.max_positions)
+
+
+def _task_state(model, method) -> dict[str, torch.Tensor]:
+    if method is None:
+        return model.state_dict()
+    if not method.low_rank:
+        raise PtmError(
+            f"format=hf needs the whole model, and transfer={method.name} keeps its own modules, which Hugging "
+            f"Face's model classes lack; export it with format=peft{' (prefix tuning)' if method.prefix else ''}, "
+            f"or fine-tune with transfer=lora to merge."
+        )
+    return merged_state(model, method)
+
+
+def write_finetuned(cfg, model, method, labels: list[str], tokenizer: Tokenizer, out: Path) -> str:
+    """A fine-tuned model as the matching Hugging Face task class; returns what was written, in words."""
+    state = _task_state(model, method)
+    if cfg.transfer.mode == "text-to-text" or cfg.task.kind == "text2text":
+        arch = model.encoder.arch
+        family = hf.BY_FAMILY[arch.family]
+        rules = family.rules(arch, hf.tokens_of(tokenizer))
+        _check_named(family, arch, state, rules)
+        config = _hf_config(family, arch, tokenizer, family.pretraining[next(iter(family.pretraining))])
+        generation = _generation(
+            config,
+            num_beams=cfg.task.num_beams,
+            max_new_tokens=cfg.task.max_target_len,
+            no_repeat_ngram_size=cfg.task.no_repeat_ngram_size,
+        )
+        hf.write_dir(
+            out,
+            config,
+            hf.hf_state(family, arch, tokenizer, state, rules),
+            tokenizer,
+            family,
+            arch.max_positions,
+            generation,
+        )
+        return f"{config['architectures'][0]} (text-to-text)"
+    arch = model.encoder.arch
+    family = hf.BY_FAMILY[arch.family]
+    kind = model.head_kind
+    head = {k.removeprefix("head."): state.pop(k) for k in list(state) if k.startswith("head.")}
+    task_class = family.heads.get(kind)
+    exact = task_class and (kind != "sequence" or (family.pooler and model.pooling == "pooler"))
+    if kind != "sequence" or not exact:  # Hugging Face's token, span and bare classes have no pooler
+        state = {k: v for k, v in state.items() if not k.startswith("encoder.pooler.")}
+    rules = family.rules(arch, hf.tokens_of(tokenizer))
+    _check_named(family, arch, state, rules)
+    theirs = hf.hf_state(family, arch, tokenizer, state, rules)
+    labelled = {"id2label": dict(enumerate(labels)), "label2id": {n: i for i, n in enumerate(labels)}} if labels else {}
+    if exact:
+        name, module = task_class
+        theirs.update({f"{module}.{k}": v for k, v in head.items()})
+        config = _hf_config(family, arch, tokenizer, name, **labelled)
+        hf.write_dir(out, config, theirs, tokenizer, family, arch.max_positions)
+        return name
+    if family.base is None:
+        raise PtmError(
+            f"format=hf: Hugging Face has no class for a lone {family.family} encoder with a task head (its model "
+            f"needs the decoder). Fine-tune with transfer=text-to-text for a run that exports."
+        )
+    theirs = {k.removeprefix(family.prefix): v for k, v in theirs.items()}
+    config = _hf_config(family, arch, tokenizer, family.base, **labelled)
+    hf.write_dir(out, config, theirs, tokenizer, family, arch.max_positions)
+    save_file({k: v.contiguous() for k, v in head.items()}, str(out / "ptm_head.safetensors"))
+    pooling = model.pooling if kind == "sequence" else kind
+    return (
+        f"{family.base} + ptm_head.safetensors: Hugging Face has no {family.family} {kind} head that reads the "
+        f"encoder as this run's does ({pooling} pooling, one linear layer), so the encoder is exported as the bare "
+        f"model and the head's weight and bias lie beside it"
+    )
+
+
+def export_pretraining_run(run: Path, out: Path, checkpoint_name: str | None) -> Path:
+    cfg = check_pretrain(yaml.safe_load((run / "config.yaml").read_text()))
+    tokenizer = Tokenizer.from_file(str(run / "tokenizer.json"))
+    ckpt = checkpoint_of(run, checkpoint_name)
+    model = PRETRAINING_MODELS[cfg.model.family](cfg.model, tokenizer.get_vocab_size(), cfg.objective)
+    checkpoint.load_weights(ckpt, model)
+    write_pretraining(model, cfg.model, cfg.objective.name, tokenizer, out)
+    console.print(f"{hf.BY_FAMILY[cfg.model.family].pretraining[cfg.objective.name]} ({ckpt.name}) written to {out}")
+    return out
+
+
+def export_run(
+    run: Path,
+    fmt: str | None = None,
+    merge: bool = False,
+    output: Path | None = None,
+    checkpoint_name: str | None = None,
+) -> Path:
+    if not (run / "config.yaml").exists() or not (run / "tokenizer.json").exists():
+        raise PtmError(f"run='{run}' is not a ptm run directory (it needs config.yaml and tokenizer.json).")
     out = output or run / "export"
-    out.mkdir(parents=True, exist_ok=True)
-    for name in ("tokenizer.json", "labels.json", "config.yaml"):
-        shutil.copy(run / name, out / name)
+    if fmt not in (None, "hf", "peft"):
+        raise PtmError(f"format={fmt!r}: use format=hf (transformers) or format=peft (adapters).")
+    if "objective" in yaml.safe_load((run / "config.yaml").read_text()):
+        if fmt == "peft" or merge:
+            raise PtmError(f"run='{run}' is a pretraining run, which has no adapter: export it with format=hf.")
+        return export_pretraining_run(run, out, checkpoint_name)
+    cfg, task, model, labels, hw, ckpt, method = load_run(run, checkpoint_name, with_method=True)
     model = model.cpu()
-    if merge:
-        if method is None or not method.low_rank:
-            raise PtmError(
-                f"merge=true folds LoRA/AdaLoRA updates into the base; run '{run}' used "
-                f"transfer={cfg.transfer.mode}. Export it without merge=true."
-            )
-        save_file(merged_state(model, method), str(out / "model.safetensors"))
-        console.print(f"merged model written to {out / 'model.safetensors'}")
+    if merge and (method is None or not method.low_rank):
+        raise PtmError(
+            f"merge=true folds LoRA/AdaLoRA updates into the base; run '{run}' used "
+            f"transfer={cfg.transfer.mode}. Export it without merge=true."
+        )
+    if fmt is None:
+        fmt = "peft" if method is not None and not merge else "hf"
+    tokenizer = Tokenizer.from_file(str(run / "tokenizer.json"))
+    if fmt == "hf":
+        what = write_finetuned(cfg, model, method, labels, tokenizer, out)
+        (out / "labels.json").write_text(json.dumps(labels) + "\n")
+        console.print(f"{what} ({ckpt.name}) written to {out}")
         return out
+    return export_peft(run, cfg, model, method, ckpt, out)
+
+
+def export_peft(run: Path, cfg, model, method, ckpt: Path, out: Path) -> Path:
     if method is None:
         raise PtmError(
-            f"run '{run}' used transfer={cfg.transfer.mode}, which has no adapter to export; its "
-            f"checkpoints ({ckpt}) already hold the whole model."
+            f"format=peft: run '{run}' used transfer={cfg.transfer.mode}, which has no adapter; export the whole "
+            f"model with format=hf."
         )
     if method.low_rank:
         state = json.loads((ckpt / "trainer_state.json").read_text())
         total_steps = state.get("max_steps", state["step"])
-        tensors, config = peft_lora(model, method, cfg.transfer, model.encoder.arch.family, total_steps)
+        tokenizer = Tokenizer.from_file(str(run / "tokenizer.json"))
+        tensors, config = peft_lora(model, method, cfg.transfer, model.encoder.arch, tokenizer, total_steps)
     elif method.prefix is not None:
         tensors, config = peft_prefix(model, method, cfg.transfer)
     else:
         raise PtmError(
-            "Houlsby adapters have no Hugging Face PEFT format; use merge=false checkpoints from "
-            f"{run / 'checkpoints'} with ptm, or transfer=lora for PEFT users."
+            "Houlsby adapters have no Hugging Face PEFT format; use the run's checkpoints with ptm, or "
+            "transfer=lora for PEFT users."
         )
+    out.mkdir(parents=True, exist_ok=True)
     config["base_model_name_or_path"] = cfg.init
     save_file(tensors, str(out / "adapter_model.safetensors"))
     (out / "adapter_config.json").write_text(json.dumps(config, indent=1) + "\n")
     head = {k: v.detach().contiguous() for k, v in model.head.state_dict().items()}
     save_file(head, str(out / "head.safetensors"))  # the task head PEFT's base model has no place for
+    for name in ("tokenizer.json", "labels.json", "config.yaml"):
+        (out / name).write_bytes((run / name).read_bytes())
     console.print(f"PEFT {config['peft_type']} adapter written to {out}")
     return out

@@ -191,8 +191,13 @@ def finetune(raw_cfg: dict, run_dir: Path, recipe: str) -> dict[str, float]:
         pretrained.tokenizer.save(str(run_dir / "tokenizer.json"))
         (run_dir / "labels.json").write_text(json.dumps(labels, indent=1) + "\n")
         (run_dir / "splits.json").write_text(json.dumps({k: [r["id"] for r in v] for k, v in splits.items()}) + "\n")
+        loaded = f" ({pretrained.load_seconds:.1f} s)" if pretrained.load_seconds else ""
+        if pretrained.unused:  # e.g. a fine-tuned checkpoint's classifier: this run trains its own head
+            loaded += (
+                f"; not taken from it: {', '.join(pretrained.unused[:6])}{' ...' if len(pretrained.unused) > 6 else ''}"
+            )
         console.print(
-            f"[bold]ptm finetune[/] {cfg.data.name} ({kind}, {len(labels)} labels) from {pretrained.source}\n"
+            f"[bold]ptm finetune[/] {cfg.data.name} ({kind}, {len(labels)} labels) from {pretrained.source}{loaded}\n"
             f"  {len(splits['train']):,} / {len(splits['validation']):,} / {len(splits['test']):,} train/val/test "
             f"examples, transfer={cfg.transfer.mode}, {counts['trainable']:,} of {counts['total']:,} parameters "
             f"trainable ({counts['trainable_percent']}%), {trainer.max_steps} steps, {hw.device}\n  run dir: {run_dir}"

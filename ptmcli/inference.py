@@ -24,7 +24,8 @@ from ptmcli.transfers import FullTransfer
 from ptmcli.weights import Pretrained, load_pretrained
 
 
-def _checkpoint(run: Path, name: str | None) -> Path:
+def checkpoint_of(run: Path, name: str | None) -> Path:
+    """The named checkpoint of a run, else its best, else its latest."""
     root = run / "checkpoints"
     if name:
         path = root / name if (root / name).exists() else Path(name)
@@ -43,7 +44,7 @@ def load_run(run: Path, checkpoint_name: str | None = None, with_method: bool = 
     cfg = check_finetune(yaml.safe_load((run / "config.yaml").read_text()))
     labels = json.loads((run / "labels.json").read_text())
     tokenizer = Tokenizer.from_file(str(run / "tokenizer.json"))
-    ckpt = _checkpoint(run, checkpoint_name)
+    ckpt = checkpoint_of(run, checkpoint_name)
     spec = checkpoint.read_state(ckpt)["model"]
     method = None
     if spec.get("transfer") in peft.METHODS:  # the checkpoint holds the method only: start from the base weights

@@ -2,28 +2,39 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
+from typing import Any
 
 import datasets
 import torch
+import yaml
 from tokenizers import Tokenizer
 
-from ptmcli import checkpoint, hardware, rundir
+from ptmcli import checkpoint, hardware, hf, rundir
 from ptmcli.data.lm_examples import CausalExamples, PermutationExamples
 from ptmcli.data.pretraining import PretrainingExamples, build_chunks
 from ptmcli.data.seq2seq_examples import DenoisingExamples, SpanCorruptionExamples
 from ptmcli.data.sources import load_documents, split_documents
-from ptmcli.data.tokenizer import get_tokenizer
+from ptmcli.data.tokenizer import get_tokenizer, load_tokenizer
 from ptmcli.distributed import Dist, init_from_env
 from ptmcli.errors import PtmError
 from ptmcli.loop import Job, train
 from ptmcli.models import PRETRAINING_MODELS
 from ptmcli.objectives import OBJECTIVES
 from ptmcli.runlog import console
-from ptmcli.schema import PretrainConfig, architecture_spec, check_pretrain
-from ptmcli.weights import Pretrained, load_pretrained
+from ptmcli.schema import (
+    FAMILY_OBJECTIVES,
+    TRAINING_ONLY_FIELDS,
+    PretrainConfig,
+    architecture_spec,
+    check_consistency,
+    check_pretrain,
+)
+from ptmcli.weights import Pretrained, hf_directory, load_pretrained
 
-
+# ELECTRA's generator sizes, which a discriminator-only checkpoint does not give
+GENERATOR_FIELDS = ("generator_hidden_size", "generator_num_heads", "generator_intermediate_size")
 # objective -> packing layout of its sequences (see data.pretraining.LAYOUTS)
 LAYOUT = {
     "mlm-nsp": "sentences",
@@ -78,9 +89,59 @@ def model_spec(cfg: PretrainConfig, vocab_size: int) -> dict:
     return {**architecture_spec(cfg.model), "vocab_size": vocab_size, "objective": cfg.objective.name}
 
 
+def from_hf(cfg: PretrainConfig, arch, with_generator: bool) -> Any:
+    """A Hugging Face init brings its architecture: the recipe's sizes give way, its training settings stay (and
+    an ELECTRA discriminator without its generator keeps the recipe's generator sizes)."""
+    family = arch.family
+    if family != cfg.model.family or cfg.objective.name not in FAMILY_OBJECTIVES[family]:
+        raise PtmError(
+            f"init={cfg.init} is a Hugging Face model of ptm's {family} family, which pretrains with objective="
+            f"{' or '.join(FAMILY_OBJECTIVES[family])}; this config trains a {cfg.model.family} model with "
+            f"objective={cfg.objective.name}. Pick a {family} recipe (see `ptm pretrain --help`)."
+        )
+    kept = [*TRAINING_ONLY_FIELDS, *([] if with_generator else GENERATOR_FIELDS)]
+    return dataclasses.replace(arch, **{k: getattr(cfg.model, k) for k in kept if hasattr(cfg.model, k)})
+
+
+def adopt_architecture(cfg: PretrainConfig, raw_cfg: dict, run_dir: Path, resume_from, dist) -> tuple:
+    """(config, config in force) when init= is a Hugging Face model, whose architecture the run takes; on resume,
+    the architecture the run recorded (the init directory may have moved since)."""
+    if not cfg.init:
+        return cfg, raw_cfg
+    if resume_from is None:
+        directory = hf_directory(cfg.init)
+        if directory is None:
+            return cfg, raw_cfg
+        _, arch, generator = hf.read_arch(directory, f"init={cfg.init}")
+        adopted = from_hf(cfg, arch, generator is not None)
+    else:
+        recorded = yaml.safe_load((run_dir / "config.yaml").read_text()).get("model", {})
+        adopted = check_pretrain(
+            {
+                **raw_cfg,
+                "model": {
+                    **recorded,
+                    **{k: raw_cfg["model"][k] for k in TRAINING_ONLY_FIELDS if k in raw_cfg["model"]},
+                },
+            }
+        ).model
+    changed = checkpoint.spec_diffs(architecture_spec(adopted), architecture_spec(cfg.model))
+    if not changed:
+        return cfg, raw_cfg
+    if dist.is_main and resume_from is None:
+        console.print(
+            f"init={cfg.init} brings its architecture: {'; '.join(changed)}".replace(" vs config ", " vs recipe ")
+        )
+    cfg = dataclasses.replace(cfg, model=adopted)
+    check_consistency(cfg)
+    return cfg, {**raw_cfg, "model": dataclasses.asdict(adopted)}
+
+
 def load_init(cfg: PretrainConfig) -> Pretrained:
     """The pretraining run named by init=, after checking it has this config's architecture and objective."""
     start = load_pretrained(cfg.init)
+    if start.checkpoint is None:  # a Hugging Face model: its architecture was adopted (from_hf)
+        return start
     saved_objective = (
         checkpoint.read_state(start.checkpoint).get("model", {}).get("objective") if start.checkpoint else None
     )
@@ -103,14 +164,37 @@ def load_init(cfg: PretrainConfig) -> Pretrained:
     return start
 
 
+def check_same_tokenizer(cfg: PretrainConfig, brought: Tokenizer) -> None:
+    """data.tokenizer beside init= (a recipe may name one) must be the tokenizer init brings."""
+    try:
+        same = load_tokenizer(cfg.data.tokenizer, cfg.data.lowercase).get_vocab() == brought.get_vocab()
+    except PtmError:
+        same = False
+    if not same:
+        raise PtmError(
+            f"init={cfg.init} brings the tokenizer its weights were trained with, and data.tokenizer="
+            f"{cfg.data.tokenizer} names another; drop data.tokenizer (data.tokenizer=null)."
+        )
+
+
+def _modules(keys: list[str]) -> str:
+    """'mlm_head.dense.weight', 'encoder.pooler.bias', ... -> 'mlm_head, encoder.pooler'"""
+    return ", ".join(
+        sorted({".".join(k.split(".")[:2]) if k.startswith("encoder.") else k.split(".")[0] for k in keys})
+    )
+
+
 def pretrain(raw_cfg: dict, run_dir: Path, recipe: str) -> dict[str, float]:
     cfg = check_pretrain(raw_cfg)
     datasets.disable_progress_bars()  # one summary line says what preparation produced
     dist = init_from_env()
     hw = hardware.resolve(cfg.hardware, dist)
     run_dir, resume_from = rundir.prepare(run_dir, raw_cfg, "pretrain", recipe, dist)
+    cfg, in_force = adopt_architecture(cfg, raw_cfg, run_dir, resume_from, dist)
     start = load_init(cfg) if cfg.init and resume_from is None else None
     given = start.tokenizer if start else None
+    if start and cfg.data.tokenizer:
+        check_same_tokenizer(cfg, start.tokenizer)
     if cfg.init and resume_from is not None:  # the tokenizer init lent this run was saved beside it
         given = Tokenizer.from_file(str(run_dir / "tokenizer.json"))
     tokenizer, train_ex, val_ex, (n_train_docs, n_val_docs) = build_examples(cfg, dist, given)
@@ -118,21 +202,33 @@ def pretrain(raw_cfg: dict, run_dir: Path, recipe: str) -> dict[str, float]:
     spec = model_spec(cfg, vocab_size)
     if resume_from is not None:
         checkpoint.check_architecture(resume_from, checkpoint.read_state(resume_from).get("model", {}), spec)
-    rundir.record(run_dir, raw_cfg, "pretrain", recipe, dist)
+    rundir.record(run_dir, raw_cfg, "pretrain", recipe, dist, in_force=in_force)
     if dist.is_main:
         tokenizer.save(str(run_dir / "tokenizer.json"))
 
     torch.manual_seed(cfg.trainer.seed)
     model = PRETRAINING_MODELS[cfg.model.family](cfg.model, vocab_size, cfg.objective)
-    if start is not None:
+    fresh, unused = [], []
+    if start is not None and start.checkpoint is not None:
         checkpoint.load_weights(start.checkpoint, model)  # safetensors' loader re-ties shared embeddings
+    elif start is not None:
+        fresh, unused = hf.load_into(model, start.model_state, f"init={cfg.init}")
     if dist.is_main:
         params = sum(p.numel() for p in model.parameters())
         console.print(
             f"[bold]ptm pretrain[/] {recipe}: {cfg.model.family} {params / 1e6:.1f}M params, vocab {vocab_size:,}, "
             f"{cfg.objective.name} on {cfg.data.name} ({n_train_docs:,} train / {n_val_docs:,} val documents -> "
             f"{len(train_ex):,} / {len(val_ex):,} sequences of <= {cfg.data.max_seq_len}), {hw.device} {hw.dtype}, "
-            f"{dist.world_size} process(es)" + (f"\n  from {start.source}" if start else "") + f"\n  run dir: {run_dir}"
+            f"{dist.world_size} process(es)"
+            + (f"\n  from {start.source}" if start else "")
+            + (f" ({start.load_seconds:.1f} s)" if start and start.load_seconds else "")
+            + (f"\n  not in the checkpoint, initialised fresh: {_modules(fresh)}" if fresh else "")
+            + (
+                f"\n  in the checkpoint, not used by objective={cfg.objective.name}: {_modules(unused)}"
+                if unused
+                else ""
+            )
+            + f"\n  run dir: {run_dir}"
         )
     job = Job(
         model=model,

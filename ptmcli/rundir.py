@@ -89,9 +89,19 @@ def prepare(run_dir: Path, cfg: dict, command: str, recipe: str, dist: Dist) -> 
     return run_dir, resume_from
 
 
-def record(run_dir: Path, cfg: dict, command: str, recipe: str, dist: Dist, extra: dict | None = None) -> None:
+def record(
+    run_dir: Path,
+    cfg: dict,
+    command: str,
+    recipe: str,
+    dist: Dist,
+    extra: dict | None = None,
+    in_force: dict | None = None,
+) -> None:
     """Write the run's identity and the config in force. Called once every input has been checked, so that a
-    run that fails at start leaves an existing run directory exactly as it was."""
+    run that fails at start leaves an existing run directory exactly as it was. `in_force` is the config as the
+    run resolved it (e.g. the architecture a Hugging Face init brings), when it differs from the composed `cfg`
+    whose hash identifies the run."""
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         info = _run_info(run_dir) or {
@@ -102,5 +112,5 @@ def record(run_dir: Path, cfg: dict, command: str, recipe: str, dist: Dist, extr
         }
         info.update(extra or {})
         (run_dir / "run.json").write_text(json.dumps(info, indent=1) + "\n")
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(in_force or cfg, sort_keys=False))
     dist.barrier()

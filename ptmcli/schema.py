@@ -367,11 +367,6 @@ def check_pretrain(cfg: dict) -> PretrainConfig:
     sections = {name: check_section(name, cfg.get(name, {}), schema) for name, schema in SECTIONS.items()}
     model = check_section("model", cfg["model"], model_schema(cfg["model"]))
     resume, init = (_coerce(cfg.get(k), Optional[str], k) for k in ("resume", "init"))
-    if init and sections["data"].tokenizer:
-        raise PtmError(
-            f"init={init} brings the tokenizer its weights were trained with, and data.tokenizer="
-            f"{sections['data'].tokenizer} names another; drop data.tokenizer."
-        )
     out = PretrainConfig(model=model, resume=resume, init=init, **sections)
     check_consistency(out)
     return out

@@ -1,12 +1,12 @@
-"""Starting weights for fine-tuning: a ptm run or checkpoint, a Hugging Face model directory, or a hub name.
-
-Only the encoder is taken; pretraining heads are dropped. Weights are read with safetensors, or with
-`torch.load(weights_only=True)` for a `pytorch_model.bin`: loading never runs code from a file.
+"""Starting weights: a ptm run or checkpoint, a Hugging Face model directory (any family, see `hf/`), or a hub
+name. Fine-tuning takes the encoder (`encoder_state`), continued pretraining and text-to-text fine-tuning the
+whole model (`model_state`). Weights are read with safetensors, or with `torch.load(weights_only=True)` for a
+`pytorch_model.bin`: loading never runs code from a file.
 """
 
 from __future__ import annotations
 
-import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,11 +15,9 @@ import torch
 from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
-from ptmcli import checkpoint
+from ptmcli import checkpoint, hf
 from ptmcli.data.sources import package_path
-from ptmcli.data.tokenizer import load_tokenizer
 from ptmcli.errors import PtmError
-from ptmcli.models import HF_FAMILIES
 from ptmcli.schema import MODEL_SCHEMAS, arch_from_spec
 
 
@@ -30,11 +28,14 @@ class Pretrained:
     encoder_state: dict[str, torch.Tensor]
     tokenizer: Tokenizer
     source: str
-    model_state: dict[str, torch.Tensor] = field(default_factory=dict)  # the whole checkpoint (encoder-decoders)
+    model_state: dict[str, torch.Tensor] = field(default_factory=dict)  # the whole pretraining model's weights
     checkpoint: Path | None = None  # a ptm checkpoint's directory
+    unused: list[str] = field(default_factory=list)  # a Hugging Face checkpoint's keys ptm does not take
+    load_seconds: float = 0.0
 
 
 def _hub_snapshot(name: str) -> Path:
+    """The hub model `name` in the local Hugging Face cache (downloaded once, only the files ptm reads)."""
     try:
         from huggingface_hub import snapshot_download
     except ImportError as err:
@@ -42,46 +43,25 @@ def _hub_snapshot(name: str) -> Path:
             f"init=hf:{name} needs `pip install huggingface_hub` (or download the model directory "
             f"yourself and pass init=PATH)."
         ) from err
-    patterns = [
-        "config.json",
-        "*.safetensors",
-        "pytorch_model.bin",
-        "vocab.txt",
-        "tokenizer.json",
-        "tokenizer_config.json",
-    ]
-    return Path(snapshot_download(name, allow_patterns=patterns))
+    patterns = ["*.json", "*.safetensors", "pytorch_model*.bin", "vocab.txt", "merges.txt", "*.model"]
+    try:
+        return Path(snapshot_download(name, allow_patterns=patterns))
+    except Exception as err:  # the hub client raises many kinds (offline, unknown repo, gated, HTTP)
+        raise PtmError(
+            f"init=hf:{name} could not be fetched from the Hugging Face hub ({type(err).__name__}: {err}). Check the "
+            f"name and your connection, or download the directory and pass init=PATH."
+        ) from err
 
 
 def from_hf_dir(path: Path) -> Pretrained:
-    config = json.loads((path / "config.json").read_text())
-    model_type = config.get("model_type", "bert")
-    if model_type not in HF_FAMILIES:
-        raise PtmError(f"init='{path}' is a Hugging Face '{model_type}' model; ptm maps {', '.join(HF_FAMILIES)}.")
-    family, to_arch, to_state = HF_FAMILIES[model_type]
-    try:
-        arch = to_arch(config)
-    except (KeyError, ValueError) as err:
-        raise PtmError(f"init='{path}': config.json does not describe a supported {model_type}: {err}") from err
-    if (path / "model.safetensors").exists():
-        state = load_file(str(path / "model.safetensors"))
-    elif (path / "pytorch_model.bin").exists():
-        state = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    else:
-        raise PtmError(f"init='{path}' has config.json but neither model.safetensors nor pytorch_model.bin.")
-    lowercase = True
-    if (path / "tokenizer_config.json").exists():
-        lowercase = json.loads((path / "tokenizer_config.json").read_text()).get("do_lower_case", True)
-    tokenizer_file = next((path / n for n in ("tokenizer.json", "vocab.txt") if (path / n).exists()), None)
-    if tokenizer_file is None:
-        raise PtmError(f"init='{path}' has no tokenizer.json or vocab.txt.")
-    return Pretrained(
-        family,
-        arch,
-        to_state(state, arch.num_layers),
-        load_tokenizer(str(tokenizer_file), lowercase),
-        f"Hugging Face {model_type} from {path}",
-    )
+    started = time.perf_counter()
+    imported = hf.read_dir(path)
+    encoder = {k.removeprefix("encoder."): v for k, v in imported.state.items() if k.startswith("encoder.")}
+    source = f"Hugging Face {hf.BY_FAMILY[imported.family].model_type} from {path}"
+    pretrained = Pretrained(imported.family, imported.arch, encoder, imported.tokenizer, source, imported.state)
+    pretrained.unused = imported.unused
+    pretrained.load_seconds = time.perf_counter() - started
+    return pretrained
 
 
 def from_ptm(path: Path) -> Pretrained:
@@ -112,13 +92,24 @@ def from_ptm(path: Path) -> Pretrained:
     return Pretrained(spec["family"], arch, state, tokenizer, f"ptm checkpoint {ckpt}", full, ckpt)
 
 
-def load_pretrained(spec: str) -> Pretrained:
-    if spec.startswith("hf:"):
-        return from_hf_dir(_hub_snapshot(spec[3:]))
+def _path(spec: str) -> Path:
     path = package_path(spec, "init") if spec.startswith("pkg://") else Path(spec).expanduser()
     if not path.exists():
         raise PtmError(
             f"init='{spec}' does not exist. Give a ptm run directory or checkpoint, a Hugging Face model "
             f"directory, pkg://package/path, or hf:name."
         )
-    return from_hf_dir(path) if (path / "config.json").exists() else from_ptm(path)
+    return path
+
+
+def hf_directory(spec: str) -> Path | None:
+    """The Hugging Face model directory init=`spec` names (hub names are fetched once), or None for ptm runs."""
+    if spec.startswith("hf:"):
+        return _hub_snapshot(spec[3:])
+    path = _path(spec)
+    return path if (path / "config.json").exists() else None
+
+
+def load_pretrained(spec: str) -> Pretrained:
+    directory = hf_directory(spec)
+    return from_hf_dir(directory) if directory is not None else from_ptm(_path(spec))

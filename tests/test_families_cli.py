@@ -5,9 +5,13 @@ fine-tune text-to-text and write headlines."""
 from __future__ import annotations
 
 import json
+import math
 import signal
+from types import SimpleNamespace
 
 import pytest
+import torch
+import yaml
 
 from tests.conftest import comparable, fails_with, kill_after_checkpoint, read_metrics, run_ptm
 
@@ -220,3 +224,112 @@ def test_classification_as_text_to_text_from_bart(pretrained, cache_env, tmp_pat
         cache_env,
         "needs an encoder-decoder",
     )
+
+
+# the Auto class each family's pretraining export answers to
+AUTO_CLASSES = {
+    "gpt": "AutoModelForCausalLM",
+    "roberta": "AutoModelForMaskedLM",
+    "xlnet": "AutoModelForCausalLM",
+    "electra": "AutoModelForPreTraining",
+    "bert-zh": "AutoModelForMaskedLM",
+    "t5": "AutoModelForSeq2SeqLM",
+    "bart": "AutoModelForSeq2SeqLM",
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pretraining_runs_export_to_transformers(family, pretrained, tmp_path):
+    """Each family's run, exported, loads with its Auto class (no missing or unexpected keys) and gives ptm's
+    hidden states and logits on real text with padding."""
+    transformers = pytest.importorskip("transformers")
+    from ptmcli.export import export_run
+    from ptmcli.hf import load_into, read_dir
+    from ptmcli.models import PRETRAINING_MODELS
+    from tests.test_hf_interop import _batch, _close, _outputs
+
+    out = export_run(pretrained(family), "hf", output=tmp_path / "hf")
+    auto = getattr(transformers, AUTO_CLASSES[family])
+    theirs, info = auto.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    imported = read_dir(out)
+    objective = SimpleNamespace(**yaml.safe_load((pretrained(family) / "config.yaml").read_text())["objective"])
+    ours = PRETRAINING_MODELS[imported.family](imported.arch, imported.tokenizer.get_vocab_size(), objective)
+    assert load_into(ours, imported.state, "init") == ([], [])
+    texts = ["The government said on Monday it would act.", "Shares fell.", "A new study finds that sleep matters."]
+    if family == "bert-zh":
+        texts = ["政府周一表示将采取行动。", "股价下跌。", "一项新研究发现睡眠很重要。"]
+    ids, mask, types = _batch(imported.tokenizer, texts)
+    name = {"bert-zh": "bert-mlm"}.get(family, family)
+    ref = _outputs(name, theirs.eval(), ids, mask, types, ptm=False)
+    assert _close(_outputs(name, ours.eval(), ids, mask, types, ptm=True), ref, mask, name) <= 1e-5
+
+
+def test_gpt_run_exports_generates_the_same_and_continues_pretraining_from_hf(pretrained, cache_env, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    run, out = pretrained("gpt"), tmp_path / "gpt-hf"
+    run_ptm(["export", f"run={run}", "format=hf", f"output={out}"], cache_env)
+    prompt = "The government said"
+    ours = run_ptm(["generate", f"run={run}", f"prompt={prompt}", "greedy=true", "max_new_tokens=15"], cache_env).stdout
+    model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    end = tokenizer.eos_token_id
+    ids = torch.tensor([[end, *tokenizer(prompt, add_special_tokens=False)["input_ids"]]])
+    new = model.generate(ids, do_sample=False, max_new_tokens=15, eos_token_id=end, pad_token_id=end)[0, ids.shape[1] :]
+    assert ours.strip() == prompt + tokenizer.decode([t for t in new.tolist() if t != end], skip_special_tokens=True)
+
+    # continued pretraining from the exported directory starts where the run ended, far below a fresh model
+    steps = ["trainer.max_steps=10", "trainer.eval_every=10", "trainer.log_every=10"]
+    cont = tmp_path / "continued"
+    args = ["pretrain", *FAMILIES["gpt"], *steps[1:], f"init={out}", f"hydra.run.dir={cont}", "trainer.save_every=5"]
+    proc = run_ptm([*args, "model.hidden_size=128", steps[0]], cache_env)  # the recipe's sizes give way to init's
+    log = proc.stdout + proc.stderr
+    assert "brings its architecture" in log and "hidden_size" in log, log
+    first = [r for r in read_metrics(cont) if r["split"] == "val"][0]["clm_loss"]
+    ended = [r for r in read_metrics(run) if r["split"] == "val"][-1]["clm_loss"]
+    untrained = math.log(2000)  # a fresh model's loss over the 2,000-token vocabulary
+    assert first < ended + 0.1 and first < untrained - 0.8, (first, ended, untrained)
+    greedy = run_ptm(["generate", f"run={cont}", f"prompt={prompt}", "greedy=true", "max_new_tokens=5"], cache_env)
+    assert greedy.stdout.startswith(prompt)
+    # it resumes from the architecture it recorded, even once the init directory has gone
+    out.rename(tmp_path / "moved")
+    run_ptm([*args, "model.hidden_size=128", "trainer.max_steps=15", "resume=auto"], cache_env)
+    assert (cont / "checkpoints" / "latest").resolve().name == "step-15"
+
+
+@pytest.mark.parametrize("family,task", [("electra", "ner"), ("gpt", "news-cls")])
+def test_lora_from_a_hugging_face_directory_exports_an_adapter_peft_loads(
+    family, task, pretrained, cache_env, tmp_path
+):
+    """init= a Hugging Face directory (here: a ptm run exported as one), LoRA, then format=peft: PEFT puts the
+    adapter on the Hugging Face base model and gets ptm's hidden states. GPT-2 fuses q/k/v into c_attn, so the
+    three rank-r updates go out as one rank-3r update."""
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    from ptmcli.export import export_run
+    from ptmcli.inference import load_run
+
+    base = export_run(pretrained(family), "hf", output=tmp_path / "base")
+    run = tmp_path / "ft"
+    small = ["trainer.epochs=null", "trainer.max_steps=6", "trainer.batch_size=8", "data.max_train_samples=40"]
+    run_ptm(
+        [
+            "finetune",
+            f"task={task}",
+            f"init={base}",
+            "transfer=lora",
+            *small,
+            "task.max_seq_len=64",
+            f"hydra.run.dir={run}",
+        ],
+        cache_env,
+    )
+    run_ptm(["export", f"run={run}", f"output={tmp_path / 'adapter'}"], cache_env)  # adapter runs default to PEFT
+    _, ptm_task, model, *_ = load_run(run)
+    assert any(m.lora_B[0].detach().abs().sum() > 0 for m in model.encoder.modules() if hasattr(m, "lora_B"))
+    adapted = peft.PeftModel.from_pretrained(transformers.AutoModel.from_pretrained(base), tmp_path / "adapter").eval()
+    ids = torch.tensor([ptm_task.tokenizer.encode("Shares rose sharply in London trading.").ids])
+    with torch.no_grad():
+        ours = model.encoder(ids, None, torch.ones_like(ids))
+        theirs = adapted(input_ids=ids).last_hidden_state
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)

@@ -162,3 +162,26 @@ def test_finetune_errors(cache_env, tmp_path):
     fails_with(["finetune", "task=news-cls", "transfer.freze_layers=2"], cache_env, "Did you mean 'freeze_layers'?")
     fails_with(["finetune", "task=news-clss"], cache_env, "Did you mean 'news-cls'?")
     fails_with(["evaluate", f"run={tmp_path}"], cache_env, "not a ptm fine-tuning run directory")
+
+
+def test_exported_classifier_serves_the_same_predictions_in_a_pipeline(news_run, cache_env, tmp_path):
+    """ptm export format=hf of a news-cls run -> transformers' text-classification pipeline: same labels and scores."""
+    transformers = pytest.importorskip("transformers")
+    run, _ = news_run
+    texts = [
+        "The minister said the election would be held in May.",
+        "The striker scored twice as the team won the cup final.",
+        "Shares in the chip maker rose after strong quarterly profits.",
+    ]
+    (tmp_path / "texts.txt").write_text("\n".join(texts) + "\n")
+    ours = [
+        json.loads(line)
+        for line in run_ptm(["predict", f"run={run}", f"input={tmp_path / 'texts.txt'}"], cache_env).stdout.splitlines()
+    ]
+    out = run_ptm(["export", f"run={run}", f"output={tmp_path / 'hf'}"], cache_env)  # format=hf is the default
+    assert "BertForSequenceClassification" in out.stderr
+    classify = transformers.pipeline("text-classification", model=str(tmp_path / "hf"), top_k=None)
+    for mine, theirs in zip(ours, classify(texts)):
+        best = max(theirs, key=lambda s: s["score"])
+        assert best["label"] == mine["label"]
+        assert all(abs(s["score"] - mine["scores"][s["label"]]) < 1e-4 for s in theirs)

@@ -24,6 +24,7 @@ LAYERS = {
     "tasks": 2,
     "data": 2,
     "runlog": 2,
+    "hf": 2.5,
     "checkpoint": 3,
     "weights": 3.5,
     "rundir": 4,

@@ -96,23 +96,21 @@ def test_predict_and_merge_export_agree(peft_runs, cache_env, tmp_path):
     texts.write_text("The minister said the election would be held in May.\n")
     out = run_ptm(["predict", f"run={run}", f"input={texts}"], cache_env)
     scores = json.loads(out.stdout.strip())["scores"]
-    run_ptm(["export", f"run={run}", "merge=true", f"output={tmp_path / 'merged'}"], cache_env)
+    out = run_ptm(["export", f"run={run}", "merge=true", f"output={tmp_path / 'merged'}"], cache_env)
+    # LoRA merged into MiniLM as format=hf: the bare BertModel (Hugging Face has no mean-pooled head) + the head
+    assert "BertModel + ptm_head.safetensors" in out.stderr and "mean pooling" in out.stderr
+    transformers = pytest.importorskip("transformers")
     from safetensors.torch import load_file
 
-    from ptmcli.inference import load_run
-    from ptmcli.models.bert import build_encoder
-    from ptmcli.models.heads import TaskModel
-    from ptmcli.tasks.classification import Classification
-
-    cfg, task, model, labels, hw, _ = load_run(run)
-    plain = TaskModel(
-        build_encoder(model.encoder.arch, model.encoder.vocab_size), "sequence", 5, 0.0, pooling=cfg.task.pooling
-    )
-    plain.load_state_dict(load_file(str(tmp_path / "merged" / "model.safetensors")))
-    task = Classification(cfg.task, labels, task.tokenizer)
-    batch = task.examples([{"id": "1", "text": texts.read_text().strip(), "label": labels[0]}]).batch([0], 0)
-    merged = task.predict(plain.eval(), batch)[0]["scores"]
-    assert all(abs(merged[k] - scores[k]) < 1e-4 for k in scores), (merged, scores)
+    merged = transformers.AutoModel.from_pretrained(tmp_path / "merged").eval()
+    head = load_file(str(tmp_path / "merged" / "ptm_head.safetensors"))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "merged")
+    inputs = tokenizer(texts.read_text().strip(), return_tensors="pt")
+    with torch.no_grad():
+        hidden = merged(**inputs).last_hidden_state.mean(1)
+        probs = torch.softmax(torch.nn.functional.linear(hidden, head["weight"], head["bias"]), -1)[0]
+    labels = json.loads((tmp_path / "merged" / "labels.json").read_text())
+    assert all(abs(probs[i].item() - scores[label]) < 1e-4 for i, label in enumerate(labels)), (probs, scores)
 
 
 peft_lib = pytest.importorskip("peft")

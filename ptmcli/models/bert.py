@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ptmcli.architectures import BertArch
-from ptmcli.models.layers import MaskedLMHead, layer_stack, init_normal, padding_mask
+from ptmcli.models.layers import MaskedLMHead, init_normal, layer_stack, padding_mask
 
 
 class Embeddings(nn.Module):
@@ -92,83 +92,7 @@ def build_pretraining(arch: BertArch, vocab_size: int, objective) -> BertForPret
     return BertForPretraining(arch, vocab_size, nsp=objective.name == "mlm-nsp")
 
 
-# Hugging Face BERT parameter names -> ours. Names appear only here; {i} is the layer index.
-HF_KEY_MAP = {
-    "embeddings.word_embeddings.weight": "embeddings.word.weight",
-    "embeddings.position_embeddings.weight": "embeddings.position.weight",
-    "embeddings.token_type_embeddings.weight": "embeddings.token_type.weight",
-    "embeddings.LayerNorm.weight": "embeddings.norm.weight",
-    "embeddings.LayerNorm.bias": "embeddings.norm.bias",
-    "encoder.layer.{i}.attention.output.dense.weight": "layers.{i}.attention.out.weight",
-    "encoder.layer.{i}.attention.output.dense.bias": "layers.{i}.attention.out.bias",
-    "encoder.layer.{i}.attention.output.LayerNorm.weight": "layers.{i}.attention_norm.weight",
-    "encoder.layer.{i}.attention.output.LayerNorm.bias": "layers.{i}.attention_norm.bias",
-    "encoder.layer.{i}.intermediate.dense.weight": "layers.{i}.ffn.up.weight",
-    "encoder.layer.{i}.intermediate.dense.bias": "layers.{i}.ffn.up.bias",
-    "encoder.layer.{i}.output.dense.weight": "layers.{i}.ffn.down.weight",
-    "encoder.layer.{i}.output.dense.bias": "layers.{i}.ffn.down.bias",
-    "encoder.layer.{i}.output.LayerNorm.weight": "layers.{i}.ffn_norm.weight",
-    "encoder.layer.{i}.output.LayerNorm.bias": "layers.{i}.ffn_norm.bias",
-    "pooler.dense.weight": "pooler.weight",
-    "pooler.dense.bias": "pooler.bias",
-}
-# The separate query/key/value projections are stacked into our fused qkv projection.
-HF_QKV = "encoder.layer.{i}.attention.self.{part}.{kind}"
-
-
-def arch_from_hf(config: dict) -> BertArch:
-    if config.get("hidden_act", "gelu") != "gelu" or config.get("position_embedding_type", "absolute") != "absolute":
-        raise ValueError("only BERT with gelu activations and absolute positions maps onto ptm's BERT")
-    return BertArch(
-        hidden_size=config["hidden_size"],
-        num_layers=config["num_hidden_layers"],
-        num_heads=config["num_attention_heads"],
-        intermediate_size=config["intermediate_size"],
-        max_positions=config["max_position_embeddings"],
-        type_vocab_size=config.get("type_vocab_size", 2),
-        dropout=config.get("hidden_dropout_prob", 0.1),
-        attention_dropout=config.get("attention_probs_dropout_prob", 0.1),
-        layer_norm_eps=config.get("layer_norm_eps", 1e-12),
-        init_std=config.get("initializer_range", 0.02),
-    )
-
-
-def encoder_state_from_hf(state: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
-    """A Hugging Face BertModel / BertFor* state dict -> the state dict of our `Bert` encoder."""
-    state = {
-        k.removeprefix("bert.")
-        .replace("LayerNorm.gamma", "LayerNorm.weight")
-        .replace("LayerNorm.beta", "LayerNorm.bias"): v
-        for k, v in state.items()
-    }
-    out = {}
-    for theirs, ours in HF_KEY_MAP.items():
-        for i in range(num_layers) if "{i}" in theirs else [None]:
-            key = theirs.format(i=i)
-            if key in state:
-                out[ours.format(i=i)] = state[key]
-    for i in range(num_layers):
-        for kind in ("weight", "bias"):
-            parts = [state.get(HF_QKV.format(i=i, part=p, kind=kind)) for p in ("query", "key", "value")]
-            if all(p is not None for p in parts):
-                out[f"layers.{i}.attention.qkv.{kind}"] = torch.cat(parts, 0)
-    return out
-
-
 def build_encoder(arch: BertArch, vocab_size: int, with_pooler: bool = True) -> Bert:
     encoder = Bert(arch, vocab_size, with_pooler=with_pooler)
     init_normal(encoder, arch.init_std)
     return encoder
-
-
-def hf_module_name(ours: str, part: int | None = None) -> str:
-    """Our encoder module name (e.g. 'layers.3.attention.qkv', slice 0) -> the Hugging Face one
-    ('encoder.layer.3.attention.self.query'); used to export adapters under names PEFT understands."""
-    head, _, rest = ours.partition("layers.")
-    index, _, tail = rest.partition(".")
-    if tail == "attention.qkv":
-        return f"encoder.layer.{index}.attention.self.{('query', 'key', 'value')[part or 0]}"
-    for theirs, mine in HF_KEY_MAP.items():
-        if mine == f"layers.{{i}}.{tail}.weight":
-            return theirs.format(i=index).removesuffix(".weight")
-    raise KeyError(ours)

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ptmcli.models.layers import DecoderBlock, init_normal, layer_stack
 from ptmcli.architectures import GptArch
+from ptmcli.models.layers import DecoderBlock, init_normal, layer_stack
 
 
 class Embeddings(nn.Module):
@@ -43,7 +43,7 @@ class Gpt(nn.Module):
         self.arch = arch
         self.vocab_size = vocab_size
         self.embeddings = Embeddings(arch, vocab_size)
-        self.layers = layer_stack(arch, DecoderBlock)
+        self.layers = layer_stack(arch, DecoderBlock, arch.activation)
         self.final_norm = nn.LayerNorm(arch.hidden_size, eps=arch.layer_norm_eps)
 
     def forward(

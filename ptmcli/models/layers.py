@@ -138,7 +138,12 @@ def prefix_mask(
     return out
 
 
-ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu}
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GELU's tanh approximation, which GPT-2 and T5 v1.1 were trained with."""
+    return F.gelu(x, approximate="tanh")
+
+
+ACTIVATIONS = {"gelu": F.gelu, "gelu-tanh": gelu_tanh, "relu": F.relu}
 
 
 class FeedForward(nn.Module):
@@ -176,12 +181,19 @@ class EncoderLayer(nn.Module):
     """Post-LayerNorm transformer layer (BERT, RoBERTa, ELECTRA): x = LN(x + attn(x)); x = LN(x + ffn(x))."""
 
     def __init__(
-        self, hidden: int, heads: int, intermediate: int, dropout: float, attention_dropout: float, eps: float
+        self,
+        hidden: int,
+        heads: int,
+        intermediate: int,
+        dropout: float,
+        attention_dropout: float,
+        eps: float,
+        activation: str = "gelu",
     ):
         super().__init__()
         self.attention = SelfAttention(hidden, heads, attention_dropout)
         self.attention_norm = nn.LayerNorm(hidden, eps=eps)
-        self.ffn = FeedForward(hidden, intermediate)
+        self.ffn = FeedForward(hidden, intermediate, activation=activation)
         self.ffn_norm = nn.LayerNorm(hidden, eps=eps)
         self.dropout = nn.Dropout(dropout)
 
@@ -190,7 +202,7 @@ class EncoderLayer(nn.Module):
         return self.ffn_norm(x + self.dropout(self.ffn(x)))
 
 
-def layer_stack(arch, layer: type[nn.Module] | None = None) -> nn.ModuleList:
+def layer_stack(arch, layer: type[nn.Module] | None = None, activation: str = "gelu") -> nn.ModuleList:
     """`arch.num_layers` layers of the sizes an architecture dataclass gives: post-LN `EncoderLayer`s (BERT,
     RoBERTa, BART's encoder) unless `layer` names another class of the same signature (GPT's `DecoderBlock`)."""
     layer = layer or EncoderLayer
@@ -202,6 +214,7 @@ def layer_stack(arch, layer: type[nn.Module] | None = None) -> nn.ModuleList:
             arch.dropout,
             arch.attention_dropout,
             arch.layer_norm_eps,
+            activation,
         )
         for _ in range(arch.num_layers)
     )
@@ -211,13 +224,20 @@ class DecoderBlock(nn.Module):
     """Pre-LayerNorm causal block (GPT-2): x = x + attn(LN(x)); x = x + ffn(LN(x))."""
 
     def __init__(
-        self, hidden: int, heads: int, intermediate: int, dropout: float, attention_dropout: float, eps: float
+        self,
+        hidden: int,
+        heads: int,
+        intermediate: int,
+        dropout: float,
+        attention_dropout: float,
+        eps: float,
+        activation: str = "gelu",
     ):
         super().__init__()
         self.attention_norm = nn.LayerNorm(hidden, eps=eps)
         self.attention = SelfAttention(hidden, heads, attention_dropout)
         self.ffn_norm = nn.LayerNorm(hidden, eps=eps)
-        self.ffn = FeedForward(hidden, intermediate)
+        self.ffn = FeedForward(hidden, intermediate, activation=activation)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, cache: dict | None = None) -> torch.Tensor:

@@ -8,20 +8,26 @@ import torch
 from torch import nn
 
 from ptmcli.architectures import RobertaArch
-from ptmcli.models.layers import MaskedLMHead, layer_stack, init_normal, padding_mask
+from ptmcli.models.layers import MaskedLMHead, init_normal, layer_stack, padding_mask
 
 
 class Embeddings(nn.Module):
     def __init__(self, arch: RobertaArch, vocab_size: int):
         super().__init__()
         self.word = nn.Embedding(vocab_size, arch.hidden_size)
-        self.position = nn.Embedding(arch.max_positions, arch.hidden_size)
+        self.offset = arch.position_offset
+        self.position = nn.Embedding(arch.position_offset + arch.max_positions, arch.hidden_size)
+        # Hugging Face's RoBERTa keeps one segment row, added to every token
+        self.token_type = nn.Embedding(arch.type_vocab_size, arch.hidden_size) if arch.type_vocab_size else None
         self.norm = nn.LayerNorm(arch.hidden_size, eps=arch.layer_norm_eps)
         self.dropout = nn.Dropout(arch.dropout)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids: (B, T) -> (B, T, C)"""
-        x = self.word(input_ids) + self.position.weight[: input_ids.shape[1]]
+        T = input_ids.shape[1]
+        x = self.word(input_ids) + self.position.weight[self.offset : self.offset + T]
+        if self.token_type is not None:
+            x = x + self.token_type.weight[0]
         return self.dropout(self.norm(x))
 
 

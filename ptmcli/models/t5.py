@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ptmcli.models.layers import CrossAttention, FeedForward, RMSNorm, SelfAttention
 from ptmcli.architectures import T5Arch
+from ptmcli.models.layers import CrossAttention, FeedForward, RMSNorm, SelfAttention
 
 
 def relative_position_bucket(relative: torch.Tensor, bidirectional: bool, buckets: int, max_distance: int):
@@ -82,7 +82,7 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(h, arch.layer_norm_eps)
         gated = arch.feed_forward == "gated-gelu"
         self.ffn = FeedForward(
-            h, arch.intermediate_size, bias=False, activation="gelu" if gated else "relu", gated=gated
+            h, arch.intermediate_size, bias=False, activation="gelu-tanh" if gated else "relu", gated=gated
         )
         self.dropout = nn.Dropout(arch.dropout)
 
@@ -148,12 +148,14 @@ class Decoder(nn.Module):
 
 class T5ForConditionalGeneration(nn.Module):
     """Encoder + decoder. The decoder embeds with the encoder's matrix and the output projection is tied to it
-    (scaled by hidden^-0.5, as T5 does when tying), so the matrix is stored once, under `encoder`."""
+    (scaled by hidden^-0.5, as T5 does when tying), so the matrix is stored once, under `encoder`; with
+    `tied_head=false` (T5 v1.1) the projection is a matrix of its own, unscaled."""
 
     def __init__(self, arch: T5Arch, vocab_size: int):
         super().__init__()
         self.encoder = T5(arch, vocab_size)
         self.decoder = Decoder(arch)
+        self.lm_head = None if arch.tied_head else nn.Linear(arch.hidden_size, vocab_size, bias=False)
         init_t5(self, arch)
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -164,6 +166,8 @@ class T5ForConditionalGeneration(nn.Module):
         memory_mask = attention_mask.bool()[:, None, None, :] if attention_mask is not None else None
         embed = self.encoder.embeddings
         hidden = self.decoder(embed(decoder_ids), memory, memory_mask, cache)
+        if self.lm_head is not None:
+            return self.lm_head(hidden)
         return F.linear(hidden * self.encoder.arch.hidden_size**-0.5, embed.weight)
 
     def forward(self, input_ids, attention_mask, decoder_input_ids) -> torch.Tensor:

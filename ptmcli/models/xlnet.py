@@ -8,8 +8,9 @@ and predicts token i without seeing it. For a sampled factorisation order with r
 Keys and values always come from the content stream. Attention scores use Transformer-XL relative
 positions: score(i, j) = (q_i + u) . k_j + (q_i + v) . R_{i-j}, with R a projected sinusoid of the distance.
 Fine-tuning uses the content stream alone with ordinary bidirectional attention.
-Left out here: Transformer-XL segment recurrence (memory) and the relative segment encoding; segment ids
-are accepted and ignored.
+With `segment_encoding`, a score also gets (q_i + s) . e_{same(i,j)}, the paper's relative segment encoding:
+whether i and j lie in the same segment, never which segment. Left out here: Transformer-XL segment
+recurrence (memory).
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ptmcli.models.layers import FeedForward, SelfAttention, init_normal
 from ptmcli.architectures import XlnetArch
+from ptmcli.models.layers import FeedForward, SelfAttention, init_normal
 
 
 def relative_sinusoid(T: int, dim: int, device: torch.device) -> torch.Tensor:
@@ -38,43 +39,50 @@ class TwoStreamAttention(SelfAttention):
 
     supports_prefix = False
 
-    def __init__(self, hidden_size: int, num_heads: int, dropout: float):
+    def __init__(self, hidden_size: int, num_heads: int, dropout: float, segments: bool = False):
         super().__init__(hidden_size, num_heads, dropout, bias=False)
         head_size = hidden_size // num_heads
         self.position = nn.Linear(hidden_size, hidden_size, bias=False)
         self.content_bias = nn.Parameter(torch.zeros(num_heads, head_size))  # u
         self.position_bias = nn.Parameter(torch.zeros(num_heads, head_size))  # v
+        if segments:
+            self.segment_bias = nn.Parameter(torch.zeros(num_heads, head_size))  # s
+            self.segment_embed = nn.Parameter(torch.zeros(2, num_heads, head_size))  # e_same, e_different
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
         return x.view(B, T, self.num_heads, C // self.num_heads).transpose(1, 2)
 
-    def _attend(self, q, k, v, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """q, k, v: (B, nh, T, hs); positions: (nh, 2T-1, hs); mask: (B, 1, T|1, T), True = may attend."""
+    def _attend(self, q, k, v, positions: torch.Tensor, mask: torch.Tensor, different) -> torch.Tensor:
+        """q, k, v: (B, nh, T, hs); positions: (nh, 2T-1, hs); mask: (B, 1, T|1, T), True = may attend;
+        different: (B, 1, T, T), True where two tokens lie in different segments, or None."""
         B, nh, T, hs = q.shape
         content = (q + self.content_bias[:, None]) @ k.transpose(-1, -2)
         by_distance = (q + self.position_bias[:, None]) @ positions.transpose(-1, -2)  # (B, nh, T, 2T-1)
         i = torch.arange(T, device=q.device)
         index = (T - 1) - (i[:, None] - i[None, :])  # column of distance i - j
-        position = by_distance.gather(-1, index.expand(B, nh, T, T))
-        scores = ((content + position) / math.sqrt(hs)).masked_fill(~mask, float("-inf"))
+        scores = content + by_distance.gather(-1, index.expand(B, nh, T, T))
+        if different is not None:
+            by_segment = torch.einsum("bnid,snd->bnis", q + self.segment_bias[:, None], self.segment_embed)
+            scores = scores + torch.where(different, by_segment[..., 1:], by_segment[..., :1])
+        scores = (scores / math.sqrt(hs)).masked_fill(~mask, float("-inf"))
         # a query with nothing to attend to (first in the order) gets zeros, not NaN
         probs = F.softmax(scores.float(), -1).nan_to_num(0.0).to(v.dtype)
         probs = F.dropout(probs, self.dropout, self.training)
         return (probs @ v).transpose(1, 2).reshape(B, T, nh * hs)
 
-    def forward(self, h, g, content_mask, query_mask, sinusoid):
+    def forward(self, h, g, content_mask, query_mask, sinusoid, different=None):
         """h, g: (B, T, C) content and query streams (g may be None); returns their attention outputs."""
         if self.prefix is not None:
             raise ValueError("prefix tuning is not supported by XLNet's two-stream attention")
         C = h.shape[-1]
         q, k, v = (self._heads(t) for t in self.qkv(h).split(C, dim=2))
         positions = self.position(sinusoid).view(-1, self.num_heads, C // self.num_heads).transpose(0, 1)
-        h_out = self.out(self._attend(q, k, v, positions, content_mask))
+        h_out = self.out(self._attend(q, k, v, positions, content_mask, different))
         if g is None:
             return h_out, None
         query = self._heads(self.qkv(g)[..., :C])  # the query stream asks with its own state, never its content
-        return h_out, self.out(self._attend(query, k, v, positions, query_mask))
+        return h_out, self.out(self._attend(query, k, v, positions, query_mask, different))
 
 
 class Layer(nn.Module):
@@ -82,7 +90,9 @@ class Layer(nn.Module):
 
     def __init__(self, arch: XlnetArch):
         super().__init__()
-        self.attention = TwoStreamAttention(arch.hidden_size, arch.num_heads, arch.attention_dropout)
+        self.attention = TwoStreamAttention(
+            arch.hidden_size, arch.num_heads, arch.attention_dropout, segments=arch.segment_encoding
+        )
         self.attention_norm = nn.LayerNorm(arch.hidden_size, eps=arch.layer_norm_eps)
         self.ffn = FeedForward(arch.hidden_size, arch.intermediate_size)
         self.ffn_norm = nn.LayerNorm(arch.hidden_size, eps=arch.layer_norm_eps)
@@ -92,8 +102,8 @@ class Layer(nn.Module):
         x = self.attention_norm(x + self.dropout(attended))
         return self.ffn_norm(x + self.dropout(self.ffn(x)))
 
-    def forward(self, h, g, content_mask, query_mask, sinusoid):
-        h_att, g_att = self.attention(h, g, content_mask, query_mask, sinusoid)
+    def forward(self, h, g, content_mask, query_mask, sinusoid, different=None):
+        h_att, g_att = self.attention(h, g, content_mask, query_mask, sinusoid, different)
         return self._post(h, h_att), (self._post(g, g_att) if g is not None else None)
 
 
@@ -128,14 +138,18 @@ class Xlnet(nn.Module):
         token_type_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Content stream with bidirectional attention (fine-tuning): (B, T) -> (B, T, C)."""
+        """Content stream with bidirectional attention (fine-tuning): (B, T) -> (B, T, C). Segment ids count only
+        with `segment_encoding`, and then only as same or different."""
         B, T = input_ids.shape
         real = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
         mask = real[:, None, None, :]
+        different = None
+        if self.arch.segment_encoding and token_type_ids is not None:
+            different = (token_type_ids[:, :, None] != token_type_ids[:, None, :])[:, None]  # (B, 1, T, T)
         h = self.embeddings(input_ids)
         sinusoid = self._sinusoid(T, h)
         for layer in self.layers:
-            h, _ = layer(h, None, mask, None, sinusoid)
+            h, _ = layer(h, None, mask, None, sinusoid, different)
         return h
 
     def two_stream(

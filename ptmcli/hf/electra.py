@@ -1,0 +1,109 @@
+"""ELECTRA <-> Hugging Face `electra`: config and key maps.
+
+ptm's pretraining model holds the discriminator (`encoder`, what fine-tuning keeps) and a generator that
+shares its embeddings; Hugging Face keeps them as two models, `ElectraForPreTraining` and
+`ElectraForMaskedLM`. An export writes the discriminator at the top of the directory and the generator in
+`generator/`; an import reads `generator/` when it is there.
+"""
+
+from __future__ import annotations
+
+from ptmcli.architectures import ElectraArch
+from ptmcli.hf.bert import encoder_rules
+from ptmcli.hf.keymap import renamed, rule
+from ptmcli.hf.spec import HfFamily, Tokens, UnsupportedConfig, refuse_unless
+
+EMBEDDINGS = {"word": "word_embeddings", "position": "position_embeddings", "token_type": "token_type_embeddings"}
+
+
+def encoder(ours: str, theirs: str, with_projection: bool) -> list:
+    return [
+        *renamed(f"{ours}embeddings.", f"{theirs}embeddings.", EMBEDDINGS, ("weight",)),
+        *renamed(f"{ours}embeddings.", f"{theirs}embeddings.", {"norm": "LayerNorm"}),
+        *(renamed(ours, theirs, {"projection": "embeddings_project"}) if with_projection else []),
+        *encoder_rules(ours, theirs),
+    ]
+
+
+def rules(arch: ElectraArch, tokens: Tokens) -> list:
+    """The discriminator's keys; `generator_rules` gives the generator's (in its own directory)."""
+    return [
+        *encoder("encoder.", "electra.", arch.embedding_size != arch.hidden_size),
+        *renamed("", "discriminator_predictions.", {"rtd_dense": "dense", "rtd_out": "dense_prediction"}),
+    ]
+
+
+def generator_rules(arch: ElectraArch, tokens: Tokens) -> list:
+    return [
+        *encoder("generator.", "electra.", arch.embedding_size != arch.generator_hidden_size),
+        *renamed("mlm_head.", "generator_predictions.", {"dense": "dense", "norm": "LayerNorm"}),
+        rule("mlm_head.bias", "generator_lm_head.bias"),
+    ]
+
+
+def arch_from_config(config: dict, generator: dict | None = None) -> ElectraArch:
+    for c in (config, generator or {}):
+        refuse_unless(c, "hidden_act", ("gelu",))
+        refuse_unless(c, "position_embedding_type", ("absolute",))
+    sizes = {}
+    for key in ("num_hidden_layers", "embedding_size", "max_position_embeddings", "vocab_size"):
+        if generator and generator.get(key) != config.get(key):
+            raise UnsupportedConfig(
+                f"generator/{key}", generator.get(key), f"ptm's generator shares the discriminator's {config.get(key)}"
+            )
+    if generator:
+        sizes = {
+            "generator_hidden_size": generator["hidden_size"],
+            "generator_num_heads": generator["num_attention_heads"],
+            "generator_intermediate_size": generator["intermediate_size"],
+        }
+    return ElectraArch(
+        hidden_size=config["hidden_size"],
+        num_layers=config["num_hidden_layers"],
+        num_heads=config["num_attention_heads"],
+        intermediate_size=config["intermediate_size"],
+        embedding_size=config.get("embedding_size", config["hidden_size"]),
+        max_positions=config["max_position_embeddings"],
+        type_vocab_size=config.get("type_vocab_size", 2),
+        dropout=config.get("hidden_dropout_prob", 0.1),
+        attention_dropout=config.get("attention_probs_dropout_prob", 0.1),
+        layer_norm_eps=config.get("layer_norm_eps", 1e-12),
+        init_std=config.get("initializer_range", 0.02),
+        **sizes,
+    )
+
+
+def config_from_arch(arch: ElectraArch, tokens: Tokens, generator: bool = False) -> dict:
+    return {
+        "embedding_size": arch.embedding_size,
+        "hidden_size": arch.generator_hidden_size if generator else arch.hidden_size,
+        "num_hidden_layers": arch.num_layers,
+        "num_attention_heads": arch.generator_num_heads if generator else arch.num_heads,
+        "intermediate_size": arch.generator_intermediate_size if generator else arch.intermediate_size,
+        "max_position_embeddings": arch.max_positions,
+        "type_vocab_size": arch.type_vocab_size,
+        "hidden_act": "gelu",
+        "position_embedding_type": "absolute",
+        "hidden_dropout_prob": arch.dropout,
+        "attention_probs_dropout_prob": arch.attention_dropout,
+        "layer_norm_eps": arch.layer_norm_eps,
+        "initializer_range": arch.init_std,
+        "pad_token_id": tokens.pad,
+    }
+
+
+FAMILY = HfFamily(
+    family="electra",
+    model_type="electra",
+    prefix="electra.",
+    rules=rules,
+    arch_from_config=arch_from_config,
+    config_from_arch=config_from_arch,
+    pretraining={"rtd": "ElectraForPreTraining"},
+    base="ElectraModel",
+    heads={
+        "token": ("ElectraForTokenClassification", "classifier"),
+        "span": ("ElectraForQuestionAnswering", "qa_outputs"),
+    },
+    ignored=(r"position_ids$", r"generator_lm_head\.weight$"),
+)
