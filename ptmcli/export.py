@@ -23,7 +23,7 @@ from tokenizers import Tokenizer
 
 from ptmcli import checkpoint, hf
 from ptmcli.errors import PtmError
-from ptmcli.hf.electra import generator_rules
+from ptmcli.hf.electra import GENERATOR_CLASS, generator_config, generator_rules
 from ptmcli.inference import checkpoint_of, load_run
 from ptmcli.models import PRETRAINING_MODELS
 from ptmcli.runlog import console
@@ -146,53 +146,30 @@ def peft_prefix(model, method, cfg) -> tuple[dict, dict]:
     return tensors, config
 
 
-def _hf_config(family: hf.HfFamily, arch, tokenizer: Tokenizer, architecture: str, **extra) -> dict:
-    tokens = hf.tokens_of(tokenizer)
-    return {
-        "model_type": family.model_type,
-        "architectures": [architecture],
-        "vocab_size": tokenizer.get_vocab_size(),
-        **family.config_from_arch(arch, tokens),
-        **extra,
-    }
-
-
-def _generation(config: dict, **settings) -> dict:
-    keys = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id", "forced_eos_token_id")
-    return {**{k: config[k] for k in keys if k in config}, **settings}
-
-
 def _check_named(family: hf.HfFamily, arch, state: dict, rules: list) -> None:
     left = hf.unmapped(family, arch, state, rules)
     if left:
         raise PtmError(f"format=hf: ptm's {family.family} tensors {left[:5]} have no Hugging Face name.")
 
 
-def write_pretraining(model: torch.nn.Module, arch, objective: str, tokenizer: Tokenizer, out: Path) -> None:
-    """A pretraining model (heads included) as its family's Hugging Face pretraining class."""
+def write_pretraining(model: torch.nn.Module, arch, objective: str, tokenizer: Tokenizer, out: Path, **decoding) -> str:
+    """A whole model (a pretraining model with its heads, or a text-to-text run's encoder-decoder) as its family's
+    Hugging Face pretraining class; `decoding` goes to generation_config.json. Returns the class name."""
     family = hf.BY_FAMILY[arch.family]
     state = checkpoint.unwrap(model).state_dict()
     tokens = hf.tokens_of(tokenizer)
     rules = family.rules(arch, tokens)
-    extra_rules = generator_rules(arch, tokens) if family.family == "electra" else []
-    _check_named(family, arch, state, rules + extra_rules)
-    config = _hf_config(family, arch, tokenizer, family.pretraining[objective])
-    generation = _generation(config) if family.generates else None
-    hf.write_dir(
-        out,
-        config,
-        hf.hf_state(family, arch, tokenizer, state, rules),
-        tokenizer,
-        family,
-        arch.max_positions,
-        generation,
-    )
-    if extra_rules:  # ELECTRA's generator is a model of its own in Hugging Face
-        gen_config = _hf_config(
-            family, arch, tokenizer, "ElectraForMaskedLM", **family.config_from_arch(arch, tokens, generator=True)
-        )
-        gen_state = hf.hf_state(family, arch, tokenizer, state, extra_rules)
-        hf.write_dir(out / "generator", gen_config, gen_state, tokenizer, family, arch.max_positions)
+    generator = family.family == "electra"  # ELECTRA's generator is a model of its own in Hugging Face
+    _check_named(family, arch, state, rules + (generator_rules(arch, tokens) if generator else []))
+    config = hf.model_config(family, arch, tokenizer, family.pretraining[objective])
+    generation = hf.generation_config(config, **decoding) if family.generates else None
+    states = hf.hf_state(family, arch, tokenizer, state, rules)
+    hf.write_dir(out, config, states, tokenizer, family, arch.max_positions, generation)
+    if generator:
+        config = hf.model_config(family, arch, tokenizer, GENERATOR_CLASS, **generator_config(arch, tokens))
+        states = hf.hf_state(family, arch, tokenizer, state, generator_rules(arch, tokens))
+        hf.write_dir(out / "generator", config, states, tokenizer, family, arch.max_positions)
+    return family.pretraining[objective]
 
 
 def _task_state(model, method) -> dict[str, torch.Tensor]:
@@ -210,30 +187,17 @@ def _task_state(model, method) -> dict[str, torch.Tensor]:
 def write_finetuned(cfg, model, method, labels: list[str], tokenizer: Tokenizer, out: Path) -> str:
     """A fine-tuned model as the matching Hugging Face task class; returns what was written, in words."""
     state = _task_state(model, method)
-    if cfg.transfer.mode == "text-to-text" or cfg.task.kind == "text2text":
-        arch = model.encoder.arch
-        family = hf.BY_FAMILY[arch.family]
-        rules = family.rules(arch, hf.tokens_of(tokenizer))
-        _check_named(family, arch, state, rules)
-        config = _hf_config(family, arch, tokenizer, family.pretraining[next(iter(family.pretraining))])
-        generation = _generation(
-            config,
-            num_beams=cfg.task.num_beams,
-            max_new_tokens=cfg.task.max_target_len,
-            no_repeat_ngram_size=cfg.task.no_repeat_ngram_size,
-        )
-        hf.write_dir(
-            out,
-            config,
-            hf.hf_state(family, arch, tokenizer, state, rules),
-            tokenizer,
-            family,
-            arch.max_positions,
-            generation,
-        )
-        return f"{config['architectures'][0]} (text-to-text)"
     arch = model.encoder.arch
     family = hf.BY_FAMILY[arch.family]
+    if cfg.transfer.mode == "text-to-text" or cfg.task.kind == "text2text":
+        objective = next(iter(family.pretraining))
+        t = cfg.task
+        decoding = {
+            "num_beams": t.num_beams,
+            "max_new_tokens": t.max_target_len,
+            "no_repeat_ngram_size": t.no_repeat_ngram_size,
+        }
+        return f"{write_pretraining(model, arch, objective, tokenizer, out, **decoding)} (text-to-text)"
     kind = model.head_kind
     head = {k.removeprefix("head."): state.pop(k) for k in list(state) if k.startswith("head.")}
     task_class = family.heads.get(kind)
@@ -243,12 +207,12 @@ def write_finetuned(cfg, model, method, labels: list[str], tokenizer: Tokenizer,
     rules = family.rules(arch, hf.tokens_of(tokenizer))
     _check_named(family, arch, state, rules)
     theirs = hf.hf_state(family, arch, tokenizer, state, rules)
-    labelled = {"id2label": dict(enumerate(labels)), "label2id": {n: i for i, n in enumerate(labels)}} if labels else {}
     if exact:
         name, module = task_class
         theirs.update({f"{module}.{k}": v for k, v in head.items()})
-        config = _hf_config(family, arch, tokenizer, name, **labelled)
-        hf.write_dir(out, config, theirs, tokenizer, family, arch.max_positions)
+        hf.write_dir(
+            out, hf.model_config(family, arch, tokenizer, name, labels), theirs, tokenizer, family, arch.max_positions
+        )
         return name
     if family.base is None:
         raise PtmError(
@@ -256,7 +220,7 @@ def write_finetuned(cfg, model, method, labels: list[str], tokenizer: Tokenizer,
             f"needs the decoder). Fine-tune with transfer=text-to-text for a run that exports."
         )
     theirs = {k.removeprefix(family.prefix): v for k, v in theirs.items()}
-    config = _hf_config(family, arch, tokenizer, family.base, **labelled)
+    config = hf.model_config(family, arch, tokenizer, family.base, labels)
     hf.write_dir(out, config, theirs, tokenizer, family, arch.max_positions)
     save_file({k: v.contiguous() for k, v in head.items()}, str(out / "ptm_head.safetensors"))
     pooling = model.pooling if kind == "sequence" else kind
@@ -273,8 +237,8 @@ def export_pretraining_run(run: Path, out: Path, checkpoint_name: str | None) ->
     ckpt = checkpoint_of(run, checkpoint_name)
     model = PRETRAINING_MODELS[cfg.model.family](cfg.model, tokenizer.get_vocab_size(), cfg.objective)
     checkpoint.load_weights(ckpt, model)
-    write_pretraining(model, cfg.model, cfg.objective.name, tokenizer, out)
-    console.print(f"{hf.BY_FAMILY[cfg.model.family].pretraining[cfg.objective.name]} ({ckpt.name}) written to {out}")
+    written = write_pretraining(model, cfg.model, cfg.objective.name, tokenizer, out)
+    console.print(f"{written} ({ckpt.name}) written to {out}")
     return out
 
 

@@ -40,8 +40,8 @@ def _hub_snapshot(name: str) -> Path:
         from huggingface_hub import snapshot_download
     except ImportError as err:
         raise PtmError(
-            f"init=hf:{name} needs `pip install huggingface_hub` (or download the model directory "
-            f"yourself and pass init=PATH)."
+            f"init=hf:{name} needs `pip install 'ptmcli[hub]'` (huggingface_hub), or download the model directory "
+            f"yourself and pass init=PATH."
         ) from err
     patterns = ["*.json", "*.safetensors", "pytorch_model*.bin", "vocab.txt", "merges.txt", "*.model"]
     try:

@@ -201,6 +201,20 @@ def test_headline_generation_from_t5_scores_rouge_and_generates_with_beams(pretr
     task_decoding = ["num_beams=4", "no_repeat_ngram_size=3", "max_new_tokens=12", "greedy=true"]
     run_ptm(["generate", f"run={run}", f"input={articles}", f"output={told}", *task_decoding], cache_env)
     assert plain.read_text() == told.read_text()
+    # exported, it is a T5ForConditionalGeneration that writes the same headline (greedy, task prefix added)
+    transformers = pytest.importorskip("transformers")
+    from ptmcli.export import export_run
+    from ptmcli.generate import write_texts
+
+    out = export_run(run, "hf", output=tmp_path / "hf")
+    model, info = transformers.AutoModelForSeq2SeqLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    article = "Shares in the bank fell sharply on Monday."
+    greedy = {"num_beams": 1, "no_repeat_ngram_size": 0, "max_new_tokens": 8}
+    ours = write_texts(run, [article], {**greedy, "greedy": True}, None)[0]
+    ids = model.eval().generate(**tokenizer("summarize: " + article, return_tensors="pt"), do_sample=False, **greedy)
+    assert ours == tokenizer.decode(ids[0], skip_special_tokens=True)
 
 
 def test_title_generation_then_headlines_from_its_run(pretrained, cache_env, tmp_path):

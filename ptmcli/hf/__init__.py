@@ -230,6 +230,26 @@ def hf_state(family: HfFamily, arch, tokenizer: Tokenizer, state: dict[str, torc
     return {**family.extras(arch, tokens), **to_theirs(state, rules, family.layer_counts(arch))}
 
 
+def model_config(family: HfFamily, arch, tokenizer: Tokenizer, architecture: str, labels=None, **fields) -> dict:
+    """config.json: the family's fields, the class to load, and a task's label names."""
+    config = {
+        "model_type": family.model_type,
+        "architectures": [architecture],
+        "vocab_size": tokenizer.get_vocab_size(),
+        **family.config_from_arch(arch, tokens_of(tokenizer)),
+        **fields,
+    }
+    if labels:
+        config.update(id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)})
+    return config
+
+
+def generation_config(config: dict, **decoding) -> dict:
+    """generation_config.json: the special ids decoding needs, and decoding settings (beams, lengths)."""
+    keys = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id", "forced_eos_token_id")
+    return {**{k: config[k] for k in keys if k in config}, **decoding}
+
+
 def tokenizer_files(tokenizer: Tokenizer, family: HfFamily, max_length: int) -> dict[str, dict]:
     """tokenizer_config.json and special_tokens_map.json for `AutoTokenizer` over ptm's tokenizer.json."""
     ids = SpecialIds.of(tokenizer)

@@ -42,32 +42,31 @@ def rules(arch: BertArch, tokens: Tokens) -> list:
     ]
 
 
-def arch_from_config(config: dict) -> BertArch:
+def encoder_fields(config: dict, layer_norm_eps: float) -> dict:
+    """The architecture fields a BERT-style config.json (BERT, RoBERTa, ELECTRA) gives, after refusing what ptm's
+    post-LN encoder does not implement."""
     refuse_unless(config, "hidden_act", ("gelu",))
     refuse_unless(config, "position_embedding_type", ("absolute",))
     refuse_unless(config, "is_decoder", (False,))
-    return BertArch(
-        hidden_size=config["hidden_size"],
-        num_layers=config["num_hidden_layers"],
-        num_heads=config["num_attention_heads"],
-        intermediate_size=config["intermediate_size"],
-        max_positions=config["max_position_embeddings"],
-        type_vocab_size=config.get("type_vocab_size", 2),
-        dropout=config.get("hidden_dropout_prob", 0.1),
-        attention_dropout=config.get("attention_probs_dropout_prob", 0.1),
-        layer_norm_eps=config.get("layer_norm_eps", 1e-12),
-        init_std=config.get("initializer_range", 0.02),
-    )
+    return {
+        "hidden_size": config["hidden_size"],
+        "num_layers": config["num_hidden_layers"],
+        "num_heads": config["num_attention_heads"],
+        "intermediate_size": config["intermediate_size"],
+        "dropout": config.get("hidden_dropout_prob", 0.1),
+        "attention_dropout": config.get("attention_probs_dropout_prob", 0.1),
+        "layer_norm_eps": config.get("layer_norm_eps", layer_norm_eps),
+        "init_std": config.get("initializer_range", 0.02),
+    }
 
 
-def config_from_arch(arch: BertArch, tokens: Tokens) -> dict:
+def encoder_config(arch, tokens: Tokens) -> dict:
+    """The config.json fields of a BERT-style encoder (BERT, RoBERTa, ELECTRA)."""
     return {
         "hidden_size": arch.hidden_size,
         "num_hidden_layers": arch.num_layers,
         "num_attention_heads": arch.num_heads,
         "intermediate_size": arch.intermediate_size,
-        "max_position_embeddings": arch.max_positions,
-        "type_vocab_size": arch.type_vocab_size,
         "hidden_act": "gelu",
         "position_embedding_type": "absolute",
         "hidden_dropout_prob": arch.dropout,
@@ -75,6 +74,22 @@ def config_from_arch(arch: BertArch, tokens: Tokens) -> dict:
         "layer_norm_eps": arch.layer_norm_eps,
         "initializer_range": arch.init_std,
         "pad_token_id": tokens.pad,
+    }
+
+
+def arch_from_config(config: dict) -> BertArch:
+    return BertArch(
+        **encoder_fields(config, 1e-12),
+        max_positions=config["max_position_embeddings"],
+        type_vocab_size=config.get("type_vocab_size", 2),
+    )
+
+
+def config_from_arch(arch: BertArch, tokens: Tokens) -> dict:
+    return {
+        **encoder_config(arch, tokens),
+        "max_position_embeddings": arch.max_positions,
+        "type_vocab_size": arch.type_vocab_size,
     }
 
 

@@ -9,9 +9,9 @@ shares its embeddings; Hugging Face keeps them as two models, `ElectraForPreTrai
 from __future__ import annotations
 
 from ptmcli.architectures import ElectraArch
-from ptmcli.hf.bert import encoder_rules
+from ptmcli.hf.bert import encoder_config, encoder_fields, encoder_rules
 from ptmcli.hf.keymap import renamed, rule
-from ptmcli.hf.spec import HfFamily, Tokens, UnsupportedConfig, refuse_unless
+from ptmcli.hf.spec import HfFamily, Tokens, UnsupportedConfig
 
 EMBEDDINGS = {"word": "word_embeddings", "position": "position_embeddings", "token_type": "token_type_embeddings"}
 
@@ -42,54 +42,49 @@ def generator_rules(arch: ElectraArch, tokens: Tokens) -> list:
 
 
 def arch_from_config(config: dict, generator: dict | None = None) -> ElectraArch:
-    for c in (config, generator or {}):
-        refuse_unless(c, "hidden_act", ("gelu",))
-        refuse_unless(c, "position_embedding_type", ("absolute",))
-    sizes = {}
     for key in ("num_hidden_layers", "embedding_size", "max_position_embeddings", "vocab_size"):
         if generator and generator.get(key) != config.get(key):
             raise UnsupportedConfig(
                 f"generator/{key}", generator.get(key), f"ptm's generator shares the discriminator's {config.get(key)}"
             )
+    sizes = {}
     if generator:
+        fields = encoder_fields(generator, 1e-12)
         sizes = {
-            "generator_hidden_size": generator["hidden_size"],
-            "generator_num_heads": generator["num_attention_heads"],
-            "generator_intermediate_size": generator["intermediate_size"],
+            "generator_hidden_size": fields["hidden_size"],
+            "generator_num_heads": fields["num_heads"],
+            "generator_intermediate_size": fields["intermediate_size"],
         }
     return ElectraArch(
-        hidden_size=config["hidden_size"],
-        num_layers=config["num_hidden_layers"],
-        num_heads=config["num_attention_heads"],
-        intermediate_size=config["intermediate_size"],
+        **encoder_fields(config, 1e-12),
         embedding_size=config.get("embedding_size", config["hidden_size"]),
         max_positions=config["max_position_embeddings"],
         type_vocab_size=config.get("type_vocab_size", 2),
-        dropout=config.get("hidden_dropout_prob", 0.1),
-        attention_dropout=config.get("attention_probs_dropout_prob", 0.1),
-        layer_norm_eps=config.get("layer_norm_eps", 1e-12),
-        init_std=config.get("initializer_range", 0.02),
         **sizes,
     )
 
 
+GENERATOR_CLASS = "ElectraForMaskedLM"
+
+
+def generator_config(arch: ElectraArch, tokens: Tokens) -> dict:
+    return config_from_arch(arch, tokens, generator=True)
+
+
 def config_from_arch(arch: ElectraArch, tokens: Tokens, generator: bool = False) -> dict:
-    return {
+    config = {
+        **encoder_config(arch, tokens),
         "embedding_size": arch.embedding_size,
-        "hidden_size": arch.generator_hidden_size if generator else arch.hidden_size,
-        "num_hidden_layers": arch.num_layers,
-        "num_attention_heads": arch.generator_num_heads if generator else arch.num_heads,
-        "intermediate_size": arch.generator_intermediate_size if generator else arch.intermediate_size,
         "max_position_embeddings": arch.max_positions,
         "type_vocab_size": arch.type_vocab_size,
-        "hidden_act": "gelu",
-        "position_embedding_type": "absolute",
-        "hidden_dropout_prob": arch.dropout,
-        "attention_probs_dropout_prob": arch.attention_dropout,
-        "layer_norm_eps": arch.layer_norm_eps,
-        "initializer_range": arch.init_std,
-        "pad_token_id": tokens.pad,
     }
+    if generator:
+        config.update(
+            hidden_size=arch.generator_hidden_size,
+            num_attention_heads=arch.generator_num_heads,
+            intermediate_size=arch.generator_intermediate_size,
+        )
+    return config
 
 
 FAMILY = HfFamily(

@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 
 from ptmcli.architectures import RobertaArch
-from ptmcli.hf.bert import encoder_rules
+from ptmcli.hf.bert import encoder_config, encoder_fields, encoder_rules
 from ptmcli.hf.keymap import renamed, rule
-from ptmcli.hf.spec import HfFamily, Tokens, refuse_unless
+from ptmcli.hf.spec import HfFamily, Tokens
 
 
 def rules(arch: RobertaArch, tokens: Tokens) -> list:
@@ -39,40 +39,20 @@ def rules(arch: RobertaArch, tokens: Tokens) -> list:
 
 
 def arch_from_config(config: dict) -> RobertaArch:
-    refuse_unless(config, "hidden_act", ("gelu",))
-    refuse_unless(config, "position_embedding_type", ("absolute",))
-    refuse_unless(config, "is_decoder", (False,))
     offset = config.get("pad_token_id", 1) + 1
     return RobertaArch(
-        hidden_size=config["hidden_size"],
-        num_layers=config["num_hidden_layers"],
-        num_heads=config["num_attention_heads"],
-        intermediate_size=config["intermediate_size"],
+        **encoder_fields(config, 1e-5),
         max_positions=config["max_position_embeddings"] - offset,
         position_offset=offset,
         type_vocab_size=config.get("type_vocab_size", 1),
-        dropout=config.get("hidden_dropout_prob", 0.1),
-        attention_dropout=config.get("attention_probs_dropout_prob", 0.1),
-        layer_norm_eps=config.get("layer_norm_eps", 1e-5),
-        init_std=config.get("initializer_range", 0.02),
     )
 
 
 def config_from_arch(arch: RobertaArch, tokens: Tokens) -> dict:
     return {
-        "hidden_size": arch.hidden_size,
-        "num_hidden_layers": arch.num_layers,
-        "num_attention_heads": arch.num_heads,
-        "intermediate_size": arch.intermediate_size,
+        **encoder_config(arch, tokens),
         "max_position_embeddings": arch.max_positions + max(arch.position_offset, tokens.pad + 1),
         "type_vocab_size": max(arch.type_vocab_size, 1),
-        "hidden_act": "gelu",
-        "position_embedding_type": "absolute",
-        "hidden_dropout_prob": arch.dropout,
-        "attention_probs_dropout_prob": arch.attention_dropout,
-        "layer_norm_eps": arch.layer_norm_eps,
-        "initializer_range": arch.init_std,
-        "pad_token_id": tokens.pad,
         "bos_token_id": tokens.bos,
         "eos_token_id": tokens.eos,
     }
