@@ -201,8 +201,12 @@ def read_dir(path: Path, what: str = "init") -> Imported:
         gen_state, gen_unused = to_ours(
             _with_prefix(read_weights(generator_dir, what), family), electra.generator_rules(arch, tokens), counts
         )
-        state.update({k: v for k, v in gen_state.items() if not k.startswith("generator.embeddings.")})
-        unused |= {f"generator/{k}" for k in gen_unused}
+        # ptm's generator shares the discriminator's embeddings (as ELECTRA trains them); a generator whose own
+        # copy differs is named among the keys not taken
+        shared = {k for k in gen_state if k.startswith("generator.embeddings.")}
+        differ = [k for k in shared if not torch.equal(gen_state[k], state[k.replace("generator.", "encoder.", 1)])]
+        state.update({k: v for k, v in gen_state.items() if k not in shared})
+        unused |= {f"generator/{k}" for k in gen_unused} | {f"generator/{k} (differs)" for k in differ}
     ignored = re.compile("|".join(family.ignored)) if family.ignored else None
     unused = sorted(k for k in unused if not (ignored and ignored.search(k)))
     if not any(k.startswith("encoder.") for k in state):
