@@ -296,6 +296,7 @@ def test_gpt_run_exports_generates_the_same_and_continues_pretraining_from_hf(pr
     steps = ["trainer.max_steps=10", "trainer.eval_every=10", "trainer.log_every=10"]
     cont = tmp_path / "continued"
     args = ["pretrain", *FAMILIES["gpt"], *steps[1:], f"init={out}", f"hydra.run.dir={cont}", "trainer.save_every=5"]
+    args.append(f"data.tokenizer={out / 'tokenizer.json'}")  # as a recipe may name one: accepted, it is init's
     proc = run_ptm([*args, "model.hidden_size=128", steps[0]], cache_env)  # the recipe's sizes give way to init's
     log = proc.stdout + proc.stderr
     assert "brings its architecture" in log and "hidden_size" in log, log
