@@ -215,3 +215,10 @@ def test_labeled_errors(tmp_path):
             ),
             "text-cls",
         )
+
+
+def test_label_names_of_one_split_without_labels():
+    """ptm evaluate hands one split and the run's saved labels, which text2text and QA runs have none of."""
+    records = [{"id": "1", "text": "A body.", "target": "A headline"}]
+    assert label_names({"test": records}, "text2text", [], "headline-gen") == []
+    assert label_names({"test": [{"id": "1", "text": "x", "label": "a"}]}, "text-cls", ["a", "b"], "d") == ["a", "b"]

@@ -318,7 +318,7 @@ def label_names(splits: dict[str, list[dict]], kind: str, given: list[str] | Non
             return {t for r in records for t in r["tags"]}
         return {r["label"] for r in records} if kind not in ("qa", "text2text") else set()
 
-    names = list(given) if given else sorted(labels_of(splits["train"]))
+    names = list(given) if given else sorted(labels_of(splits.get("train", [])))  # evaluate passes one split
     if kind == "token-cls" and "O" in names:
         names = ["O", *[n for n in names if n != "O"]]
     for split, records in splits.items():
