@@ -24,6 +24,7 @@ from tokenizers import Tokenizer
 from ptmcli import checkpoint, hf
 from ptmcli.errors import PtmError
 from ptmcli.hf.electra import GENERATOR_CLASS, generator_config, generator_rules
+from ptmcli.hf.keymap import indices
 from ptmcli.inference import checkpoint_of, load_run
 from ptmcli.models import PRETRAINING_MODELS
 from ptmcli.runlog import console
@@ -46,7 +47,7 @@ def _peft_module(family: hf.HfFamily, arch, tokens, ours: str, part: int, parts:
     of our linear `ours` (e.g. 'layers.3.attention.qkv' slice 0 -> 'encoder.layer.3.attention.self.query')."""
     target = f"encoder.{ours}.weight"
     for r in family.rules(arch, tokens):
-        for index in [{"i": n} for n in range(arch.num_layers)] if "{i}" in r.ours else [{}]:
+        for index in indices(r.ours, family.layer_counts(arch)):
             if r.ours.format(**index) != target or r.theirs[0].endswith(("rel_attn.q", "rel_attn.o")):
                 continue  # (XLNet's projections are parameters, not modules PEFT can wrap)
             fused = len(r.theirs) != parts

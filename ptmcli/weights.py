@@ -58,10 +58,16 @@ def from_hf_dir(path: Path) -> Pretrained:
     imported = hf.read_dir(path)
     encoder = {k.removeprefix("encoder."): v for k, v in imported.state.items() if k.startswith("encoder.")}
     source = f"Hugging Face {hf.BY_FAMILY[imported.family].model_type} from {path}"
-    pretrained = Pretrained(imported.family, imported.arch, encoder, imported.tokenizer, source, imported.state)
-    pretrained.unused = imported.unused
-    pretrained.load_seconds = time.perf_counter() - started
-    return pretrained
+    return Pretrained(
+        imported.family,
+        imported.arch,
+        encoder,
+        imported.tokenizer,
+        source,
+        imported.state,
+        unused=imported.unused,
+        load_seconds=time.perf_counter() - started,
+    )
 
 
 def from_ptm(path: Path) -> Pretrained:

@@ -42,7 +42,7 @@ def renamed(prefix_ours: str, prefix_theirs: str, names: dict[str, str], suffixe
     ]
 
 
-def _indices(pattern: str, layers: dict[str, int]) -> list[dict[str, int]]:
+def indices(pattern: str, layers: dict[str, int]) -> list[dict[str, int]]:
     for placeholder, count in layers.items():
         if "{" + placeholder + "}" in pattern:
             return [{placeholder: n} for n in range(count)]
@@ -54,7 +54,7 @@ def to_ours(state: dict[str, torch.Tensor], rules: list[Rule], layers: dict[str,
     base-model checkpoint fills only the encoder."""
     out, used = {}, set()
     for r in rules:
-        for index in _indices(r.ours, layers):
+        for index in indices(r.ours, layers):
             keys = [k.format(**index) for k in r.theirs]
             if not all(k in state for k in keys):
                 continue
@@ -68,7 +68,7 @@ def to_theirs(state: dict[str, torch.Tensor], rules: list[Rule], layers: dict[st
     """Our state dict -> Hugging Face names (keys without a rule are left out: the caller checks coverage)."""
     out = {}
     for r in rules:
-        for index in _indices(r.ours, layers):
+        for index in indices(r.ours, layers):
             key = r.ours.format(**index)
             if key not in state:
                 continue
@@ -80,4 +80,4 @@ def to_theirs(state: dict[str, torch.Tensor], rules: list[Rule], layers: dict[st
 
 def covered(state: dict[str, torch.Tensor], rules: list[Rule], layers: dict[str, int]) -> set[str]:
     """Our keys that some rule maps."""
-    return {r.ours.format(**index) for r in rules for index in _indices(r.ours, layers)} & set(state)
+    return {r.ours.format(**index) for r in rules for index in indices(r.ours, layers)} & set(state)
