@@ -1,23 +1,28 @@
 """Checkpoints: `checkpoints/step-N/` holding everything needed to continue a run exactly.
 
-A checkpoint is written into a hidden temporary directory, completed with a marker file, then renamed
-into place, so a process killed mid-write leaves nothing that looks complete. Tensors go to safetensors
-and everything else to JSON: loading a checkpoint never unpickles anything. Nothing here depends on
-the model family.
+A checkpoint is written into a hidden temporary directory, its files flushed to disk, then completed with a
+marker file that records each file's size and SHA-256, then renamed into place: a process killed mid-write
+leaves nothing that looks complete, and a file damaged later (a truncated copy, a bad disk) is caught when the
+checkpoint is read. Tensors go to safetensors and everything else to JSON: loading a checkpoint never unpickles
+anything. Nothing here depends on the model family.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
 import shutil
+import uuid
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
-from ptmcli.distributed import Dist
+from ptmcli.distributed import Dist, broadcast_str
 from ptmcli.errors import PtmError
 from ptmcli.schema import MODEL_SCHEMAS, architecture_spec
 
@@ -42,6 +47,79 @@ def complete_checkpoints(root: Path) -> list[Path]:
 def latest(root: Path) -> Path | None:
     found = complete_checkpoints(root)
     return found[-1] if found else None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _manifest(folder: Path) -> dict:
+    """{file: {bytes, sha256}} of every file in `folder`, each flushed to disk first."""
+    files = {}
+    for path in sorted(p for p in folder.iterdir() if p.is_file()):
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+        files[path.name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+    return {"files": files}
+
+
+def damage(path: Path) -> str | None:
+    """What is wrong with checkpoint `path`, or None when every file its marker records is there, whole and
+    unchanged. A marker from before manifests (empty) only vouches that the main files exist."""
+    try:
+        text = (path / MARKER).read_text()
+        files = (
+            json.loads(text)["files"] if text.strip() else dict.fromkeys(("model.safetensors", "trainer_state.json"))
+        )
+    except FileNotFoundError:
+        return f"it has no {MARKER} marker (it was interrupted while being written)"
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"its {MARKER} marker is unreadable ({err})"
+    for name, expected in files.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if expected is None:
+            continue
+        stat = file.stat()
+        if stat.st_size != expected["bytes"]:
+            return (
+                f"{name} is {stat.st_size:,} bytes where {expected['bytes']:,} were written (truncated or overwritten)"
+            )
+        if _cached_sha256(str(file), stat.st_size, stat.st_mtime_ns) != expected["sha256"]:
+            return f"{name} does not have the checksum it was written with (its bytes changed)"
+    return None
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_sha256(path: str, _size: int, _mtime_ns: int) -> str:
+    """Per file version: a run reads one checkpoint several times (spec check, weights, optimizer)."""
+    return _sha256(Path(path))
+
+
+def verified(path: Path) -> Path:
+    """`path`, after checking it is a complete, undamaged checkpoint."""
+    problem = damage(path)
+    if problem:
+        raise PtmError(
+            f"The checkpoint '{path}' is damaged: {problem}. Use another checkpoint of the run (checkpoint=step-N, "
+            f"or resume=auto, which falls back to the newest intact one)."
+        )
+    return path
+
+
+def newest_intact(root: Path, skipped: list[str]) -> Path | None:
+    """The newest complete checkpoint under `root` that verifies; each newer damaged one is noted in `skipped`."""
+    for path in reversed(complete_checkpoints(root)):
+        problem = damage(path)
+        if problem is None:
+            return path
+        skipped.append(f"{path.name} ({problem})")
+    return None
 
 
 def _fsync_dir(path: Path) -> None:
@@ -110,34 +188,30 @@ def save(
 ) -> Path:
     """Write checkpoint `step` atomically; every rank contributes its RNG state. `checkpoints/latest` then points
     at it, `checkpoints/best` at step `best_step`, and pruning keeps the newest `keep_last` plus the best."""
-    final, tmp = root / f"step-{step}", root / f".tmp-step-{step}"
+    # a unique temporary name: nothing else may share it, not even a crashed earlier writer's leftovers
+    final, tmp = root / f"step-{step}", root / f".tmp-step-{step}-{broadcast_str(uuid.uuid4().hex[:12])}"
     if dist.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(".tmp-step-*"):  # the run directory is locked: these are from a killed process
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
+    dist.barrier()
+    try:
+        save_file(_rng_state(), str(tmp / f"rng-rank{dist.rank}.safetensors"))
+        dist.barrier()
+        if dist.is_main:
+            _write_files(tmp, step, model, optimizer, scheduler, scaler, trainer_state, dist, keys, extra)
+            _write_json(tmp / MARKER, _manifest(tmp))
+            _fsync_dir(tmp)
+    except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    dist.barrier()
-    save_file(_rng_state(), str(tmp / f"rng-rank{dist.rank}.safetensors"))
-    dist.barrier()
+        before = latest(root)
+        kept = f"the newest intact checkpoint is {before.name}" if before else "there is no checkpoint yet"
+        raise PtmError(
+            f"Writing checkpoint step-{step} into '{root}' failed: {err.strerror or err}. Nothing half-written was "
+            f"left behind; {kept}. Free space (or fix the filesystem), then continue with resume=auto."
+        ) from err
     if dist.is_main:
-        if keys is None:
-            save_model(unwrap(model), str(tmp / "model.safetensors"))
-        else:  # parameter-efficient: only what trains (the base weights are named in trainer_state)
-            state = {k: v.detach().contiguous().clone() for k, v in unwrap(model).state_dict().items() if k in keys}
-            save_file(state, str(tmp / "model.safetensors"))
-        if extra:
-            save_file({k: v.contiguous() for k, v in extra.items()}, str(tmp / "method_state.safetensors"))
-        tensors, meta = _optimizer_split(optimizer.state_dict())
-        save_file(tensors, str(tmp / "optimizer.safetensors"))
-        _write_json(tmp / "optimizer.json", meta)
-        state = {
-            **trainer_state,
-            "step": step,
-            "world_size": dist.world_size,
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict() if scaler.is_enabled() else {},
-        }
-        _write_json(tmp / "trainer_state.json", state)
-        (tmp / MARKER).touch()
-        _fsync_dir(tmp)
         if final.exists():  # a rerun after resume from an earlier step overwrites its own future
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -154,12 +228,32 @@ def save(
     return final
 
 
+def _write_files(tmp: Path, step, model, optimizer, scheduler, scaler, trainer_state, dist, keys, extra) -> None:
+    if keys is None:
+        save_model(unwrap(model), str(tmp / "model.safetensors"))
+    else:  # parameter-efficient: only what trains (the base weights are named in trainer_state)
+        state = {k: v.detach().contiguous().clone() for k, v in unwrap(model).state_dict().items() if k in keys}
+        save_file(state, str(tmp / "model.safetensors"))
+    if extra:
+        save_file({k: v.contiguous() for k, v in extra.items()}, str(tmp / "method_state.safetensors"))
+    tensors, meta = _optimizer_split(optimizer.state_dict())
+    save_file(tensors, str(tmp / "optimizer.safetensors"))
+    _write_json(tmp / "optimizer.json", meta)
+    state = {
+        **trainer_state,
+        "step": step,
+        "world_size": dist.world_size,
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler.is_enabled() else {},
+    }
+    _write_json(tmp / "trainer_state.json", state)
+
+
 def read_state(path: Path) -> dict:
-    if not (path / MARKER).exists():
-        raise PtmError(
-            f"'{path}' is not a complete checkpoint (no {MARKER} marker): it was interrupted while being written."
-        )
-    return json.loads((path / "trainer_state.json").read_text())
+    try:
+        return json.loads((verified(path) / "trainer_state.json").read_text())
+    except (OSError, ValueError) as err:  # a checkpoint from before manifests can still be damaged
+        raise PtmError(f"The checkpoint '{path}' is damaged: trainer_state.json is unreadable ({err}).") from err
 
 
 def _with_defaults(spec: dict) -> dict:
@@ -189,6 +283,27 @@ def check_architecture(path: Path, saved: dict, current: dict) -> None:
 
 def load_weights(path: Path, model: nn.Module, keys: set[str] | None = None) -> None:
     """Model weights of checkpoint `path`: all of them, or exactly `keys` for a parameter-efficient checkpoint."""
+    verified(path)
+    try:
+        missing, unexpected = _load_weights(path, model, keys)
+    except (OSError, SafetensorError) as err:
+        raise PtmError(f"The checkpoint '{path}' is damaged: model.safetensors is unreadable ({err}).") from err
+    if missing or unexpected:
+        raise PtmError(
+            f"The checkpoint '{path}' does not fit this model (missing {sorted(missing)[:5]}, unexpected "
+            f"{sorted(unexpected)[:5]}). It was probably written with another objective, model or transfer method."
+        )
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of checkpoint `path`'s model.safetensors, verified."""
+    try:
+        return load_file(str(verified(path) / "model.safetensors"))
+    except (OSError, SafetensorError) as err:
+        raise PtmError(f"The checkpoint '{path}' is damaged: model.safetensors is unreadable ({err}).") from err
+
+
+def _load_weights(path: Path, model: nn.Module, keys: set[str] | None) -> tuple:
     if keys is None:
         missing, unexpected = load_model(unwrap(model), str(path / "model.safetensors"), strict=False)
     else:
@@ -197,11 +312,7 @@ def load_weights(path: Path, model: nn.Module, keys: set[str] | None = None) -> 
         missing = keys - set(saved)
         if not unexpected:
             unwrap(model).load_state_dict(saved, strict=False)
-    if missing or unexpected:
-        raise PtmError(
-            f"The checkpoint '{path}' does not fit this model (missing {sorted(missing)[:5]}, unexpected "
-            f"{sorted(unexpected)[:5]}). It was probably written with another objective, model or transfer method."
-        )
+    return missing, unexpected
 
 
 def load(

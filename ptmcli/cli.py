@@ -7,15 +7,19 @@ conf/ and overrides a few groups and keys. Hydra's own flags (-m, --cfg, hydra.r
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import os
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from ptmcli.confdirs import config_dirs
-from ptmcli.errors import PtmError
+from ptmcli.errors import Interrupted, PtmError
+from ptmcli.files import os_error, read_text, read_yaml
 from ptmcli.hydra_args import check_hydra_override, split_flags
 from ptmcli.schema import (
     FINETUNE_SECTIONS,
@@ -24,8 +28,14 @@ from ptmcli.schema import (
     TRANSFER_SCHEMAS,
     FinetuneConfig,
     PretrainConfig,
+    check_finetune,
+    check_pretrain,
     did_you_mean,
 )
+
+# The run directory and those of its parents that did not exist before Hydra made them (deepest first): a run
+# that fails at start removes them again while they are empty.
+NEW_DIRS: list[Path] = []
 
 
 @dataclass(frozen=True)
@@ -171,6 +181,12 @@ def print_help(name: str) -> None:
     for f in dataclasses.fields(command.schema):
         if f.name not in sections:
             console.print(f"{f.name}=...  {f.metadata.get('help', '')}")
+    if name == "finetune":
+        console.print(
+            "Training length: a task file sets trainer.epochs; trainer.max_steps=N on the command line replaces it "
+            "(giving both trainer.epochs and trainer.max_steps on the command line is refused).\n"
+            "task=path/to/my_task.yaml uses a task file of your own (same keys as conf/task/*.yaml)."
+        )
     console.print(
         "Hydra flags: -m (sweep: optimizer.lr=1e-4,5e-4), --cfg job, hydra.run.dir=DIR, --shell-completion install=bash"
     )
@@ -191,7 +207,73 @@ def _share_stamp() -> list[str]:
 
     init_from_env()
     os.environ["PTM_RUN_STAMP"] = broadcast_str(_stamp())
-    return [] if os.environ.get("RANK", "0") == "0" else ["hydra.output_subdir=null"]
+    return []
+
+
+def user_task(value: str, top_keys: set[str]) -> tuple[str, Path]:
+    """task=path/to/file.yaml: (the option name, a config folder holding it as task/NAME.yaml), so that Hydra composes
+    it as it would a shipped task. A file without `# @package _global_` gets it: task files set top-level keys."""
+    path = Path(value).expanduser()
+    content = read_yaml(path, "task")
+    if not isinstance(content, dict) or not content:
+        raise PtmError(
+            f"task='{path}' should be a YAML mapping of config sections (task:, data:, trainer:, ...), like the "
+            f"files in conf/task/; it is {'empty' if not content else type(content).__name__}."
+        )
+    unknown = sorted(str(k) for k in content if k not in top_keys)  # hydra: and defaults: too, which could run code
+    if unknown:
+        raise PtmError(
+            f"task='{path}' sets unknown section(s) {', '.join(unknown)}.{did_you_mean(unknown[0], top_keys)} A task "
+            f"file sets: {', '.join(sorted(top_keys))}."
+        )
+    folder = Path(tempfile.mkdtemp(prefix="ptm-task-"))
+    atexit.register(shutil.rmtree, folder, True)
+    name = path.stem if path.stem not in group_options("task") else f"{path.stem}-file"
+    text = read_text(path, "task")
+    header = "" if text.lstrip().startswith("# @package _global_") else "# @package _global_\n"
+    (folder / "task").mkdir()
+    (folder / "task" / f"{name}.yaml").write_text(header + text)
+    return name, folder
+
+
+def training_length(overrides: list[str]) -> list[str]:
+    """trainer.max_steps typed on the command line wins over a task file's trainer.epochs (which otherwise decides);
+    typing both is refused rather than one silently ignored."""
+    given = {a.lstrip("+~").partition("=")[0]: a.partition("=")[2] for a in overrides}
+    if "trainer.max_steps" not in given:
+        return overrides
+    if given.get("trainer.epochs", "null") not in ("null", "None", "~"):
+        raise PtmError(
+            f"trainer.max_steps={given['trainer.max_steps']} and trainer.epochs={given['trainer.epochs']} both set "
+            f"the training length; give one of them."
+        )
+    return [*overrides, "trainer.epochs=null"] if "trainer.epochs" not in given else overrides
+
+
+class NewRunDirs:
+    """A Hydra callback (named in conf/pretrain.yaml and conf/finetune.yaml): before Hydra creates the run
+    directory, note which directories on its path do not exist yet."""
+
+    def on_run_start(self, config, **_) -> None:
+        from omegaconf import OmegaConf
+
+        path = Path(OmegaConf.select(config, "hydra.run.dir")).absolute()
+        NEW_DIRS[:] = [p for p in [path, *path.parents] if not p.exists()]
+
+    def __getattr__(self, name: str):  # Hydra calls every on_* hook of a callback; the others do nothing
+        if name.startswith("on_"):
+            return lambda *args, **kwargs: None
+        raise AttributeError(name)
+
+
+def remove_new_empty_dirs() -> None:
+    """Undo the directories Hydra made for a run that then wrote nothing into them."""
+    for path in NEW_DIRS:
+        try:
+            path.rmdir()  # only an empty directory goes
+        except OSError:
+            return
+    NEW_DIRS.clear()
 
 
 def run_command(name: str, args: list[str]) -> None:
@@ -212,39 +294,76 @@ def run_command(name: str, args: list[str]) -> None:
         raise PtmError(f"conf={recipe}: no such recipe.{did_you_mean(recipe, known)} Recipes: {', '.join(known)}.")
     overrides, flags = split_flags(rest)
     completing = {"-sc", "--shell-completion"} & set(flags)  # there, install=bash / query=bash are not overrides
-    for arg in overrides:
+    search = [config_dirs()[1] if recipe == command.base else config_dirs()[0]]
+    for i, arg in enumerate(overrides):
         check_hydra_override(arg)
-        if not completing:
+        key, _, value = arg.partition("=")
+        if key == "task" and name == "finetune" and (value.endswith((".yaml", ".yml")) or "/" in value):
+            task_name, folder = user_task(value, {f.name for f in dataclasses.fields(command.schema)})
+            overrides[i] = f"task={task_name}"
+            search.append(folder)
+        elif not completing:
             check_override(arg, command)
+    if name == "finetune" and not completing:
+        overrides = training_length(overrides)
     conf_dir, recipe_dir = config_dirs()
     register_defaults()
     if not OmegaConf.has_resolver("ptm_stamp"):
         OmegaConf.register_new_resolver("ptm_stamp", _stamp)
 
     # Hydra finds the primary config only under config_path; the other folder joins through the search path.
-    primary, other = (conf_dir, recipe_dir) if recipe == command.base else (recipe_dir, conf_dir)
+    primary = conf_dir if recipe == command.base else recipe_dir
 
     @hydra.main(version_base=None, config_path=str(primary), config_name=recipe)
     def task(cfg: DictConfig) -> None:
         from hydra.core.hydra_config import HydraConfig
 
         hydra_cfg = HydraConfig.get()
+        run_dir = Path(hydra_cfg.runtime.output_dir)
         try:
             try:
                 plain = OmegaConf.to_container(cfg, resolve=True)
             except OmegaConfBaseException as err:
                 raise PtmError(f"The config could not be resolved: {err}") from err
+            (check_pretrain if name == "pretrain" else check_finetune)(plain)  # fail fast, before torch loads
             if name == "pretrain":
                 from ptmcli.pretrain import pretrain as entry
             else:
                 from ptmcli.finetune import finetune as entry
-            entry(plain, Path(hydra_cfg.runtime.output_dir), hydra_cfg.job.config_name)
+            # Hydra was told not to write its .hydra/ record (it would, even for a run refused at start); the run
+            # writes it once every check has passed.
+            hydra_files = {
+                "config.yaml": OmegaConf.to_yaml(cfg),
+                "overrides.yaml": OmegaConf.to_yaml(list(hydra_cfg.overrides.task)),
+            }
+            named = any(o.partition("=")[0].lstrip("+") == "hydra.run.dir" for o in hydra_cfg.overrides.hydra)
+            entry(plain, run_dir, hydra_cfg.job.config_name, named_dir=named, hydra_files=hydra_files)
         except PtmError as err:
             fail(err)
+        except OSError as err:
+            fail(os_error(err))
+        finally:
+            release_run()
 
     # argparse takes the overrides only as one block, so they go first and Hydra's flags after them.
-    sys.argv = ["ptm", *overrides, f"hydra.searchpath=[file://{other}]", *_share_stamp(), *flags]
+    searchpath = ",".join(f"file://{folder}" for folder in search)
+    sys.argv = [
+        "ptm",
+        *overrides,
+        f"hydra.searchpath=[{searchpath}]",
+        "hydra.output_subdir=null",
+        *_share_stamp(),
+        *flags,
+    ]
     task()
+
+
+def release_run() -> None:
+    """Give up the run directory's lock, and remove it again if the run made nothing in it."""
+    rundir = sys.modules.get("ptmcli.rundir")  # imported only once a run got that far
+    if rundir is not None:
+        rundir.release()
+    remove_new_empty_dirs()
 
 
 def run_run_command(name: str, args: list[str]) -> None:
@@ -310,10 +429,9 @@ def run_generate(values: dict[str, str]) -> None:
     if ("prompt" in values) == ("input" in values):
         raise PtmError("ptm generate needs either prompt=TEXT or input=FILE (one prompt per line).")
     if "input" in values:
-        path = Path(values["input"])
-        if not path.is_file():
-            raise PtmError(f"input='{path}' does not exist; give a text file with one prompt per line.")
-        prompts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        prompts = [line for line in read_text(Path(values["input"]), "input").splitlines() if line.strip()]
+        if not prompts:
+            raise PtmError(f"input='{values['input']}' is empty; give a text file with one prompt per line.")
     else:
         prompts = [values["prompt"]]
     generate_run(Path(values["run"]), prompts, settings, values.get("output"), values.get("checkpoint"))
@@ -323,7 +441,8 @@ def fail(err: PtmError) -> None:
     from rich.console import Console
 
     # soft wrap: the terminal wraps, so paths and keys in the message stay whole for copying (and for grep)
-    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {err}", highlight=False)
+    label = "[bold yellow]interrupted:[/]" if isinstance(err, Interrupted) else "[bold red]error:[/]"
+    Console(stderr=True, soft_wrap=True).print(f"{label} {err}", highlight=False)
     sys.exit(err.exit_code)
 
 
@@ -365,3 +484,7 @@ def main(argv: list[str] | None = None) -> None:
         run_command(name, args)
     except PtmError as err:
         fail(err)
+    except OSError as err:  # a file ptm reads or writes for a run command, not caught closer to its use
+        fail(os_error(err))
+    except KeyboardInterrupt:  # before training started, or a second Ctrl-C: stop at once, without a traceback
+        fail(Interrupted("stopped at once; the run's last checkpoint (if any) is intact.", 2))

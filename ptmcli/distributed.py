@@ -23,6 +23,12 @@ class Dist:
         if self.world_size > 1:
             dist.barrier()
 
+    def any(self, flag: bool) -> bool:
+        """Whether `flag` is set on any process."""
+        if self.world_size == 1:
+            return flag
+        return bool(self.sum(torch.tensor([float(flag)])).item())
+
     def sum(self, values: torch.Tensor) -> torch.Tensor:
         """Sum a tensor over all processes (a no-op for one process)."""
         if self.world_size > 1:

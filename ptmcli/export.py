@@ -17,11 +17,10 @@ import re
 from pathlib import Path
 
 import torch
-import yaml
 from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
-from ptmcli import checkpoint, hf
+from ptmcli import checkpoint, hf, runfiles
 from ptmcli.errors import PtmError
 from ptmcli.hf.electra import GENERATOR_CLASS, generator_config, generator_rules
 from ptmcli.hf.keymap import indices
@@ -233,8 +232,8 @@ def write_finetuned(cfg, model, method, labels: list[str], tokenizer: Tokenizer,
 
 
 def export_pretraining_run(run: Path, out: Path, checkpoint_name: str | None) -> Path:
-    cfg = check_pretrain(yaml.safe_load((run / "config.yaml").read_text()))
-    tokenizer = Tokenizer.from_file(str(run / "tokenizer.json"))
+    cfg = check_pretrain(runfiles.config(run))
+    tokenizer = runfiles.tokenizer(run)
     ckpt = checkpoint_of(run, checkpoint_name)
     model = PRETRAINING_MODELS[cfg.model.family](cfg.model, tokenizer.get_vocab_size(), cfg.objective)
     checkpoint.load_weights(ckpt, model)
@@ -250,12 +249,12 @@ def export_run(
     output: Path | None = None,
     checkpoint_name: str | None = None,
 ) -> Path:
-    if not (run / "config.yaml").exists() or not (run / "tokenizer.json").exists():
-        raise PtmError(f"run='{run}' is not a ptm run directory (it needs config.yaml and tokenizer.json).")
+    raw = runfiles.config(run)
+    runfiles.tokenizer(run)
     out = output or run / "export"
     if fmt not in (None, "hf", "peft"):
         raise PtmError(f"format={fmt!r}: use format=hf (transformers) or format=peft (adapters).")
-    if "objective" in yaml.safe_load((run / "config.yaml").read_text()):
+    if runfiles.is_pretraining(raw):
         if fmt == "peft" or merge:
             raise PtmError(f"run='{run}' is a pretraining run, which has no adapter: export it with format=hf.")
         return export_pretraining_run(run, out, checkpoint_name)
@@ -268,7 +267,7 @@ def export_run(
         )
     if fmt is None:
         fmt = "peft" if method is not None and not merge else "hf"
-    tokenizer = Tokenizer.from_file(str(run / "tokenizer.json"))
+    tokenizer = runfiles.tokenizer(run)
     if fmt == "hf":
         what = write_finetuned(cfg, model, method, labels, tokenizer, out)
         (out / "labels.json").write_text(json.dumps(labels) + "\n")
@@ -284,9 +283,9 @@ def export_peft(run: Path, cfg, model, method, ckpt: Path, out: Path) -> Path:
             f"model with format=hf."
         )
     if method.low_rank:
-        state = json.loads((ckpt / "trainer_state.json").read_text())
+        state = checkpoint.read_state(ckpt)
         total_steps = state.get("max_steps", state["step"])
-        tokenizer = Tokenizer.from_file(str(run / "tokenizer.json"))
+        tokenizer = runfiles.tokenizer(run)
         tensors, config = peft_lora(model, method, cfg.transfer, model.encoder.arch, tokenizer, total_steps)
     elif method.prefix is not None:
         tensors, config = peft_prefix(model, method, cfg.transfer)

@@ -143,12 +143,15 @@ def parameter_counts(model: torch.nn.Module) -> dict[str, float]:
     return {"trainable": trainable, "total": total, "trainable_percent": round(100 * trainable / total, 3)}
 
 
-def finetune(raw_cfg: dict, run_dir: Path, recipe: str) -> dict[str, float]:
+def finetune(
+    raw_cfg: dict, run_dir: Path, recipe: str, named_dir: bool = False, hydra_files: dict | None = None
+) -> dict[str, float]:
+    """`named_dir`: the user named the run directory; `hydra_files`: Hydra's record of the invocation (see rundir)."""
     cfg = check_finetune(raw_cfg)
     datasets.disable_progress_bars()
     dist = init_from_env()
     hw = hardware.resolve(cfg.hardware, dist)
-    run_dir, resume_from = rundir.prepare(run_dir, raw_cfg, "finetune", recipe, dist)
+    run_dir, resume_from = rundir.prepare(run_dir, raw_cfg, "finetune", recipe, dist, named_dir)
     kind = cfg.task.kind
     splits = load_splits(cfg.data, kind)
     labels = label_names(splits, kind, cfg.task.labels, cfg.data.name)
@@ -186,7 +189,16 @@ def finetune(raw_cfg: dict, run_dir: Path, recipe: str) -> dict[str, float]:
     if resume_from is not None:
         checkpoint.check_architecture(resume_from, checkpoint.read_state(resume_from).get("model", {}), spec)
     counts = parameter_counts(model)
-    rundir.record(run_dir, raw_cfg, "finetune", recipe, dist, {"parameters": counts, "init": pretrained.source})
+    rundir.record(
+        run_dir,
+        raw_cfg,
+        "finetune",
+        recipe,
+        dist,
+        {"parameters": counts, "init": pretrained.source},
+        fresh=resume_from is None,
+        hydra_files=hydra_files,
+    )
     if dist.is_main:
         pretrained.tokenizer.save(str(run_dir / "tokenizer.json"))
         (run_dir / "labels.json").write_text(json.dumps(labels, indent=1) + "\n")

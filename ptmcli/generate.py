@@ -9,10 +9,9 @@ import sys
 from pathlib import Path
 
 import torch
-import yaml
 from tokenizers import Tokenizer
 
-from ptmcli import checkpoint, hardware
+from ptmcli import checkpoint, hardware, runfiles
 from ptmcli.data.tokenizer import SpecialIds
 from ptmcli.distributed import Dist
 from ptmcli.errors import PtmError
@@ -24,10 +23,8 @@ from ptmcli.schema import check_pretrain
 
 def load_causal_lm(run: Path, checkpoint_name: str | None = None):
     """(model in eval mode, tokenizer, hardware) of a pretraining run whose model decodes (has a KV cache)."""
-    if not (run / "config.yaml").exists() or not (run / "tokenizer.json").exists():
-        raise PtmError(f"run='{run}' is not a ptm pretraining run directory (it needs config.yaml and tokenizer.json).")
-    raw = yaml.safe_load((run / "config.yaml").read_text())
-    if "objective" not in raw:
+    raw = runfiles.config(run)
+    if not runfiles.is_pretraining(raw):
         raise PtmError(f"run='{run}' is a fine-tuning run; ptm generate continues text with a pretrained causal LM.")
     cfg = check_pretrain(raw)
     if cfg.objective.name != "clm":
@@ -40,7 +37,7 @@ def load_causal_lm(run: Path, checkpoint_name: str | None = None):
     path = path or checkpoint.latest(root)
     if path is None or not (path / checkpoint.MARKER).exists():
         raise PtmError(f"run='{run}' has no complete checkpoint{' ' + checkpoint_name if checkpoint_name else ''}.")
-    tokenizer = Tokenizer.from_file(str(run / "tokenizer.json"))
+    tokenizer = runfiles.tokenizer(run)
     model = PRETRAINING_MODELS[cfg.model.family](cfg.model, tokenizer.get_vocab_size(), cfg.objective)
     checkpoint.load_weights(path.resolve(), model)
     hw = hardware.resolve(cfg.hardware, Dist())

@@ -8,13 +8,12 @@ from pathlib import Path
 
 import datasets
 import torch
-import yaml
-from tokenizers import Tokenizer
 
-from ptmcli import checkpoint, hardware, peft
+from ptmcli import checkpoint, hardware, peft, runfiles
 from ptmcli.data.labeled import label_names, load_splits
 from ptmcli.distributed import Dist
 from ptmcli.errors import PtmError
+from ptmcli.files import os_error, read_text
 from ptmcli.finetune import build_model, build_seq2seq, state_digest, text_task
 from ptmcli.loop import evaluate, to_device
 from ptmcli.runlog import console, print_metrics
@@ -39,11 +38,15 @@ def checkpoint_of(run: Path, name: str | None) -> Path:
 def load_run(run: Path, checkpoint_name: str | None = None, with_method: bool = False):
     """(config, task, model, labels, hardware, checkpoint[, method]) of a fine-tuning run, with the weights of its
     best checkpoint. `method` is the parameter-efficient method (None for full/frozen/partial runs)."""
-    if not (run / "labels.json").exists() or not (run / "config.yaml").exists():
-        raise PtmError(f"run='{run}' is not a ptm fine-tuning run directory (it needs config.yaml and labels.json).")
-    cfg = check_finetune(yaml.safe_load((run / "config.yaml").read_text()))
-    labels = json.loads((run / "labels.json").read_text())
-    tokenizer = Tokenizer.from_file(str(run / "tokenizer.json"))
+    raw = runfiles.config(run)
+    if runfiles.is_pretraining(raw):
+        raise PtmError(
+            f"run='{run}' is a pretraining run; this command reads a fine-tuning run (ptm finetune init={run} makes "
+            f"one), or use ptm export / ptm generate on it."
+        )
+    cfg = check_finetune(raw)
+    labels = runfiles.labels(run)
+    tokenizer = runfiles.tokenizer(run)
     ckpt = checkpoint_of(run, checkpoint_name)
     spec = checkpoint.read_state(ckpt)["model"]
     method = None
@@ -97,10 +100,8 @@ def evaluate_run(run: Path, split: str, checkpoint_name: str | None = None) -> d
 
 def _records(path: Path, kind: str) -> list[dict]:
     """One input per line: plain text (words for token-cls), or JSON objects with the task's fields."""
-    if not path.exists():
-        raise PtmError(f"input='{path}' does not exist.")
     records = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(read_text(path, "input").splitlines(), 1):
         if not line.strip():
             continue
         if line.lstrip().startswith("{"):
@@ -138,7 +139,10 @@ def predict_run(run: Path, input_path: Path, output: str | None = None, checkpoi
     cfg, task, model, labels, hw, _ = load_run(run, checkpoint_name)
     records = _records(input_path, cfg.task.kind)
     examples = task.examples(records)
-    out = open(output, "w") if output else sys.stdout
+    try:
+        out = open(output, "w") if output else sys.stdout
+    except OSError as err:
+        raise os_error(err, "output") from err
     try:
         for start, stop in examples.eval_ranges(cfg.trainer.batch_size):
             batch = examples.batch(list(range(start, stop)), 0)

@@ -9,6 +9,8 @@ schedule. Everything it needs to continue exactly is in the checkpoint.
 from __future__ import annotations
 
 import contextlib
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ptmcli import checkpoint
 from ptmcli.data.batches import BatchOrder, Examples, eval_batches, train_batches
 from ptmcli.distributed import Dist
-from ptmcli.errors import PtmError
+from ptmcli.errors import Interrupted, PtmError
 from ptmcli.hardware import Hardware
 from ptmcli.optim import build_optimizer, build_schedule, lr_caution
 from ptmcli.runlog import RunLog, truncate_metrics
@@ -120,6 +122,28 @@ def fresh_window(terms: tuple[str, ...]) -> dict:
     }
 
 
+@contextlib.contextmanager
+def stop_requests():
+    """While training, SIGINT and SIGTERM only ask the loop to stop at the next step boundary (their numbers land
+    in the yielded list); a second one stops at once. Outside the main thread signals cannot be caught: no-op."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def ask(signum, _frame):
+        if received:
+            raise KeyboardInterrupt
+        received.append(signum)
+
+    previous = {s: signal.signal(s, ask) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 def train(
     job: Job,
     cfg: TrainerConfig,
@@ -155,10 +179,10 @@ def train(
             job.method.load_state(extra)
         step, consumed, window = state["step"], state["consumed"], state["window"]
         best = Best(**state["best"])
-        if dist.is_main:
-            truncate_metrics(run_dir / "metrics.jsonl", step)
     else:
         torch.manual_seed(cfg.seed * 1000 + dist.rank + 1)  # dropout stream, distinct per process
+    if dist.is_main:  # rows a killed process logged after its last checkpoint (all of them, on a fresh start)
+        truncate_metrics(run_dir / "metrics.jsonl", step)
 
     log = RunLog(run_dir / "metrics.jsonl" if dist.is_main else None, cfg.max_steps, step)
     if caution := lr_caution(optim_cfg):
@@ -167,8 +191,33 @@ def train(
         job.train, BatchOrder(len(job.train), cfg.batch_size, dist.world_size, dist.rank, cfg.seed), consumed
     )
     metrics: dict[str, float] = {}
+
+    def save() -> None:
+        state = {
+            "consumed": consumed,
+            "window": window,
+            "model": job.model_spec,
+            "best": vars(best),
+            "max_steps": cfg.max_steps,
+        }
+        checkpoint.save(
+            ckpt_root,
+            step,
+            model,
+            optimizer,
+            scheduler,
+            scaler,
+            state,
+            dist,
+            cfg.keep_last,
+            best.step,
+            job.saved_keys,
+            job.method.state() if job.method is not None else None,
+        )
+
     window_start = time.perf_counter()
-    try:
+    with stop_requests() as signals, contextlib.ExitStack() as closing:
+        closing.callback(log.close)
         while step < cfg.max_steps:
             micro = [to_device(next(batches), hw.device) for _ in range(cfg.grad_accum)]
             # Targets in the whole step, over all micro-batches and processes: the loss is a mean over these.
@@ -240,34 +289,28 @@ def train(
                 log.val({"step": step, "split": "val", **metrics})
                 improved = best.update(metrics, step)
             stop = best.exhausted
-            if final or stop or improved or (cfg.save_every and step % cfg.save_every == 0):
-                state = {
-                    "consumed": consumed,
-                    "window": window,
-                    "model": job.model_spec,
-                    "best": vars(best),
-                    "max_steps": cfg.max_steps,
-                }
-                checkpoint.save(
-                    ckpt_root,
-                    step,
-                    model,
-                    optimizer,
-                    scheduler,
-                    scaler,
-                    state,
-                    dist,
-                    cfg.keep_last,
-                    best.step,
-                    job.saved_keys,
-                    job.method.state() if job.method is not None else None,
-                )
+            saved = final or stop or improved or bool(cfg.save_every and step % cfg.save_every == 0)
+            if saved:
+                save()
             if stop:
                 log.note(
                     f"early stop at step {step}: no better {cfg.metric} for {cfg.patience} validations "
                     f"(best {best.value:.4f} at step {best.step})"
                 )
                 break
-    finally:
-        log.close()
+            if not final and dist.any(bool(signals)):
+                if cfg.save_on_interrupt and not saved:
+                    save()
+                written = checkpoint.latest(ckpt_root)
+                if written is None:
+                    saved_note = "no checkpoint was written (trainer.save_on_interrupt=false); nothing to resume"
+                elif written.name == f"step-{step}":
+                    saved_note = f"checkpoint {written.name} written"
+                else:
+                    saved_note = f"the newest checkpoint is {written.name} (trainer.save_on_interrupt=false)"
+                resume_note = f". Continue with the same command and resume={run_dir}" if written else ""
+                raise Interrupted(
+                    f"stopped at step {step} of {cfg.max_steps}; {saved_note}{resume_note}.",
+                    signals[0] if signals else signal.SIGTERM,
+                )
     return metrics

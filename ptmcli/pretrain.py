@@ -8,10 +8,9 @@ from typing import Any
 
 import datasets
 import torch
-import yaml
 from tokenizers import Tokenizer
 
-from ptmcli import checkpoint, hardware, hf, rundir
+from ptmcli import checkpoint, hardware, hf, rundir, runfiles
 from ptmcli.data.lm_examples import CausalExamples, PermutationExamples
 from ptmcli.data.pretraining import PretrainingExamples, build_chunks
 from ptmcli.data.seq2seq_examples import DenoisingExamples, SpanCorruptionExamples
@@ -115,7 +114,7 @@ def adopt_architecture(cfg: PretrainConfig, raw_cfg: dict, run_dir: Path, resume
         _, arch, generator = hf.read_arch(directory, f"init={cfg.init}")
         adopted = from_hf(cfg, arch, generator is not None)
     else:
-        recorded = yaml.safe_load((run_dir / "config.yaml").read_text()).get("model", {})
+        recorded = runfiles.config(run_dir, "resume").get("model", {})
         adopted = check_pretrain(
             {
                 **raw_cfg,
@@ -184,25 +183,37 @@ def _modules(keys: list[str]) -> str:
     )
 
 
-def pretrain(raw_cfg: dict, run_dir: Path, recipe: str) -> dict[str, float]:
+def pretrain(
+    raw_cfg: dict, run_dir: Path, recipe: str, named_dir: bool = False, hydra_files: dict | None = None
+) -> dict[str, float]:
+    """`named_dir`: the user named the run directory; `hydra_files`: Hydra's record of the invocation (see rundir)."""
     cfg = check_pretrain(raw_cfg)
     datasets.disable_progress_bars()  # one summary line says what preparation produced
     dist = init_from_env()
     hw = hardware.resolve(cfg.hardware, dist)
-    run_dir, resume_from = rundir.prepare(run_dir, raw_cfg, "pretrain", recipe, dist)
+    run_dir, resume_from = rundir.prepare(run_dir, raw_cfg, "pretrain", recipe, dist, named_dir)
     cfg, in_force = adopt_architecture(cfg, raw_cfg, run_dir, resume_from, dist)
     start = load_init(cfg) if cfg.init and resume_from is None else None
     given = start.tokenizer if start else None
     if start and cfg.data.tokenizer:
         check_same_tokenizer(cfg, start.tokenizer)
     if cfg.init and resume_from is not None:  # the tokenizer init lent this run was saved beside it
-        given = Tokenizer.from_file(str(run_dir / "tokenizer.json"))
+        given = runfiles.tokenizer(run_dir, "resume")
     tokenizer, train_ex, val_ex, (n_train_docs, n_val_docs) = build_examples(cfg, dist, given)
     vocab_size = tokenizer.get_vocab_size()
     spec = model_spec(cfg, vocab_size)
     if resume_from is not None:
         checkpoint.check_architecture(resume_from, checkpoint.read_state(resume_from).get("model", {}), spec)
-    rundir.record(run_dir, raw_cfg, "pretrain", recipe, dist, in_force=in_force)
+    rundir.record(
+        run_dir,
+        raw_cfg,
+        "pretrain",
+        recipe,
+        dist,
+        in_force=in_force,
+        fresh=resume_from is None,
+        hydra_files=hydra_files,
+    )
     if dist.is_main:
         tokenizer.save(str(run_dir / "tokenizer.json"))
 

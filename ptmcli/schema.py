@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -64,6 +65,9 @@ class DataConfig:
     text_column: str = _f("text", "column holding the document text (title+text joins two with a line break)")
     text_sample_by: Literal["line", "paragraph", "document"] = _f(
         "paragraph", "plain-text files: one document per line, per blank-line paragraph or per file"
+    )
+    encoding: str = _f(
+        "auto", "text/csv/json files: auto = by byte-order mark, else UTF-8; or a codec name (latin-1, cp1252, ...)"
     )
     validation_fraction: float = _f(0.05, "fraction of documents held out for validation")
     max_train_samples: Optional[int] = _f(None, "use at most this many training documents")
@@ -132,6 +136,10 @@ class TrainerConfig:
     metric: str = _f("val/loss", "validation metric that picks checkpoints/best, e.g. val/accuracy, val/f1")
     metric_mode: Literal["min", "max"] = _f("min", "whether a larger or a smaller metric is better")
     patience: int = _f(0, "stop after this many validations without improvement (0 = never)")
+    save_on_interrupt: bool = _f(
+        True,
+        "on Ctrl-C or SIGTERM, finish the current step and write a checkpoint before stopping (a second stops at once)",
+    )
 
 
 @dataclass
@@ -203,6 +211,12 @@ class LabeledDataConfig:
     filter_column: Optional[str] = _f(None, "table: drop rows whose filter_column equals one of filter_values")
     filter_values: list[str] = _f([], "table: values of filter_column to drop")
     tag_column: int = _f(-1, "conll: index of the tag column (-1 = last)")
+    encoding: str = _f(
+        "auto",
+        "text files and tables: auto = by byte-order mark, else UTF-8; or a codec name, or a comma list tried in "
+        "order for each file (utf-8,latin-1)",
+    )
+    drop_unlabeled: bool = _f(False, "drop rows with an empty label (their count is printed) instead of refusing them")
     validation_fraction: float = _f(0.1, "held-out share for validation when no validation file is given")
     test_fraction: float = _f(0.1, "held-out share for test when no test file is given")
     split_seed: int = _f(1234, "seed of the held-out splits")
@@ -303,6 +317,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad
+        if not math.isfinite(value):
+            raise PtmError(f"{key}={value!r} is not a finite number.")
         return float(value)
     if tp is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
@@ -311,8 +327,129 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
+# Valid ranges of numeric settings, by key name: a name means the same in every section (model.dropout and
+# transfer.dropout are both probabilities). Checked at start with the types, so no bad value reaches torch.
+AT_LEAST_1 = ">= 1"
+RANGES = {
+    **dict.fromkeys(
+        (
+            "hidden_size",
+            "num_layers",
+            "num_heads",
+            "intermediate_size",
+            "max_positions",
+            "embedding_size",
+            "generator_hidden_size",
+            "generator_intermediate_size",
+            "generator_num_heads",
+            "num_decoder_layers",
+            "relative_buckets",
+            "relative_max_distance",
+            "bottleneck",
+            "projection_hidden",
+            "num_virtual_tokens",
+            "r",
+            "init_r",
+            "target_r",
+            "delta_t",
+            "batch_size",
+            "grad_accum",
+            "max_steps",
+            "log_every",
+            "max_train_samples",
+            "num_proc",
+            "max_answer_len",
+            "max_target_len",
+            "num_beams",
+            "vocab_size",
+        ),
+        AT_LEAST_1,
+    ),
+    **dict.fromkeys(
+        (
+            "eval_every",
+            "eval_batches",
+            "save_every",
+            "keep_last",
+            "patience",
+            "threads",
+            "warmup_steps",
+            "doc_stride",
+            "lead_words",
+            "no_repeat_ngram_size",
+            "min_frequency",
+            "freeze_layers",
+            "position_offset",
+            "type_vocab_size",
+            "weight_decay",
+            "orth_reg_weight",
+            "class_weights",
+        ),
+        ">= 0",
+    ),
+    **dict.fromkeys(
+        (
+            "lr",
+            "eps",
+            "layer_norm_eps",
+            "init_std",
+            "alpha",
+            "epochs",
+            "max_grad_norm",
+            "rtd_weight",
+            "poisson_lambda",
+            "layer_lr_decay",
+        ),
+        "> 0",
+    ),
+    **dict.fromkeys(
+        ("dropout", "attention_dropout", "classifier_dropout", "warmup_ratio", "beta1", "beta2", "betas"), "[0, 1)"
+    ),
+    **dict.fromkeys(("mask_prob", "noise_density", "mask_ratio", "validation_fraction", "test_fraction"), "(0, 1)"),
+    **dict.fromkeys(
+        (
+            "mask_token_prob",
+            "random_token_prob",
+            "nsp_random_prob",
+            "full_target_fraction",
+            "min_lr_ratio",
+            "tinit",
+            "tfinal",
+        ),
+        "[0, 1]",
+    ),
+    "max_seq_len": ">= 8",
+    "mean_span_length": AT_LEAST_1,
+    "plm_k": ">= 2",
+}
+
+
+def _in_range(value: float, bounds: str) -> bool:
+    if bounds.startswith((">", "<")):
+        op, _, limit = bounds.partition(" ")
+        return {">=": value >= float(limit), ">": value > float(limit)}[op]
+    low, high = (float(x) for x in bounds[1:-1].split(","))
+    return (low <= value if bounds[0] == "[" else low < value) and (
+        value <= high if bounds[-1] == "]" else value < high
+    )
+
+
+def check_ranges(name: str, section: Any) -> None:
+    """Every numeric key of a built section lies in its valid range (RANGES)."""
+    for f in dataclasses.fields(section):
+        bounds, value = RANGES.get(f.name), getattr(section, f.name)
+        values = value if isinstance(value, list) else [value]
+        for v in values:
+            if bounds and isinstance(v, (int, float)) and not isinstance(v, bool) and not _in_range(v, bounds):
+                shown = "must be " + (f"{bounds}" if bounds[0] in "><" else f"in {bounds}")
+                raise PtmError(
+                    f"{name}.{f.name}={value} is out of range: it {shown}"
+                    + (f" ({f.metadata['help']})." if f.metadata.get("help") else ".")
+                )
+
+
 def check_section(name: str, values: Any, schema: type) -> Any:
-    """Build `schema` from a plain dict, failing on unknown keys and wrong types."""
+    """Build `schema` from a plain dict, failing on unknown keys, wrong types and values out of range."""
     if not isinstance(values, dict):
         raise PtmError(f"'{name}' must be a mapping of keys to values, got {values!r}.")
     hints = typing.get_type_hints(schema)
@@ -325,7 +462,9 @@ def check_section(name: str, values: Any, schema: type) -> Any:
                 f"Valid keys of '{name}': {', '.join(fields)}."
             )
         kwargs[key] = _coerce(value, hints[key], f"{name}.{key}")
-    return schema(**kwargs)
+    built = schema(**kwargs)
+    check_ranges(name, built)
+    return built
 
 
 # Settings that change how a model trains but not which weights it has: a checkpoint may resume under others.

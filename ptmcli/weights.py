@@ -12,10 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
-from ptmcli import checkpoint, hf
+from ptmcli import checkpoint, hf, runfiles
 from ptmcli.data.sources import package_path
 from ptmcli.errors import PtmError
 from ptmcli.schema import MODEL_SCHEMAS, arch_from_spec
@@ -89,12 +88,9 @@ def from_ptm(path: Path) -> Pretrained:
             f"init='{path}': checkpoint {ckpt} does not record a known model family ({spec.get('family')!r})."
         )
     arch = arch_from_spec(spec)
-    tokenizer_path = run / "tokenizer.json"
-    if not tokenizer_path.exists():
-        raise PtmError(f"init='{path}': the run directory {run} has no tokenizer.json.")
-    full = load_file(str(ckpt / "model.safetensors"))
+    tokenizer = runfiles.tokenizer(run, "init")
+    full = checkpoint.weights(ckpt)
     state = {k.removeprefix("encoder."): v for k, v in full.items() if k.startswith("encoder.")}
-    tokenizer = Tokenizer.from_file(str(tokenizer_path))
     return Pretrained(spec["family"], arch, state, tokenizer, f"ptm checkpoint {ckpt}", full, ckpt)
 
 

@@ -106,3 +106,39 @@ def pytest_collection_modifyitems(items):
         return LONG_MODULES.index(name) if name in LONG_MODULES else len(LONG_MODULES)
 
     items.sort(key=rank)  # stable: the order within a module is kept
+
+
+# One input per task kind for `ptm predict` / `ptm generate` (JSON lines where a kind needs named fields).
+PREDICT_INPUT = {
+    "text-cls": "The striker scored twice as the club won the cup final.",
+    "pair-cls": json.dumps(
+        {"text": "Bank profits fall", "text_pair": "Shares in the bank fell after profits dropped."}
+    ),
+    "token-cls": "Gordon Brown spoke in London on Monday",
+    "qa": json.dumps({"question": "Which person is mentioned?", "context": "Gordon Brown spoke in London on Monday ."}),
+    "text2text": "Shares in the bank fell sharply on Monday after profits dropped.",
+    "pretraining": "The government said on Monday that",
+}
+
+
+def run_commands(run: Path, kind: str, tmp: Path, commands=("evaluate", "predict", "generate", "export")) -> dict:
+    """Each run command on `run` through the CLI's entry point, in this process (the imports are warm): it must
+    finish (0) or refuse in one sentence (2) -- any other exception fails the calling test. {command: status}."""
+    from ptmcli.cli import main
+
+    source = tmp / f"{kind}-input.txt"
+    source.write_text(PREDICT_INPUT[kind] + "\n")
+    args = {
+        "evaluate": ["split=test"],
+        "predict": [f"input={source}", f"output={tmp / 'predictions.jsonl'}"],
+        "generate": [f"input={source}", f"output={tmp / 'generated.jsonl'}", "max_new_tokens=4"],
+        "export": [f"output={tmp / 'export'}"],
+    }
+    status = {}
+    for command in commands:
+        try:
+            main([command, f"run={run}", *args[command]])
+            status[command] = 0
+        except SystemExit as stop:
+            status[command] = stop.code
+    return status

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import errno
+
 import pytest
 import torch
 
 from ptmcli import checkpoint
 from ptmcli.distributed import Dist
+from ptmcli.errors import PtmError
 from ptmcli.models.bert import BertForPretraining
 from ptmcli.optim import build_optimizer, build_schedule
 from ptmcli.schema import BertArch, OptimizerConfig
@@ -80,3 +83,21 @@ def test_metrics_rows_after_the_checkpoint_and_a_torn_line_are_dropped(tmp_path)
     )
     truncate_metrics(path, 2)
     assert path.read_text() == '{"step": 1, "split": "train", "loss": 2.0}\n{"step": 2, "split": "val", "loss": 1.5}\n'
+
+
+def test_a_full_disk_leaves_no_temporary_directory_and_says_what_is_intact(tmp_path, monkeypatch):
+    model, optimizer, scheduler, scaler = _parts(0)
+    checkpoint.save(tmp_path, 1, model, optimizer, scheduler, scaler, {"model": {}}, Dist(), keep_last=0)
+    (tmp_path / ".tmp-step-7-0123abcd").mkdir()  # left by a process killed mid-write: cleared by the next save
+
+    def disk_full(*_, **__):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "save_model", disk_full)
+    with pytest.raises(
+        PtmError,
+        match="No space left on device. Nothing half-written was left behind; the newest intact checkpoint is step-1",
+    ):
+        checkpoint.save(tmp_path, 2, model, optimizer, scheduler, scaler, {"model": {}}, Dist(), keep_last=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-1"]
+    assert checkpoint.damage(tmp_path / "step-1") is None

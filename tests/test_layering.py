@@ -36,6 +36,8 @@ LAYERS = {
     "generation": 2,
     "export": 5.7,
     "hydra_args": 0,
+    "files": 0,
+    "runfiles": 2,
     "cli": 6,
     "__main__": 7,
 }

@@ -9,17 +9,19 @@ Records are plain dicts of one of five shapes, by task kind:
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
 import datasets
 import numpy as np
-import yaml
 
 from ptmcli.confdirs import config_dirs
 from ptmcli.data.chinese import peoples_daily_ner, pickle_columns
-from ptmcli.data.sources import FORMATS, extract_zip, package_path
+from ptmcli.data.sources import FORMATS, extract_zip, load_files, package_path
 from ptmcli.errors import PtmError
+from ptmcli.files import decode, read_bytes, read_yaml
+from ptmcli.runlog import console
 from ptmcli.schema import LabeledDataConfig, check_section, did_you_mean
 
 SPLITS = ("train", "validation", "test")
@@ -32,13 +34,22 @@ def _path(spec: str, key: str) -> Path:
     return path
 
 
-def read_text_file(path: Path) -> str:
-    """UTF-8, falling back to Latin-1 (the BBC corpus has one Latin-1 file)."""
-    raw = path.read_bytes()
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return raw.decode("latin-1")
+def read_text_file(path: Path, encoding: str = "auto", key: str = "data.train") -> str:
+    """A text file in its byte-order mark's encoding, else the ones data.encoding lists (the BBC task files list
+    utf-8,latin-1: the corpus has one Latin-1 file)."""
+    return decode(read_bytes(path, key), path, key, encoding)
+
+
+def _missing(value) -> bool:
+    """An empty cell: None (missing in JSON/parquet), NaN (pandas' empty CSV cell in a numeric column), blank."""
+    return value is None or (isinstance(value, float) and math.isnan(value)) or not str(value).strip()
+
+
+def _label_text(value) -> str:
+    """A label as its name: integral numbers stay integers (a numeric column with a gap is read as floats)."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return str(value).strip()
 
 
 def read_table(path: Path, cfg: LabeledDataConfig, key: str, kind: str) -> list[dict]:
@@ -55,11 +66,11 @@ def read_table(path: Path, cfg: LabeledDataConfig, key: str, kind: str) -> list[
         ds = datasets.Dataset.from_dict(pickle_columns(path, cfg.pickle_columns))
     else:
         try:
-            ds = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
-        except Exception as err:  # datasets raises many types; the user needs the file and the cause
+            ds = load_files(builder, [str(path)], cfg.encoding, key, **kwargs)
+        except PtmError as err:
             if "corresponds to no data" in str(err):
                 return []  # a header and no rows: reported as an empty split
-            raise PtmError(f"{key}='{path}' could not be read as {builder}: {err}") from err
+            raise
     text_columns = cfg.text_column.split("+")
     name = (lambda c: "data.text_column") if len(text_columns) == 1 else (lambda c: f"data.text_column ({c})")
     generate = kind == "text2text"
@@ -77,7 +88,7 @@ def read_table(path: Path, cfg: LabeledDataConfig, key: str, kind: str) -> list[
                 f"{', '.join(ds.column_names)}. Set {name} to the right one."
             )
     drop = set(cfg.filter_values)
-    records = []
+    records, unlabeled = [], []
     for i, row in enumerate(ds):
         if cfg.filter_column and str(row[cfg.filter_column]) in drop:
             continue
@@ -90,6 +101,11 @@ def read_table(path: Path, cfg: LabeledDataConfig, key: str, kind: str) -> list[
                 records.append({"id": f"{path.name}:{i}", "text": text, "target": target})
             continue
         label = row[cfg.label_column]
+        if _missing(label):
+            unlabeled.append(i + 1)
+            continue
+        if isinstance(label, float) and label.is_integer():
+            label = int(label)
         if cfg.index_labels:
             if not isinstance(label, int) or not 0 <= label < len(cfg.index_labels):
                 raise PtmError(
@@ -97,10 +113,19 @@ def read_table(path: Path, cfg: LabeledDataConfig, key: str, kind: str) -> list[
                     f"{cfg.index_labels}."
                 )
             label = cfg.index_labels[label]
-        record = {"id": f"{path.name}:{i}", "text": text, "label": str(label)}
+        record = {"id": f"{path.name}:{i}", "text": text, "label": _label_text(label)}
         if pair:
             record["text_pair"] = str(row[wanted["data.text_pair_column"]] or "")
         records.append(record)
+    if unlabeled and not cfg.drop_unlabeled:
+        shown = ", ".join(map(str, unlabeled[:5])) + (" ..." if len(unlabeled) > 5 else "")
+        raise PtmError(
+            f"{key}='{path}': {len(unlabeled):,} row(s) have no label in data.label_column='{cfg.label_column}' "
+            f"(rows {shown}, counting data rows from 1). A missing label is not a class: fill them in, or drop those "
+            f"rows with data.drop_unlabeled=true."
+        )
+    if unlabeled:
+        console.print(f"{key}: dropped {len(unlabeled):,} row(s) without a label (data.drop_unlabeled=true).")
     return records
 
 
@@ -113,10 +138,10 @@ def _only_table(folder: Path, key: str) -> Path:
     return tables[0]
 
 
-def read_folders(path: Path) -> list[dict]:
+def read_folders(path: Path, encoding: str, key: str) -> list[dict]:
     """One sub-folder per label, one .txt document per file."""
     records = [
-        {"id": f"{f.parent.name}/{f.name}", "text": read_text_file(f).strip(), "label": f.parent.name}
+        {"id": f"{f.parent.name}/{f.name}", "text": read_text_file(f, encoding, key).strip(), "label": f.parent.name}
         for f in sorted(path.glob("*/*.txt"))
     ]
     if not records:
@@ -124,13 +149,13 @@ def read_folders(path: Path) -> list[dict]:
     return [r for r in records if r["text"]]
 
 
-def read_lines(path: Path) -> list[dict]:
+def read_lines(path: Path, encoding: str, key: str) -> list[dict]:
     """One LABEL.txt file per label, one text per line."""
     files = sorted(path.glob("*.txt")) if path.is_dir() else [path]
     records = [
         {"id": f"{f.name}:{n}", "text": line.strip(), "label": f.stem}
         for f in files
-        for n, line in enumerate(read_text_file(f).splitlines(), 1)
+        for n, line in enumerate(read_text_file(f, encoding, key).splitlines(), 1)
         if line.strip()
     ]
     if len(files) < 2:
@@ -138,10 +163,10 @@ def read_lines(path: Path) -> list[dict]:
     return records
 
 
-def read_conll(path: Path, tag_column: int) -> list[dict]:
+def read_conll(path: Path, tag_column: int, encoding: str = "auto", key: str = "data.train") -> list[dict]:
     """Whitespace-separated columns, word first and the tag in `tag_column`; blank lines end sentences."""
     records, tokens, tags = [], [], []
-    for n, line in enumerate(read_text_file(path).splitlines(), 1):
+    for n, line in enumerate(read_text_file(path, encoding, key).splitlines(), 1):
         parts = line.split()
         if not parts or parts[0] == "-DOCSTART-":
             if tokens:
@@ -157,9 +182,9 @@ def read_conll(path: Path, tag_column: int) -> list[dict]:
     return records
 
 
-def read_squad(path: Path) -> list[dict]:
+def read_squad(path: Path, encoding: str, key: str) -> list[dict]:
     try:
-        data = json.loads(read_text_file(path))["data"]
+        data = json.loads(read_text_file(path, encoding, key))["data"]
     except (ValueError, KeyError) as err:
         raise PtmError(f"'{path}' is not SQuAD-format JSON (a top-level 'data' list of paragraphs): {err}") from err
     return [
@@ -250,15 +275,15 @@ def _read(spec: str, key: str, cfg: LabeledDataConfig, kind: str) -> list[dict]:
     if cfg.loader == "table":
         records = read_table(path, cfg, key, kind)
     elif cfg.loader in ("folders", "bbc-pairs", "bbc-headlines"):
-        records = read_folders(path)
+        records = read_folders(path, cfg.encoding, key)
     elif cfg.loader == "lines":
-        records = read_lines(path)
+        records = read_lines(path, cfg.encoding, key)
     elif cfg.loader == "peoples-daily":
         records = peoples_daily_ner(path)
     elif cfg.loader in ("conll", "conll-qa"):
-        records = read_conll(path, cfg.tag_column)
+        records = read_conll(path, cfg.tag_column, cfg.encoding, key)
     else:
-        records = read_squad(path)
+        records = read_squad(path, cfg.encoding, key)
     return records
 
 
@@ -353,7 +378,7 @@ def task_texts(spec: str) -> list[str]:
             f"data.source={spec}: there is no task '{name}'.{did_you_mean(name, known)} Tasks: {', '.join(known)}; "
             f"or give task:path/to/task.yaml."
         )
-    task_file = yaml.safe_load(path.read_text()) or {}
+    task_file = read_yaml(path, "data.source") or {}
     data = task_file.get("data") or {}
     if data.get("train") in (None, "", "???"):
         raise PtmError(

@@ -19,6 +19,7 @@ import datasets
 
 from ptmcli.data.chinese import pickle_columns
 from ptmcli.errors import PtmError
+from ptmcli.files import decode, decoding_failure, file_encoding
 from ptmcli.schema import DataConfig
 
 FORMATS = {
@@ -117,10 +118,7 @@ def load_documents(cfg: DataConfig) -> datasets.Dataset:
         elif builder == "csv" and files[0].endswith(".tsv"):
             kwargs["delimiter"] = "\t"
         if builder != "pickle":
-            try:
-                ds = datasets.load_dataset(builder, data_files=files, split="train", **kwargs)
-            except Exception as err:  # datasets raises many types; the user needs the file and the cause
-                raise PtmError(f"data.source '{source}' could not be read as {builder}: {err}") from err
+            ds = load_files(builder, files, cfg.encoding, "data.source", **kwargs)
     columns = cfg.text_column.split("+")
     missing = [c for c in columns if c not in ds.column_names]
     if missing:
@@ -143,6 +141,23 @@ def load_documents(cfg: DataConfig) -> datasets.Dataset:
     if len(ds) == 0:
         raise PtmError(f"data.source '{source}' has no non-empty text in column '{column}': the corpus is empty.")
     return ds
+
+
+def load_files(builder: str, files: list[str], encoding: str, key: str, **kwargs) -> datasets.Dataset:
+    """datasets' reader `builder` over `files`, in the encoding their byte-order mark or data.encoding gives."""
+    if builder in ("text", "csv", "json"):
+        name = file_encoding(Path(files[0]), encoding, key)
+        if name != "utf-8":  # the default: passing it would change datasets' cache key for no reason
+            kwargs["encoding"] = name
+    try:
+        return datasets.load_dataset(builder, data_files=files, split="train", **kwargs)
+    except Exception as err:  # datasets raises many types; the user needs the file and the cause
+        if decoding_failure(err) is not None:
+            for file in files:  # find the file and byte at fault, and say so
+                decode(Path(file).read_bytes(), Path(file), key, kwargs.get("encoding", encoding))
+        raise PtmError(
+            f"{key}='{files[0] if len(files) == 1 else Path(files[0]).parent}' could not be read as {builder}: {err}"
+        ) from err
 
 
 def task_documents(source: str) -> datasets.Dataset:

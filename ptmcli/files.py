@@ -1,0 +1,140 @@
+"""Reading the files a user names. Every failure becomes one paragraph: the key or argument, the file, the real
+cause (not UTF-8 at byte N, empty, a directory, no permission, no space left) and what to do. No torch here."""
+
+from __future__ import annotations
+
+import codecs
+import errno
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ptmcli.errors import PtmError
+
+# What an OS error means to the person who named the file, by errno.
+_OS_CAUSES = {
+    errno.ENOENT: "does not exist",
+    errno.EISDIR: "is a directory, not a file",
+    errno.ENOTDIR: "has a part of its path that is a file, not a directory",
+    errno.EACCES: "cannot be opened: permission denied",
+    errno.EPERM: "cannot be opened: operation not permitted",
+    errno.ENOSPC: "cannot be written: no space left on device",
+    errno.EDQUOT: "cannot be written: disk quota exceeded",
+    errno.EROFS: "cannot be written: it is on a read-only filesystem",
+    errno.EIO: "gave an input/output error (a failing disk or network filesystem)",
+    errno.ENAMETOOLONG: "has a name too long for the filesystem",
+}
+# Byte-order marks, longest first (UTF-32's little-endian mark starts with UTF-16's).
+_BOMS = (
+    (codecs.BOM_UTF32_LE, "utf-32"),
+    (codecs.BOM_UTF32_BE, "utf-32"),
+    (codecs.BOM_UTF8, "utf-8-sig"),
+    (codecs.BOM_UTF16_LE, "utf-16"),
+    (codecs.BOM_UTF16_BE, "utf-16"),
+)
+
+
+def os_cause(err: OSError) -> str:
+    return _OS_CAUSES.get(err.errno, f"could not be used ({err.strerror or err})")
+
+
+def os_error(err: OSError, key: str | None = None) -> PtmError:
+    """An OS error as one sentence naming the file (and the setting that named it)."""
+    name = f"{key}='{err.filename}'" if key else f"'{err.filename}'"
+    return PtmError(f"{name} {os_cause(err)}.")
+
+
+def read_bytes(path: Path, key: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as err:
+        raise os_error(err, key) from err
+
+
+def encodings(head: bytes, setting: str) -> list[str]:
+    """Encodings to try in order: a byte-order mark's; else, for `auto`, UTF-8; else the comma-listed `setting`."""
+    for bom, name in _BOMS:
+        if head.startswith(bom):
+            return [name]
+    return ["utf-8"] if setting == "auto" else [e.strip() for e in setting.split(",") if e.strip()]
+
+
+def file_encoding(path: Path, setting: str, key: str) -> str:
+    """The one encoding to hand a reader (datasets' csv/json/text builders) for `path`: its BOM's, or the first
+    of `setting`; checked to be a codec Python knows."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    name = encodings(head, setting)[0]
+    _known(name, setting)
+    return name
+
+
+def _known(name: str, setting: str) -> None:
+    try:
+        codecs.lookup(name)
+    except LookupError:
+        raise PtmError(
+            f"data.encoding={setting!r}: '{name}' is not an encoding Python knows; use e.g. utf-8, latin-1, cp1252, "
+            f"utf-16, or a comma list tried in order (utf-8,latin-1)."
+        ) from None
+
+
+def decode(raw: bytes, path: Path, key: str, setting: str = "auto") -> str:
+    """`raw` as text, by BOM or the encodings `setting` lists; a file none of them decodes is refused, naming the
+    first byte that does not fit."""
+    tried = encodings(raw[:4], setting)
+    failure = None
+    for name in tried:
+        _known(name, setting)
+        try:
+            return raw.decode(name)
+        except UnicodeDecodeError as err:
+            failure = failure or err
+    assert failure is not None
+    raise PtmError(
+        f"{key}='{path}' is not {' or '.join(tried)} text: byte {failure.start:,} is 0x{raw[failure.start]:02x}, "
+        f"which {failure.encoding} cannot decode. Re-save the file as UTF-8, or set data.encoding to its encoding "
+        f"(e.g. data.encoding=latin-1, or data.encoding=utf-8,latin-1 to try both per file)."
+    )
+
+
+def read_text(path: Path, key: str, setting: str = "auto") -> str:
+    return decode(read_bytes(path, key), path, key, setting)
+
+
+def read_yaml(path: Path, key: str) -> Any:
+    """A YAML file, safely loaded (no tags that build objects); a syntax error names its line and column."""
+    text = read_text(path, key)
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise PtmError(
+            f"{key}='{path}' is not valid YAML{where}: {problem}. Fix that line (only plain YAML is read: "
+            f"tags such as !!python/... are refused)."
+        ) from None
+
+
+def read_json(path: Path, key: str) -> Any:
+    text = read_text(path, key)
+    if not text.strip():
+        raise PtmError(f"{key}='{path}' is empty; it should hold JSON.")
+    try:
+        return json.loads(text)
+    except ValueError as err:
+        raise PtmError(f"{key}='{path}' is not valid JSON ({err}); it may be truncated.") from None
+
+
+def decoding_failure(err: BaseException) -> UnicodeDecodeError | None:
+    """The UnicodeDecodeError somewhere in an exception's chain (datasets wraps the reader's)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, UnicodeDecodeError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None

@@ -1,0 +1,231 @@
+"""Bad input, concurrent runs, damaged checkpoints and interruptions, through the real CLI: each ends in one
+paragraph and exit 2 (or 130 for Ctrl-C), and loses nothing that was already written."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ptmcli import checkpoint
+from tests.conftest import TINY, fails_with, read_metrics, run_ptm
+
+# A constant learning rate after warmup: the first N steps of a run do not depend on its max_steps, so a run
+# stopped at any step and resumed can be compared with this one, row by row.
+CONSTANT = [*TINY, "optimizer.schedule=constant", "trainer.log_every=1", "trainer.keep_last=0"]
+
+
+@pytest.fixture(scope="module")
+def reference(cache_env, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("hardening") / "reference"
+    run_ptm(["pretrain", *CONSTANT, "trainer.max_steps=30", "trainer.save_every=10", f"hydra.run.dir={run}"], cache_env)
+    return run
+
+
+def _snapshot(folder: Path) -> dict:
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _train_rows(run: Path) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in read_metrics(run) if r["split"] == "train"]
+
+
+def test_bad_inputs_get_one_paragraph_and_change_nothing(reference, cache_env, tmp_path):
+    """Each case: exit 2, no traceback, a message naming the key or file, the run it names byte-identical and no
+    new directory left behind. The cases start together (most fail before torch is imported); `{run}` is each
+    case's own copy of a finished run, since a run holds its directory's lock."""
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("Caf\xe9 society and the pound (\xa3) fell.\n\nA second paragraph here.\n".encode("latin-1"))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n  \n")
+    junk = tmp_path / "junk.json"
+    junk.write_bytes(b"\x00\x01 not a tokenizer")
+    broken_yaml = tmp_path / "broken.yaml"
+    broken_yaml.write_text("task:\n  kind: text-cls\n data:\n  train: x.csv\n")
+    unlabeled = tmp_path / "unlabeled.csv"
+    unlabeled.write_text("text,label\n" + "".join(f"row {i} text,{'' if i in (3, 7) else i % 2}\n" for i in range(12)))
+    fresh = tmp_path / "fresh"  # nothing must exist under it afterwards: a refused command leaves no directory
+    fresh.mkdir()
+    in_run = ["hydra.run.dir={run}", "resume=auto"]
+    cases = [
+        (["pretrain", *TINY, "optimizer.lr=nan", *in_run], "optimizer.lr=nan is not a finite number"),
+        (["pretrain", *TINY, "model.num_heads=0", *in_run], "model.num_heads=0 is out of range"),
+        (["pretrain", *TINY, "data.max_seq_len=128", *in_run], "model.max_positions"),
+        (["pretrain", *TINY, "trainer.keep_last=-1", f"hydra.run.dir={fresh / 'a' / 'run'}"], "trainer.keep_last=-1"),
+        (["pretrain", *TINY, "data=files", f"hydra.run.dir={fresh / 'b'}"], "data.source is not set"),
+        (["pretrain", *TINY, "data=files", f"data.source={tmp_path / 'nope.txt'}", *in_run], "does not exist"),
+        (["pretrain", *TINY, "data=files", f"data.source={empty}", f"hydra.run.dir={fresh / 'c'}"], "corpus is empty"),
+        (
+            ["pretrain", *TINY, "data=files", f"data.source={latin1}", *in_run],
+            f"data.source='{latin1}' is not utf-8 text: byte 3 is 0xe9",
+        ),
+        (["pretrain", *TINY, f"data.tokenizer={junk}", f"hydra.run.dir={fresh / 'd'}"], f"data.tokenizer='{junk}'"),
+        (["pretrain", *TINY, f"resume={tmp_path}", f"hydra.run.dir={fresh / 'e'}"], "holds no complete checkpoint"),
+        (["pretrain", *TINY, "model.num_layers=3", "resume={run}", "hydra.run.dir={run}"], "another architecture"),
+        (["pretrain", *TINY, "trainer.max_steps=20", "hydra.run.dir={run}"], "already holds checkpoints"),
+        (["finetune", "task=news-cls", "trainer.max_steps=5", "trainer.epochs=2"], "give one of them"),
+        (["finetune", f"task={broken_yaml}", f"hydra.run.dir={fresh / 'f'}"], "is not valid YAML at line 3, column 2"),
+        (["finetune", f"task={tmp_path / 'nope.yaml'}"], "nope.yaml' does not exist"),
+        (["finetune", f"task={tmp_path}/"], "is a directory"),
+        (
+            ["finetune", "task=text-cls", f"data.train={unlabeled}", "model=bert-tiny", f"hydra.run.dir={fresh}"],
+            "2 row(s) have no label in data.label_column='label' (rows 4, 8",
+        ),
+        (["evaluate", f"run={junk}"], "is a file; give a run directory"),
+        (["predict", f"run={reference}", f"input={latin1}"], "is a pretraining run"),
+        (["generate", f"run={reference}", f"input={tmp_path}"], f"input='{tmp_path}' is a directory, not a file"),
+        (["export", f"run={reference}", f"output={junk}/x"], "has a part of its path that is a file"),
+    ]
+    before = _snapshot(reference)
+    procs, copies = [], []
+    for i, (args, _) in enumerate(cases):
+        if any("{run}" in a for a in args):
+            copies.append(tmp_path / f"run{i}")
+            shutil.copytree(reference, copies[-1], symlinks=True)
+            args = [a.replace("{run}", str(copies[-1])) for a in args]
+        command = [sys.executable, "-m", "ptmcli", *args]
+        procs.append(
+            subprocess.Popen(command, env=cache_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        )
+    for (args, expected), proc in zip(cases, procs):
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 2 and expected in err and "Traceback" not in err, (args, proc.returncode, err)
+    assert all(_snapshot(run) == before for run in [reference, *copies])
+    assert list(fresh.iterdir()) == []  # it existed before, empty: it stays, and nothing was made inside
+
+
+def test_yaml_tags_in_a_task_file_run_nothing(cache_env, tmp_path):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.yaml"
+    evil.write_text(f"task:\n  kind: !!python/object/apply:os.system ['touch {marker}']\n")
+    fails_with(["finetune", f"task={evil}"], cache_env, "is not valid YAML")
+    callbacks = tmp_path / "callbacks.yaml"
+    callbacks.write_text("hydra:\n  callbacks:\n    x:\n      _target_: builtins.exec\n")
+    fails_with(["finetune", f"task={callbacks}"], cache_env, "sets unknown section(s) hydra")
+    assert not marker.exists()
+
+
+def test_a_second_run_in_a_busy_directory_stops_and_ctrl_c_saves(reference, cache_env, tmp_path):
+    """Run A holds its directory: B stops at once naming A's pid. Ctrl-C stops A at a step boundary with a
+    checkpoint and one line; resumed, it continues exactly as a run that was never interrupted."""
+    run = tmp_path / "run"
+    args = ["pretrain", *CONSTANT, "trainer.save_every=0", f"hydra.run.dir={run}"]
+    first = subprocess.Popen(
+        [sys.executable, "-m", "ptmcli", *args, "trainer.max_steps=1000"],
+        env=cache_env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 120
+    while (not metrics.exists() or len(metrics.read_text().splitlines()) < 3) and time.time() < deadline:
+        time.sleep(0.05)
+    second = fails_with([*args, "trainer.max_steps=1000"], cache_env, f"is in use by process {first.pid}")
+    assert "nothing was changed" in second
+    first.send_signal(signal.SIGINT)
+    _, err = first.communicate(timeout=120)
+    assert first.returncode == 130 and "Traceback" not in err, err
+    (line,) = [x for x in err.splitlines() if x.startswith("interrupted:")]
+    stopped = int(line.split("stopped at step ")[1].split()[0])
+    assert f"checkpoint step-{stopped} written" in line and f"resume={run}" in line
+    assert not (run / ".lock").exists() and checkpoint.latest(run / "checkpoints").name == f"step-{stopped}"
+    straight = tmp_path / "straight"
+    both = [  # the resumed run, and one never interrupted, side by side
+        subprocess.Popen(
+            [sys.executable, "-m", "ptmcli", *a, f"trainer.max_steps={stopped + 3}"],
+            env=cache_env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for a in ([*args, f"resume={run}"], [*args[:-1], f"hydra.run.dir={straight}"])
+    ]
+    assert [p.wait(timeout=300) for p in both] == [0, 0]
+    assert _train_rows(run) == _train_rows(straight)
+
+
+def test_damaged_checkpoints_are_named_and_resume_falls_back(reference, cache_env, tmp_path):
+    newest = reference / "checkpoints" / "step-30"
+    for name in sorted(p.name for p in newest.iterdir() if p.name != checkpoint.MARKER):
+        copy = tmp_path / name
+        shutil.copytree(newest, copy)
+        data = (copy / name).read_bytes()
+        (copy / name).write_bytes(data[: len(data) // 2])
+        assert f"{name} is {len(data) // 2:,} bytes where {len(data):,} were written" in checkpoint.damage(copy)
+        (copy / name).write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # same size, one bit flipped
+        assert f"{name} does not have the checksum" in checkpoint.damage(copy)
+        (copy / name).unlink()
+        assert checkpoint.damage(copy) == f"{name} is missing"
+    assert checkpoint.damage(newest) is None
+    # through the CLI: export names the damaged file; resume=auto skips the checkpoint and says why
+    run = tmp_path / "run"
+    shutil.copytree(reference, run, symlinks=True)
+    with open(run / "checkpoints" / "step-30" / "trainer_state.json", "r+") as f:
+        f.truncate(10)
+    partial = run / "checkpoints" / "step-40"  # a later write killed before its marker: not a checkpoint at all
+    shutil.copytree(run / "checkpoints" / "step-20", partial)
+    (partial / checkpoint.MARKER).unlink()
+    fails_with(["export", f"run={run}"], cache_env, "is damaged: trainer_state.json is 10 bytes where")
+    out = run_ptm(
+        ["pretrain", *CONSTANT, "trainer.max_steps=30", "trainer.save_every=10", f"hydra.run.dir={run}", "resume=auto"],
+        cache_env,
+    )
+    assert "skipped damaged checkpoint(s) step-30 (trainer_state.json is 10 bytes" in out.stderr
+    assert "from step-20" in out.stderr
+    assert _train_rows(run) == _train_rows(reference) and checkpoint.damage(run / "checkpoints" / "step-30") is None
+
+
+def test_max_steps_on_the_command_line_wins_over_the_task_files_epochs(cache_env):
+    """--cfg job shows what will run: the typed step count, with the task file's epochs cleared."""
+    out = run_ptm(["finetune", "task=news-cls", "trainer.max_steps=7", "--cfg", "job"], cache_env).stdout
+    assert "max_steps: 7" in out and "epochs: null" in out
+    out = run_ptm(["finetune", "task=news-cls", "--cfg", "job"], cache_env).stdout
+    assert "epochs: 3" in out
+
+
+def test_a_task_file_of_your_own_with_unlabeled_rows_dropped_on_request(reference, cache_env, tmp_path):
+    """task=my_task.yaml (no package header needed) trains like a shipped task; integer labels stay integers; a
+    row without a label is dropped only when asked, and counted."""
+    rows = [(f"the match ended with a late goal number {i}", 1) for i in range(12)]
+    rows += [(f"shares fell on the market report number {i}", 0) for i in range(12)]
+    table = tmp_path / "mine.csv"
+    table.write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in rows) + "an unlabeled row,\n")
+    task = tmp_path / "my_task.yaml"
+    task.write_text(
+        f"task:\n  kind: text-cls\n  max_seq_len: 32\ndata:\n  name: mine\n  train: {table}\n"
+        "  drop_unlabeled: true\ntrainer:\n  epochs: 1\n  batch_size: 8\n"
+    )
+    run = tmp_path / "run"
+    out = run_ptm(
+        ["finetune", f"task={task}", f"init={reference}", "trainer.max_steps=2", f"hydra.run.dir={run}"], cache_env
+    )
+    assert "dropped 1 row(s) without a label" in out.stderr and "2 steps" in out.stderr
+    assert json.loads((run / "labels.json").read_text()) == ["0", "1"]
+    assert (run / ".hydra" / "overrides.yaml").exists() and not (run / ".lock").exists()
+
+
+def test_os_errors_read_as_sentences(tmp_path):
+    from ptmcli.files import os_error, read_text
+
+    with pytest.raises(Exception, match="is a directory, not a file"):
+        read_text(tmp_path, "input")
+    bom = tmp_path / "bom.txt"
+    bom.write_bytes("hello".encode("utf-8-sig"))
+    assert read_text(bom, "input") == "hello"
+    bom.write_bytes("hello".encode("utf-16"))
+    assert read_text(bom, "input") == "hello"
+    err = os_error(OSError(28, "No space left on device", str(tmp_path / "x")), "output")
+    assert str(err) == f"output='{tmp_path / 'x'}' cannot be written: no space left on device."
+    if os.geteuid() != 0:  # root reads anything
+        locked = tmp_path / "locked.txt"
+        locked.write_text("x")
+        locked.chmod(0)
+        with pytest.raises(Exception, match="permission denied"):
+            read_text(locked, "input")
