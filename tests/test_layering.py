@@ -37,6 +37,7 @@ LAYERS = {
     "export": 5.7,
     "hydra_args": 0,
     "files": 0,
+    "preflight": 0.5,
     "runfiles": 2,
     "cli": 6,
     "__main__": 7,

