@@ -7,28 +7,28 @@ conf/ and overrides a few groups and keys. Hydra's own flags (-m, --cfg, hydra.r
 
 from __future__ import annotations
 
-import atexit
 import dataclasses
 import os
-import shutil
 import sys
-import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
+from ptmcli.compose import (
+    COMMANDS,
+    group_options,
+    parse,
+    primary_dir,
+    recipes,
+    register_defaults,
+    searchpath,
+)
 from ptmcli.confdirs import config_dirs
 from ptmcli.errors import Interrupted, PtmError
-from ptmcli.files import os_error, read_text, read_yaml
-from ptmcli.hydra_args import check_hydra_override, split_flags
+from ptmcli.files import os_error, read_text
 from ptmcli.preflight import check_paths
 from ptmcli.schema import (
-    FINETUNE_SECTIONS,
     MODEL_SCHEMAS,
-    SECTIONS,
     TRANSFER_SCHEMAS,
-    FinetuneConfig,
-    PretrainConfig,
     check_finetune,
     check_pretrain,
     did_you_mean,
@@ -39,36 +39,6 @@ from ptmcli.schema import (
 NEW_DIRS: list[Path] = []
 
 
-@dataclass(frozen=True)
-class Command:
-    """A Hydra-driven command: its base config in conf/, default recipe, schema and config groups."""
-
-    base: str
-    default_recipe: str
-    schema: type
-    sections: dict
-    groups: tuple[str, ...]
-    summary: str
-
-
-COMMANDS = {
-    "pretrain": Command(
-        "pretrain",
-        "demo",
-        PretrainConfig,
-        SECTIONS,
-        ("model", "objective", "data", "optimizer", "hardware"),
-        "self-supervised pretraining",
-    ),
-    "finetune": Command(
-        "finetune",
-        "finetune",
-        FinetuneConfig,
-        FINETUNE_SECTIONS,
-        ("task", "transfer", "model", "optimizer", "hardware"),
-        "supervised fine-tuning",
-    ),
-}
 # Commands that read a finished run instead of composing a config.
 RUN_COMMANDS = {
     "evaluate": "metrics of a fine-tuned run on a split: ptm evaluate run=DIR split=test",
@@ -80,6 +50,13 @@ RUN_COMMANDS = {
     "run=DIR prompt=TEXT | input=FILE (one per line) [max_new_tokens=40 top_p=1 top_k=0 temperature=1 "
     "greedy=false seed=0 cache=true num_beams=1 length_penalty=1 no_repeat_ngram_size=0]; a text-to-text run "
     "decodes as its validation did (the task's beams, n-gram blocking and target length) unless told otherwise",
+}
+# Commands that look at configs without training.
+CONFIG_TOOLS = {
+    "ls": "recipes, tasks and every config group's options, each with its description: ptm ls",
+    "cat": "a composed, checked config as YAML with each key's help: ptm cat conf=RECIPE | task=NAME [key=value ...]",
+    "validate": "every check a run makes before training (config, data, labels, tokenizer, init, resume), without "
+    "training: ptm validate conf=RECIPE | task=NAME [key=value ...]",
 }
 # ptm generate's arguments -> their types (defaults: generation.Sampling's, or a text-to-text run's task)
 GENERATE_ARGS = {
@@ -94,62 +71,6 @@ GENERATE_ARGS = {
     "length_penalty": float,
     "no_repeat_ngram_size": int,
 }
-
-
-def group_options(group: str) -> list[str]:
-    return sorted(p.stem for p in (config_dirs()[0] / group).glob("*.yaml"))
-
-
-def recipes() -> dict[str, str]:
-    """recipe name -> first comment line of its file."""
-    out = {}
-    for path in sorted(config_dirs()[1].glob("*.yaml")):
-        first = path.read_text().splitlines()[0] if path.stat().st_size else ""
-        out[path.stem] = first.lstrip("# ").strip()
-    return out
-
-
-def register_defaults() -> None:
-    """Give every schema key its default in Hydra's ConfigStore, so any key can be overridden even when a group
-    file leaves it out. Plain dicts, not typed nodes: type errors are reported by our checker, not by OmegaConf."""
-    from hydra.core.config_store import ConfigStore
-
-    for name, command in COMMANDS.items():
-        defaults = {key: dataclasses.asdict(schema()) for key, schema in command.sections.items()}
-        # transfer keys depend on the method, so the transfer/ group file lists all of its own
-        extra = {f.name: None for f in dataclasses.fields(command.schema) if f.name not in defaults}
-        ConfigStore.instance().store(name=f"ptm_{name}_defaults", node={**defaults, **extra})
-
-
-def check_override(arg: str, command: Command) -> None:
-    """Fail early, with a did-you-mean, on an override naming an unknown group option or key."""
-    key, has_value, value = arg.lstrip("+~").partition("=")
-    if key.startswith("hydra") or not (has_value or arg.startswith("~")):
-        return
-    if key in command.groups:
-        options = group_options(key)
-        for choice in value.split(",") if has_value else []:
-            if choice not in options and not (key == "model" and choice == "null"):
-                raise PtmError(
-                    f"'{choice}' is not an option of the '{key}' group.{did_you_mean(choice, options)} "
-                    f"Valid options: {', '.join(options)}."
-                )
-        return
-    head, _, rest = key.partition(".")
-    top = {f.name for f in dataclasses.fields(command.schema)}
-    if head not in top:
-        raise PtmError(f"Unknown key '{key}'.{did_you_mean(head, top)} Valid top-level keys: {', '.join(sorted(top))}.")
-    if head in ("model", "transfer"):
-        schemas = MODEL_SCHEMAS if head == "model" else TRANSFER_SCHEMAS
-        fields = {f.name for schema in schemas.values() for f in dataclasses.fields(schema)}
-    elif head in command.sections:
-        fields = {f.name for f in dataclasses.fields(command.sections[head])}
-    else:
-        return
-    if rest.split(".")[0] not in fields:
-        raise PtmError(
-            f"Unknown key '{key}'.{did_you_mean(rest, fields)} Valid keys of '{head}': {', '.join(sorted(fields))}."
-        )
 
 
 def print_help(name: str) -> None:
@@ -211,46 +132,6 @@ def _share_stamp() -> list[str]:
     return []
 
 
-def user_task(value: str, top_keys: set[str]) -> tuple[str, Path]:
-    """task=path/to/file.yaml: (the option name, a config folder holding it as task/NAME.yaml), so that Hydra composes
-    it as it would a shipped task. A file without `# @package _global_` gets it: task files set top-level keys."""
-    path = Path(value).expanduser()
-    content = read_yaml(path, "task")
-    if not isinstance(content, dict) or not content:
-        raise PtmError(
-            f"task='{path}' should be a YAML mapping of config sections (task:, data:, trainer:, ...), like the "
-            f"files in conf/task/; it is {'empty' if not content else type(content).__name__}."
-        )
-    unknown = sorted(str(k) for k in content if k not in top_keys)  # hydra: and defaults: too, which could run code
-    if unknown:
-        raise PtmError(
-            f"task='{path}' sets unknown section(s) {', '.join(unknown)}.{did_you_mean(unknown[0], top_keys)} A task "
-            f"file sets: {', '.join(sorted(top_keys))}."
-        )
-    folder = Path(tempfile.mkdtemp(prefix="ptm-task-"))
-    atexit.register(shutil.rmtree, folder, True)
-    name = path.stem if path.stem not in group_options("task") else f"{path.stem}-file"
-    text = read_text(path, "task")
-    header = "" if text.lstrip().startswith("# @package _global_") else "# @package _global_\n"
-    (folder / "task").mkdir()
-    (folder / "task" / f"{name}.yaml").write_text(header + text)
-    return name, folder
-
-
-def training_length(overrides: list[str]) -> list[str]:
-    """trainer.max_steps typed on the command line wins over a task file's trainer.epochs (which otherwise decides);
-    typing both is refused rather than one silently ignored."""
-    given = {a.lstrip("+~").partition("=")[0]: a.partition("=")[2] for a in overrides}
-    if "trainer.max_steps" not in given:
-        return overrides
-    if given.get("trainer.epochs", "null") not in ("null", "None", "~"):
-        raise PtmError(
-            f"trainer.max_steps={given['trainer.max_steps']} and trainer.epochs={given['trainer.epochs']} both set "
-            f"the training length; give one of them."
-        )
-    return [*overrides, "trainer.epochs=null"] if "trainer.epochs" not in given else overrides
-
-
 class NewRunDirs:
     """A Hydra callback (named in conf/pretrain.yaml and conf/finetune.yaml): before Hydra creates the run
     directory, note which directories on its path do not exist yet."""
@@ -284,40 +165,12 @@ def run_command(name: str, args: list[str]) -> None:
     from omegaconf import DictConfig, OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    command = COMMANDS[name]
-    recipe = command.default_recipe
-    rest = []
-    for arg in args:
-        if arg.startswith("conf="):
-            recipe = arg.partition("=")[2]
-        else:
-            rest.append(arg)
-    known = recipes()
-    if recipe != command.base and recipe not in known:
-        raise PtmError(f"conf={recipe}: no such recipe.{did_you_mean(recipe, known)} Recipes: {', '.join(known)}.")
-    overrides, flags = split_flags(rest)
-    completing = {"-sc", "--shell-completion"} & set(flags)  # there, install=bash / query=bash are not overrides
-    search = [config_dirs()[1] if recipe == command.base else config_dirs()[0]]
-    for i, arg in enumerate(overrides):
-        check_hydra_override(arg)
-        key, _, value = arg.partition("=")
-        if key == "task" and name == "finetune" and (value.endswith((".yaml", ".yml")) or "/" in value):
-            task_name, folder = user_task(value, {f.name for f in dataclasses.fields(command.schema)})
-            overrides[i] = f"task={task_name}"
-            search.append(folder)
-        elif not completing:
-            check_override(arg, command)
-    if name == "finetune" and not completing:
-        overrides = training_length(overrides)
-    conf_dir, recipe_dir = config_dirs()
+    invocation = parse(name, args)
     register_defaults()
     if not OmegaConf.has_resolver("ptm_stamp"):
         OmegaConf.register_new_resolver("ptm_stamp", _stamp)
 
-    # Hydra finds the primary config only under config_path; the other folder joins through the search path.
-    primary = conf_dir if recipe == command.base else recipe_dir
-
-    @hydra.main(version_base=None, config_path=str(primary), config_name=recipe)
+    @hydra.main(version_base=None, config_path=str(primary_dir(invocation)), config_name=invocation.recipe)
     def task(cfg: DictConfig) -> None:
         from hydra.core.hydra_config import HydraConfig
 
@@ -349,14 +202,13 @@ def run_command(name: str, args: list[str]) -> None:
             release_run()
 
     # argparse takes the overrides only as one block, so they go first and Hydra's flags after them.
-    searchpath = ",".join(f"file://{folder}" for folder in search)
     sys.argv = [
         "ptm",
-        *overrides,
-        f"hydra.searchpath=[{searchpath}]",
+        *invocation.overrides,
+        searchpath(invocation),
         "hydra.output_subdir=null",
         *_share_stamp(),
-        *flags,
+        *invocation.flags,
     ]
     task()
 
@@ -369,17 +221,20 @@ def release_run() -> None:
     remove_new_empty_dirs()
 
 
-def run_run_command(name: str, args: list[str]) -> None:
-    """`ptm evaluate` / `ptm predict`: key=value arguments, no config composition."""
+def parse_run_args(name: str, args: list[str]) -> dict[str, str]:
+    """The key=value arguments of a run command (evaluate, predict, export, generate), checked by name."""
+    if name not in RUN_COMMANDS:
+        known = [*COMMANDS, *RUN_COMMANDS, *CONFIG_TOOLS]
+        raise PtmError(f"Unknown command '{name}'.{did_you_mean(name, known)} Commands: {', '.join(known)}.")
+    allowed = {
+        "evaluate": ("run", "split", "checkpoint"),
+        "predict": ("run", "input", "output", "checkpoint"),
+        "export": ("run", "format", "merge", "output", "checkpoint"),
+        "generate": ("run", "prompt", "input", "output", "checkpoint", *GENERATE_ARGS),
+    }[name]
     values = {}
     for arg in args:
         key, sep, value = arg.partition("=")
-        allowed = {
-            "evaluate": ("run", "split", "checkpoint"),
-            "predict": ("run", "input", "output", "checkpoint"),
-            "export": ("run", "format", "merge", "output", "checkpoint"),
-            "generate": ("run", "prompt", "input", "output", "checkpoint", *GENERATE_ARGS),
-        }[name]
         if not sep or key not in allowed:
             raise PtmError(
                 f"ptm {name}: unexpected argument '{arg}'.{did_you_mean(key, allowed)} "
@@ -389,6 +244,12 @@ def run_run_command(name: str, args: list[str]) -> None:
     if "run" not in values:
         kind = {"generate": "causal-LM pretraining", "export": "pretraining or fine-tuning"}.get(name, "fine-tuning")
         raise PtmError(f"ptm {name} needs run=DIR, a {kind} run directory.")
+    return values
+
+
+def run_run_command(name: str, args: list[str]) -> None:
+    """`ptm evaluate` / `predict` / `export` / `generate`: key=value arguments, no config composition."""
+    values = parse_run_args(name, args)
     if name == "generate":
         run_generate(values)
         return
@@ -467,11 +328,27 @@ def main(argv: list[str] | None = None) -> None:
         argv = _completion(argv) or argv
     if not argv or argv[0] in ("-h", "--help"):
         lines = [f"  {n:<10} {c.summary} (ptm {n} --help)" for n, c in COMMANDS.items()]
-        lines += [f"  {n:<10} {text}" for n, text in RUN_COMMANDS.items()]
+        lines += [f"  {n:<10} {text}" for n, text in {**RUN_COMMANDS, **CONFIG_TOOLS}.items()]
         print("usage: ptm COMMAND [conf=RECIPE] [overrides...]\n\ncommands:\n" + "\n".join(lines))
+        print("  --version  the installed ptm's version")
+        return
+    if argv[0] in ("--version", "-V"):
+        from importlib.metadata import version
+
+        print(f"ptm {version('ptmcli')}")
         return
     name, args = argv[0], argv[1:]
     try:
+        if name in CONFIG_TOOLS:
+            if "--help" in args or "-h" in args:
+                print(f"ptm {name}: {CONFIG_TOOLS[name]}")
+                return
+            from ptmcli import configtools
+
+            {"ls": lambda _: configtools.list_configs(), "cat": configtools.cat, "validate": configtools.validate}[
+                name
+            ](args)
+            return
         if name in RUN_COMMANDS:
             if "--help" in args or "-h" in args:
                 print(f"ptm {name}: {RUN_COMMANDS[name]}")
@@ -479,7 +356,7 @@ def main(argv: list[str] | None = None) -> None:
             run_run_command(name, args)
             return
         if name not in COMMANDS:
-            known = [*COMMANDS, *RUN_COMMANDS]
+            known = [*COMMANDS, *RUN_COMMANDS, *CONFIG_TOOLS]
             raise PtmError(f"Unknown command '{name}'.{did_you_mean(name, known)} Commands: {', '.join(known)}.")
         if "--help" in args or "-h" in args:
             print_help(name)

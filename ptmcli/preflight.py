@@ -23,7 +23,8 @@ def local_path(spec: str, key: str) -> Path | None:
 
 def check_paths(cfg: PretrainConfig | FinetuneConfig) -> list[str]:
     """Refuse a named path that is missing; returns 'key: path' for each one that was found."""
-    named = {"init": cfg.init}
+    # a resumed run has what init gave it in its checkpoint and run directory; init may have moved since
+    named = {"init": cfg.init if cfg.resume is None else None}
     if isinstance(cfg, PretrainConfig):
         if not cfg.data.source.startswith("task:"):  # a task name is resolved against conf/task/ by the loader
             named["data.source"] = cfg.data.source

@@ -7,7 +7,7 @@ import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from ptmcli.cli import COMMANDS, check_override, config_dirs, recipes, register_defaults
+from ptmcli.compose import COMMANDS, check_override, config_dirs, recipes, register_defaults
 from ptmcli.errors import PtmError
 from ptmcli.schema import FAMILY_OBJECTIVES, arch_from_spec, architecture_spec, check_finetune, check_pretrain
 from tests.conftest import ROOT, run_ptm

@@ -38,9 +38,12 @@ LAYERS = {
     "hydra_args": 0,
     "files": 0,
     "preflight": 0.5,
+    "compose": 0.7,
+    "configtools": 5.8,
     "runfiles": 2,
     "cli": 6,
     "__main__": 7,
+    "demo": 7,
 }
 
 

@@ -1,0 +1,164 @@
+"""Tools that look at configs without training: `ptm ls` (what there is to choose), `ptm cat` (a composed, checked
+config with each key's help), `ptm validate` (every check a run makes before it trains, data and init included)."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import yaml
+
+from ptmcli.compose import COMMANDS, Invocation, checked, group_options, parse, recipes
+from ptmcli.confdirs import config_dirs
+from ptmcli.errors import PtmError
+from ptmcli.preflight import check_paths
+from ptmcli.runlog import console
+
+
+def first_comment(path: Path) -> str:
+    """A config file's one-line description: its first comment line."""
+    for line in path.read_text().splitlines():
+        if line.startswith("#") and not line.startswith("# @package"):
+            return line.lstrip("# ").strip()
+    return ""
+
+
+def list_configs() -> None:
+    """`ptm ls`: recipes, tasks and every group's options, one line each with its description."""
+    import shutil
+
+    conf, recipe_dir = config_dirs()
+    width = max(shutil.get_terminal_size((120, 24)).columns, 80)
+    sections = {"recipes (ptm pretrain conf=NAME)": {n: recipe_dir / f"{n}.yaml" for n in recipes()}}
+    groups = dict.fromkeys(g for command in COMMANDS.values() for g in command.groups)
+    for group in sorted(groups, key=lambda g: (g != "task", g)):
+        users = "|".join(n for n, c in COMMANDS.items() if group in c.groups)
+        sections[f"{group} (ptm {users} {group}=NAME)"] = {o: conf / group / f"{o}.yaml" for o in group_options(group)}
+    for title, options in sections.items():
+        print(title)
+        for name, path in options.items():
+            # a recipe's first line is `ptm pretrain conf=NAME -- what it is`
+            text = first_comment(path).partition(" -- ")[2] or first_comment(path)
+            line = f"  {name:<20} {text}"
+            print(line if len(line) <= width else line[: width - 1] + "…")
+        print()
+    print("ptm cat conf=NAME | task=NAME [key=value ...] prints one composed config; ptm validate checks one.")
+
+
+def invocation_of(args: list[str]) -> Invocation:
+    """`[pretrain|finetune] [conf=R | task=T] [overrides]`: the command is named, or finetune when a task or
+    transfer is chosen, else pretrain."""
+    if args and args[0] in COMMANDS:
+        return parse(args[0], args[1:])
+    finetune = any(a.partition("=")[0].lstrip("+") in ("task", "transfer") for a in args)
+    return parse("finetune" if finetune else "pretrain", [a for a in args if not a.startswith("hydra.")])
+
+
+def _value(value) -> str:
+    return yaml.safe_dump(value, default_flow_style=True, width=10_000).removesuffix("\n...\n").strip()
+
+
+def _section_lines(name: str, section) -> list[str]:
+    lines = [f"{name}:"]
+    for f in dataclasses.fields(section):
+        help_text = f.metadata.get("help", "")
+        lines.append(f"  {f.name}: {_value(getattr(section, f.name))}" + (f"  # {help_text}" if help_text else ""))
+    return lines
+
+
+def as_commented_yaml(typed, schema: type) -> str:
+    """A checked config as YAML, each key followed by its help."""
+    lines = []
+    for f in dataclasses.fields(schema):
+        value = getattr(typed, f.name)
+        if dataclasses.is_dataclass(value):
+            lines += _section_lines(f.name, value)
+        else:
+            help_text = f.metadata.get("help", "")
+            lines.append(f"{f.name}: {_value(value)}" + (f"  # {help_text}" if help_text else ""))
+    return "\n".join(lines) + "\n"
+
+
+def cat(args: list[str]) -> None:
+    """`ptm cat`: the composed config, after every schema check, as commented YAML on stdout."""
+    invocation = invocation_of(args)
+    _, typed = checked(invocation)
+    shown = " ".join(args)
+    print(f"# ptm {invocation.command} {shown}".rstrip() + " -- composed and checked; each key's help follows it")
+    print(as_commented_yaml(typed, COMMANDS[invocation.command].schema), end="")
+
+
+def validate(args: list[str]) -> None:
+    """`ptm validate`: the checks a run makes before training -- config, paths, data, labels, tokenizer, init and
+    resume target -- without training or writing anything."""
+    import datasets
+
+    started = time.perf_counter()
+    invocation = invocation_of(args)
+    raw, cfg = checked(invocation)
+    found = check_paths(cfg)
+    datasets.disable_progress_bars()
+    facts = validate_pretrain(cfg) if invocation.command == "pretrain" else validate_finetune(cfg)
+    if cfg.resume not in (None, "auto"):
+        from ptmcli import checkpoint, rundir
+
+        _, target = rundir._run_of(cfg.resume)
+        found_ckpt = checkpoint.verified(target) if (target / checkpoint.MARKER).exists() else None
+        found_ckpt = found_ckpt or checkpoint.newest_intact(target, [])
+        if found_ckpt is None:
+            raise PtmError(f"resume={cfg.resume}: no intact checkpoint under '{target}'.")
+        facts.append(f"resume from {found_ckpt}")
+    console.print(
+        f"[bold green]ok[/] ptm {invocation.command} {' '.join(args)}: "
+        + "; ".join([*facts, *found])
+        + f". Checked in {time.perf_counter() - started:.1f} s; no run directory was written.",
+        soft_wrap=True,
+    )
+
+
+def validate_pretrain(cfg) -> list[str]:
+    from ptmcli import hf
+    from ptmcli.data.sources import load_documents, split_documents
+    from ptmcli.data.tokenizer import load_tokenizer
+    from ptmcli.pretrain import check_same_tokenizer, from_hf, load_init
+    from ptmcli.weights import hf_directory
+
+    facts = [f"{cfg.model.family} model, objective {cfg.objective.name}"]
+    if cfg.init:
+        directory = hf_directory(cfg.init)
+        if directory is not None:
+            _, arch, generator = hf.read_arch(directory, f"init={cfg.init}")
+            cfg = dataclasses.replace(cfg, model=from_hf(cfg, arch, generator is not None))
+        start = load_init(cfg)
+        if cfg.data.tokenizer:
+            check_same_tokenizer(cfg, start.tokenizer)
+        facts.append(f"init from {start.source}")
+    elif cfg.data.tokenizer:
+        facts.append(f"tokenizer of {load_tokenizer(cfg.data.tokenizer, cfg.data.lowercase).get_vocab_size():,} tokens")
+    if cfg.data.source.startswith("hf:"):
+        facts.append(f"data.source={cfg.data.source} is fetched when the run starts (not checked offline)")
+    else:
+        train, val = split_documents(load_documents(cfg.data), cfg.data)
+        facts.append(f"data {cfg.data.name}: {len(train):,} train / {len(val):,} validation documents")
+    return facts
+
+
+def validate_finetune(cfg) -> list[str]:
+    from ptmcli.data.labeled import label_names, load_splits
+    from ptmcli.finetune import check_lengths, scratch, writes_text
+    from ptmcli.weights import load_pretrained
+
+    kind = cfg.task.kind
+    splits = load_splits(cfg.data, kind)
+    labels = label_names(splits, kind, cfg.task.labels, cfg.data.name)
+    if kind not in ("qa", "text2text") and len(labels) < 2:
+        raise PtmError(f"data '{cfg.data.name}' has {len(labels)} label(s) {labels}; classification needs at least 2.")
+    pretrained = load_pretrained(cfg.init) if cfg.init else scratch(cfg, [r.get("text", "") for r in splits["train"]])
+    writes_text(cfg, pretrained.family)
+    check_lengths(cfg, pretrained)
+    sizes = " / ".join(f"{len(splits[s]):,}" for s in ("train", "validation", "test"))
+    return [
+        f"task {cfg.data.name} ({kind}{f', {len(labels)} labels' if labels else ''}): {sizes} train/val/test examples",
+        f"init {pretrained.source}",
+    ]
