@@ -28,7 +28,8 @@ def check_paths(cfg: PretrainConfig | FinetuneConfig) -> list[str]:
     if isinstance(cfg, PretrainConfig):
         if not cfg.data.source.startswith("task:"):  # a task name is resolved against conf/task/ by the loader
             named["data.source"] = cfg.data.source
-        named["data.tokenizer"] = cfg.data.tokenizer
+        # with init= (or on resume) the tokenizer is init's own, and the run checks data.tokenizer against it
+        named["data.tokenizer"] = cfg.data.tokenizer if cfg.init is None and cfg.resume is None else None
     else:
         named.update({f"data.{s}": getattr(cfg.data, s) for s in ("train", "validation", "test")})
         named["tokenizer"] = cfg.tokenizer
