@@ -133,8 +133,8 @@ def _share_stamp() -> list[str]:
 
 
 class NewRunDirs:
-    """A Hydra callback (named in conf/pretrain.yaml and conf/finetune.yaml): before Hydra creates the run
-    directory, note which directories on its path do not exist yet."""
+    """A Hydra callback that run_command adds (users cannot: hydra.callbacks overrides are refused): before Hydra
+    creates the run directory, note which directories on its path do not exist yet."""
 
     def on_run_start(self, config, **_) -> None:
         from hydra.core.hydra_config import HydraConfig
@@ -207,6 +207,7 @@ def run_command(name: str, args: list[str]) -> None:
         *invocation.overrides,
         searchpath(invocation),
         "hydra.output_subdir=null",
+        f"+hydra.callbacks.ptm_new_run_dirs._target_={NewRunDirs.__module__}.{NewRunDirs.__qualname__}",
         *_share_stamp(),
         *invocation.flags,
     ]

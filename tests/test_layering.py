@@ -37,6 +37,7 @@ LAYERS = {
     "export": 5.7,
     "hydra_args": 0,
     "files": 0,
+    "ranges": 0,
     "preflight": 0.5,
     "compose": 0.7,
     "configtools": 5.8,
