@@ -103,7 +103,7 @@ def validate(args: list[str]) -> None:
     if cfg.resume not in (None, "auto"):
         from ptmcli import checkpoint, rundir
 
-        _, target = rundir._run_of(cfg.resume)
+        _, target = rundir.run_of(cfg.resume)
         found_ckpt = checkpoint.verified(target) if (target / checkpoint.MARKER).exists() else None
         found_ckpt = found_ckpt or checkpoint.newest_intact(target, [])
         if found_ckpt is None:

@@ -91,7 +91,7 @@ def _empty_or_hydra_only(run_dir: Path) -> bool:
     return all(p.name in (".hydra", LOCK_FILE) for p in run_dir.iterdir())
 
 
-def _run_of(resume: str) -> tuple[Path, Path | None]:
+def run_of(resume: str) -> tuple[Path, Path | None]:
     """(run directory, checkpoint folder or the one checkpoint) named by resume=PATH: a checkpoint, a checkpoints/
     folder or a run directory."""
     path = Path(resume).expanduser()
@@ -141,7 +141,7 @@ def prepare(
     never looks for an earlier run elsewhere. Returns (run_dir, checkpoint)."""
     resume = cfg.get("resume")
     if resume not in (None, "auto"):
-        run_dir, named_checkpoint = _run_of(resume)
+        run_dir, named_checkpoint = run_of(resume)
     elif resume == "auto" and not named and checkpoint.latest(run_dir / "checkpoints") is None:
         earlier = _earlier_run(run_dir, config_hash(cfg))
         if earlier is not None:
