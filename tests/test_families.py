@@ -193,3 +193,32 @@ def test_generation_stops_at_the_end_token_and_at_the_context_length():
     assert stopped.tolist() == [[first]]
     capped = generate(step, model.new_cache, prompt, Sampling(max_new_tokens=100, greedy=True), max_length=40)
     assert capped.shape == (1, 35)
+
+
+def test_causal_lm_loss_and_gradients_equal_the_gathered_computation():
+    """Targets with ignore_index instead of a boolean gather of the (B, T, V) logits: same loss and gradients
+    (fp32, 1e-5), padding still ignored, and the accuracy statistic counted only in evaluation."""
+    import torch.nn.functional as F
+
+    from ptmcli.objectives.clm import CausalLM
+
+    torch.manual_seed(0)
+    model = PRETRAINING_MODELS["gpt"](ARCHS["gpt"], V, None).train()
+    ids = torch.randint(1, V, (3, 12))
+    mask = torch.ones_like(ids)
+    mask[1, 7:], mask[2, 3:] = 0, 0  # the packed stream's last, short blocks
+    sums, stats = CausalLM()(model, {"input_ids": ids, "attention_mask": mask})
+    sums["clm"].backward()
+    ours = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    logits = model(ids[:, :-1])
+    keep = mask[:, 1:].bool()
+    reference = F.cross_entropy(logits[keep], ids[:, 1:][keep], reduction="sum")
+    reference.backward()
+    torch.testing.assert_close(sums["clm"], reference, rtol=1e-5, atol=1e-5)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(ours[name], p.grad, rtol=1e-5, atol=1e-5, msg=name)
+    assert stats["clm_correct"] == 0  # training: no argmax over the vocabulary
+    with torch.no_grad():
+        _, stats = CausalLM()(model.eval(), {"input_ids": ids, "attention_mask": mask})
+    assert stats["clm_correct"] == (logits[keep].argmax(-1) == ids[:, 1:][keep]).sum()
