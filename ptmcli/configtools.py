@@ -146,14 +146,13 @@ def validate_pretrain(cfg) -> list[str]:
 
 def validate_finetune(cfg) -> list[str]:
     from ptmcli.data.labeled import label_names, load_splits
-    from ptmcli.finetune import check_lengths, scratch, writes_text
+    from ptmcli.finetune import check_labels, check_lengths, scratch, writes_text
     from ptmcli.weights import load_pretrained
 
     kind = cfg.task.kind
     splits = load_splits(cfg.data, kind)
     labels = label_names(splits, kind, cfg.task.labels, cfg.data.name)
-    if kind not in ("qa", "text2text") and len(labels) < 2:
-        raise PtmError(f"data '{cfg.data.name}' has {len(labels)} label(s) {labels}; classification needs at least 2.")
+    check_labels(cfg, labels)
     pretrained = load_pretrained(cfg.init) if cfg.init else scratch(cfg, [r.get("text", "") for r in splits["train"]])
     writes_text(cfg, pretrained.family)
     check_lengths(cfg, pretrained)

@@ -143,6 +143,17 @@ def parameter_counts(model: torch.nn.Module) -> dict[str, float]:
     return {"trainable": trainable, "total": total, "trainable_percent": round(100 * trainable / total, 3)}
 
 
+def check_labels(cfg: FinetuneConfig, labels: list[str]) -> None:
+    """The label list fits the task: a weight per label, and at least two classes to tell apart."""
+    if cfg.task.class_weights is not None and len(cfg.task.class_weights) != len(labels):
+        raise PtmError(
+            f"task.class_weights has {len(cfg.task.class_weights)} values but there are {len(labels)} labels "
+            f"{labels}; give one weight per label, in that order."
+        )
+    if cfg.task.kind not in ("qa", "text2text") and len(labels) < 2:
+        raise PtmError(f"data '{cfg.data.name}' has {len(labels)} label(s) {labels}; classification needs at least 2.")
+
+
 def finetune(
     raw_cfg: dict, run_dir: Path, recipe: str, named_dir: bool = False, hydra_files: dict | None = None
 ) -> dict[str, float]:
@@ -155,13 +166,7 @@ def finetune(
     kind = cfg.task.kind
     splits = load_splits(cfg.data, kind)
     labels = label_names(splits, kind, cfg.task.labels, cfg.data.name)
-    if cfg.task.class_weights is not None and len(cfg.task.class_weights) != len(labels):
-        raise PtmError(
-            f"task.class_weights has {len(cfg.task.class_weights)} values but there are {len(labels)} labels "
-            f"{labels}; give one weight per label, in that order."
-        )
-    if kind not in ("qa", "text2text") and len(labels) < 2:
-        raise PtmError(f"data '{cfg.data.name}' has {len(labels)} label(s) {labels}; classification needs at least 2.")
+    check_labels(cfg, labels)
     pretrained = load_pretrained(cfg.init) if cfg.init else scratch(cfg, [r.get("text", "") for r in splits["train"]])
     text = writes_text(cfg, pretrained.family)
     check_lengths(cfg, pretrained)

@@ -20,7 +20,7 @@ from ptmcli.confdirs import config_dirs
 from ptmcli.data.chinese import peoples_daily_ner, pickle_columns
 from ptmcli.data.sources import FORMATS, extract_zip, load_files, package_path
 from ptmcli.errors import PtmError
-from ptmcli.files import decode, read_bytes, read_yaml
+from ptmcli.files import read_text, read_yaml
 from ptmcli.runlog import console
 from ptmcli.schema import LabeledDataConfig, check_section, did_you_mean
 
@@ -37,7 +37,7 @@ def _path(spec: str, key: str) -> Path:
 def read_text_file(path: Path, encoding: str = "auto", key: str = "data.train") -> str:
     """A text file in its byte-order mark's encoding, else the ones data.encoding lists (the BBC task files list
     utf-8,latin-1: the corpus has one Latin-1 file)."""
-    return decode(read_bytes(path, key), path, key, encoding)
+    return read_text(path, key, encoding)
 
 
 def _missing(value) -> bool:
