@@ -14,6 +14,7 @@ from ptmcli.data.tokenizer import SENTINELS
 from ptmcli.generation import Sampling, beam_search, generate
 from ptmcli.models import SEQ2SEQ_MODELS
 from ptmcli.models.t5 import relative_position_bucket
+from ptmcli.models.vocab_loss import targeted_cross_entropies
 from ptmcli.objectives.seq2seq import Seq2SeqLM
 from ptmcli.schema import BartArch, ObjectiveConfig, T5Arch
 from ptmcli.tasks.rouge import rouge
@@ -98,12 +99,19 @@ def test_two_term_seq2seq_loss_splits_the_rows_by_term():
     logits = torch.randn(3, 4, 7)
     labels = torch.tensor([[1, 2, -100, -100], [3, 4, 5, 6], [0, -100, -100, -100]])
     batch = {"input_ids": None, "attention_mask": None, "decoder_input_ids": None, "labels": labels}
-    model = lambda *_: logits  # noqa: E731
+
+    class Model(torch.nn.Module):  # decoder states = the logits, projected through the identity
+        def forward(self, *_, targets, predict):
+            return targeted_cross_entropies(logits, torch.eye(7), None, targets, predict)
+
+    model = Model().eval()
     sums, stats = Seq2SeqLM("span", "full")(model, {**batch, "label_terms": torch.tensor([0, 1, 0])})
     keep = labels != -100
     token_losses = torch.nn.functional.cross_entropy(logits[keep], labels[keep], reduction="none")
     assert torch.allclose(sums["span"], token_losses[[0, 1, 6]].sum())
     assert torch.allclose(sums["full"], token_losses[2:6].sum())
+    predicted = logits[keep].argmax(-1) == labels[keep]
+    assert stats["span_correct"] == predicted[[0, 1, 6]].sum() and stats["full_correct"] == predicted[2:6].sum()
     single, _ = Seq2SeqLM("span")(model, batch)  # one term: no label_terms needed
     assert torch.allclose(single["span"], token_losses.sum())
     # a term without rows adds nothing, and its metrics are left out rather than divided by zero

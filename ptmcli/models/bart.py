@@ -14,6 +14,7 @@ from torch import nn
 
 from ptmcli.architectures import BartArch
 from ptmcli.models.layers import CrossAttention, FeedForward, SelfAttention, init_normal, layer_stack, padding_mask
+from ptmcli.models.vocab_loss import VocabLoss, targeted_cross_entropies
 
 
 class Embeddings(nn.Module):
@@ -98,14 +99,25 @@ class BartForConditionalGeneration(nn.Module):
     def encode(self, input_ids, attention_mask) -> torch.Tensor:
         return self.encoder(input_ids, None, attention_mask)
 
-    def decode(self, decoder_ids, memory, attention_mask, cache=None) -> torch.Tensor:
-        memory_mask = padding_mask(attention_mask)
-        word = self.encoder.embeddings.word
-        hidden = self.decoder(word(decoder_ids), memory, memory_mask, cache)
-        return F.linear(hidden, word.weight, self.lm_bias)
+    def decoder_states(self, decoder_ids, memory, attention_mask, cache=None) -> torch.Tensor:
+        """(B, T) decoder ids -> (B, T, C), what the output projection reads."""
+        return self.decoder(self.encoder.embeddings.word(decoder_ids), memory, padding_mask(attention_mask), cache)
 
-    def forward(self, input_ids, attention_mask, decoder_input_ids) -> torch.Tensor:
-        return self.decode(decoder_input_ids, self.encode(input_ids, attention_mask), attention_mask)
+    def decode(self, decoder_ids, memory, attention_mask, cache=None) -> torch.Tensor:
+        """(B, T) decoder ids -> (B, T, V) next-token logits."""
+        hidden = self.decoder_states(decoder_ids, memory, attention_mask, cache)
+        return F.linear(hidden, self.encoder.embeddings.word.weight, self.lm_bias)
+
+    def forward(
+        self, input_ids, attention_mask, decoder_input_ids, targets: list[torch.Tensor] | None = None, predict=False
+    ) -> torch.Tensor | list[VocabLoss]:
+        """Logits (B, T, V); with `targets` (a list of (B, T) label tensors) their summed cross-entropies instead,
+        computed only where each has labels and without the whole logits tensor."""
+        memory = self.encode(input_ids, attention_mask)
+        if targets is None:
+            return self.decode(decoder_input_ids, memory, attention_mask)
+        hidden = self.decoder_states(decoder_input_ids, memory, attention_mask)
+        return targeted_cross_entropies(hidden, self.encoder.embeddings.word.weight, self.lm_bias, targets, predict)
 
     def new_cache(self) -> list[dict]:
         return [{} for _ in self.decoder.layers]

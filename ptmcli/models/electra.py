@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ptmcli.models.layers import EncoderLayer, MaskedLMHead, init_normal, padding_mask
 from ptmcli.architectures import ElectraArch
+from ptmcli.models.layers import EncoderLayer, MaskedLMHead, init_normal, padding_mask
+from ptmcli.models.vocab_loss import projected_cross_entropy
 
 
 class Embeddings(nn.Module):
@@ -85,21 +86,32 @@ class ElectraForPretraining(nn.Module):
         attention_mask: torch.Tensor | None,
         mlm_positions: torch.Tensor,
         mlm_targets: torch.Tensor,
+        predict: bool = False,
     ) -> dict[str, torch.Tensor]:
-        """Generator logits at the masked positions (N, V); the discriminator's replaced-token logits (B, T) on
-        the input with those positions filled by generator samples; and which tokens were replaced (B, T).
+        """The generator's summed masked-LM loss (`mlm_predicted`: its argmax at each masked position, with
+        `predict`); the discriminator's replaced-token logits (B, T) on the input with the masked positions filled
+        by generator samples; and which tokens were replaced (B, T).
 
-        One forward does both, so data-parallel training syncs the gradients of both networks."""
-        generator_logits = self.mlm_head(self.generator(input_ids, token_type_ids, attention_mask)[mlm_positions])
-        with torch.no_grad():  # the generator is trained by its MLM loss only: sampling is not differentiated
-            sampled = torch.multinomial(F.softmax(generator_logits.float(), -1), 1).squeeze(-1)
+        One forward does both, so data-parallel training syncs the gradients of both networks. The generator's
+        logits are taken a chunk of positions at a time, with the samples drawn from each chunk's softmax (they
+        are not differentiated: the generator is trained by its MLM loss only)."""
+        generator_states = self.generator(input_ids, token_type_ids, attention_mask)[mlm_positions]
+        head = self.mlm_head
+        generated = projected_cross_entropy(
+            head.transform(generator_states), head.word_embeddings.weight, head.bias, mlm_targets, predict, sample=True
+        )
         original = input_ids.clone()
         original[mlm_positions] = mlm_targets
         corrupted = original.clone()
-        corrupted[mlm_positions] = sampled
+        corrupted[mlm_positions] = generated.sampled
         hidden = self.encoder(corrupted, token_type_ids, attention_mask)
         rtd_logits = self.rtd_out(F.gelu(self.rtd_dense(hidden))).squeeze(-1)
-        return {"mlm_logits": generator_logits, "rtd_logits": rtd_logits, "replaced": corrupted != original}
+        return {
+            "mlm_loss": generated.loss,
+            "mlm_predicted": generated.predicted,
+            "rtd_logits": rtd_logits,
+            "replaced": corrupted != original,
+        }
 
 
 def build_pretraining(arch: ElectraArch, vocab_size: int, objective) -> ElectraForPretraining:

@@ -15,6 +15,7 @@ from torch import nn
 
 from ptmcli.architectures import GptArch
 from ptmcli.models.layers import DecoderBlock, init_normal, layer_stack
+from ptmcli.models.vocab_loss import VocabLoss, projected_cross_entropy
 
 
 class Embeddings(nn.Module):
@@ -82,10 +83,20 @@ class GptForCausalLM(nn.Module):
         init_gpt(self, arch)
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, cache: list[dict] | None = None
-    ) -> torch.Tensor:
-        """(B, T) -> next-token logits (B, T, V); the output projection is the word embedding matrix."""
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cache: list[dict] | None = None,
+        targets: torch.Tensor | None = None,
+        predict: bool = False,
+    ) -> torch.Tensor | VocabLoss:
+        """(B, T) -> next-token logits (B, T, V); the output projection is the word embedding matrix.
+
+        With `targets` (B, T) (IGNORE where none): their summed cross-entropy instead, the logits never held
+        whole (`predict`: with each position's argmax)."""
         hidden = self.encoder(input_ids, cache=cache)
+        if targets is not None:
+            return projected_cross_entropy(hidden, self.encoder.embeddings.word.weight, None, targets, predict)
         return F.linear(hidden, self.encoder.embeddings.word.weight)
 
     def new_cache(self) -> list[dict]:

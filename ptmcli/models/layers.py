@@ -256,9 +256,13 @@ class MaskedLMHead(nn.Module):
         self.word_embeddings = word_embeddings
         self.bias = nn.Parameter(torch.zeros(word_embeddings.num_embeddings))
 
+    def transform(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(N, C) -> (N, E): what the tied projection reads."""
+        return self.norm(F.gelu(self.dense(hidden)))
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """(N, C) -> (N, V)"""
-        return F.linear(self.norm(F.gelu(self.dense(hidden))), self.word_embeddings.weight, self.bias)
+        return F.linear(self.transform(hidden), self.word_embeddings.weight, self.bias)
 
 
 def last_token(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:

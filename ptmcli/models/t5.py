@@ -16,6 +16,7 @@ from torch import nn
 
 from ptmcli.architectures import T5Arch
 from ptmcli.models.layers import CrossAttention, FeedForward, RMSNorm, SelfAttention
+from ptmcli.models.vocab_loss import VocabLoss, targeted_cross_entropies
 
 
 def relative_position_bucket(relative: torch.Tensor, bidirectional: bool, buckets: int, max_distance: int):
@@ -161,17 +162,30 @@ class T5ForConditionalGeneration(nn.Module):
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         return self.encoder(input_ids, None, attention_mask)
 
+    def decoder_states(self, decoder_ids, memory, attention_mask, cache=None) -> torch.Tensor:
+        """(B, T) decoder ids -> (B, T, C), what the output projection reads (rescaled when it is tied)."""
+        memory_mask = attention_mask.bool()[:, None, None, :] if attention_mask is not None else None
+        hidden = self.decoder(self.encoder.embeddings(decoder_ids), memory, memory_mask, cache)
+        return hidden if self.lm_head is not None else hidden * self.encoder.arch.hidden_size**-0.5
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        return self.lm_head.weight if self.lm_head is not None else self.encoder.embeddings.weight
+
     def decode(self, decoder_ids, memory, attention_mask, cache=None) -> torch.Tensor:
         """(B, T) decoder ids -> (B, T, V) next-token logits."""
-        memory_mask = attention_mask.bool()[:, None, None, :] if attention_mask is not None else None
-        embed = self.encoder.embeddings
-        hidden = self.decoder(embed(decoder_ids), memory, memory_mask, cache)
-        if self.lm_head is not None:
-            return self.lm_head(hidden)
-        return F.linear(hidden * self.encoder.arch.hidden_size**-0.5, embed.weight)
+        return F.linear(self.decoder_states(decoder_ids, memory, attention_mask, cache), self.output_weight)
 
-    def forward(self, input_ids, attention_mask, decoder_input_ids) -> torch.Tensor:
-        return self.decode(decoder_input_ids, self.encode(input_ids, attention_mask), attention_mask)
+    def forward(
+        self, input_ids, attention_mask, decoder_input_ids, targets: list[torch.Tensor] | None = None, predict=False
+    ) -> torch.Tensor | list[VocabLoss]:
+        """Logits (B, T, V); with `targets` (a list of (B, T) label tensors) their summed cross-entropies instead,
+        computed only where each has labels and without the whole logits tensor."""
+        memory = self.encode(input_ids, attention_mask)
+        if targets is None:
+            return self.decode(decoder_input_ids, memory, attention_mask)
+        hidden = self.decoder_states(decoder_input_ids, memory, attention_mask)
+        return targeted_cross_entropies(hidden, self.output_weight, None, targets, predict)
 
     def new_cache(self) -> list[dict]:
         return [{} for _ in self.decoder.layers]

@@ -23,6 +23,7 @@ from torch import nn
 
 from ptmcli.architectures import XlnetArch
 from ptmcli.models.layers import FeedForward, SelfAttention, init_normal
+from ptmcli.models.vocab_loss import VocabLoss, projected_cross_entropy
 
 
 def relative_sinusoid(T: int, dim: int, device: torch.device) -> torch.Tensor:
@@ -178,11 +179,21 @@ class XlnetForPermutationLM(nn.Module):
         nn.init.normal_(self.encoder.embeddings.query, std=arch.init_std)
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, rank: torch.Tensor, target_mask: torch.Tensor
-    ) -> torch.Tensor:
-        """Logits (N, V) of the N target positions, read from the query stream, tied to the word embeddings."""
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        rank: torch.Tensor,
+        target_mask: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        predict: bool = False,
+    ) -> torch.Tensor | VocabLoss:
+        """Logits (N, V) of the N target positions, read from the query stream, tied to the word embeddings.
+        With `targets` (N,): their summed cross-entropy instead, the logits never held whole."""
         _, g = self.encoder.two_stream(input_ids, attention_mask, rank)
-        return F.linear(g[target_mask], self.encoder.embeddings.word.weight, self.lm_bias)
+        weight = self.encoder.embeddings.word.weight
+        if targets is not None:
+            return projected_cross_entropy(g[target_mask], weight, self.lm_bias, targets, predict)
+        return F.linear(g[target_mask], weight, self.lm_bias)
 
 
 def build_pretraining(arch: XlnetArch, vocab_size: int, objective) -> XlnetForPermutationLM:

@@ -5,10 +5,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-IGNORE = -100
+from ptmcli.models.vocab_loss import IGNORE
 
 
 class CausalLM:
@@ -17,17 +16,13 @@ class CausalLM:
 
     def __call__(self, model: nn.Module, batch: dict) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         ids, mask = batch["input_ids"], batch["attention_mask"]
-        logits = model(ids[:, :-1])  # (B, T-1, V): the last token has no target inside the block
-        # padding is ignored by index, not gathered out: a (tokens x vocabulary) copy forward and a scatter backward
-        # cost more than the few padded positions of packed blocks
+        # padding is ignored by index, not gathered out; the model projects onto the vocabulary chunk by chunk
         targets = ids[:, 1:].masked_fill(~mask[:, 1:].bool(), IGNORE)
-        flat = logits.reshape(-1, logits.shape[-1]).float()  # the softmax in fp32 under autocast
-        sums = {"clm": F.cross_entropy(flat, targets.reshape(-1), reduction="sum", ignore_index=IGNORE)}
-        if model.training:  # the accuracy statistic is read only by evaluation: no argmax over V per training step
-            return sums, {"clm_correct": torch.zeros((), device=ids.device)}
-        with torch.no_grad():
-            correct = ((flat.argmax(-1) == targets.reshape(-1)) & (targets.reshape(-1) != IGNORE)).sum()
-        return sums, {"clm_correct": correct}
+        # the last token has no target inside the block; accuracy is read only by evaluation
+        out = model(ids[:, :-1], targets=targets, predict=not model.training)
+        if out.predicted is None:
+            return {"clm": out.loss}, {"clm_correct": torch.zeros((), device=ids.device)}
+        return {"clm": out.loss}, {"clm_correct": (out.predicted == targets.reshape(-1)).sum()}
 
     def metrics(self, sums: dict, counts: dict, stats: dict) -> dict[str, float]:
         loss = sums["clm"] / counts["clm"]

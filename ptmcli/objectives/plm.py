@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
@@ -15,10 +14,14 @@ class PermutationLM:
     stats = ("plm_correct",)
 
     def __call__(self, model: nn.Module, batch: dict) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        logits = model(batch["input_ids"], batch["attention_mask"], batch["rank"], batch["target_mask"]).float()
         targets = batch["targets"]
-        sums = {"plm": F.cross_entropy(logits, targets, reduction="sum")}
-        return sums, {"plm_correct": (logits.argmax(-1) == targets).sum()}
+        out = model(
+            batch["input_ids"], batch["attention_mask"], batch["rank"], batch["target_mask"], targets,
+            predict=not model.training,
+        )  # fmt: skip
+        if out.predicted is None:  # accuracy is read only by evaluation
+            return {"plm": out.loss}, {"plm_correct": torch.zeros((), device=targets.device)}
+        return {"plm": out.loss}, {"plm_correct": (out.predicted == targets).sum()}
 
     def metrics(self, sums: dict, counts: dict, stats: dict) -> dict[str, float]:
         loss = sums["plm"] / counts["plm"]

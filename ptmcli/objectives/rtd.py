@@ -24,17 +24,21 @@ class ReplacedTokenDetection:
             batch["attention_mask"],
             batch["mlm_positions"],
             batch["mlm_targets"],
+            predict=not model.training,
         )
-        mlm_logits = out["mlm_logits"].float()
         real = batch["attention_mask"].bool()
         rtd_logits, replaced = out["rtd_logits"][real].float(), out["replaced"][real]
         flagged = rtd_logits > 0
         sums = {
-            "mlm": F.cross_entropy(mlm_logits, batch["mlm_targets"], reduction="sum"),
+            "mlm": out["mlm_loss"],
             "rtd": F.binary_cross_entropy_with_logits(rtd_logits, replaced.float(), reduction="sum"),
         }
         stats = {
-            "mlm_correct": (mlm_logits.argmax(-1) == batch["mlm_targets"]).sum(),
+            "mlm_correct": (
+                (out["mlm_predicted"] == batch["mlm_targets"]).sum()
+                if out["mlm_predicted"] is not None
+                else torch.zeros((), device=replaced.device)  # read only by evaluation
+            ),
             "rtd_correct": (flagged == replaced).sum(),
             "replaced": replaced.sum(),
             "flagged": flagged.sum(),

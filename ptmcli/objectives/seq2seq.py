@@ -7,8 +7,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from ptmcli.models.vocab_loss import IGNORE, correct
 
 
 class Seq2SeqLM:
@@ -17,15 +18,21 @@ class Seq2SeqLM:
         self.stats = tuple(f"{t}_correct" for t in terms)
 
     def __call__(self, model: nn.Module, batch: dict) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        logits = model(batch["input_ids"], batch["attention_mask"], batch["decoder_input_ids"])
         labels = batch["labels"]
-        labelled = labels != -100
+        if len(self.terms) > 1:  # each row's labels belong to one term
+            targets = [
+                labels.masked_fill(~(batch["label_terms"] == k)[:, None], IGNORE) for k in range(len(self.terms))
+            ]
+        else:
+            targets = [labels]
+        outs = model(
+            batch["input_ids"], batch["attention_mask"], batch["decoder_input_ids"], targets=targets,
+            predict=not model.training,
+        )  # fmt: skip
         sums, stats = {}, {}
-        for k, term in enumerate(self.terms):
-            keep = labelled & (batch["label_terms"] == k)[:, None] if len(self.terms) > 1 else labelled
-            term_logits, targets = logits[keep].float(), labels[keep]
-            sums[term] = F.cross_entropy(term_logits, targets, reduction="sum")  # 0 when no row has this term
-            stats[f"{term}_correct"] = (term_logits.argmax(-1) == targets).sum()
+        for term, t, out in zip(self.terms, targets, outs):
+            sums[term] = out.loss  # 0 when no row has this term
+            stats[f"{term}_correct"] = correct(out, t)
         return sums, stats
 
     def metrics(self, sums: dict, counts: dict, stats: dict) -> dict[str, float]:

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tokenizers import Tokenizer
 from torch import nn
 
 from ptmcli.data.tokenizer import SpecialIds
 from ptmcli.generation import Sampling, beam_search, generate
+from ptmcli.models.vocab_loss import correct
 from ptmcli.schema import TaskConfig
 from ptmcli.tasks.common import EncodedExamples, pad, task_tokenizer
 from ptmcli.tasks.rouge import rouge
@@ -107,11 +107,12 @@ class TextToText:
         return [self.tokenizer.decode(o, skip_special_tokens=True).strip() for o in outputs]
 
     def __call__(self, model: nn.Module, batch: dict) -> tuple[dict, dict]:
-        logits = model(batch["input_ids"], batch["attention_mask"], batch["decoder_input_ids"])
-        keep = batch["labels"] != -100
-        logits, targets = logits[keep].float(), batch["labels"][keep]
-        sums = {"gen": F.cross_entropy(logits, targets, reduction="sum")}
-        stats = {"gen_correct": (logits.argmax(-1) == targets).sum()}
+        labels = batch["labels"]
+        (out,) = model(
+            batch["input_ids"], batch["attention_mask"], batch["decoder_input_ids"], targets=[labels],
+            predict=not model.training,
+        )  # fmt: skip
+        sums, stats = {"gen": out.loss}, {"gen_correct": correct(out, labels)}
         if model.training:
             return sums, stats
         outputs = self.generate(model, batch)

@@ -1,0 +1,138 @@
+"""Cross-entropy of targets over a vocabulary projection, computed a chunk of tokens at a time.
+
+With a 50k vocabulary the output projection is most of a small model's work, and the (tokens x vocabulary)
+logits with their gradient most of its memory. Here each chunk's logits exist only while that chunk is
+processed: the forward computes the chunk's loss and, since the loss is a plain sum, also the chunk's share of
+the gradients (softmax minus one-hot, times the hidden states or the weight). The backward then only scales
+the gradients it was handed, so the work is the same three matrix products as the straightforward
+computation, without its largest tensors. The softmax is done in fp32 whatever the autocast dtype.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+IGNORE = -100  # a target that counts for nothing (padding), as in F.cross_entropy
+CHUNK_ELEMENTS = (
+    1 << 24
+)  # logits per chunk (64 MiB in fp32): on 2 CPU cores 2^23..2^25 are equally fast, 2^21 twice as slow
+
+
+class VocabLoss(NamedTuple):
+    loss: torch.Tensor  # fp32 scalar: the summed cross-entropy of the targets that are not IGNORE
+    predicted: torch.Tensor | None  # (N,) argmax over the vocabulary, when asked for (evaluation statistics)
+    sampled: torch.Tensor | None  # (N,) one token drawn from each row's softmax, when asked for (ELECTRA)
+
+
+def chunk_rows(vocab_size: int) -> int:
+    return max(16, CHUNK_ELEMENTS // vocab_size)
+
+
+def _chunked(hidden, weight, bias, targets, predict: bool, sample: bool, need: tuple[bool, bool, bool]):
+    """The loss (and argmax, samples) of all rows, chunk by chunk, with the gradients of the summed loss with
+    respect to (hidden, weight, bias) where `need` asks for them, in fp32."""
+    rows, device = hidden.shape[0], hidden.device
+    grad_hidden = torch.empty(rows, hidden.shape[1], dtype=torch.float32, device=device) if need[0] else None
+    grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need[1] else None
+    grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need[2] and bias is not None else None
+    loss = torch.zeros((), dtype=torch.float32, device=device)
+    predicted = torch.empty(rows if predict else 0, dtype=torch.long, device=device)
+    sampled = torch.empty(rows if sample else 0, dtype=torch.long, device=device)
+    step = chunk_rows(weight.shape[0])
+    for start in range(0, rows, step):
+        h, t = hidden[start : start + step], targets[start : start + step]
+        raw = F.linear(h, weight, bias)  # in the autocast dtype, if any
+        logits = raw.float()
+        valid = t != IGNORE
+        safe = t.clamp(min=0)
+        lse = torch.logsumexp(logits, -1)
+        loss += ((lse - logits.gather(1, safe[:, None]).squeeze(1)) * valid).sum()
+        if predict:
+            predicted[start : start + step] = logits.argmax(-1)
+        if not (sample or any(need)):
+            continue
+        probs = logits.sub_(lse[:, None]).exp_()  # in place: the chunk's logits are not needed any more
+        if sample:
+            sampled[start : start + step] = torch.multinomial(probs, 1).squeeze(1)
+        if not any(need):
+            continue
+        # d(summed loss)/d(logits) = softmax - one_hot(target), zero on ignored rows
+        probs.scatter_add_(1, safe[:, None], torch.full_like(lse[:, None], -1.0))
+        grad = probs.mul_(valid[:, None]).to(raw.dtype)
+        if grad_hidden is not None:
+            grad_hidden[start : start + step] = grad @ weight.to(raw.dtype)
+        if grad_weight is not None and grad.dtype == torch.float32:
+            grad_weight.addmm_(grad.t(), h)  # accumulated inside the product: no (V, C) temporary per chunk
+        elif grad_weight is not None:
+            grad_weight += grad.t() @ h.to(raw.dtype)
+        if grad_bias is not None:
+            grad_bias += grad.float().sum(0)
+    return loss, predicted, sampled, (grad_hidden, grad_weight, grad_bias)
+
+
+class _ProjectedCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, predict: bool, sample: bool):
+        loss, predicted, sampled, grads = _chunked(
+            hidden, weight, bias, targets, predict, sample, tuple(ctx.needs_input_grad[:3])
+        )
+        ctx.grads = grads
+        ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
+        ctx.mark_non_differentiable(predicted, sampled)
+        return loss, predicted, sampled
+
+    @staticmethod
+    def backward(ctx, grad_loss, _predicted, _sampled):
+        grads = tuple(None if g is None else (g * grad_loss).to(dtype) for g, dtype in zip(ctx.grads, ctx.dtypes))
+        ctx.grads = None  # a second backward through the same graph is not supported, as with retain_graph=False
+        return (*grads, None, None, None)
+
+
+def projected_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    predict: bool = False,
+    sample: bool = False,
+) -> VocabLoss:
+    """sum over rows of cross_entropy(hidden @ weight.T + bias, targets), rows whose target is IGNORE skipped.
+
+    hidden: (N, C); weight: (V, C); bias: (V,) or None; targets: (N,). `predict` also returns each row's argmax,
+    `sample` a token drawn from each row's softmax (not differentiated)."""
+    hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    inputs = (hidden, weight, bias)
+    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs):
+        loss, predicted, sampled = _ProjectedCrossEntropy.apply(hidden, weight, bias, targets, predict, sample)
+    else:  # evaluation: no gradient is computed at all
+        loss, predicted, sampled, _ = _chunked(hidden, weight, bias, targets, predict, sample, (False, False, False))
+    return VocabLoss(loss, predicted if predict else None, sampled if sample else None)
+
+
+def targeted_cross_entropies(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: list[torch.Tensor],
+    predict: bool = False,
+) -> list[VocabLoss]:
+    """One VocabLoss per tensor of `targets` (each shaped like hidden without its last axis), over only the rows
+    where that tensor has a target: sequence-to-sequence labels are mostly padding, and several terms (T5's
+    span and whole-block targets) take disjoint rows, so each row is projected at most once.
+    `predicted` holds the kept rows' argmax, in the order of `t[t != IGNORE]`."""
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    out = []
+    for t in targets:
+        keep = t.reshape(-1) != IGNORE
+        out.append(projected_cross_entropy(flat[keep], weight, bias, t.reshape(-1)[keep], predict))
+    return out
+
+
+def correct(out: VocabLoss, targets: torch.Tensor) -> torch.Tensor:
+    """How many targets the argmax of `targeted_cross_entropies` got right (0 when it was not asked to predict)."""
+    if out.predicted is None:
+        return torch.zeros((), device=targets.device)
+    return (out.predicted == targets[targets != IGNORE]).sum()
