@@ -34,9 +34,10 @@ test: install
 test-slow: install
 	$(PY) -m pytest -q -m slow
 
+# make bench [FAMILY=gpt]: ptm against Hugging Face's classes, every family or one (about 5 min per family)
 bench: install
 	$(PIP) install -q --no-build-isolation -e '.[bench]'
-	$(PY) tests/bench/bench_mlm.py
+	$(PY) tests/bench/bench.py $(FAMILY)
 
 clean:
 	rm -rf $(VENV) runs outputs multirun

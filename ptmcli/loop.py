@@ -191,8 +191,21 @@ def train(
         job.train, BatchOrder(len(job.train), cfg.batch_size, dist.world_size, dist.rank, cfg.seed), consumed
     )
     metrics: dict[str, float] = {}
+    # Each step's term losses stay on the device until the next log line or checkpoint reads them: one host sync
+    # there instead of one per micro-batch. They are added to the window one step at a time, in order, so the
+    # logged means do not depend on when they were read (a resumed run logs exactly what an uninterrupted one does).
+    step_losses: list[torch.Tensor] = []
+    stat_dtype = torch.float32 if hw.device.type == "mps" else torch.float64
+
+    def read_step_losses() -> None:
+        for values in torch.stack(step_losses).tolist() if step_losses else []:
+            window["loss"] += sum(w * v for w, v in zip(weights, values))
+            for t, value in zip(terms, values):
+                window["terms"][t] += value
+        step_losses.clear()
 
     def save() -> None:
+        read_step_losses()
         state = {
             "consumed": consumed,
             "window": window,
@@ -229,7 +242,8 @@ def train(
             )
             # a term may have no targets in a step (span corruption's whole-block share): it adds 0, not 0/0
             term_counts = counts[: len(terms)].clamp(min=1)
-            step_sums = torch.zeros(len(terms), dtype=torch.float64)
+            per_term = term_counts.tolist()
+            step_sums = torch.zeros(len(terms), dtype=stat_dtype, device=hw.device)
             for i, batch in enumerate(micro):
                 last = i == len(micro) - 1
                 sync = model.no_sync() if dist.world_size > 1 and not last else contextlib.nullcontext()
@@ -237,13 +251,11 @@ def train(
                     with hw.autocast():
                         sums, _ = job.objective(model, batch)
                     # DDP averages gradients over processes; multiplying by world size turns that into a sum.
-                    loss = (
-                        sum(weights[k] * sums[t] / term_counts[k].item() for k, t in enumerate(terms)) * dist.world_size
-                    )
+                    loss = sum(weights[k] * sums[t] / per_term[k] for k, t in enumerate(terms)) * dist.world_size
                     if last and job.method is not None and (penalty := job.method.regularizer()) is not None:
                         loss = loss + penalty  # the same on every process, so DDP's average keeps it as is
                     scaler.scale(loss).backward()
-                step_sums += torch.tensor([float(sums[t].detach()) for t in terms], dtype=torch.float64)
+                step_sums += torch.stack([sums[t].detach() for t in terms]).to(stat_dtype)
             if cfg.max_grad_norm is not None:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
@@ -257,14 +269,13 @@ def train(
             step += 1
             consumed += cfg.grad_accum
 
-            term_losses = (dist.sum(step_sums) / term_counts).tolist()
-            window["loss"] += sum(w * v for w, v in zip(weights, term_losses))
-            for t, value, present in zip(terms, term_losses, (counts[: len(terms)] > 0).tolist()):
-                window["terms"][t] += value
+            step_losses.append(dist.sum(step_sums) / term_counts.to(hw.device, stat_dtype))
+            for t, present in zip(terms, (counts[: len(terms)] > 0).tolist()):
                 window["term_steps"][t] += present
             window["steps"] += 1
             window["tokens"] += int(counts[-1])
             if step % cfg.log_every == 0 or step == cfg.max_steps:
+                read_step_losses()
                 elapsed = time.perf_counter() - window_start
                 n = window["steps"]
                 log.train(

@@ -42,34 +42,47 @@ def _chunked(hidden, weight, bias, targets, predict: bool, sample: bool, need: t
     predicted = torch.empty(rows if predict else 0, dtype=torch.long, device=device)
     sampled = torch.empty(rows if sample else 0, dtype=torch.long, device=device)
     step = chunk_rows(weight.shape[0])
+    autocast = torch.is_autocast_enabled(device.type)
+    compute = torch.get_autocast_dtype(device.type) if autocast else hidden.dtype
+    # fp32: every chunk's logits land in one buffer, written in place from there on. A fresh (rows, V) tensor per
+    # chunk costs as much in page faults as its matrix product on a CPU.
+    buffer = torch.empty(min(step, rows), weight.shape[0], device=device) if compute == torch.float32 else None
     for start in range(0, rows, step):
         h, t = hidden[start : start + step], targets[start : start + step]
-        raw = F.linear(h, weight, bias)  # in the autocast dtype, if any
-        logits = raw.float()
+        if buffer is not None:
+            x = torch.mm(h.float(), weight.float().t(), out=buffer[: h.shape[0]])
+            if bias is not None:
+                x.add_(bias.float())
+        else:
+            x = F.linear(h, weight, bias).float()  # the product in the autocast dtype, the softmax in fp32
         valid = t != IGNORE
         safe = t.clamp(min=0)
-        lse = torch.logsumexp(logits, -1)
-        loss += ((lse - logits.gather(1, safe[:, None]).squeeze(1)) * valid).sum()
         if predict:
-            predicted[start : start + step] = logits.argmax(-1)
+            predicted[start : start + step] = x.argmax(-1)
+        # log p(target) = (x_t - max) - log(sum(exp(x - max))), with the exponentials kept for the gradient
+        x.sub_(x.amax(-1, keepdim=True))
+        shifted_target = x.gather(1, safe[:, None]).squeeze(1)
+        total = x.exp_().sum(-1)
+        loss -= ((shifted_target - total.log()) * valid).sum()
         if not (sample or any(need)):
             continue
-        probs = logits.sub_(lse[:, None]).exp_()  # in place: the chunk's logits are not needed any more
+        probs = x.div_(total[:, None])
         if sample:
             sampled[start : start + step] = torch.multinomial(probs, 1).squeeze(1)
         if not any(need):
             continue
-        # d(summed loss)/d(logits) = softmax - one_hot(target), zero on ignored rows
-        probs.scatter_add_(1, safe[:, None], torch.full_like(lse[:, None], -1.0))
-        grad = probs.mul_(valid[:, None]).to(raw.dtype)
+        # d(summed loss)/d(logits) = softmax - one_hot(target). Ignored rows are zeroed on the narrow side, in the
+        # hidden states the weight gradient reads and in the hidden gradient, not in the (rows, V) matrix.
+        grad = probs.scatter_add_(1, safe[:, None], torch.full_like(probs[:, :1], -1.0)).to(compute)
+        keep = valid[:, None].to(compute)
         if grad_hidden is not None:
-            grad_hidden[start : start + step] = grad @ weight.to(raw.dtype)
-        if grad_weight is not None and grad.dtype == torch.float32:
-            grad_weight.addmm_(grad.t(), h)  # accumulated inside the product: no (V, C) temporary per chunk
+            grad_hidden[start : start + step] = (grad @ weight.to(compute)) * keep
+        if grad_weight is not None and compute == torch.float32:
+            grad_weight.addmm_(grad.t(), h.float() * keep)  # accumulated inside the product: no (V, C) temporary
         elif grad_weight is not None:
-            grad_weight += grad.t() @ h.to(raw.dtype)
+            grad_weight += grad.t() @ (h.to(compute) * keep)
         if grad_bias is not None:
-            grad_bias += grad.float().sum(0)
+            grad_bias += (keep.t() @ grad).squeeze(0).float()
     return loss, predicted, sampled, (grad_hidden, grad_weight, grad_bias)
 
 
@@ -86,7 +99,8 @@ class _ProjectedCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _predicted, _sampled):
-        grads = tuple(None if g is None else (g * grad_loss).to(dtype) for g, dtype in zip(ctx.grads, ctx.dtypes))
+        # scaled in place: a fresh (V, C) tensor per step costs page faults on a CPU
+        grads = tuple(None if g is None else g.mul_(grad_loss).to(dtype) for g, dtype in zip(ctx.grads, ctx.dtypes))
         ctx.grads = None  # a second backward through the same graph is not supported, as with retain_graph=False
         return (*grads, None, None, None)
 
