@@ -57,6 +57,8 @@ CONFIG_TOOLS = {
     "cat": "a composed, checked config as YAML with each key's help: ptm cat conf=RECIPE | task=NAME [key=value ...]",
     "validate": "every check a run makes before training (config, data, labels, tokenizer, init, resume), without "
     "training: ptm validate conf=RECIPE | task=NAME [key=value ...]",
+    "runs": "the runs under folders, one row each: ptm runs [PATH ...] [--sort KEY] [--where key=value] [--json]; "
+    "ptm runs compare RUN_A RUN_B [...] shows the config keys that differ and the metrics side by side",
 }
 # ptm generate's arguments -> their types (defaults: generation.Sampling's, or a text-to-text run's task)
 GENERATE_ARGS = {
@@ -176,6 +178,7 @@ def run_command(name: str, args: list[str]) -> None:
 
         hydra_cfg = HydraConfig.get()
         run_dir = Path(hydra_cfg.runtime.output_dir)
+        ended = "failed"  # unless the run gets to its end or is interrupted
         try:
             try:
                 plain = OmegaConf.to_container(cfg, resolve=True)
@@ -194,12 +197,17 @@ def run_command(name: str, args: list[str]) -> None:
             }
             named = any(o.partition("=")[0].lstrip("+") == "hydra.run.dir" for o in hydra_cfg.overrides.hydra)
             entry(plain, run_dir, hydra_cfg.job.config_name, named_dir=named, hydra_files=hydra_files)
+            ended = "completed"
         except PtmError as err:
+            ended = "interrupted" if isinstance(err, Interrupted) else "failed"
             fail(err)
         except OSError as err:
             fail(os_error(err))
+        except KeyboardInterrupt:
+            ended = "interrupted"
+            raise
         finally:
-            release_run()
+            release_run(ended)
 
     # argparse takes the overrides only as one block, so they go first and Hydra's flags after them.
     sys.argv = [
@@ -214,10 +222,12 @@ def run_command(name: str, args: list[str]) -> None:
     task()
 
 
-def release_run() -> None:
-    """Give up the run directory's lock, and remove it again if the run made nothing in it."""
+def release_run(ended: str = "failed") -> None:
+    """Record how the run ended, give up the run directory's lock, and remove it again if the run made nothing
+    in it."""
     rundir = sys.modules.get("ptmcli.rundir")  # imported only once a run got that far
     if rundir is not None:
+        rundir.mark_ended(ended)
         rundir.release()
     remove_new_empty_dirs()
 
@@ -346,6 +356,11 @@ def main(argv: list[str] | None = None) -> None:
                 return
             from ptmcli import configtools
 
+            if name == "runs":
+                from ptmcli import runs
+
+                runs.main(args)
+                return
             {"ls": lambda _: configtools.list_configs(), "cat": configtools.cat, "validate": configtools.validate}[
                 name
             ](args)

@@ -70,6 +70,42 @@ def release() -> None:
         del _held[run_dir]
 
 
+def lock_holder(run_dir: Path) -> dict | None:
+    """Who holds `run_dir`'s lock now ({pid, host, since}), or None when no live process does. Takes nothing."""
+    try:
+        fd = os.open(run_dir / LOCK_FILE, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        try:
+            return json.loads(os.read(fd, 4096) or b"{}")
+        except ValueError:
+            return {}
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def mark_ended(status: str) -> None:
+    """Record in run.json how this process's run ended (completed, interrupted or failed); `ptm runs` reads it. A
+    run that records nothing and holds no lock was killed."""
+    for run_dir in _held:
+        info = _run_info(run_dir)
+        if info:
+            info["ended"] = {"status": status, "at": time.strftime("%Y-%m-%d %H:%M:%S")}
+            _write_atomically(run_dir / "run.json", json.dumps(info, indent=1) + "\n")
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    temp = path.with_name(f".{path.name}.tmp")
+    temp.write_text(text)
+    os.replace(temp, path)
+
+
 def lock(run_dir: Path, dist: Dist) -> None:
     """Hold `run_dir` for this run (rank 0 holds it for all processes of a torchrun job) or stop with exit 2."""
     holder = _lock(run_dir) if dist.is_main else None
@@ -200,6 +236,7 @@ def record(
             "created": time.strftime("%Y-%m-%d %H:%M:%S"),
         }
         info.update(extra or {})
-        (run_dir / "run.json").write_text(json.dumps(info, indent=1) + "\n")
+        info.pop("ended", None)  # a resumed run is going again
+        _write_atomically(run_dir / "run.json", json.dumps(info, indent=1) + "\n")
         (run_dir / "config.yaml").write_text(yaml.safe_dump(in_force or cfg, sort_keys=False))
     dist.barrier()

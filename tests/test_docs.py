@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from ptmcli import runs
 from ptmcli.cli import CONFIG_TOOLS, main, parse_run_args
 from ptmcli.compose import COMMANDS, checked, parse
 from ptmcli.configtools import invocation_of
@@ -46,6 +47,8 @@ def check_command(args: list[str]) -> None:
         checked(parse(name, rest))
     elif name in ("cat", "validate"):
         checked(invocation_of(rest))
+    elif name == "runs":
+        runs.parse_args(rest[1:] if rest[:1] == ["compare"] else rest)
     elif name not in CONFIG_TOOLS:
         parse_run_args(name, rest)
 

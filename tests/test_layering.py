@@ -41,6 +41,7 @@ LAYERS = {
     "preflight": 0.5,
     "compose": 0.7,
     "configtools": 5.8,
+    "runs": 4.5,
     "runfiles": 2,
     "cli": 6,
     "__main__": 7,

@@ -87,7 +87,7 @@ def peak_rss_mb() -> float:
 def run_ptm(name: str, workdir: Path, smoke: bool = False) -> dict:
     from ptmcli.cli import main
 
-    run = workdir / f"ptm-{name}"
+    run = Path(tempfile.mkdtemp(prefix=f"ptm-{name}-", dir=workdir))  # a fresh run per repeat
     try:
         main(["pretrain", *overrides(name, smoke), f"hydra.run.dir={run}"])
     except SystemExit as exit_:  # hydra exits after the job
@@ -221,7 +221,7 @@ def run_hf(name: str, workdir: Path, smoke: bool = False) -> dict:
     tokenizer, train, _, _ = build_examples(cfg, Dist())
     torch.manual_seed(cfg.trainer.seed)
     ours = PRETRAINING_MODELS[cfg.model.family](cfg.model, tokenizer.get_vocab_size(), cfg.objective)
-    exported = workdir / f"hf-{name}-model"
+    exported = Path(tempfile.mkdtemp(prefix=f"hf-{name}-model-", dir=workdir))
     write_pretraining(ours, cfg.model, cfg.objective.name, tokenizer, exported)
     del ours
     torch.manual_seed(cfg.trainer.seed)
@@ -244,7 +244,7 @@ def run_hf(name: str, workdir: Path, smoke: bool = False) -> dict:
             Clock.end = time.perf_counter()
 
     args = TrainingArguments(
-        output_dir=str(workdir / f"hf-{name}-run"),
+        output_dir=tempfile.mkdtemp(prefix=f"hf-{name}-run-", dir=workdir),
         per_device_train_batch_size=1,  # one item = one of ptm's batches
         max_steps=steps,
         learning_rate=cfg.optimizer.lr,
