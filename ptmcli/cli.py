@@ -25,6 +25,7 @@ from ptmcli.compose import (
 from ptmcli.confdirs import config_dirs
 from ptmcli.errors import Interrupted, PtmError
 from ptmcli.files import os_error, read_text
+from ptmcli.loggers import check as check_loggers
 from ptmcli.preflight import check_paths
 from ptmcli.schema import (
     MODEL_SCHEMAS,
@@ -57,6 +58,7 @@ CONFIG_TOOLS = {
     "cat": "a composed, checked config as YAML with each key's help: ptm cat conf=RECIPE | task=NAME [key=value ...]",
     "validate": "every check a run makes before training (config, data, labels, tokenizer, init, resume), without "
     "training: ptm validate conf=RECIPE | task=NAME [key=value ...]",
+    "plot": "a PNG of a metric of one or more runs: ptm plot run=DIR [run=DIR ...] metric=val/loss [output=FILE]",
     "runs": "the runs under folders, one row each: ptm runs [PATH ...] [--sort KEY] [--where key=value] [--json]; "
     "ptm runs compare RUN_A RUN_B [...] shows the config keys that differ and the metrics side by side",
 }
@@ -184,7 +186,9 @@ def run_command(name: str, args: list[str]) -> None:
                 plain = OmegaConf.to_container(cfg, resolve=True)
             except OmegaConfBaseException as err:
                 raise PtmError(f"The config could not be resolved: {err}") from err
-            check_paths((check_pretrain if name == "pretrain" else check_finetune)(plain))  # before torch loads
+            typed = (check_pretrain if name == "pretrain" else check_finetune)(plain)
+            check_paths(typed)  # before torch loads
+            check_loggers(typed.trainer.loggers)
             if name == "pretrain":
                 from ptmcli.pretrain import pretrain as entry
             else:
@@ -314,10 +318,12 @@ def run_generate(values: dict[str, str]) -> None:
 
 def fail(err: PtmError) -> None:
     from rich.console import Console
+    from rich.markup import escape
 
     # soft wrap: the terminal wraps, so paths and keys in the message stay whole for copying (and for grep)
     label = "[bold yellow]interrupted:[/]" if isinstance(err, Interrupted) else "[bold red]error:[/]"
-    Console(stderr=True, soft_wrap=True).print(f"{label} {err}", highlight=False)
+    # escaped: a message quotes the user's input, whose [brackets] are not rich markup
+    Console(stderr=True, soft_wrap=True).print(f"{label} {escape(str(err))}", highlight=False)
     sys.exit(err.exit_code)
 
 
@@ -356,10 +362,10 @@ def main(argv: list[str] | None = None) -> None:
                 return
             from ptmcli import configtools
 
-            if name == "runs":
-                from ptmcli import runs
+            if name in ("runs", "plot"):
+                from ptmcli import plots, runs
 
-                runs.main(args)
+                (runs.main if name == "runs" else plots.plot)(args)
                 return
             {"ls": lambda _: configtools.list_configs(), "cat": configtools.cat, "validate": configtools.validate}[
                 name

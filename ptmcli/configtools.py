@@ -8,10 +8,12 @@ import time
 from pathlib import Path
 
 import yaml
+from rich.markup import escape
 
 from ptmcli.compose import COMMANDS, Invocation, checked, group_options, parse, recipes
 from ptmcli.confdirs import config_dirs
 from ptmcli.errors import PtmError
+from ptmcli.loggers import check as check_loggers
 from ptmcli.preflight import check_paths
 from ptmcli.runlog import console
 
@@ -98,6 +100,7 @@ def validate(args: list[str]) -> None:
     invocation = invocation_of(args)
     raw, cfg = checked(invocation)
     found = check_paths(cfg)
+    check_loggers(cfg.trainer.loggers)
     datasets.disable_progress_bars()
     facts = validate_pretrain(cfg) if invocation.command == "pretrain" else validate_finetune(cfg)
     if cfg.resume not in (None, "auto"):
@@ -110,8 +113,8 @@ def validate(args: list[str]) -> None:
             raise PtmError(f"resume={cfg.resume}: no intact checkpoint under '{target}'.")
         facts.append(f"resume from {found_ckpt}")
     console.print(
-        f"[bold green]ok[/] ptm {invocation.command} {' '.join(args)}: "
-        + "; ".join([*facts, *found])
+        "[bold green]ok[/] "
+        + escape(f"ptm {invocation.command} {' '.join(args)}: " + "; ".join([*facts, *found]))
         + f". Checked in {time.perf_counter() - started:.1f} s; no run directory was written.",
         soft_wrap=True,
     )

@@ -144,6 +144,16 @@ def stop_requests():
             signal.signal(s, handler)
 
 
+def draw_curves(run_dir: Path, metric: str, log: RunLog) -> None:
+    """curves.png of the run so far; a note instead when matplotlib is missing (pictures are optional)."""
+    from ptmcli import plots
+
+    if not plots.available():
+        log.note(f"[dim]no curves.png: {plots.INSTALL}[/]")
+        return
+    plots.write_curves(run_dir, metric)
+
+
 def train(
     job: Job,
     cfg: TrainerConfig,
@@ -184,7 +194,13 @@ def train(
     if dist.is_main:  # rows a killed process logged after its last checkpoint (all of them, on a fresh start)
         truncate_metrics(run_dir / "metrics.jsonl", step)
 
-    log = RunLog(run_dir / "metrics.jsonl" if dist.is_main else None, cfg.max_steps, step)
+    sinks = None
+    if dist.is_main and set(cfg.loggers) - {"jsonl"}:
+        from ptmcli.loggers import Sinks
+
+        sinks = Sinks(cfg.loggers, run_dir, step, cfg.tracking_uri, cfg.experiment)
+    log = RunLog(run_dir / "metrics.jsonl" if dist.is_main else None, cfg.max_steps, step, sinks)
+    ended = [False]  # whether the loop got to its end (then rows after the last checkpoint are final)
     if caution := lr_caution(optim_cfg):
         log.note(f"[yellow]note[/] {caution}")
     batches = train_batches(
@@ -227,10 +243,16 @@ def train(
             job.saved_keys,
             job.method.state() if job.method is not None else None,
         )
+        if sinks is not None:
+            sinks.committed(step)
 
     window_start = time.perf_counter()
     with stop_requests() as signals, contextlib.ExitStack() as closing:
         closing.callback(log.close)
+        if sinks is not None:
+            closing.callback(lambda: sinks.close(finished=ended[0]))
+        if dist.is_main and cfg.curves:  # before the trackers close, so that MLflow keeps the picture as an artifact
+            closing.callback(lambda: draw_curves(run_dir, cfg.metric, log))
         while step < cfg.max_steps:
             micro = [to_device(next(batches), hw.device) for _ in range(cfg.grad_accum)]
             # Targets in the whole step, over all micro-batches and processes: the loss is a mean over these.
@@ -324,4 +346,5 @@ def train(
                     f"stopped at step {step} of {cfg.max_steps}; {saved_note}{resume_note}.",
                     signals[0] if signals else signal.SIGTERM,
                 )
+        ended[0] = True
     return metrics

@@ -8,8 +8,8 @@ import os
 from pathlib import Path
 
 from rich.console import Console
-from rich.table import Table
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
 
 console = Console(stderr=True, highlight=False)
 
@@ -31,6 +31,27 @@ def truncate_metrics(path: Path, last_step: int) -> None:
     os.replace(tmp, path)
 
 
+def tail_rows(path: Path, size: int = 1 << 16) -> list[dict]:
+    """The rows in the last `size` bytes of a JSON-lines file (a first, cut line is dropped)."""
+    try:
+        with path.open("rb") as f:
+            f.seek(0, os.SEEK_END)
+            end = f.tell()
+            f.seek(max(0, end - size))
+            lines = f.read().split(b"\n")
+    except OSError:
+        return []
+    if end > size:
+        lines = lines[1:]
+    rows = []
+    for line in lines:
+        try:
+            rows.append(json.loads(line))
+        except ValueError:  # a partial last line of a run being written, or an empty one
+            continue
+    return rows
+
+
 def _clean(value):
     if isinstance(value, float):
         return value if math.isfinite(value) else str(value)
@@ -40,8 +61,9 @@ def _clean(value):
 class RunLog:
     """Appends one JSON object per event to metrics.jsonl and drives the progress bar."""
 
-    def __init__(self, path: Path | None, total_steps: int, start_step: int):
+    def __init__(self, path: Path | None, total_steps: int, start_step: int, sinks=None):
         self.path = path
+        self.sinks = sinks  # loggers.Sinks: TensorBoard, MLflow, W&B (rank 0 only)
         self.progress = None
         if path is not None:
             self.progress = Progress(
@@ -63,6 +85,8 @@ class RunLog:
         with open(self.path, "a") as f:
             f.write(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n")
             f.flush()
+        if self.sinks is not None:
+            self.sinks.row(row)
 
     def train(self, row: dict) -> None:
         self.write(row)

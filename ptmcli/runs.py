@@ -17,8 +17,9 @@ from pathlib import Path
 import yaml
 
 from ptmcli.errors import PtmError
+from ptmcli.loggers import flatten
+from ptmcli.runlog import tail_rows
 
-TAIL_BYTES = 1 << 16  # the last lines of metrics.jsonl: enough for the newest train and validation rows
 COLUMNS = ("command", "name", "model", "started", "steps", "status", "best", "loss", "tokens/s", "path")
 
 
@@ -38,17 +39,6 @@ class Run:
     tokens_per_s: float | None
     final: dict = field(default_factory=dict)  # the last validation row's metrics, as val/NAME
     config: dict = field(default_factory=dict)  # flattened: key.subkey -> value
-
-
-def flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            out.update(flatten(value, name + "."))
-        else:
-            out[name] = value
-    return out
 
 
 def find_runs(paths: list[Path]) -> list[Path]:
@@ -72,27 +62,6 @@ def _json(path: Path) -> dict:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
-
-
-def tail_rows(path: Path, size: int = TAIL_BYTES) -> list[dict]:
-    """The rows in the last `size` bytes of a JSON-lines file (a first, cut line is dropped)."""
-    try:
-        with path.open("rb") as f:
-            f.seek(0, os.SEEK_END)
-            end = f.tell()
-            f.seek(max(0, end - size))
-            lines = f.read().split(b"\n")
-    except OSError:
-        return []
-    if end > size:
-        lines = lines[1:]
-    rows = []
-    for line in lines:
-        try:
-            rows.append(json.loads(line))
-        except ValueError:  # a partial last line of a run being written, or an empty one
-            continue
-    return rows
 
 
 def newest_state(run_dir: Path) -> dict:

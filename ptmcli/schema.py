@@ -14,14 +14,32 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
-from ptmcli.architectures import FAMILY_OBJECTIVES, MODEL_SCHEMAS, SEQ2SEQ_FAMILIES  # noqa: F401 (re-exported)
-from ptmcli.architectures import BartArch, BertArch, ElectraArch, GptArch, RobertaArch, T5Arch, XlnetArch  # noqa: F401
+from ptmcli.architectures import (  # noqa: F401 (re-exported)  # noqa: F401
+    FAMILY_OBJECTIVES,
+    MODEL_SCHEMAS,
+    SEQ2SEQ_FAMILIES,
+    BartArch,
+    BertArch,
+    ElectraArch,
+    GptArch,
+    RobertaArch,
+    T5Arch,
+    XlnetArch,
+)
 from ptmcli.errors import PtmError
-from ptmcli.ranges import check_ranges
-from ptmcli.transfers import TRANSFER_SCHEMAS, FullTransfer  # noqa: F401 (re-exported)
-from ptmcli.transfers import AdaLoraTransfer, AdapterTransfer, FrozenTransfer, LoraTransfer  # noqa: F401
-from ptmcli.transfers import PartialTransfer, PrefixTransfer, TextToTextTransfer  # noqa: F401
 from ptmcli.fields import described as _f
+from ptmcli.ranges import check_ranges
+from ptmcli.transfers import (  # noqa: F401 (re-exported)  # noqa: F401  # noqa: F401
+    TRANSFER_SCHEMAS,
+    AdaLoraTransfer,
+    AdapterTransfer,
+    FrozenTransfer,
+    FullTransfer,
+    LoraTransfer,
+    PartialTransfer,
+    PrefixTransfer,
+    TextToTextTransfer,
+)
 
 
 @dataclass
@@ -141,6 +159,12 @@ class TrainerConfig:
         True,
         "on Ctrl-C or SIGTERM, finish the current step and write a checkpoint before stopping (a second stops at once)",
     )
+    curves: bool = _f(True, "draw curves.png (loss, validation, learning rate) at the end of the run; needs matplotlib")
+    loggers: list[str] = _f(
+        ["jsonl"], "where metric rows go: jsonl (always), tensorboard, mlflow, wandb (offline); e.g. [jsonl,mlflow]"
+    )
+    tracking_uri: Optional[str] = _f(None, "MLflow tracking URI (none = sqlite:///runs/mlflow.db under the cwd)")
+    experiment: str = _f("ptm", "MLflow experiment / W&B project the run is logged under")
 
 
 @dataclass

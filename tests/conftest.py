@@ -28,6 +28,7 @@ TINY = [
     "trainer.eval_batches=4",
     "optimizer.lr=2e-3",
     "optimizer.warmup_steps=5",
+    "trainer.curves=false",  # pictures are tested on their own (tests/test_runs.py)
 ]
 
 

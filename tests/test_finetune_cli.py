@@ -26,6 +26,7 @@ SMALL = [
     "trainer.eval_batches=4",
     "optimizer.lr=2e-4",
     "hardware=cpu",
+    "trainer.curves=false",  # pictures are tested on their own (tests/test_runs.py)
 ]
 
 

@@ -42,6 +42,8 @@ LAYERS = {
     "compose": 0.7,
     "configtools": 5.8,
     "runs": 4.5,
+    "loggers": 2,
+    "plots": 2,
     "runfiles": 2,
     "cli": 6,
     "__main__": 7,

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 
 import pytest
 
 from ptmcli import rundir
 from ptmcli.cli import main
-from tests.conftest import TINY
+from tests.conftest import TINY, kill_after_checkpoint
 
 SHORT = [*TINY, "data.max_train_samples=100", "trainer.eval_every=3", "trainer.save_every=3", "trainer.log_every=3"]
 
@@ -111,3 +112,73 @@ def test_bad_runs_arguments_are_one_line_errors(tmp_path, capsys):
         with pytest.raises(SystemExit) as exit_:
             main(args)
         assert exit_.value.code == 2 and words in capsys.readouterr().err
+
+
+def test_tensorboard_and_mlflow_hold_each_step_once_after_a_kill_and_resume(cache_env, tmp_path, capsys):
+    """The event files (read by TensorBoard's own EventAccumulator) and the MLflow run (read by MlflowClient from
+    the SQLite store) hold exactly metrics.jsonl's values, each step once, after SIGKILL + resume=auto; the run
+    ends with a curves.png that MLflow keeps as an artifact, and `ptm plot` draws two runs into one PNG."""
+    pytest.importorskip("tensorboard")
+    pytest.importorskip("mlflow")
+    matplotlib_image = pytest.importorskip("matplotlib.image")
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run, store = tmp_path / "run", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = [
+        "pretrain",
+        *SHORT,
+        "trainer.max_steps=8",
+        "trainer.log_every=1",
+        "trainer.eval_every=4",
+        "trainer.curves=true",
+        "trainer.loggers=[jsonl,tensorboard,mlflow]",
+        f"trainer.tracking_uri={store}",
+        f"hydra.run.dir={run}",
+    ]
+    assert kill_after_checkpoint(args, cache_env, run / "checkpoints" / "step-3") == -signal.SIGKILL
+    _ptm([*args, "resume=auto"])
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    expected = {(r["split"], r["step"]): r["loss"] for r in rows}
+    assert len(expected) == len(rows) == 8 + 2  # train rows 1..8, validation at 4 and 8
+
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    for split in ("train", "val"):
+        seen = [(e.step, e.value) for e in events.Scalars(f"{split}/loss")]
+        assert [s for s, _ in seen] == sorted(s for sp, s in expected if sp == split)  # each step once
+        for step, value in seen:
+            assert value == pytest.approx(expected[(split, step)], rel=1e-6)
+
+    client = MlflowClient(tracking_uri=store)
+    run_id = json.loads((run / "run.json").read_text())["mlflow_run_id"]
+    tracked = client.get_run(run_id)
+    assert tracked.info.status == "FINISHED" and tracked.data.params["trainer.max_steps"] == "8"
+    history = client.get_metric_history(run_id, "train/loss")
+    assert sorted(m.step for m in history) == list(range(1, 9))
+    for m in history:
+        assert m.value == pytest.approx(expected[("train", m.step)], rel=1e-6)
+    assert {"config.yaml", "curves.png"} <= {a.path for a in client.list_artifacts(run_id)}
+
+    curves = matplotlib_image.imread(run / "curves.png")
+    assert curves.shape[:2] == (400, 1500) and curves[..., :3].std() > 0.05  # three panels, not blank
+    other = tmp_path / "other"
+    _ptm(["pretrain", *SHORT, "trainer.max_steps=4", "trainer.eval_every=2", f"hydra.run.dir={other}"])
+    out = tmp_path / "both.png"
+    _ptm(["plot", f"run={run}", f"run={other}", "metric=val/loss", f"output={out}"])
+    picture = matplotlib_image.imread(out)
+    assert picture.shape[:2] == (500, 800) and picture[..., :3].std() > 0.05
+    with pytest.raises(SystemExit) as exit_:
+        main(["plot", f"run={run}", "metric=val/bleu"])
+    assert exit_.value.code == 2 and "logged no val/bleu" in capsys.readouterr().err
+
+
+def test_a_logger_whose_package_is_missing_fails_at_start(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(SystemExit) as exit_:
+        main(["pretrain", *TINY, "trainer.loggers=[jsonl,wandb]", f"hydra.run.dir={tmp_path / 'r'}"])
+    assert exit_.value.code == 2
+    assert "pip install 'wandb'" in capsys.readouterr().err and not (tmp_path / "r").exists()
