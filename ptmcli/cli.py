@@ -138,7 +138,7 @@ def _share_stamp() -> list[str]:
 
 class NewRunDirs:
     """A Hydra callback that run_command adds (users cannot: hydra.callbacks overrides are refused): before Hydra
-    creates the run directory, note which directories on its path do not exist yet."""
+    creates the run directory, note which directories on its path do not exist yet; after a sweep, summarise it."""
 
     def on_run_start(self, config, **_) -> None:
         from hydra.core.hydra_config import HydraConfig
@@ -147,6 +147,16 @@ class NewRunDirs:
         HydraConfig.instance().set_config(config)  # the directory's ${hydra:...} parts resolve through it
         path = Path(OmegaConf.select(config, "hydra.run.dir")).absolute()
         NEW_DIRS[:] = [p for p in [path, *path.parents] if not p.exists()]
+
+    def on_multirun_end(self, config, **_) -> None:
+        """A sweep ends with a table of its jobs, best first, and sweep.json beside them."""
+        from hydra.core.hydra_config import HydraConfig
+        from omegaconf import OmegaConf
+
+        from ptmcli import runs
+
+        HydraConfig.instance().set_config(config)
+        runs.sweep_summary(Path(OmegaConf.select(config, "hydra.sweep.dir")))
 
     def __getattr__(self, name: str):  # Hydra calls every on_* hook of a callback; the others do nothing
         if name.startswith("on_"):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import uuid
 from pathlib import Path
 
 from ptmcli.errors import PtmError
@@ -150,7 +151,7 @@ class Wandb:
 
         run_id = _tracker_id(run_dir, "wandb")
         if run_id is None:
-            run_id = wandb.util.generate_id()
+            run_id = uuid.uuid4().hex[:8]  # W&B's id format: 8 characters of [a-z0-9]
             _remember_id(run_dir, "wandb", run_id)
         self.run = wandb.init(
             project=experiment,

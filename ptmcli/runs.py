@@ -283,8 +283,7 @@ def compare(args: list[str]) -> None:
     for name, run in zip(names, runs):
         legend.add_row(name, run.path)
     console.print(legend)
-    keys = sorted({k for r in runs for k in r.config})
-    differ = [k for k in keys if len({json.dumps(r.config.get(k), sort_keys=True) for r in runs}) > 1]
+    differ = differing_keys(runs)
     config = Table(title="config keys that differ", title_justify="left")
     config.add_column("key")
     for name in names:
@@ -305,6 +304,48 @@ def compare(args: list[str]) -> None:
     results.add_row("last train loss", *(_number(r.loss) for r in runs))
     results.add_row("tokens/s", *(_number(r.tokens_per_s) for r in runs))
     console.print(results)
+
+
+def differing_keys(runs: list[Run]) -> list[str]:
+    keys = sorted({k for r in runs for k in r.config})
+    return [k for k in keys if len({json.dumps(r.config.get(k), sort_keys=True) for r in runs}) > 1]
+
+
+def sweep_summary(sweep_dir: Path) -> list[Run]:
+    """At the end of a multirun: its jobs best first by trainer.metric, as a table and as SWEEP/sweep.json."""
+    runs = [summarize(p) for p in find_runs([sweep_dir])] if sweep_dir.exists() else []
+    if not runs:
+        return []
+    metric = runs[0].metric
+    runs = order(runs, metric)
+    varied = differing_keys(runs)
+    rows = [
+        {
+            "path": r.path,
+            "status": r.status,
+            "step": r.step,
+            "max_steps": r.max_steps,
+            "metric": r.metric,
+            "best": r.best,
+            **{k: r.config.get(k) for k in varied},
+        }
+        for r in runs
+    ]
+    (sweep_dir / "sweep.json").write_text(json.dumps({"metric": metric, "jobs": rows}, indent=1) + "\n")
+    from rich.table import Table
+
+    from ptmcli.runlog import console
+
+    shown = Table(title=f"sweep {sweep_dir}, best {metric} first", title_justify="left")
+    for column in ("job", *varied, metric, "status", "steps"):
+        shown.add_column(column)
+    for r in runs:
+        shown.add_row(
+            Path(r.path).name, *(_number(r.config.get(k)) for k in varied), _number(r.best), r.status, cell(r, "steps")
+        )
+    console.print(shown)
+    console.print(f"written {sweep_dir / 'sweep.json'}")
+    return runs
 
 
 def main(args: list[str]) -> None:

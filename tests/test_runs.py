@@ -182,3 +182,24 @@ def test_a_logger_whose_package_is_missing_fails_at_start(tmp_path, capsys, monk
         main(["pretrain", *TINY, "trainer.loggers=[jsonl,wandb]", f"hydra.run.dir={tmp_path / 'r'}"])
     assert exit_.value.code == 2
     assert "pip install 'wandb'" in capsys.readouterr().err and not (tmp_path / "r").exists()
+
+
+def test_a_sweep_ends_with_its_jobs_best_first(tmp_path, capsys):
+    sweep = tmp_path / "sweep"
+    _ptm(
+        [
+            "pretrain",
+            *TINY,
+            "data.max_train_samples=100",
+            "trainer.max_steps=3",
+            "trainer.eval_every=3",
+            "optimizer.lr=1e-4,3e-3",
+            f"hydra.sweep.dir={sweep}",
+            "-m",
+        ]
+    )
+    summary = json.loads((sweep / "sweep.json").read_text())
+    assert summary["metric"] == "val/loss" and len(summary["jobs"]) == 2
+    bests = [job["best"] for job in summary["jobs"]]
+    assert bests == sorted(bests) and {job["optimizer.lr"] for job in summary["jobs"]} == {1e-4, 3e-3}
+    assert "best val/loss first" in capsys.readouterr().err
