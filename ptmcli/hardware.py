@@ -45,3 +45,56 @@ def resolve(cfg: HardwareConfig, dist: Dist) -> Hardware:
         raise PtmError("hardware.precision=fp16 needs a GPU; on CPU use fp32 (or bf16).")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     return Hardware(device=device, dtype=dtype)
+
+
+# Dense peak FLOP/s of known accelerators by (name fragment, dtype), from the vendors' data sheets (no sparsity;
+# fp32 is the plain fp32 rate, not TF32). The first fragment found in torch.cuda.get_device_name() counts.
+GPU_PEAKS = {
+    "H200": {torch.bfloat16: 989e12, torch.float16: 989e12, torch.float32: 67e12},
+    "H100": {torch.bfloat16: 989e12, torch.float16: 989e12, torch.float32: 67e12},
+    "A100": {torch.bfloat16: 312e12, torch.float16: 312e12, torch.float32: 19.5e12},
+    "L40S": {torch.bfloat16: 362e12, torch.float16: 362e12, torch.float32: 91.6e12},
+    "L4": {torch.bfloat16: 121e12, torch.float16: 121e12, torch.float32: 30.3e12},
+    "A10": {torch.bfloat16: 125e12, torch.float16: 125e12, torch.float32: 31.2e12},
+    "V100": {torch.float16: 125e12, torch.float32: 15.7e12},
+    "T4": {torch.float16: 65e12, torch.float32: 8.1e12},
+    "RTX 4090": {torch.bfloat16: 165e12, torch.float16: 165e12, torch.float32: 82.6e12},
+    "RTX 3090": {torch.bfloat16: 71e12, torch.float16: 71e12, torch.float32: 35.6e12},
+}
+
+
+def peak_flops(hw: Hardware) -> float | None:
+    """The device's peak FLOP/s at the run's dtype: a table for known GPUs; on a CPU, a matrix-product rate
+    measured once (0.5 s, all threads) and cached under PTM_CACHE. None when unknown."""
+    if hw.device.type == "cuda":
+        name = torch.cuda.get_device_name(hw.device)
+        for fragment, peaks in GPU_PEAKS.items():
+            if fragment in name:
+                return peaks.get(hw.dtype)
+        return None
+    if hw.device.type != "cpu":
+        return None
+    import json
+    import os
+    import time
+    from pathlib import Path
+
+    threads = torch.get_num_threads()
+    cache = Path(os.environ.get("PTM_CACHE", Path.home() / ".cache" / "ptm")) / f"cpu-peak-{threads}-threads.json"
+    try:
+        return float(json.loads(cache.read_text())["flops"])
+    except (OSError, ValueError, KeyError):
+        pass
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    a @ b
+    start, products = time.perf_counter(), 0
+    while time.perf_counter() - start < 0.5:
+        a @ b
+        products += 1
+    flops = 2 * 1024**3 * products / (time.perf_counter() - start)
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps({"flops": flops, "threads": threads, "measured": time.strftime("%Y-%m-%d")}))
+    except OSError:
+        pass
+    return flops

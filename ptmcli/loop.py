@@ -24,7 +24,7 @@ from ptmcli import checkpoint
 from ptmcli.data.batches import BatchOrder, Examples, eval_batches, train_batches
 from ptmcli.distributed import Dist
 from ptmcli.errors import Interrupted, PtmError
-from ptmcli.hardware import Hardware
+from ptmcli.hardware import Hardware, peak_flops
 from ptmcli.optim import build_optimizer, build_schedule, lr_caution
 from ptmcli.runlog import RunLog, truncate_metrics
 from ptmcli.schema import OptimizerConfig, TrainerConfig
@@ -144,6 +144,15 @@ def stop_requests():
             signal.signal(s, handler)
 
 
+def peak_memory_mb(hw: Hardware) -> float:
+    """The most memory this process has held: CUDA's max allocated, else the process's peak resident set."""
+    if hw.device.type == "cuda":
+        return torch.cuda.max_memory_allocated(hw.device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
 def draw_curves(run_dir: Path, metric: str, log: RunLog) -> None:
     """curves.png of the run so far; a note instead when matplotlib is missing (pictures are optional)."""
     from ptmcli import plots
@@ -246,6 +255,10 @@ def train(
         if sinks is not None:
             sinks.committed(step)
 
+    # figures of each train row: 6 FLOPs per parameter per token (forward 2, backward 4) over the device's peak
+    params = sum(p.numel() for p in checkpoint.unwrap(model).parameters())
+    peak = peak_flops(hw) if dist.is_main else None
+    sequences_per_step = cfg.batch_size * cfg.grad_accum * dist.world_size
     window_start = time.perf_counter()
     with stop_requests() as signals, contextlib.ExitStack() as closing:
         closing.callback(log.close)
@@ -308,6 +321,11 @@ def train(
                         **{f"{t}_loss": v / max(window["term_steps"][t], 1) for t, v in window["terms"].items()},
                         "lr": lr,
                         "tokens_per_s": window["tokens"] / max(elapsed, 1e-9),
+                        "samples_per_s": n * sequences_per_step / max(elapsed, 1e-9),
+                        "mfu": 6 * params * window["tokens"] / max(elapsed, 1e-9) / (peak * dist.world_size)
+                        if peak
+                        else None,
+                        "peak_memory_mb": peak_memory_mb(hw),
                         "epoch": consumed * cfg.batch_size * dist.world_size / len(job.train),
                         **window.get("extras", {}),
                     }

@@ -92,6 +92,8 @@ class RunLog:
         self.write(row)
         if self.progress is not None:
             status = f"loss {row['loss']:.4f}  lr {row['lr']:.2e}  {row['tokens_per_s']:,.0f} tok/s"
+            if row.get("mfu") is not None:
+                status += f"  MFU {row['mfu']:.1%}"
             self.progress.update(self.task, completed=row["step"], status=status)
 
     def val(self, row: dict) -> None:

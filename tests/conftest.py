@@ -76,7 +76,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-TIMING_KEYS = {"tokens_per_s"}
+TIMING_KEYS = {"tokens_per_s", "samples_per_s", "mfu", "peak_memory_mb"}
 
 
 def comparable(rows: list[dict]) -> list[dict]:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from ptmcli import checkpoint
-from tests.conftest import TINY, fails_with, read_metrics, run_ptm
+from tests.conftest import TIMING_KEYS, TINY, fails_with, read_metrics, run_ptm
 
 # A constant learning rate after warmup: the first N steps of a run do not depend on its max_steps, so a run
 # stopped at any step and resumed can be compared with this one, row by row.
@@ -34,7 +34,7 @@ def _snapshot(folder: Path) -> dict:
 
 
 def _train_rows(run: Path) -> list[dict]:
-    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in read_metrics(run) if r["split"] == "train"]
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in read_metrics(run) if r["split"] == "train"]
 
 
 def test_bad_inputs_get_one_paragraph_and_change_nothing(reference, cache_env, tmp_path):

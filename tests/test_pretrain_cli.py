@@ -45,7 +45,10 @@ def test_tiny_pretraining_learns(cache_env, tmp_path):
     assert train[0]["loss"] - train[-1]["loss"] > 0.9, (train[0], train[-1])
     # a model that learned nothing scores ln(vocab) on MLM; demand a clear margin below it
     assert val[-1]["mlm_loss"] < math.log(2000) - 0.8 and val[-1]["mlm_loss"] < val[0]["mlm_loss"]
-    assert {"step", "split", "loss", "lr", "tokens_per_s"} <= set(train[0])
+    assert {"step", "split", "loss", "lr", "tokens_per_s", "samples_per_s", "mfu", "peak_memory_mb"} <= set(train[0])
+    # MFU against this CPU's measured matmul rate: a real fraction; the process's peak memory is real too
+    assert 0 < train[-1]["mfu"] < 1.5 and train[-1]["peak_memory_mb"] > 100
+    assert train[-1]["samples_per_s"] >= train[-1]["tokens_per_s"] / 64 * 0.99  # sequences of at most 64 tokens
     assert {"mlm_accuracy", "perplexity", "nsp_accuracy"} <= set(val[0])
     assert (run / "tokenizer.json").exists() and (run / "config.yaml").exists()
     latest = run / "checkpoints" / "latest"
