@@ -231,6 +231,7 @@ def train(
 
     def save() -> None:
         read_step_losses()
+        log.saving(step)
         state = {
             "consumed": consumed,
             "window": window,
@@ -252,6 +253,7 @@ def train(
             job.saved_keys,
             job.method.state() if job.method is not None else None,
         )
+        log.saving(None)
         if sinks is not None:
             sinks.committed(step)
 

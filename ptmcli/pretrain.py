@@ -21,7 +21,7 @@ from ptmcli.errors import PtmError
 from ptmcli.loop import Job, train
 from ptmcli.models import PRETRAINING_MODELS
 from ptmcli.objectives import OBJECTIVES
-from ptmcli.runlog import console
+from ptmcli.runlog import console, preparing
 from ptmcli.schema import (
     FAMILY_OBJECTIVES,
     TRAINING_ONLY_FIELDS,
@@ -64,17 +64,25 @@ def build_examples(cfg: PretrainConfig, dist: Dist, tokenizer=None) -> tuple:
     `tokenizer` is init's; without one, data.tokenizer is loaded or a tokenizer is trained."""
     if not dist.is_main:
         dist.barrier()
-    docs = load_documents(cfg.data)
-    train_docs, val_docs = split_documents(docs, cfg.data)
-    tokenizer = get_tokenizer(
-        train_docs, cfg.data, need_mask=cfg.objective.name in ("mlm", "mlm-nsp", "rtd", "denoise"), given=tokenizer
+    with preparing(f"reading {cfg.data.name}", dist.is_main):
+        docs = load_documents(cfg.data)
+        train_docs, val_docs = split_documents(docs, cfg.data)
+    training = tokenizer is None and not cfg.data.tokenizer
+    what = (
+        f"training a {cfg.data.vocab_size:,}-token {cfg.data.tokenizer_kind} tokenizer on {len(train_docs):,} documents"
     )
-    chunks = {
-        name: build_chunks(
-            d, tokenizer, cfg.data.max_seq_len, LAYOUT[cfg.objective.name], cfg.data.num_proc, cfg.data.word_segmenter
+    with preparing(what, dist.is_main and training):
+        tokenizer = get_tokenizer(
+            train_docs, cfg.data, need_mask=cfg.objective.name in ("mlm", "mlm-nsp", "rtd", "denoise"), given=tokenizer
         )
-        for name, d in (("train", train_docs), ("val", val_docs))
-    }
+    chunks = {}
+    for name, d in (("train", train_docs), ("val", val_docs)):
+        what = f"tokenizing and packing {len(d):,} {name} documents into sequences of <= {cfg.data.max_seq_len}"
+        with preparing(what, dist.is_main):
+            chunks[name] = build_chunks(
+                d, tokenizer, cfg.data.max_seq_len, LAYOUT[cfg.objective.name], cfg.data.num_proc,
+                cfg.data.word_segmenter,
+            )  # fmt: skip
     if dist.is_main:
         dist.barrier()
     return (

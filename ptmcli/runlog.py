@@ -52,6 +52,13 @@ def tail_rows(path: Path, size: int = 1 << 16) -> list[dict]:
     return rows
 
 
+def preparing(text: str, show: bool = True):
+    """A spinner with `text` while a long preparation step runs (rank 0; nothing when output is not a terminal)."""
+    import contextlib
+
+    return console.status(f"[bold]{text}[/]…", spinner="dots") if show else contextlib.nullcontext()
+
+
 def _clean(value):
     if isinstance(value, float):
         return value if math.isfinite(value) else str(value)
@@ -110,6 +117,11 @@ class RunLog:
     def note(self, text: str) -> None:
         if self.progress is not None:
             self.progress.console.print(text)
+
+    def saving(self, step: int | None) -> None:
+        """Say on the progress bar that checkpoint step-N is being written (None: done)."""
+        if self.progress is not None:
+            self.progress.update(self.task, status=f"writing checkpoint step-{step}…" if step is not None else "")
 
     def advance(self, step: int) -> None:
         if self.progress is not None:
