@@ -259,5 +259,7 @@ def pretrain(
     metrics = train(job, cfg.trainer, cfg.optimizer, hw, dist, run_dir, resume_from, compile=cfg.hardware.compile)
     if dist.is_main:
         shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-        console.print(f"[bold green]done[/] step {cfg.trainer.max_steps}: {shown}\n  run dir: {run_dir}")
+        last = checkpoint.latest(run_dir / "checkpoints")  # an early stop ends before max_steps
+        step = last.name.removeprefix("step-") if last is not None else cfg.trainer.max_steps
+        console.print(f"[bold green]done[/] step {step}: {shown}\n  run dir: {run_dir}")
     return metrics
