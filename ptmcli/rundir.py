@@ -34,6 +34,7 @@ def _run_info(run_dir: Path) -> dict:
 
 LOCK_FILE = ".lock"
 _held: dict[Path, int] = {}  # run directory -> descriptor of its locked lock file, for this process's run
+_started: set[Path] = set()  # run directories this process recorded a start in (every check had passed)
 
 
 def _lock(run_dir: Path) -> str | None:
@@ -68,6 +69,7 @@ def release() -> None:
         (run_dir / LOCK_FILE).unlink(missing_ok=True)  # while still locked, so no one else locks the old file
         os.close(fd)
         del _held[run_dir]
+        _started.discard(run_dir)
 
 
 def lock_holder(run_dir: Path) -> dict | None:
@@ -94,6 +96,8 @@ def mark_ended(status: str) -> None:
     """Record in run.json how this process's run ended (completed, interrupted or failed); `ptm runs` reads it. A
     run that records nothing and holds no lock was killed."""
     for run_dir in _held:
+        if run_dir not in _started:  # refused before it started: the directory stays exactly as it was
+            continue
         info = _run_info(run_dir)
         if info:
             info["ended"] = {"status": status, "at": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -237,6 +241,7 @@ def record(
         }
         info.update(extra or {})
         info.pop("ended", None)  # a resumed run is going again
+        _started.add(run_dir.resolve())
         _write_atomically(run_dir / "run.json", json.dumps(info, indent=1) + "\n")
         (run_dir / "config.yaml").write_text(yaml.safe_dump(in_force or cfg, sort_keys=False))
     dist.barrier()
