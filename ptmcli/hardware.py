@@ -70,7 +70,8 @@ GPU_PEAKS = {
 
 def peak_flops(hw: Hardware) -> float | None:
     """The device's peak FLOP/s at the run's dtype: a table for known GPUs; on a CPU, a matrix-product rate
-    measured once (0.5 s, all threads) and cached under PTM_CACHE. None when unknown."""
+    measured once (1 s, all threads, 2048-wide products: smaller ones stay below the rate) and cached under PTM_CACHE.
+    None when unknown."""
     if hw.device.type == "cuda":
         name = torch.cuda.get_device_name(hw.device)
         for fragment, peaks in GPU_PEAKS.items():
@@ -90,13 +91,13 @@ def peak_flops(hw: Hardware) -> float | None:
         return float(json.loads(cache.read_text())["flops"])
     except (OSError, ValueError, KeyError):
         pass
-    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
     a @ b
     start, products = time.perf_counter(), 0
-    while time.perf_counter() - start < 0.5:
+    while time.perf_counter() - start < 1.0:
         a @ b
         products += 1
-    flops = 2 * 1024**3 * products / (time.perf_counter() - start)
+    flops = 2 * 2048**3 * products / (time.perf_counter() - start)
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps({"flops": flops, "threads": threads, "measured": time.strftime("%Y-%m-%d")}))

@@ -27,7 +27,6 @@ from pathlib import Path
 import torch
 
 IGNORE = -100
-PEAK_CACHE = Path(os.environ.get("PTM_CACHE", Path.home() / ".cache" / "ptm")) / "cpu-fp32-peak.json"
 
 
 @dataclass(frozen=True)
@@ -274,20 +273,11 @@ WIDTHS = (10, 11, 10, 7, 9, 8, 6, 9)
 
 
 def cpu_peak_gflops() -> float:
-    """This CPU's fp32 matmul rate (GFLOP/s, all threads), measured once and cached: the ceiling tokens/s is
-    read against (6 x parameters x tokens/s)."""
-    if PEAK_CACHE.exists():
-        return json.loads(PEAK_CACHE.read_text())["gflops"]
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    a @ b
-    start, n = time.perf_counter(), 0
-    while time.perf_counter() - start < 2.0:
-        a @ b
-        n += 1
-    gflops = 2 * 2048**3 * n / (time.perf_counter() - start) / 1e9
-    PEAK_CACHE.parent.mkdir(parents=True, exist_ok=True)
-    PEAK_CACHE.write_text(json.dumps({"gflops": gflops, "threads": torch.get_num_threads()}))
-    return gflops
+    """This CPU's fp32 matmul rate (GFLOP/s, all threads), as ptm's MFU reads it (measured once, cached): the
+    ceiling 6 x parameters x tokens/s is read against."""
+    from ptmcli.hardware import Hardware, peak_flops
+
+    return peak_flops(Hardware(device=torch.device("cpu"), dtype=torch.float32)) / 1e9
 
 
 def side_in_process(side: str, name: str, workdir: str) -> dict:
