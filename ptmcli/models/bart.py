@@ -9,12 +9,18 @@ stored once, under `encoder`.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ptmcli.architectures import BartArch
-from ptmcli.models.layers import CrossAttention, FeedForward, SelfAttention, init_normal, layer_stack, padding_mask
-from ptmcli.models.vocab_loss import VocabLoss, targeted_cross_entropies
+from ptmcli.models.layers import (
+    CrossAttention,
+    EncoderDecoderLM,
+    FeedForward,
+    SelfAttention,
+    init_normal,
+    layer_stack,
+    padding_mask,
+)
 
 
 class Embeddings(nn.Module):
@@ -88,7 +94,7 @@ class Decoder(nn.Module):
         return x
 
 
-class BartForConditionalGeneration(nn.Module):
+class BartForConditionalGeneration(EncoderDecoderLM):
     def __init__(self, arch: BartArch, vocab_size: int):
         super().__init__()
         self.encoder = Bart(arch, vocab_size)
@@ -103,24 +109,13 @@ class BartForConditionalGeneration(nn.Module):
         """(B, T) decoder ids -> (B, T, C), what the output projection reads."""
         return self.decoder(self.encoder.embeddings.word(decoder_ids), memory, padding_mask(attention_mask), cache)
 
-    def decode(self, decoder_ids, memory, attention_mask, cache=None) -> torch.Tensor:
-        """(B, T) decoder ids -> (B, T, V) next-token logits."""
-        hidden = self.decoder_states(decoder_ids, memory, attention_mask, cache)
-        return F.linear(hidden, self.encoder.embeddings.word.weight, self.lm_bias)
+    @property
+    def output_weight(self) -> torch.Tensor:
+        return self.encoder.embeddings.word.weight
 
-    def forward(
-        self, input_ids, attention_mask, decoder_input_ids, targets: list[torch.Tensor] | None = None, predict=False
-    ) -> torch.Tensor | list[VocabLoss]:
-        """Logits (B, T, V); with `targets` (a list of (B, T) label tensors) their summed cross-entropies instead,
-        computed only where each has labels and without the whole logits tensor."""
-        memory = self.encode(input_ids, attention_mask)
-        if targets is None:
-            return self.decode(decoder_input_ids, memory, attention_mask)
-        hidden = self.decoder_states(decoder_input_ids, memory, attention_mask)
-        return targeted_cross_entropies(hidden, self.encoder.embeddings.word.weight, self.lm_bias, targets, predict)
-
-    def new_cache(self) -> list[dict]:
-        return [{} for _ in self.decoder.layers]
+    @property
+    def output_bias(self) -> torch.Tensor:
+        return self.lm_bias
 
 
 def build_pretraining(arch: BartArch, vocab_size: int, objective) -> BartForConditionalGeneration:

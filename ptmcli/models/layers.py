@@ -1,12 +1,15 @@
 """Pieces shared by the model families: attention on `scaled_dot_product_attention` (with a KV cache for
 decoding), feed-forward, the post-LN encoder layer (BERT, RoBERTa, ELECTRA), the pre-LN decoder block (GPT)
-and the tied masked-LM head. Family files import from here, never from each other."""
+and the tied masked-LM head, and the encoder-decoder frame T5 and BART fill in. Family files import from here, never
+from each other."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ptmcli.models.vocab_loss import VocabLoss, targeted_cross_entropies
 
 
 def padding_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -283,3 +286,29 @@ def init_normal(module: nn.Module, std: float) -> None:
         elif isinstance(m, nn.LayerNorm):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
+
+
+class EncoderDecoderLM(nn.Module):
+    """What T5 and BART share around their own `encode`, `decoder_states` (the states the output projection
+    reads) and `output_weight` / `output_bias`: next-token logits, or the summed cross-entropies of targets."""
+
+    output_bias = None
+
+    def decode(self, decoder_ids, memory, attention_mask, cache=None) -> torch.Tensor:
+        """(B, T) decoder ids -> (B, T, V) next-token logits."""
+        hidden = self.decoder_states(decoder_ids, memory, attention_mask, cache)
+        return F.linear(hidden, self.output_weight, self.output_bias)
+
+    def forward(
+        self, input_ids, attention_mask, decoder_input_ids, targets: list[torch.Tensor] | None = None, predict=False
+    ) -> torch.Tensor | list[VocabLoss]:
+        """Logits (B, T, V); with `targets` (a list of (B, T) label tensors) their summed cross-entropies instead,
+        computed only where each has labels and without the whole logits tensor."""
+        memory = self.encode(input_ids, attention_mask)
+        if targets is None:
+            return self.decode(decoder_input_ids, memory, attention_mask)
+        hidden = self.decoder_states(decoder_input_ids, memory, attention_mask)
+        return targeted_cross_entropies(hidden, self.output_weight, self.output_bias, targets, predict)
+
+    def new_cache(self) -> list[dict]:
+        return [{} for _ in self.decoder.layers]

@@ -11,12 +11,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ptmcli.architectures import T5Arch
-from ptmcli.models.layers import CrossAttention, FeedForward, RMSNorm, SelfAttention
-from ptmcli.models.vocab_loss import VocabLoss, targeted_cross_entropies
+from ptmcli.models.layers import CrossAttention, EncoderDecoderLM, FeedForward, RMSNorm, SelfAttention
 
 
 def relative_position_bucket(relative: torch.Tensor, bidirectional: bool, buckets: int, max_distance: int):
@@ -147,7 +145,7 @@ class Decoder(nn.Module):
         return self.dropout(self.final_norm(x))
 
 
-class T5ForConditionalGeneration(nn.Module):
+class T5ForConditionalGeneration(EncoderDecoderLM):
     """Encoder + decoder. The decoder embeds with the encoder's matrix and the output projection is tied to it
     (scaled by hidden^-0.5, as T5 does when tying), so the matrix is stored once, under `encoder`; with
     `tied_head=false` (T5 v1.1) the projection is a matrix of its own, unscaled."""
@@ -171,24 +169,6 @@ class T5ForConditionalGeneration(nn.Module):
     @property
     def output_weight(self) -> torch.Tensor:
         return self.lm_head.weight if self.lm_head is not None else self.encoder.embeddings.weight
-
-    def decode(self, decoder_ids, memory, attention_mask, cache=None) -> torch.Tensor:
-        """(B, T) decoder ids -> (B, T, V) next-token logits."""
-        return F.linear(self.decoder_states(decoder_ids, memory, attention_mask, cache), self.output_weight)
-
-    def forward(
-        self, input_ids, attention_mask, decoder_input_ids, targets: list[torch.Tensor] | None = None, predict=False
-    ) -> torch.Tensor | list[VocabLoss]:
-        """Logits (B, T, V); with `targets` (a list of (B, T) label tensors) their summed cross-entropies instead,
-        computed only where each has labels and without the whole logits tensor."""
-        memory = self.encode(input_ids, attention_mask)
-        if targets is None:
-            return self.decode(decoder_input_ids, memory, attention_mask)
-        hidden = self.decoder_states(decoder_input_ids, memory, attention_mask)
-        return targeted_cross_entropies(hidden, self.output_weight, None, targets, predict)
-
-    def new_cache(self) -> list[dict]:
-        return [{} for _ in self.decoder.layers]
 
 
 def init_t5(module: nn.Module, arch: T5Arch) -> None:
