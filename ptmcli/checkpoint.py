@@ -164,6 +164,14 @@ def _optimizer_join(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
+def megabytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> float:
+    """About what a checkpoint of `model` and `optimizer` writes (every weight and optimizer tensor), in MB."""
+    tensors = [*unwrap(model).state_dict().values()]
+    tensors += [v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+    unique = {t.data_ptr(): t.numel() * t.element_size() for t in tensors}  # tied weights are written once
+    return sum(unique.values()) / 1e6
+
+
 def _point(root: Path, name: str, target: Path) -> None:
     """Atomically make root/name a symlink to target."""
     tmp_link = root / f".{name}.tmp"

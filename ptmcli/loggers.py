@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import uuid
 from pathlib import Path
 
@@ -89,17 +90,20 @@ def _flat_config(run_dir: Path) -> dict[str, str]:
     return {k: str(v)[:500] for k, v in flatten(config).items()}  # MLflow caps a param's length
 
 
-def _tracker_id(run_dir: Path, name: str) -> str | None:
+def _recalled(run_dir: Path, key: str):
+    """What run.json holds under `key` (a tracker's run id, W&B's last step sent), or None."""
     try:
-        return json.loads((run_dir / "run.json").read_text()).get(f"{name}_run_id")
+        return json.loads((run_dir / "run.json").read_text()).get(key)
     except (OSError, ValueError):
         return None
 
 
-def _remember_id(run_dir: Path, name: str, run_id: str) -> None:
+def _remember(run_dir: Path, key: str, value) -> None:
     info = json.loads((run_dir / "run.json").read_text())
-    info[f"{name}_run_id"] = run_id
-    (run_dir / "run.json").write_text(json.dumps(info, indent=1) + "\n")
+    info[key] = value
+    tmp = run_dir / f"run.json.tmp{os.getpid()}"
+    tmp.write_text(json.dumps(info, indent=1) + "\n")
+    os.replace(tmp, run_dir / "run.json")  # a kill mid-write leaves the old run.json, never half of one
 
 
 class MLflow:
@@ -111,12 +115,12 @@ class MLflow:
         if uri.startswith("sqlite:///"):
             Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         self.client = mlflow.tracking.MlflowClient(tracking_uri=uri)
-        run_id = _tracker_id(run_dir, "mlflow")
+        run_id = _recalled(run_dir, "mlflow_run_id")
         if run_id is None:
             found = self.client.get_experiment_by_name(experiment)
             experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
             run_id = self.client.create_run(experiment_id, run_name=run_dir.name).info.run_id
-            _remember_id(run_dir, "mlflow", run_id)
+            _remember(run_dir, "mlflow_run_id", run_id)
             params = _flat_config(run_dir)
             items = list(params.items())
             for i in range(0, len(items), 100):  # the API takes at most 100 params per batch
@@ -149,10 +153,11 @@ class Wandb:
     def __init__(self, run_dir: Path, experiment: str):
         import wandb
 
-        run_id = _tracker_id(run_dir, "wandb")
+        self.run_dir = run_dir
+        run_id = _recalled(run_dir, "wandb_run_id")
         if run_id is None:
             run_id = uuid.uuid4().hex[:8]  # W&B's id format: 8 characters of [a-z0-9]
-            _remember_id(run_dir, "wandb", run_id)
+            _remember(run_dir, "wandb_run_id", run_id)
         self.run = wandb.init(
             project=experiment,
             dir=str(run_dir),
@@ -165,9 +170,12 @@ class Wandb:
     def rows(self, rows: list[dict]) -> None:
         for row in rows:
             self.run.log(_scalars(row), step=row["step"])
+        if rows:
+            _remember(self.run_dir, "wandb_sent_step", rows[-1]["step"])
 
     def last_step(self) -> int:
-        return int(getattr(self.run, "step", 0) or 0)
+        """An offline run cannot ask the server what it holds, so the run directory keeps the last step sent."""
+        return int(_recalled(self.run_dir, "wandb_sent_step") or 0)
 
     def close(self, run_dir: Path) -> None:
         self.run.finish()

@@ -231,7 +231,7 @@ def train(
 
     def save() -> None:
         read_step_losses()
-        log.saving(step)
+        log.saving(step, checkpoint.megabytes(model, optimizer))
         state = {
             "consumed": consumed,
             "window": window,

@@ -21,7 +21,7 @@ from ptmcli.errors import PtmError
 from ptmcli.loop import Job, train
 from ptmcli.models import PRETRAINING_MODELS
 from ptmcli.objectives import OBJECTIVES
-from ptmcli.runlog import console, preparing
+from ptmcli.runlog import console, counted, preparing
 from ptmcli.schema import (
     FAMILY_OBJECTIVES,
     TRAINING_ONLY_FIELDS,
@@ -71,14 +71,18 @@ def build_examples(cfg: PretrainConfig, dist: Dist, tokenizer=None) -> tuple:
     what = (
         f"training a {cfg.data.vocab_size:,}-token {cfg.data.tokenizer_kind} tokenizer on {len(train_docs):,} documents"
     )
-    with preparing(what, dist.is_main and training):
+    with counted(what, dist.is_main and training) as bars:
         tokenizer = get_tokenizer(
-            train_docs, cfg.data, need_mask=cfg.objective.name in ("mlm", "mlm-nsp", "rtd", "denoise"), given=tokenizer
+            train_docs,
+            cfg.data,
+            need_mask=cfg.objective.name in ("mlm", "mlm-nsp", "rtd", "denoise"),
+            given=tokenizer,
+            show_progress=bars,
         )
     chunks = {}
     for name, d in (("train", train_docs), ("val", val_docs)):
         what = f"tokenizing and packing {len(d):,} {name} documents into sequences of <= {cfg.data.max_seq_len}"
-        with preparing(what, dist.is_main):
+        with counted(what, dist.is_main):
             chunks[name] = build_chunks(
                 d, tokenizer, cfg.data.max_seq_len, LAYOUT[cfg.objective.name], cfg.data.num_proc,
                 cfg.data.word_segmenter,

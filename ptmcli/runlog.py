@@ -59,6 +59,32 @@ def preparing(text: str, show: bool = True):
     return console.status(f"[bold]{text}[/]…", spinner="dots") if show else contextlib.nullcontext()
 
 
+def counted(text: str, show: bool = True):
+    """For steps that `datasets` and `tokenizers` run: their own bars count examples (across `num_proc` workers)
+    and merges, so they are switched on for the step instead of a spinner, under a line saying what it is.
+    Rank 0 on a terminal only. Yields whether bars are shown (for `show_progress=` of a tokenizer trainer)."""
+    import contextlib
+
+    import datasets
+
+    @contextlib.contextmanager
+    def bars():
+        shown = show and console.is_terminal
+        if not shown:
+            yield False
+            return
+        console.print(f"[bold]{text}[/]")
+        was_on = datasets.is_progress_bar_enabled()
+        datasets.enable_progress_bars()
+        try:
+            yield True
+        finally:
+            if not was_on:
+                datasets.disable_progress_bars()
+
+    return bars()
+
+
 def _clean(value):
     if isinstance(value, float):
         return value if math.isfinite(value) else str(value)
@@ -118,10 +144,11 @@ class RunLog:
         if self.progress is not None:
             self.progress.console.print(text)
 
-    def saving(self, step: int | None) -> None:
-        """Say on the progress bar that checkpoint step-N is being written (None: done)."""
+    def saving(self, step: int | None, megabytes: float = 0.0) -> None:
+        """Say on the progress bar that checkpoint step-N (of about `megabytes`) is being written (None: done)."""
         if self.progress is not None:
-            self.progress.update(self.task, status=f"writing checkpoint step-{step}…" if step is not None else "")
+            status = f"writing checkpoint step-{step} ({megabytes:,.0f} MB)…" if step is not None else ""
+            self.progress.update(self.task, status=status)
 
     def advance(self, step: int) -> None:
         if self.progress is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+import struct
 
 import pytest
 
@@ -101,6 +102,31 @@ def test_filter_sort_table_and_compare(runs_root, capsys):
     assert "best val/loss" in shown and "final val/loss" in shown
 
 
+def test_long_preparation_shows_counted_bars_and_checkpoint_sizes(monkeypatch):
+    """On a terminal, the datasets/tokenizers bars (which count examples and merges) are on during a counted step
+    and back off after it; a checkpoint's announced size is what its files hold."""
+    import datasets
+    import torch
+
+    from ptmcli import checkpoint, runlog
+
+    datasets.disable_progress_bars()
+    monkeypatch.setattr(runlog.console, "_force_terminal", True)
+    with runlog.counted("tokenizing", show=True) as shown:
+        assert shown and datasets.is_progress_bar_enabled()
+    assert not datasets.is_progress_bar_enabled()
+    with runlog.counted("tokenizing", show=False) as shown:  # not rank 0
+        assert not shown and not datasets.is_progress_bar_enabled()
+
+    # a tied output layer is written once; AdamW keeps two moments per weight (and a step count per tensor)
+    model = torch.nn.Sequential(torch.nn.Embedding(1000, 64), torch.nn.Linear(64, 1000, bias=False))
+    model[1].weight = model[0].weight
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.arange(10)).sum().backward()
+    optimizer.step()
+    assert checkpoint.megabytes(model, optimizer) == pytest.approx((3 * 64_000 * 4 + 4) / 1e6)
+
+
 def test_bad_runs_arguments_are_one_line_errors(tmp_path, capsys):
     for args, words in (
         (["runs", str(tmp_path / "nowhere")], "does not exist"),
@@ -114,12 +140,38 @@ def test_bad_runs_arguments_are_one_line_errors(tmp_path, capsys):
         assert exit_.value.code == 2 and words in capsys.readouterr().err
 
 
-def test_tensorboard_and_mlflow_hold_each_step_once_after_a_kill_and_resume(cache_env, tmp_path, capsys):
-    """The event files (read by TensorBoard's own EventAccumulator) and the MLflow run (read by MlflowClient from
-    the SQLite store) hold exactly metrics.jsonl's values, each step once, after SIGKILL + resume=auto; the run
-    ends with a curves.png that MLflow keeps as an artifact, and `ptm plot` draws two runs into one PNG."""
+def wandb_records(path):
+    """The protobuf records of a W&B transaction log (`run-ID.wandb`): a 7-byte header, then LevelDB-style 32 KiB
+    blocks of fragments, each checksum(4) length(2) type(1: full, 2: first, 3: middle, 4: last) and data."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    pos, block, pending = 7, 32768, b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        length, kind = struct.unpack("<HB", data[pos + 4 : pos + 7])
+        if length == kind == 0:
+            break
+        pending += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            pending = b""
+            yield record
+
+
+def test_every_logger_holds_each_step_once_after_a_kill_and_resume(cache_env, tmp_path, capsys):
+    """The event files (read by TensorBoard's own EventAccumulator), the MLflow run (read by MlflowClient from
+    the SQLite store) and the offline W&B run (its transaction logs) hold exactly metrics.jsonl's values, each
+    step once, after SIGKILL + resume=auto; the run ends with a curves.png that MLflow keeps as an artifact, and
+    `ptm plot` draws two runs into one PNG."""
     pytest.importorskip("tensorboard")
     pytest.importorskip("mlflow")
+    pytest.importorskip("wandb")
     matplotlib_image = pytest.importorskip("matplotlib.image")
     from mlflow.tracking import MlflowClient
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -132,7 +184,7 @@ def test_tensorboard_and_mlflow_hold_each_step_once_after_a_kill_and_resume(cach
         "trainer.log_every=1",
         "trainer.eval_every=4",
         "trainer.curves=true",
-        "trainer.loggers=[jsonl,tensorboard,mlflow]",
+        "trainer.loggers=[jsonl,tensorboard,mlflow,wandb]",
         f"trainer.tracking_uri={store}",
         f"hydra.run.dir={run}",
     ]
@@ -159,6 +211,25 @@ def test_tensorboard_and_mlflow_hold_each_step_once_after_a_kill_and_resume(cach
     for m in history:
         assert m.value == pytest.approx(expected[("train", m.step)], rel=1e-6)
     assert {"config.yaml", "curves.png"} <= {a.path for a in client.list_artifacts(run_id)}
+
+    # W&B: one offline run directory per process, the same run id in both, each step sent once across them
+    wandb_id = json.loads((run / "run.json").read_text())["wandb_run_id"]
+    logs = sorted((run / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(logs) == 2 and all(p.name == f"run-{wandb_id}.wandb" for p in logs)
+    sent, config = [], {}
+    for log in logs:
+        for record in wandb_records(log):
+            kind = record.WhichOneof("record_type")
+            if kind == "history":
+                items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
+                sent.append((record.history.step.num, items.get("train/loss"), items.get("val/loss")))
+            elif kind == "run":
+                config.update({u.key: json.loads(u.value_json) for u in record.run.config.update})
+    assert [step for step, *_ in sent] == list(range(1, 9))
+    for step, train_loss, val_loss in sent:
+        assert train_loss == pytest.approx(expected[("train", step)], rel=1e-6)
+        assert val_loss == (pytest.approx(expected[("val", step)], rel=1e-6) if step % 4 == 0 else None)
+    assert config["trainer.max_steps"] == "8"
 
     curves = matplotlib_image.imread(run / "curves.png")
     assert curves.shape[:2] == (400, 1500) and curves[..., :3].std() > 0.05  # three panels, not blank

@@ -150,9 +150,10 @@ def load_tokenizer(spec: str, lowercase: bool = True) -> Tokenizer:
         raise PtmError(f"data.tokenizer='{spec}' could not be read as a tokenizer: {err}") from err
 
 
-def train_tokenizer(texts: datasets.Dataset, cfg: DataConfig) -> Tokenizer:
+def train_tokenizer(texts: datasets.Dataset, cfg: DataConfig, show_progress: bool = False) -> Tokenizer:
     """Train a WordPiece or byte-level BPE tokenizer on the training documents, cached by corpus fingerprint and
-    settings. Byte-level BPE never lower-cases: it is lossless by design."""
+    settings. Byte-level BPE never lower-cases: it is lossless by design. `show_progress`: the trainer's own bars
+    (documents read, merges made) on the terminal."""
     kind = cfg.tokenizer_kind
     key = f"{texts._fingerprint}:{cfg.vocab_size}:{cfg.lowercase}:{cfg.min_frequency}:{kind}-v1"
     cached = cache_root() / "tokenizers" / (hashlib.sha1(key.encode()).hexdigest()[:16] + ".json")
@@ -166,7 +167,10 @@ def train_tokenizer(texts: datasets.Dataset, cfg: DataConfig) -> Tokenizer:
         tok.pre_tokenizer = pre_tokenizers.Metaspace()
         tok.decoder = decoders.Metaspace()
         trainer = trainers.UnigramTrainer(
-            vocab_size=cfg.vocab_size, special_tokens=UNIGRAM_SPECIAL_TOKENS, unk_token="<unk>", show_progress=False
+            vocab_size=cfg.vocab_size,
+            special_tokens=UNIGRAM_SPECIAL_TOKENS,
+            unk_token="<unk>",
+            show_progress=show_progress,
         )
         tok.train_from_iterator(batches, trainer=trainer, length=len(texts))
         _add_end_processor(tok, None, "</s>")
@@ -177,7 +181,7 @@ def train_tokenizer(texts: datasets.Dataset, cfg: DataConfig) -> Tokenizer:
             min_frequency=cfg.min_frequency,
             special_tokens=BYTE_BPE_SPECIAL_TOKENS,
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-            show_progress=False,
+            show_progress=show_progress,
         )
         tok.train_from_iterator(batches, trainer=trainer, length=len(texts))
         _add_end_processor(tok, "<s>", "</s>")
@@ -187,7 +191,7 @@ def train_tokenizer(texts: datasets.Dataset, cfg: DataConfig) -> Tokenizer:
             vocab_size=cfg.vocab_size,
             min_frequency=cfg.min_frequency,
             special_tokens=SPECIAL_TOKENS,
-            show_progress=False,
+            show_progress=show_progress,
         )
         tok.train_from_iterator(batches, trainer=trainer, length=len(texts))
         _add_post_processor(tok)
@@ -199,7 +203,11 @@ def train_tokenizer(texts: datasets.Dataset, cfg: DataConfig) -> Tokenizer:
 
 
 def get_tokenizer(
-    train_docs: datasets.Dataset, cfg: DataConfig, need_mask: bool = True, given: Tokenizer | None = None
+    train_docs: datasets.Dataset,
+    cfg: DataConfig,
+    need_mask: bool = True,
+    given: Tokenizer | None = None,
+    show_progress: bool = False,
 ) -> Tokenizer:
     """`given` (an init run's), else data.tokenizer, else one trained on the training documents."""
     if given is not None:
@@ -207,7 +215,7 @@ def get_tokenizer(
     elif cfg.tokenizer:
         tok = load_tokenizer(cfg.tokenizer, cfg.lowercase)
     else:
-        tok = train_tokenizer(train_docs, cfg)
+        tok = train_tokenizer(train_docs, cfg, show_progress)
     SpecialIds.of(tok, need_mask)
     return tok
 
