@@ -58,6 +58,8 @@ CONFIG_TOOLS = {
     "cat": "a composed, checked config as YAML with each key's help: ptm cat conf=RECIPE | task=NAME [key=value ...]",
     "validate": "every check a run makes before training (config, data, labels, tokenizer, init, resume), without "
     "training: ptm validate conf=RECIPE | task=NAME [key=value ...]",
+    "prepare": "tokenize and pack a pretraining corpus once into a token directory that runs train from with "
+    "data.tokens=DIR: ptm prepare conf=RECIPE [data overrides] output=DIR",
     "plot": "a PNG of a metric of one or more runs: ptm plot run=DIR [run=DIR ...] metric=val/loss [output=FILE]",
     "runs": "the runs under folders, one row each: ptm runs [PATH ...] [--sort KEY] [--where key=value] [--json]; "
     "ptm runs compare RUN_A RUN_B [...] shows the config keys that differ and the metrics side by side",
@@ -372,6 +374,11 @@ def main(argv: list[str] | None = None) -> None:
                 return
             from ptmcli import configtools
 
+            if name == "prepare":
+                from ptmcli.prepare import prepare
+
+                prepare(args)
+                return
             if name in ("runs", "plot"):
                 from ptmcli import plots, runs
 

@@ -139,7 +139,13 @@ def validate_pretrain(cfg) -> list[str]:
         facts.append(f"init from {start.source}")
     elif cfg.data.tokenizer:
         facts.append(f"tokenizer of {load_tokenizer(cfg.data.tokenizer, cfg.data.lowercase).get_vocab_size():,} tokens")
-    if cfg.data.source.startswith("hf:"):
+    if cfg.data.tokens:
+        from ptmcli.pretrain import token_chunks
+
+        corpus = token_chunks(cfg, start.tokenizer if cfg.init else None)
+        sizes = " / ".join(f"{len(corpus.chunks[s]):,}" for s in ("train", "val"))
+        facts.append(f"data.tokens={cfg.data.tokens}: {sizes} train / validation sequences")
+    elif cfg.data.source.startswith("hf:"):
         facts.append(f"data.source={cfg.data.source} is fetched when the run starts (not checked offline)")
     else:
         train, val = split_documents(load_documents(cfg.data), cfg.data)

@@ -26,7 +26,9 @@ def check_paths(cfg: PretrainConfig | FinetuneConfig) -> list[str]:
     # a resumed run has what init gave it in its checkpoint and run directory; init may have moved since
     named = {"init": cfg.init if cfg.resume is None else None}
     if isinstance(cfg, PretrainConfig):
-        if not cfg.data.source.startswith("task:"):  # a task name is resolved against conf/task/ by the loader
+        if cfg.data.tokens:  # the token directory replaces the source
+            named["data.tokens"] = cfg.data.tokens
+        elif not cfg.data.source.startswith("task:"):  # a task name is resolved against conf/task/ by the loader
             named["data.source"] = cfg.data.source
         # with init= (or on resume) the tokenizer is init's own, and the run checks data.tokenizer against it
         named["data.tokenizer"] = cfg.data.tokenizer if cfg.init is None and cfg.resume is None else None

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import datasets
 import torch
 from tokenizers import Tokenizer
 
 from ptmcli import checkpoint, hardware, hf, rundir, runfiles
+from ptmcli.data import token_dir
 from ptmcli.data.lm_examples import CausalExamples, PermutationExamples
 from ptmcli.data.pretraining import PretrainingExamples, build_chunks
 from ptmcli.data.seq2seq_examples import DenoisingExamples, SpanCorruptionExamples
@@ -59,11 +60,23 @@ def make_examples(cfg: PretrainConfig, chunks, tokenizer):
     return PretrainingExamples(chunks, tokenizer, o, seed, nsp=o.name == "mlm-nsp")
 
 
-def build_examples(cfg: PretrainConfig, dist: Dist, tokenizer=None) -> tuple:
-    """(tokenizer, train examples, validation examples). Rank 0 prepares first; the others then hit its caches.
-    `tokenizer` is init's; without one, data.tokenizer is loaded or a tokenizer is trained."""
+class Corpus(NamedTuple):
+    tokenizer: Tokenizer
+    chunks: dict  # split -> packed sequences (build_chunks' dataset, or a token directory's TokenBlocks)
+    documents: dict[str, int]  # split -> documents it was packed from
+    fingerprint: str  # of the source documents (datasets' fingerprint)
+
+
+def prepare_chunks(cfg: PretrainConfig, dist: Dist, tokenizer=None) -> Corpus:
+    """The packed corpus from data.source. Rank 0 prepares first, then the
+    first process of each other node (whose datasets cache may be its own disk, or the shared one rank 0 filled),
+    then the rest, so no two processes write one cache at once. `tokenizer` is init's; without one,
+    data.tokenizer is loaded or a tokenizer is trained."""
+    first_on_node = dist.local_rank == 0 and not dist.is_main
     if not dist.is_main:
         dist.barrier()
+        if not first_on_node:
+            dist.barrier()
     with preparing(f"reading {cfg.data.name}", dist.is_main):
         docs = load_documents(cfg.data)
         train_docs, val_docs = split_documents(docs, cfg.data)
@@ -87,12 +100,41 @@ def build_examples(cfg: PretrainConfig, dist: Dist, tokenizer=None) -> tuple:
                 d, tokenizer, cfg.data.max_seq_len, LAYOUT[cfg.objective.name], cfg.data.num_proc,
                 cfg.data.word_segmenter,
             )  # fmt: skip
-    if dist.is_main:
+    if dist.is_main or first_on_node:
         dist.barrier()
+        if dist.is_main:
+            dist.barrier()
+    return Corpus(tokenizer, chunks, {"train": len(train_docs), "val": len(val_docs)}, docs._fingerprint)
+
+
+def token_chunks(cfg: PretrainConfig, tokenizer=None) -> Corpus:
+    """The packed corpus in the token directory data.tokens, after checking it fits the run."""
+    directory = Path(cfg.data.tokens).expanduser()
+    manifest = token_dir.read_manifest(directory)
+    token_dir.check(directory, manifest, LAYOUT[cfg.objective.name], cfg.data.max_seq_len, cfg.objective.name)
+    stored, chunks = token_dir.open_splits(directory, manifest)
+    if tokenizer is not None:
+        token_dir.check_tokenizer(directory, manifest, tokenizer, f"init={cfg.init}")
+    elif cfg.data.tokenizer:
+        token_dir.check_tokenizer(
+            directory,
+            manifest,
+            load_tokenizer(cfg.data.tokenizer, cfg.data.lowercase),
+            f"data.tokenizer={cfg.data.tokenizer}",
+        )
+    need_mask = cfg.objective.name in ("mlm", "mlm-nsp", "rtd", "denoise")
+    tokenizer = get_tokenizer(None, cfg.data, need_mask=need_mask, given=tokenizer or stored)
+    documents = {s: manifest["splits"][s]["documents"] for s in token_dir.SPLITS}
+    return Corpus(tokenizer, chunks, documents, manifest["source"].get("fingerprint", ""))
+
+
+def build_examples(cfg: PretrainConfig, dist: Dist, tokenizer=None) -> tuple:
+    """(tokenizer, train examples, validation examples, (train documents, validation documents))."""
+    corpus = token_chunks(cfg, tokenizer) if cfg.data.tokens else prepare_chunks(cfg, dist, tokenizer)
     return (
-        tokenizer,
-        *(make_examples(cfg, chunks[s], tokenizer) for s in ("train", "val")),
-        (len(train_docs), len(val_docs)),
+        corpus.tokenizer,
+        *(make_examples(cfg, corpus.chunks[s], corpus.tokenizer) for s in ("train", "val")),
+        (corpus.documents["train"], corpus.documents["val"]),
     )
 
 

@@ -112,6 +112,11 @@ class DataConfig:
     min_frequency: int = _f(2, "trained tokenizer: minimum count for a merge")
     split_seed: int = _f(1234, "seed of the train/validation document split")
     num_proc: Optional[int] = _f(None, "processes for tokenization (datasets.map num_proc)")
+    tokens: Optional[str] = _f(
+        None,
+        "a token directory written by `ptm prepare`: train from its memory-mapped sequences (reading data.source, "
+        "training a tokenizer and packing are skipped; its tokenizer is the run's)",
+    )
 
 
 @dataclass

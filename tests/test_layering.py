@@ -41,6 +41,7 @@ LAYERS = {
     "preflight": 0.5,
     "compose": 0.7,
     "configtools": 5.8,
+    "prepare": 5.8,
     "runs": 4.5,
     "loggers": 2,
     "plots": 2,

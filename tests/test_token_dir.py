@@ -1,0 +1,145 @@
+"""Token directories (`ptm prepare`, `data.tokens=DIR`): the same batches as the in-memory path for every packing
+layout, a run's memory flat as the corpus grows, and a directory that does not fit the run refused."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import datasets
+import numpy as np
+import pytest
+import torch
+
+from ptmcli import hardware
+from ptmcli.compose import checked, parse
+from ptmcli.data import token_dir
+from ptmcli.distributed import Dist
+from ptmcli.pretrain import LAYOUT, make_examples, prepare_chunks, token_chunks
+from tests.conftest import TINY, fails_with, read_metrics, run_ptm
+
+SMALL = [*TINY, "data.max_train_samples=100"]
+GPT = [
+    "conf=gpt-mini",
+    "model.hidden_size=64",
+    "model.num_heads=2",
+    "model.intermediate_size=128",
+    "model.num_layers=2",
+    "model.max_positions=64",
+    "data.max_seq_len=64",
+    "data.vocab_size=2000",
+    "data.max_train_samples=100",
+]
+
+
+def _config(args):
+    return checked(parse("pretrain", args))[1]
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, torch.Tensor):
+        return a.dtype == b.dtype and torch.equal(a, b)
+    return a == b
+
+
+@pytest.mark.parametrize(
+    "args",
+    [SMALL, [*SMALL, "objective=mlm"], GPT, [*GPT, "model=bart-mini", "objective=denoise"]],
+    ids=["sentences", "blocks-cls-sep", "blocks", "sentences-denoise"],
+)
+def test_a_token_directory_serves_the_batches_of_the_in_memory_path(args, tmp_path):
+    cfg = _config(args)
+    corpus = prepare_chunks(cfg, Dist())
+    token_dir.write(
+        tmp_path / "tokens",
+        corpus.tokenizer,
+        corpus.chunks,
+        corpus.documents,
+        LAYOUT[cfg.objective.name],
+        cfg.data.max_seq_len,
+        {"fingerprint": corpus.fingerprint},
+    )
+    mapped = token_chunks(_config([*args, f"data.tokens={tmp_path / 'tokens'}"]))
+    assert mapped.documents == corpus.documents and isinstance(mapped.chunks["train"].ids, np.memmap)
+    for split in ("train", "val"):
+        assert len(mapped.chunks[split]) == len(corpus.chunks[split])
+        memory = make_examples(cfg, corpus.chunks[split], corpus.tokenizer)
+        disk = make_examples(cfg, mapped.chunks[split], mapped.tokenizer)
+        n = len(memory)
+        for indices in ([0, 1, 2, 3], [n - 1, n // 2, 5, n - 2]):
+            for epoch in (0, 3):
+                assert _same(memory.batch(indices, epoch), disk.batch(indices, epoch))
+
+
+def _peak_rss_mb(args: list[str], env: dict) -> float:
+    """Peak resident memory of a training process, in MB."""
+    code = (
+        "import resource, sys\nfrom ptmcli.cli import main\n"
+        "try:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+        "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=300, check=True
+    )
+    return float(proc.stdout.rsplit("PEAK", 1)[1])
+
+
+def test_prepare_then_train_from_the_tokens_with_flat_memory_and_refusals(cache_env, tmp_path):
+    """`ptm prepare` writes the directory; a run trains from it (and learns); the same run from a directory with
+    the corpus 8 times over peaks at the same memory; a directory for another length, objective or tokenizer is
+    refused in one sentence, as is writing over one."""
+    tokens = tmp_path / "tokens"
+    proc = run_ptm(["prepare", *GPT, f"output={tokens}"], cache_env)
+    assert "prepared" in proc.stderr and (tokens / "manifest.json").exists()
+    manifest = json.loads((tokens / "manifest.json").read_text())
+    assert manifest["ids_dtype"] == "uint16" and manifest["layout"] == "blocks"
+    fails_with(["prepare", *GPT, f"output={tokens}"], cache_env, "exists and is not empty")
+
+    # the corpus 8 times over (memory use does not depend on the text, so the rows are repeated)
+    blocks = token_dir.TokenBlocks(tokens / "train", "uint16", "blocks")
+    rows = datasets.Dataset.from_dict(blocks[list(range(len(blocks)))])
+    big = tmp_path / "tokens-8x"
+    tokenizer = token_dir.open_splits(tokens, manifest)[0]
+    val = token_dir.TokenBlocks(tokens / "val", "uint16", "blocks")
+    token_dir.write(
+        big,
+        tokenizer,
+        {"train": datasets.concatenate_datasets([rows] * 8), "val": datasets.Dataset.from_dict(val[[0, 1, 2]])},
+        {"train": 800, "val": 3},
+        "blocks",
+        64,
+        manifest["source"],
+    )
+    run = [
+        "pretrain",
+        *GPT,
+        "trainer.max_steps=12",
+        "trainer.log_every=1",
+        "trainer.batch_size=16",
+        "trainer.eval_every=12",
+        "trainer.eval_batches=1",
+        "trainer.save_every=12",
+        "optimizer.lr=3e-3",
+        "optimizer.warmup_steps=2",
+        "trainer.curves=false",
+    ]
+    hardware.peak_flops(hardware.resolve(_config(GPT).hardware, Dist()))  # measured once, before either run
+    small_peak = _peak_rss_mb([*run, f"data.tokens={tokens}", f"hydra.run.dir={tmp_path / 'r1'}"], cache_env)
+    big_peak = _peak_rss_mb([*run, f"data.tokens={big}", f"hydra.run.dir={tmp_path / 'r8'}"], cache_env)
+    assert (big / "train" / "ids.bin").stat().st_size == 8 * (tokens / "train" / "ids.bin").stat().st_size
+    assert big_peak < 1.1 * small_peak, (small_peak, big_peak)
+    print("peak RSS MB", small_peak, big_peak)
+    losses = [r["loss"] for r in read_metrics(tmp_path / "r1") if r["split"] == "train"]
+    assert losses[-1] < losses[0] - 0.5  # it learns from the mapped sequences
+
+    fails_with([*run, "data.max_seq_len=32", f"data.tokens={tokens}"], cache_env, "data.max_seq_len=64")
+    fails_with(["pretrain", *SMALL, f"data.tokens={tokens}"], cache_env, "objective=mlm-nsp needs 'sentences'")
+    other = tmp_path / "other-tokenizer.json"
+    tokenizer.add_tokens(["<extra>"])
+    tokenizer.save(str(other))
+    fails_with([*run, f"data.tokens={tokens}", f"data.tokenizer={other}"], cache_env, "another tokenizer")
+    fails_with([*run, f"data.tokens={tmp_path}"], cache_env, "is not a token directory")
+    assert "train / validation sequences" in run_ptm(["validate", *run[1:], f"data.tokens={tokens}"], cache_env).stderr
