@@ -22,6 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
+from ptmcli import parallel, sharded_checkpoint
 from ptmcli.distributed import Dist, broadcast_str
 from ptmcli.errors import PtmError
 from ptmcli.schema import MODEL_SCHEMAS, architecture_spec
@@ -60,10 +61,10 @@ def _sha256(path: Path) -> str:
 def _manifest(folder: Path) -> dict:
     """{file: {bytes, sha256}} of every file in `folder`, each flushed to disk first."""
     files = {}
-    for path in sorted(p for p in folder.iterdir() if p.is_file()):
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):  # a sharded checkpoint has sub-folders
         with open(path, "rb") as f:
             os.fsync(f.fileno())
-        files[path.name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+        files[path.relative_to(folder).as_posix()] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
     return {"files": files}
 
 
@@ -168,7 +169,8 @@ def megabytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> float:
     """About what a checkpoint of `model` and `optimizer` writes (every weight and optimizer tensor), in MB."""
     tensors = [*unwrap(model).state_dict().values()]
     tensors += [v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
-    unique = {t.data_ptr(): t.numel() * t.element_size() for t in tensors}  # tied weights are written once
+    # tied weights are written once; a sharded (DTensor) weight counts whole, as all processes write it together
+    unique = {getattr(t, "_local_tensor", t).data_ptr(): t.numel() * t.element_size() for t in tensors}
     return sum(unique.values()) / 1e6
 
 
@@ -206,9 +208,12 @@ def save(
     dist.barrier()
     try:
         save_file(_rng_state(), str(tmp / f"rng-rank{dist.rank}.safetensors"))
+        sharded = parallel.is_sharded(unwrap(model))
+        if sharded:  # every process writes its shards
+            sharded_checkpoint.save(tmp, unwrap(model), optimizer, keys, dist.is_main)
         dist.barrier()
         if dist.is_main:
-            _write_files(tmp, step, model, optimizer, scheduler, scaler, trainer_state, dist, keys, extra)
+            _write_files(tmp, step, model, optimizer, scheduler, scaler, trainer_state, dist, keys, extra, sharded)
             _write_json(tmp / MARKER, _manifest(tmp))
             _fsync_dir(tmp)
     except OSError as err:
@@ -236,17 +241,20 @@ def save(
     return final
 
 
-def _write_files(tmp: Path, step, model, optimizer, scheduler, scaler, trainer_state, dist, keys, extra) -> None:
-    if keys is None:
+def _write_files(tmp: Path, step, model, optimizer, scheduler, scaler, trainer_state, dist, keys, extra, sharded):
+    if sharded:
+        pass  # weights and optimizer state are written
+    elif keys is None:
         save_model(unwrap(model), str(tmp / "model.safetensors"))
     else:  # parameter-efficient: only what trains (the base weights are named in trainer_state)
         state = {k: v.detach().contiguous().clone() for k, v in unwrap(model).state_dict().items() if k in keys}
         save_file(state, str(tmp / "model.safetensors"))
     if extra:
         save_file({k: v.contiguous() for k, v in extra.items()}, str(tmp / "method_state.safetensors"))
-    tensors, meta = _optimizer_split(optimizer.state_dict())
-    save_file(tensors, str(tmp / "optimizer.safetensors"))
-    _write_json(tmp / "optimizer.json", meta)
+    if not sharded:
+        tensors, meta = _optimizer_split(optimizer.state_dict())
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        _write_json(tmp / "optimizer.json", meta)
     state = {
         **trainer_state,
         "step": step,
@@ -304,14 +312,28 @@ def load_weights(path: Path, model: nn.Module, keys: set[str] | None = None) -> 
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
-    """The tensors of checkpoint `path`'s model.safetensors, verified."""
+    """The model tensors of checkpoint `path` (whole, in this process), verified."""
     try:
+        if sharded_checkpoint.is_sharded(verified(path)):
+            return sharded_checkpoint.full_weights(path)
         return load_file(str(verified(path) / "model.safetensors"))
     except (OSError, SafetensorError) as err:
         raise PtmError(f"The checkpoint '{path}' is damaged: model.safetensors is unreadable ({err}).") from err
 
 
 def _load_weights(path: Path, model: nn.Module, keys: set[str] | None) -> tuple:
+    if sharded_checkpoint.is_sharded(path):
+        saved = sharded_checkpoint.names(path)
+        wanted = (keys if keys is not None else set(unwrap(model).state_dict())) - sharded_checkpoint.tied_names(
+            unwrap(model)
+        )
+        missing, unexpected = wanted - saved, saved - wanted
+        if missing or unexpected:
+            return missing, unexpected
+        sharded_checkpoint.load_model(path, unwrap(model), keys)
+        return set(), set()
+    if parallel.is_sharded(unwrap(model)):
+        return set(), set()  # a whole checkpoint into a sharded model: load() sets weights with the optimizer
     if keys is None:
         missing, unexpected = load_model(unwrap(model), str(path / "model.safetensors"), strict=False)
     else:
@@ -332,26 +354,41 @@ def load(
     dist: Dist,
     model_spec: dict,
     keys: set[str] | None = None,
+    global_batch: int | None = None,
 ) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Restore model, optimizer, schedule, scaler and this rank's RNG from checkpoint `path`.
-    Returns (trainer state, the method's extra tensors)."""
+    """Restore model, optimizer, schedule, scaler and this rank's RNG from checkpoint `path`, written by any number
+    of processes (sharded or whole) as long as the global batch (`global_batch`: batch size x processes) is the
+    same. Returns (trainer state, the method's extra tensors)."""
     state = read_state(path)
     check_architecture(path, state.get("model", {}), model_spec)
-    if state["world_size"] != dist.world_size:
+    if state["world_size"] != dist.world_size and state.get("global_batch", global_batch) != global_batch:
         raise PtmError(
-            f"The checkpoint '{path}' was written by {state['world_size']} processes; resume it with the same number "
-            f"(torchrun --nproc_per_node={state['world_size']}) so that every process gets its own RNG state back."
+            f"The checkpoint '{path}' was written by {state['world_size']} processes with a global batch of "
+            f"{state['global_batch']} sequences; this run has {dist.world_size} x trainer.batch_size = "
+            f"{global_batch}. Resume with trainer.batch_size={state['global_batch'] // dist.world_size} (global batch "
+            f"{state['global_batch']}), so that each step sees the sequences it would have seen."
         )
     load_weights(path, model, keys)
-    meta = json.loads((path / "optimizer.json").read_text())
-    optimizer.load_state_dict(_optimizer_join(load_file(str(path / "optimizer.safetensors")), meta))
+    plain = unwrap(model)
+    if sharded_checkpoint.is_sharded(path):
+        sharded_checkpoint.load_optimizer(path, plain, optimizer)
+    else:
+        meta = json.loads((path / "optimizer.json").read_text())
+        saved = _optimizer_join(load_file(str(path / "optimizer.safetensors")), meta)
+        if parallel.is_sharded(plain):
+            sharded_checkpoint.load_full(load_file(str(path / "model.safetensors")), saved, plain, optimizer)
+        else:
+            optimizer.load_state_dict(saved)
     scheduler.load_state_dict(state["scheduler"])
     if scaler.is_enabled() and state["scaler"]:
         scaler.load_state_dict(state["scaler"])
-    rng = load_file(str(path / f"rng-rank{dist.rank}.safetensors"))
-    torch.set_rng_state(rng["cpu"])
-    cuda = [rng[k] for k in sorted(rng) if k.startswith("cuda.")]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda)
+    rng_file = path / f"rng-rank{dist.rank}.safetensors"
+    if state["world_size"] == dist.world_size:  # else the loop seeds each process afresh (state["reseed"])
+        rng = load_file(str(rng_file))
+        torch.set_rng_state(rng["cpu"])
+        cuda = [rng[k] for k in sorted(rng) if k.startswith("cuda.")]
+        if cuda and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(cuda)
+    state["reseed"] = state["world_size"] != dist.world_size
     extra = path / "method_state.safetensors"
     return state, load_file(str(extra)) if extra.exists() else {}

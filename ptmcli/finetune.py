@@ -231,7 +231,7 @@ def finetune(
         method=method,
         saved_keys=saved_keys,
     )
-    train(job, trainer, cfg.optimizer, hw, dist, run_dir, resume_from, compile=cfg.hardware.compile)
+    train(job, trainer, cfg.optimizer, hw, dist, run_dir, resume_from, scale=cfg.hardware)
 
     best = run_dir / "checkpoints" / "best"
     checkpoint.load_weights(

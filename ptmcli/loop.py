@@ -18,16 +18,15 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
-from ptmcli import checkpoint
+from ptmcli import checkpoint, parallel
 from ptmcli.data.batches import BatchOrder, Examples, eval_batches, train_batches
 from ptmcli.distributed import Dist
 from ptmcli.errors import Interrupted, PtmError
 from ptmcli.hardware import Hardware, peak_flops
 from ptmcli.optim import build_optimizer, build_schedule, lr_caution
 from ptmcli.runlog import RunLog, truncate_metrics
-from ptmcli.schema import OptimizerConfig, TrainerConfig
+from ptmcli.schema import HardwareConfig, OptimizerConfig, TrainerConfig
 
 
 @dataclass
@@ -91,18 +90,20 @@ def evaluate(
     model.eval()
     terms, stat_names = objective.terms, objective.stats
     totals = torch.zeros(2 * len(terms) + len(stat_names), dtype=torch.float64)  # sums, counts, stats
-    for batch in eval_batches(examples, batch_size, dist.world_size, dist.rank, max_batches):
-        batch = to_device(batch, hw.device)
-        with hw.autocast():
-            sums, stats = objective(model, batch)
-        totals += torch.tensor(
-            [
-                *(float(sums[t]) for t in terms),
-                *(batch["counts"][t] for t in terms),
-                *(float(stats[s]) for s in stat_names),
-            ],
-            dtype=torch.float64,
-        )
+    # under FSDP each process holds full weights for the pass: ranks may run different numbers of forwards
+    with parallel.gathered(model):
+        for batch in eval_batches(examples, batch_size, dist.world_size, dist.rank, max_batches):
+            batch = to_device(batch, hw.device)
+            with hw.autocast():
+                sums, stats = objective(model, batch)
+            totals += torch.tensor(
+                [
+                    *(float(sums[t]) for t in terms),
+                    *(batch["counts"][t] for t in terms),
+                    *(float(stats[s]) for s in stat_names),
+                ],
+                dtype=torch.float64,
+            )
     totals = dist.sum(totals).tolist()
     model.train(was_training)
     n = len(terms)
@@ -171,15 +172,14 @@ def train(
     dist: Dist,
     run_dir: Path,
     resume_from: Path | None,
-    compile: bool = False,
+    scale: HardwareConfig | None = None,
 ) -> dict[str, float]:
-    """Train until `cfg.max_steps`; returns the final validation metrics."""
+    """Train until `cfg.max_steps`; returns the final validation metrics. `scale`: how the model is spread and
+    traded for memory (hardware.strategy, compile, activation_checkpointing)."""
+    scale = scale or HardwareConfig()
     model = job.model.to(hw.device)
     model.train()
-    if compile:
-        model = torch.compile(model)
-    if dist.world_size > 1:
-        model = DistributedDataParallel(model, device_ids=[hw.device.index] if hw.device.type == "cuda" else None)
+    model = parallel.wrap(model, hw, dist, scale.strategy, scale.compile, scale.activation_checkpointing)
     optimizer = build_optimizer(checkpoint.unwrap(model), optim_cfg, hw.device, job.lr_scale)
     scheduler = build_schedule(optimizer, optim_cfg, cfg.max_steps)
     scaler = torch.amp.GradScaler(hw.device.type, enabled=hw.uses_scaler)
@@ -190,14 +190,26 @@ def train(
     step, consumed = 0, 0
     window = fresh_window(terms)
     best = Best(cfg.metric.removeprefix("val/"), cfg.metric_mode, cfg.patience)
+    reseeded = 0  # the number of processes that wrote the checkpoint, when it differs from this run's
     if resume_from is not None:
         state, extra = checkpoint.load(
-            resume_from, model, optimizer, scheduler, scaler, dist, job.model_spec, job.saved_keys
+            resume_from,
+            model,
+            optimizer,
+            scheduler,
+            scaler,
+            dist,
+            job.model_spec,
+            job.saved_keys,
+            global_batch=cfg.batch_size * dist.world_size,
         )
         if job.method is not None:
             job.method.load_state(extra)
         step, consumed, window = state["step"], state["consumed"], state["window"]
         best = Best(**state["best"])
+        if state["reseed"]:  # another number of processes: each gets a fresh dropout stream, still seeded
+            torch.manual_seed(cfg.seed * 1000 + dist.rank + 1 + 7919 * step)
+            reseeded = state["world_size"]
     else:
         torch.manual_seed(cfg.seed * 1000 + dist.rank + 1)  # dropout stream, distinct per process
     if dist.is_main:  # rows a killed process logged after its last checkpoint (all of them, on a fresh start)
@@ -210,6 +222,11 @@ def train(
         sinks = Sinks(cfg.loggers, run_dir, step, cfg.tracking_uri, cfg.experiment)
     log = RunLog(run_dir / "metrics.jsonl" if dist.is_main else None, cfg.max_steps, step, sinks)
     ended = [False]  # whether the loop got to its end (then rows after the last checkpoint are final)
+    if reseeded:
+        log.note(
+            f"[yellow]note[/] resumed on {dist.world_size} process(es) from a checkpoint of {reseeded}: the same "
+            f"sequences per step, but dropout draws new masks (each process's random state was {reseeded}-way)"
+        )
     if caution := lr_caution(optim_cfg):
         log.note(f"[yellow]note[/] {caution}")
     batches = train_batches(
@@ -238,6 +255,7 @@ def train(
             "model": job.model_spec,
             "best": vars(best),
             "max_steps": cfg.max_steps,
+            "global_batch": cfg.batch_size * dist.world_size,
         }
         checkpoint.save(
             ckpt_root,
@@ -268,7 +286,9 @@ def train(
             closing.callback(lambda: sinks.close(finished=ended[0]))
         if dist.is_main and cfg.curves:  # before the trackers close, so that MLflow keeps the picture as an artifact
             closing.callback(lambda: draw_curves(run_dir, cfg.metric, log))
+        step_times: list[float] = []  # the first two steps' seconds, under torch.compile: the first one compiles
         while step < cfg.max_steps:
+            step_started = time.perf_counter()
             micro = [to_device(next(batches), hw.device) for _ in range(cfg.grad_accum)]
             # Targets in the whole step, over all micro-batches and processes: the loss is a mean over these.
             counts = dist.sum(
@@ -283,8 +303,7 @@ def train(
             step_sums = torch.zeros(len(terms), dtype=stat_dtype, device=hw.device)
             for i, batch in enumerate(micro):
                 last = i == len(micro) - 1
-                sync = model.no_sync() if dist.world_size > 1 and not last else contextlib.nullcontext()
-                with sync:
+                with parallel.gradient_sync(model, dist, last):
                     with hw.autocast():
                         sums, _ = job.objective(model, batch)
                     # DDP averages gradients over processes; multiplying by world size turns that into a sum.
@@ -305,6 +324,14 @@ def train(
             scheduler.step()
             step += 1
             consumed += cfg.grad_accum
+            if scale.compile and len(step_times) < 2:
+                step_times.append(time.perf_counter() - step_started)
+                if len(step_times) == 2:
+                    window["compile_s"] = max(step_times[0] - step_times[1], 0.0)
+                    log.note(
+                        f"torch.compile: first step {step_times[0]:.1f} s, second {step_times[1]:.2f} s "
+                        f"(about {window['compile_s']:.0f} s compiling)"
+                    )
 
             step_losses.append(dist.sum(step_sums) / term_counts.to(hw.device, stat_dtype))
             for t, present in zip(terms, (counts[: len(terms)] > 0).tolist()):
@@ -330,6 +357,7 @@ def train(
                         "peak_memory_mb": peak_memory_mb(hw),
                         "epoch": consumed * cfg.batch_size * dist.world_size / len(job.train),
                         **window.get("extras", {}),
+                        **({"compile_s": window["compile_s"]} if "compile_s" in window else {}),
                     }
                 )
                 window = fresh_window(terms)

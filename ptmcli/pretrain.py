@@ -302,7 +302,7 @@ def pretrain(
         val=val_ex,
         model_spec=spec,
     )
-    metrics = train(job, cfg.trainer, cfg.optimizer, hw, dist, run_dir, resume_from, compile=cfg.hardware.compile)
+    metrics = train(job, cfg.trainer, cfg.optimizer, hw, dist, run_dir, resume_from, scale=cfg.hardware)
     if dist.is_main:
         shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
         last = checkpoint.latest(run_dir / "checkpoints")  # an early stop ends before max_steps

@@ -142,7 +142,15 @@ class HardwareConfig:
         "auto", "auto = bf16 on GPUs that support it, else fp16 with GradScaler; fp32 on CPU"
     )
     threads: int = _f(0, "CPU threads for torch (0 = torch's default)")
-    compile: bool = _f(False, "wrap the model in torch.compile")
+    compile: bool = _f(False, "wrap the model in torch.compile (the first steps compile; the time is logged)")
+    strategy: Literal["ddp", "fsdp"] = _f(
+        "ddp",
+        "under torchrun: ddp (a full copy of the model per process) or fsdp (FSDP2: weights, gradients and "
+        "optimizer state sharded over the processes, one unit per transformer block; checkpoints written sharded)",
+    )
+    activation_checkpointing: bool = _f(
+        False, "recompute each transformer block's activations in backward: less memory, about a third more compute"
+    )
 
 
 @dataclass

@@ -1,9 +1,14 @@
-"""Data parallelism on CPU (gloo): 2 processes with batch B/2 train exactly like 1 process with batch B."""
+"""Data parallelism on CPU (gloo): 2 processes with batch B/2 train exactly like 1 process with batch B, with DDP
+and with FSDP2, launched on one node or as two "nodes" of one process each; an FSDP checkpoint (sharded, written
+by 2 processes) resumes in 1 process and in 2 with the same following losses."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
+
+import pytest
 
 from tests.conftest import TINY, read_metrics, run_ptm
 
@@ -12,42 +17,87 @@ SAME = [
     "trainer.max_steps=10",
     "trainer.log_every=1",
     "trainer.eval_every=5",
+    "trainer.save_every=5",
     "trainer.grad_accum=2",
     "model.dropout=0",
     "model.attention_dropout=0",
 ]
 
 
-def test_two_processes_match_one_process(cache_env, tmp_path):
-    one, two = tmp_path / "one", tmp_path / "two"
-    run_ptm(["pretrain", *SAME, "trainer.batch_size=8", f"hydra.run.dir={one}"], cache_env)
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            "-m",
-            "ptmcli",
-            "pretrain",
-            *SAME,
-            "trainer.batch_size=4",
-            f"hydra.run.dir={two}",
-        ],
-        env=cache_env,
-        capture_output=True,
+def torchrun(launcher: list[str], args: list[str], env: dict) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", *launcher, "-m", "ptmcli", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=600,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    single, double = read_metrics(one), read_metrics(two)
-    assert [(r["step"], r["split"]) for r in single] == [(r["step"], r["split"]) for r in double]
-    for a, b in zip(single, double):
+
+
+def finished(proc: subprocess.Popen) -> None:
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+
+
+def assert_same_losses(single: list[dict], other: list[dict]) -> None:
+    assert [(r["step"], r["split"]) for r in single] == [(r["step"], r["split"]) for r in other]  # rank 0 writes
+    for a, b in zip(single, other):
         for key in ("loss", "mlm_loss", "nsp_loss"):
             assert abs(a[key] - b[key]) < 1e-5, (a["step"], a["split"], key, a[key], b[key])
+
+
+@pytest.fixture(scope="module")
+def single(cache_env, tmp_path_factory):
+    """The metrics of one process with batch 8."""
+    run = tmp_path_factory.mktemp("single")
+    run_ptm(["pretrain", *SAME, "trainer.batch_size=8", f"hydra.run.dir={run}"], cache_env)
+    return read_metrics(run)
+
+
+def test_two_processes_match_one_process(single, cache_env, tmp_path):
+    two = tmp_path / "two"
+    finished(
+        torchrun(
+            ["--standalone", "--nproc_per_node=2"],
+            ["pretrain", *SAME, "trainer.batch_size=4", f"hydra.run.dir={two}"],
+            cache_env,
+        )
+    )
+    assert_same_losses(single, read_metrics(two))
     assert sorted(p.name for p in (two / "checkpoints" / "step-10").glob("rng-rank*")) == [
         "rng-rank0.safetensors",
         "rng-rank1.safetensors",
     ]
-    assert len(double) == len(single)  # only rank 0 writes metrics
+
+
+def test_fsdp_on_two_nodes_matches_one_process_and_resumes_on_any_number(single, cache_env, tmp_path):
+    """Two launches of `torchrun --nnodes=2` (c10d rendezvous on localhost) make one 2-process FSDP job; its
+    sharded checkpoint then resumes in 1 process (batch 8) and in 2 (batch 4, one node) with the same losses."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = tmp_path / "fsdp"
+    fsdp = ["pretrain", *SAME, "hardware.strategy=fsdp"]
+    nodes = ["--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}"]
+    launches = [torchrun(nodes, [*fsdp, "trainer.batch_size=4", f"hydra.run.dir={run}"], cache_env) for _ in "ab"]
+    for proc in launches:
+        finished(proc)
+    assert_same_losses(single, read_metrics(run))
+    step5 = run / "checkpoints" / "step-5"
+    assert sorted(p.name for p in (step5 / "model").iterdir()) == [
+        "shard-00001-model-00001-of-00001.safetensors",
+        "shard-00002-model-00001-of-00001.safetensors",
+    ]
+    for processes, batch in ((1, 8), (2, 4)):
+        copy = tmp_path / f"resumed-{processes}"
+        subprocess.run(["cp", "-r", str(run), str(copy)], check=True)
+        args = [*fsdp, f"trainer.batch_size={batch}", f"resume={copy}/checkpoints/step-5"]
+        if processes == 1:
+            run_ptm(args, cache_env)
+        else:
+            finished(torchrun(["--standalone", "--nproc_per_node=2"], args, cache_env))
+        assert_same_losses(single, read_metrics(copy))
+    wrong = run_ptm(
+        [*fsdp, "trainer.batch_size=4", f"resume={tmp_path / 'resumed-1'}/checkpoints/step-5"], cache_env, check=False
+    )
+    assert wrong.returncode == 2 and "trainer.batch_size=8" in wrong.stderr

@@ -26,6 +26,8 @@ LAYERS = {
     "runlog": 2,
     "hf": 2.5,
     "checkpoint": 3,
+    "parallel": 1.5,
+    "sharded_checkpoint": 1.5,
     "weights": 3.5,
     "rundir": 4,
     "loop": 4,
