@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ptmcli.errors import PtmError
+
 MODEL, OPTIMIZER = "model", "optimizer"
 
 
@@ -58,8 +60,15 @@ def load_full(weights: dict[str, torch.Tensor], optimizer_state: dict, model: nn
         set_optimizer_state_dict,
     )
 
+    expected = set(model.state_dict()) - tied_names(model)
+    if set(weights) != expected:
+        raise PtmError(
+            f"The checkpoint does not fit this model (missing {sorted(expected - set(weights))[:5]}, unexpected "
+            f"{sorted(set(weights) - expected)[:5]}). It was probably written with another objective or model."
+        )
     whole = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(model, weights, options=whole)
+    # not strict: a tied weight was written once, under its first name, which fills both
+    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
     names = {id(p): n for n, p in model.named_parameters()}
     ordered = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
     groups = [{**group, "params": [ordered[i] for i in group["params"]]} for group in optimizer_state["param_groups"]]

@@ -47,6 +47,8 @@ def check_command(args: list[str]) -> None:
         checked(parse(name, rest))
     elif name in ("cat", "validate"):
         checked(invocation_of(rest))
+    elif name == "prepare":
+        checked(parse("pretrain", [a for a in rest if not a.startswith("output=")]))
     elif name == "runs":
         runs.parse_args(rest[1:] if rest[:1] == ["compare"] else rest)
     elif name not in CONFIG_TOOLS:

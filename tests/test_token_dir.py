@@ -13,11 +13,12 @@ import pytest
 import torch
 
 from ptmcli import hardware
+from ptmcli.cli import main
 from ptmcli.compose import checked, parse
 from ptmcli.data import token_dir
 from ptmcli.distributed import Dist
 from ptmcli.pretrain import LAYOUT, make_examples, prepare_chunks, token_chunks
-from tests.conftest import TINY, fails_with, read_metrics, run_ptm
+from tests.conftest import TINY, read_metrics
 
 SMALL = [*TINY, "data.max_train_samples=100"]
 GPT = [
@@ -87,16 +88,23 @@ def _peak_rss_mb(args: list[str], env: dict) -> float:
     return float(proc.stdout.rsplit("PEAK", 1)[1])
 
 
-def test_prepare_then_train_from_the_tokens_with_flat_memory_and_refusals(cache_env, tmp_path):
+def _refused(args: list[str], capsys, expected: str) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and expected in err and "Traceback" not in err, err
+
+
+def test_prepare_then_train_from_the_tokens_with_flat_memory_and_refusals(cache_env, tmp_path, capsys):
     """`ptm prepare` writes the directory; a run trains from it (and learns); the same run from a directory with
     the corpus 8 times over peaks at the same memory; a directory for another length, objective or tokenizer is
     refused in one sentence, as is writing over one."""
     tokens = tmp_path / "tokens"
-    proc = run_ptm(["prepare", *GPT, f"output={tokens}"], cache_env)
-    assert "prepared" in proc.stderr and (tokens / "manifest.json").exists()
+    main(["prepare", *GPT, f"output={tokens}"])
+    assert "prepared" in capsys.readouterr().err and (tokens / "manifest.json").exists()
     manifest = json.loads((tokens / "manifest.json").read_text())
     assert manifest["ids_dtype"] == "uint16" and manifest["layout"] == "blocks"
-    fails_with(["prepare", *GPT, f"output={tokens}"], cache_env, "exists and is not empty")
+    _refused(["prepare", *GPT, f"output={tokens}"], capsys, "exists and is not empty")
 
     # the corpus 8 times over (memory use does not depend on the text, so the rows are repeated)
     blocks = token_dir.TokenBlocks(tokens / "train", "uint16", "blocks")
@@ -135,11 +143,15 @@ def test_prepare_then_train_from_the_tokens_with_flat_memory_and_refusals(cache_
     losses = [r["loss"] for r in read_metrics(tmp_path / "r1") if r["split"] == "train"]
     assert losses[-1] < losses[0] - 0.5  # it learns from the mapped sequences
 
-    fails_with([*run, "data.max_seq_len=32", f"data.tokens={tokens}"], cache_env, "data.max_seq_len=64")
-    fails_with(["pretrain", *SMALL, f"data.tokens={tokens}"], cache_env, "objective=mlm-nsp needs 'sentences'")
+    refused = [*run, f"hydra.run.dir={tmp_path / 'refused'}"]
+    _refused([*refused, "data.max_seq_len=32", f"data.tokens={tokens}"], capsys, "data.max_seq_len=64")
+    nsp = ["pretrain", *SMALL, f"data.tokens={tokens}", f"hydra.run.dir={tmp_path / 'refused'}"]
+    _refused(nsp, capsys, "objective=mlm-nsp needs 'sentences'")
     other = tmp_path / "other-tokenizer.json"
     tokenizer.add_tokens(["<extra>"])
     tokenizer.save(str(other))
-    fails_with([*run, f"data.tokens={tokens}", f"data.tokenizer={other}"], cache_env, "another tokenizer")
-    fails_with([*run, f"data.tokens={tmp_path}"], cache_env, "is not a token directory")
-    assert "train / validation sequences" in run_ptm(["validate", *run[1:], f"data.tokens={tokens}"], cache_env).stderr
+    _refused([*refused, f"data.tokens={tokens}", f"data.tokenizer={other}"], capsys, "another tokenizer")
+    _refused([*refused, f"data.tokens={tmp_path}"], capsys, "is not a token directory")
+    assert not (tmp_path / "refused").exists()
+    main(["validate", *run[1:], f"data.tokens={tokens}"])
+    assert "train / validation sequences" in capsys.readouterr().err

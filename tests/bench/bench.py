@@ -55,6 +55,9 @@ FAMILIES = {
     "xlnet": Family("xlnet-mini"),
 }
 FULL = dict(steps=40, warmup=5, batch=32, seq=128)
+# the GPU check (gpu_check.py) runs an entry on the GPU in bf16, optionally with another recipe of the family
+DEVICE = os.environ.get("PTM_BENCH_DEVICE", "cpu")
+RECIPE = os.environ.get("PTM_BENCH_RECIPE")
 SMOKE = dict(steps=2, warmup=1, batch=4, seq=64)
 TOY = ("model.hidden_size=64", "model.num_layers=2", "model.num_heads=2", "model.intermediate_size=128")
 
@@ -62,11 +65,12 @@ TOY = ("model.hidden_size=64", "model.num_layers=2", "model.num_heads=2", "model
 def overrides(name: str, smoke: bool) -> list[str]:
     family, size = FAMILIES[name], SMOKE if smoke else FULL
     toy = [*TOY, "data.max_train_samples=60", "data.vocab_size=1000", *family.smoke] if smoke else []
+    device = ["hardware=cpu"] if DEVICE == "cpu" else ["hardware.device=cuda", "hardware.precision=bf16"]
     return [
-        f"conf={family.recipe}",
+        f"conf={RECIPE or family.recipe}",
         "optimizer=adamw",  # the Trainer's optimizer, for every family (T5's recipe uses Adafactor)
         "optimizer.warmup_steps=2",
-        "hardware=cpu",
+        *device,
         f"data.max_seq_len={size['seq']}",
         f"trainer.batch_size={size['batch']}",
         f"trainer.max_steps={size['steps']}",
@@ -253,7 +257,8 @@ def run_hf(name: str, workdir: Path, smoke: bool = False) -> dict:
         logging_steps=steps,
         save_strategy="no",
         report_to=[],
-        use_cpu=True,
+        use_cpu=DEVICE == "cpu",
+        bf16=DEVICE != "cpu",
         dataloader_num_workers=0,
         seed=cfg.trainer.seed,
     )
@@ -280,9 +285,9 @@ def cpu_peak_gflops() -> float:
     return peak_flops(Hardware(device=torch.device("cpu"), dtype=torch.float32)) / 1e9
 
 
-def side_in_process(side: str, name: str, workdir: str) -> dict:
+def side_in_process(side: str, name: str, workdir: str, smoke: bool = False) -> dict:
     proc = subprocess.run(
-        [sys.executable, __file__, "--worker", side, name, workdir],
+        [sys.executable, __file__, "--worker", side, name, workdir, *(["--smoke"] if smoke else [])],
         capture_output=True,
         text=True,
         env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
@@ -294,11 +299,12 @@ def side_in_process(side: str, name: str, workdir: str) -> dict:
 
 
 def main() -> None:
-    if sys.argv[1:2] == ["--worker"]:  # python bench.py --worker {ptm,hf} FAMILY WORKDIR
+    if sys.argv[1:2] == ["--worker"]:  # python bench.py --worker {ptm,hf} FAMILY WORKDIR [--smoke]
         side, name, workdir = sys.argv[2:5]
-        print("RESULT " + json.dumps(SIDES[side](name, Path(workdir))))
+        print("RESULT " + json.dumps(SIDES[side](name, Path(workdir), "--smoke" in sys.argv)))
         return
-    names = sys.argv[1:] or list(FAMILIES)
+    smoke = "--smoke" in sys.argv  # toy sizes: tests this script, measures nothing
+    names = [a for a in sys.argv[1:] if a != "--smoke"] or list(FAMILIES)
     unknown = [n for n in names if n not in FAMILIES]
     if unknown:
         sys.exit(f"unknown family {unknown[0]!r}: choose from {', '.join(FAMILIES)} (make bench FAMILY=gpt)")
@@ -316,7 +322,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as workdir:
             for _ in range(repeats):
                 for side in runs:
-                    runs[side].append(side_in_process(side, name, workdir))
+                    runs[side].append(side_in_process(side, name, workdir, smoke))
         mean = {s: sum(r["tokens_per_s"] for r in rs) / len(rs) for s, rs in runs.items()}
         rss = {s: max(r["peak_rss_mb"] for r in rs) for s, rs in runs.items()}
         params = runs["hf"][0]["params"]
