@@ -39,8 +39,7 @@ def _train_rows(run: Path) -> list[dict]:
 
 def test_bad_inputs_get_one_paragraph_and_change_nothing(reference, cache_env, tmp_path):
     """Each case: exit 2, no traceback, a message naming the key or file, the run it names byte-identical and no
-    new directory left behind. The cases start together (most fail before torch is imported); `{run}` is each
-    case's own copy of a finished run, since a run holds its directory's lock."""
+    new directory left behind. `{run}` is each case's own copy of a finished run."""
     latin1 = tmp_path / "latin1.txt"
     latin1.write_bytes("Caf\xe9 society and the pound (\xa3) fell.\n\nA second paragraph here.\n".encode("latin-1"))
     empty = tmp_path / "empty.txt"
@@ -84,19 +83,13 @@ def test_bad_inputs_get_one_paragraph_and_change_nothing(reference, cache_env, t
         (["export", f"run={reference}", f"output={junk}/x"], "has a part of its path that is a file"),
     ]
     before = _snapshot(reference)
-    procs, copies = [], []
-    for i, (args, _) in enumerate(cases):
+    copies = []
+    for i, (args, expected) in enumerate(cases):
         if any("{run}" in a for a in args):
             copies.append(tmp_path / f"run{i}")
             shutil.copytree(reference, copies[-1], symlinks=True)
             args = [a.replace("{run}", str(copies[-1])) for a in args]
-        command = [sys.executable, "-m", "ptmcli", *args]
-        procs.append(
-            subprocess.Popen(command, env=cache_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        )
-    for (args, expected), proc in zip(cases, procs):
-        _, err = proc.communicate(timeout=300)
-        assert proc.returncode == 2 and expected in err and "Traceback" not in err, (args, proc.returncode, err)
+        fails_with(args, cache_env, expected)
     assert all(_snapshot(run) == before for run in [reference, *copies])
     assert list(fresh.iterdir()) == []  # it existed before, empty: it stays, and nothing was made inside
 
