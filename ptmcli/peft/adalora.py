@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ptmcli.peft.lora import LowRankLinear
+from ptmcli.peft.lora import LowRankLinear, whole
 from ptmcli.transfers import AdaLoraTransfer
 
 
@@ -27,6 +27,15 @@ def budget(step: int, total_steps: int, cfg: AdaLoraTransfer, num_updates: int) 
     return int((start - target) * (1 - progress) ** 3 + target), step % cfg.delta_t == 0
 
 
+def like(param: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`mask` laid out as `param` is: sharded the same way when FSDP shards the parameter."""
+    if hasattr(param, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(mask, param.device_mesh, param.placements)
+    return mask
+
+
 class RankAllocator:
     """Keeps the smoothed importance of every A, B, E entry and masks E to the scheduled budget."""
 
@@ -36,8 +45,8 @@ class RankAllocator:
         self.ema: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _score(self, p: torch.Tensor) -> torch.Tensor:
-        sensitivity = (p * p.grad).abs().detach()
-        mean, unc = self.ema.get(id(p), (torch.zeros_like(p), torch.zeros_like(p)))
+        sensitivity = (whole(p) * whole(p.grad)).abs().detach()
+        mean, unc = self.ema.get(id(p), (torch.zeros_like(sensitivity), torch.zeros_like(sensitivity)))
         mean = self.cfg.beta1 * mean + (1 - self.cfg.beta1) * sensitivity
         unc = self.cfg.beta2 * unc + (1 - self.cfg.beta2) * (sensitivity - mean).abs()
         self.ema[id(p)] = (mean, unc)
@@ -62,7 +71,8 @@ class RankAllocator:
         if cut > 0:
             threshold = everything.kthvalue(cut).values
             for (name, k), score in zip(self.updates, scores):
-                self.modules[name].lora_E[k].masked_fill_((score <= threshold).view(-1, 1), 0.0)
+                e = self.modules[name].lora_E[k]
+                e.masked_fill_(like(e, (score <= threshold).view(-1, 1)), 0.0)
         return self.ranks()
 
     def ranks(self) -> dict[str, int]:
@@ -72,7 +82,7 @@ class RankAllocator:
             part = self.modules[name].slice_ids[k]
             return name.removesuffix("qkv") + ("query", "key", "value")[part] if name.endswith("qkv") else name
 
-        return {label(name, k): int((self.modules[name].lora_E[k] != 0).sum()) for name, k in self.updates}
+        return {label(name, k): int((whole(self.modules[name].lora_E[k]) != 0).sum()) for name, k in self.updates}
 
     def state(self) -> dict[str, torch.Tensor]:
         """The EMA scores as named tensors, for exact resume."""

@@ -15,6 +15,12 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def whole(tensor: torch.Tensor) -> torch.Tensor:
+    """The full tensor of an FSDP-sharded one (gathered, and differentiable), else the tensor itself: AdaLoRA's
+    regulariser and rank allocation look at whole matrices outside the forward."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
 class LowRankLinear(nn.Module):
     """`base` plus low-rank updates on some of its `num_slices` equal output slices."""
 
@@ -89,6 +95,5 @@ class LowRankLinear(nn.Module):
     def orthogonality(self) -> torch.Tensor:
         """AdaLoRA's regulariser: ||A A^T - I||^2 + ||B^T B - I||^2 over the slices."""
         eye = torch.eye(self.r, device=self.base.weight.device)
-        return sum(
-            ((a @ a.T - eye) ** 2).sum() + ((b.T @ b - eye) ** 2).sum() for a, b in zip(self.lora_A, self.lora_B)
-        )
+        pairs = [(whole(a), whole(b)) for a, b in zip(self.lora_A, self.lora_B)]
+        return sum(((a @ a.T - eye) ** 2).sum() + ((b.T @ b - eye) ** 2).sum() for a, b in pairs)
