@@ -32,8 +32,8 @@ from ptmcli.schema import (
     TRANSFER_SCHEMAS,
     check_finetune,
     check_pretrain,
-    did_you_mean,
 )
+from ptmcli.typecheck import did_you_mean
 
 # The run directory and those of its parents that did not exist before Hydra made them (deepest first): a run
 # that fails at start removes them again while they are empty.

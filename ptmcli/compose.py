@@ -24,8 +24,8 @@ from ptmcli.schema import (
     PretrainConfig,
     check_finetune,
     check_pretrain,
-    did_you_mean,
 )
+from ptmcli.typecheck import did_you_mean
 
 
 @dataclass(frozen=True)

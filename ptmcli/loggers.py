@@ -17,7 +17,7 @@ import uuid
 from pathlib import Path
 
 from ptmcli.errors import PtmError
-from ptmcli.schema import did_you_mean
+from ptmcli.typecheck import did_you_mean
 
 PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}  # logger -> package to install
 KNOWN = ("jsonl", *PACKAGES)

@@ -7,10 +7,6 @@ Each field's ``help`` metadata is what ``ptm pretrain --help`` prints.
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import math
-import types
-import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
@@ -28,7 +24,6 @@ from ptmcli.architectures import (  # noqa: F401 (re-exported)  # noqa: F401
 )
 from ptmcli.errors import PtmError
 from ptmcli.fields import described as _f
-from ptmcli.ranges import check_ranges
 from ptmcli.transfers import (  # noqa: F401 (re-exported)  # noqa: F401  # noqa: F401
     TRANSFER_SCHEMAS,
     AdaLoraTransfer,
@@ -40,6 +35,7 @@ from ptmcli.transfers import (  # noqa: F401 (re-exported)  # noqa: F401  # noqa
     PrefixTransfer,
     TextToTextTransfer,
 )
+from ptmcli.typecheck import check_section, coerce, did_you_mean
 
 
 @dataclass
@@ -306,84 +302,6 @@ SECTIONS: dict[str, type] = {
 }
 
 
-def did_you_mean(word: str, options: typing.Iterable[str]) -> str:
-    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.5)
-    return f" Did you mean '{close[0]}'?" if close else ""
-
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return _type_name(args[0]) + " or null"
-    if origin is list:
-        return f"list of {_type_name(typing.get_args(tp)[0])}"
-    return getattr(tp, "__name__", str(tp))
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Return `value` as type `tp`, or raise PtmError naming `key`."""
-    origin = typing.get_origin(tp)
-    bad = PtmError(f"{key}={value!r} is not valid: expected {_type_name(tp)}.")
-    if origin in (typing.Union, types.UnionType):
-        if value is None:
-            return None
-        (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
-        return _coerce(value, inner, key)
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        if value not in choices:
-            raise PtmError(
-                f"{key}={value!r} is not a valid choice; valid: {', '.join(map(str, choices))}."
-                + did_you_mean(str(value), map(str, choices))
-            )
-        return value
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise bad
-        return [_coerce(v, typing.get_args(tp)[0], f"{key}[{i}]") for i, v in enumerate(value)]
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise bad
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise bad
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise bad
-        if not math.isfinite(value):
-            raise PtmError(f"{key}={value!r} is not a finite number.")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise bad
-        return str(value)
-    return value
-
-
-def check_section(name: str, values: Any, schema: type) -> Any:
-    """Build `schema` from a plain dict, failing on unknown keys, wrong types and values out of range."""
-    if not isinstance(values, dict):
-        raise PtmError(f"'{name}' must be a mapping of keys to values, got {values!r}.")
-    hints = typing.get_type_hints(schema)
-    fields = {f.name: f for f in dataclasses.fields(schema)}
-    kwargs = {}
-    for key, value in values.items():
-        if key not in fields:
-            raise PtmError(
-                f"Unknown key '{name}.{key}'.{did_you_mean(str(key), fields)} "
-                f"Valid keys of '{name}': {', '.join(fields)}."
-            )
-        kwargs[key] = _coerce(value, hints[key], f"{name}.{key}")
-    built = schema(**kwargs)
-    check_ranges(name, built)
-    return built
-
-
 # Settings that change how a model trains but not which weights it has: a checkpoint may resume under others.
 TRAINING_ONLY_FIELDS = {"dropout", "attention_dropout", "init_std"}
 
@@ -422,7 +340,7 @@ def check_pretrain(cfg: dict) -> PretrainConfig:
         raise PtmError("No model selected: add model=NAME (see `ptm pretrain --help` for the options).")
     sections = {name: check_section(name, cfg.get(name, {}), schema) for name, schema in SECTIONS.items()}
     model = check_section("model", cfg["model"], model_schema(cfg["model"]))
-    resume, init = (_coerce(cfg.get(k), Optional[str], k) for k in ("resume", "init"))
+    resume, init = (coerce(cfg.get(k), Optional[str], k) for k in ("resume", "init"))
     out = PretrainConfig(model=model, resume=resume, init=init, **sections)
     check_consistency(out)
     return out
@@ -445,7 +363,7 @@ def check_finetune(cfg: dict) -> FinetuneConfig:
             + did_you_mean(str(mode), TRANSFER_SCHEMAS)
         )
     sections["transfer"] = check_section("transfer", transfer, TRANSFER_SCHEMAS[mode])
-    scalars = {k: _coerce(cfg.get(k), Optional[str], k) for k in ("init", "tokenizer", "resume")}
+    scalars = {k: coerce(cfg.get(k), Optional[str], k) for k in ("init", "tokenizer", "resume")}
     if scalars["init"] == "auto":  # the default: MiniLM, unless an architecture was picked to train from scratch
         scalars["init"] = None if cfg.get("model") else DEFAULT_INIT
     elif scalars["init"] in ("none", "null", "scratch"):

@@ -48,11 +48,16 @@ def assert_same_losses(single: list[dict], other: list[dict]) -> None:
 
 
 @pytest.fixture(scope="module")
-def single(cache_env, tmp_path_factory):
-    """The metrics of one process with batch 8."""
+def single_run(cache_env, tmp_path_factory):
+    """One process with batch 8."""
     run = tmp_path_factory.mktemp("single")
     run_ptm(["pretrain", *SAME, "trainer.batch_size=8", f"hydra.run.dir={run}"], cache_env)
-    return read_metrics(run)
+    return run
+
+
+@pytest.fixture(scope="module")
+def single(single_run):
+    return read_metrics(single_run)
 
 
 def test_two_processes_match_one_process_and_a_whole_checkpoint_resumes_under_fsdp(single, cache_env, tmp_path):
@@ -105,3 +110,42 @@ def test_fsdp_on_two_nodes_matches_one_process_and_resumes_on_any_number(single,
     with pytest.raises(SystemExit) as exit_:  # another global batch would see other sequences at each step
         main([*fsdp, "trainer.batch_size=4", f"resume={tmp_path / 'resumed-1'}/checkpoints/step-5"])
     assert exit_.value.code == 2 and "trainer.batch_size=8" in capsys.readouterr().err
+
+
+def test_adalora_under_fsdp_trains_as_under_ddp(single_run, cache_env, tmp_path):
+    """AdaLoRA reads whole matrices outside the forward (its regulariser, its rank allocation): under FSDP it
+    gathers them, and gives DDP's losses and ranks; only its weights are checkpointed, sharded."""
+    args = [
+        "finetune",
+        "task=news-cls",
+        "transfer=adalora",
+        f"init={single_run}",
+        "task.max_seq_len=64",
+        "trainer.max_steps=6",
+        "trainer.log_every=1",
+        "trainer.eval_every=6",
+        "trainer.eval_batches=2",
+        "trainer.save_every=6",
+        "trainer.batch_size=4",
+        "transfer.delta_t=2",
+        "trainer.curves=false",
+    ]
+    ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
+    launches = [
+        torchrun(["--standalone", "--nproc_per_node=2"], [*args, f"hydra.run.dir={ddp}"], cache_env),
+        torchrun(
+            ["--standalone", "--nproc_per_node=2", "--master-port=0"],
+            [*args, "hardware.strategy=fsdp", f"hydra.run.dir={fsdp}"],
+            cache_env,
+        ),
+    ]
+    for proc in launches:
+        finished(proc)
+    a, b = read_metrics(ddp), read_metrics(fsdp)
+    assert [(r["step"], r["split"]) for r in a] == [(r["step"], r["split"]) for r in b]
+    for x, y in zip(a, b):
+        assert abs(x["loss"] - y["loss"]) < 1e-5 and x.get("ranks") == y.get("ranks"), (x, y)
+    assert any(r.get("ranks") for r in b)
+    assert (fsdp / "checkpoints" / "step-6" / "model").is_dir() and not (
+        fsdp / "checkpoints" / "step-6" / "model.safetensors"
+    ).exists()

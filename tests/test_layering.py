@@ -12,6 +12,7 @@ LAYERS = {
     "errors": 0,
     "confdirs": 0,
     "schema": 0,
+    "typecheck": 0,
     "fields": 0,
     "architectures": 0,
     "transfers": 0,

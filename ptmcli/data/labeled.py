@@ -22,7 +22,8 @@ from ptmcli.data.sources import FORMATS, extract_zip, load_files, package_path
 from ptmcli.errors import PtmError
 from ptmcli.files import read_text, read_yaml
 from ptmcli.runlog import console
-from ptmcli.schema import LabeledDataConfig, check_section, did_you_mean
+from ptmcli.schema import LabeledDataConfig
+from ptmcli.typecheck import check_section, did_you_mean
 
 SPLITS = ("train", "validation", "test")
 
