@@ -9,7 +9,10 @@ import subprocess
 import sys
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
+from ptmcli import checkpoint
 from ptmcli.cli import main
 from tests.conftest import TINY, read_metrics, run_ptm
 
@@ -98,6 +101,11 @@ def test_fsdp_on_two_nodes_matches_one_process_and_resumes_on_any_number(single,
         "shard-00001-model-00001-of-00001.safetensors",
         "shard-00002-model-00001-of-00001.safetensors",
     ]
+    # one process reads the shards whole: `ptm export` writes what the 1-process run's checkpoint would hold
+    main(["export", f"run={run}", "checkpoint=step-5", f"output={tmp_path / 'hf'}"])
+    exported = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    whole = checkpoint.weights(step5)
+    assert torch.equal(exported["bert.embeddings.word_embeddings.weight"], whole["encoder.embeddings.word.weight"])
     for processes, batch in ((1, 8), (2, 4)):
         copy = tmp_path / f"resumed-{processes}"
         subprocess.run(["cp", "-r", str(run), str(copy)], check=True)

@@ -33,7 +33,7 @@ COMMON = [
     "trainer.curves=false",
     "trainer.batch_size=8" if SMOKE else "trainer.batch_size=32",
     "data.max_seq_len=64" if SMOKE else "data.max_seq_len=128",
-    "optimizer.warmup_steps=5",
+    *(["optimizer.warmup_steps=1", "optimizer.lr=3e-3"] if SMOKE else ["optimizer.warmup_steps=5"]),
     "trainer.grad_accum=1",
     *(["data.max_train_samples=200", "data.vocab_size=2000", *TOY] if SMOKE else []),
 ]

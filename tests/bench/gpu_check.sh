@@ -5,7 +5,7 @@
 #   bash tests/bench/gpu_check.sh                 # where ptm and its packages are installed
 #   bash tests/bench/gpu_check.sh --fetch-wheels  # here, online: ptm's packages a bare GPU image lacks, into .whl/
 #                                                 # (Python 3.12, x86-64); carry .whl and the check installs them
-#   PTM_GPU_CHECK_SMOKE=1 bash tests/bench/gpu_check.sh   # every row at toy sizes on the CPU: tests the script
+#   PTM_GPU_CHECK_SMOKE=1 PYTHON=.venv/bin/python bash tests/bench/gpu_check.sh   # toy sizes on the CPU: tests the script
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -22,10 +22,10 @@ if [[ "${1:-}" == "--fetch-wheels" ]]; then
 fi
 
 if compgen -G ".whl/*" > /dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --target /tmp/ptm-site .whl/*
+  "${PYTHON:-python3}" -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --target /tmp/ptm-site .whl/*
   export PYTHONPATH=/tmp/ptm-site
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 export HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1
 export PTM_CACHE="${PTM_CACHE:-/tmp/ptm-gpu-check/cache}" HF_DATASETS_CACHE="${HF_DATASETS_CACHE:-/tmp/ptm-gpu-check/datasets}"
-exec timeout 480 python3 tests/bench/gpu_check.py
+exec timeout 480 "${PYTHON:-python3}" tests/bench/gpu_check.py
