@@ -241,20 +241,23 @@ def save(
     return final
 
 
-def _write_files(tmp: Path, step, model, optimizer, scheduler, scaler, trainer_state, dist, keys, extra, sharded):
-    if sharded:
-        pass  # weights and optimizer state are written
-    elif keys is None:
+def _write_whole(tmp: Path, model, optimizer, keys) -> None:
+    """Weights and optimizer state of a model that is whole in this process."""
+    if keys is None:
         save_model(unwrap(model), str(tmp / "model.safetensors"))
     else:  # parameter-efficient: only what trains (the base weights are named in trainer_state)
         state = {k: v.detach().contiguous().clone() for k, v in unwrap(model).state_dict().items() if k in keys}
         save_file(state, str(tmp / "model.safetensors"))
+    tensors, meta = _optimizer_split(optimizer.state_dict())
+    save_file(tensors, str(tmp / "optimizer.safetensors"))
+    _write_json(tmp / "optimizer.json", meta)
+
+
+def _write_files(tmp: Path, step, model, optimizer, scheduler, scaler, trainer_state, dist, keys, extra, sharded):
+    if not sharded:  # else every process has written its shards (sharded_checkpoint.save)
+        _write_whole(tmp, model, optimizer, keys)
     if extra:
         save_file({k: v.contiguous() for k, v in extra.items()}, str(tmp / "method_state.safetensors"))
-    if not sharded:
-        tensors, meta = _optimizer_split(optimizer.state_dict())
-        save_file(tensors, str(tmp / "optimizer.safetensors"))
-        _write_json(tmp / "optimizer.json", meta)
     state = {
         **trainer_state,
         "step": step,
@@ -376,7 +379,7 @@ def load(
         meta = json.loads((path / "optimizer.json").read_text())
         saved = _optimizer_join(load_file(str(path / "optimizer.safetensors")), meta)
         if parallel.is_sharded(plain):
-            sharded_checkpoint.load_full(load_file(str(path / "model.safetensors")), saved, plain, optimizer)
+            sharded_checkpoint.load_full(load_file(str(path / "model.safetensors")), saved, plain, optimizer, keys)
         else:
             optimizer.load_state_dict(saved)
     scheduler.load_state_dict(state["scheduler"])

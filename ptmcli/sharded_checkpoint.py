@@ -51,23 +51,25 @@ def _flat_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, scalars
 
 
-def load_full(weights: dict[str, torch.Tensor], optimizer_state: dict, model: nn.Module, optimizer) -> None:
-    """A checkpoint written whole (by one process or DDP: weights by name, optimizer state by parameter index)
-    into a sharded model: each process keeps its slices."""
+def load_full(
+    weights: dict[str, torch.Tensor], optimizer_state: dict, model: nn.Module, optimizer, keys: set[str] | None
+) -> None:
+    """A checkpoint written whole (by one process or DDP: weights by name, only `keys` for a parameter-efficient
+    run, optimizer state by parameter index) into a sharded model: each process keeps its slices."""
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         set_model_state_dict,
         set_optimizer_state_dict,
     )
 
-    expected = set(model.state_dict()) - tied_names(model)
+    expected = (keys if keys is not None else set(model.state_dict())) - tied_names(model)
     if set(weights) != expected:
         raise PtmError(
             f"The checkpoint does not fit this model (missing {sorted(expected - set(weights))[:5]}, unexpected "
             f"{sorted(set(weights) - expected)[:5]}). It was probably written with another objective or model."
         )
     whole = StateDictOptions(full_state_dict=True)
-    # not strict: a tied weight was written once, under its first name, which fills both
+    # not strict: a tied weight was written once, under its first name, which fills both (names checked above)
     set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
     names = {id(p): n for n, p in model.named_parameters()}
     ordered = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
