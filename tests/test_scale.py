@@ -74,7 +74,14 @@ def test_activation_checkpointing_keeps_the_numbers_and_drops_the_activations(fa
 def test_a_compiled_run_trains_like_an_eager_one_and_resumes(cache_env, tmp_path):
     """hardware.compile=true: the same losses as eager (to 1e-5, dropout off), checkpoints with the same keys (no
     `_orig_mod.`), the compile time logged, a resumed compiled run continuing exactly, and generation working."""
-    gpt = [*FAMILIES["gpt"], "model.dropout=0", "trainer.batch_size=8", "trainer.log_every=1", "trainer.curves=false"]
+    gpt = [
+        *FAMILIES["gpt"],
+        "model.dropout=0",
+        "model.attention_dropout=0",
+        "trainer.batch_size=8",
+        "trainer.log_every=1",
+        "trainer.curves=false",
+    ]
     steps = ["trainer.max_steps=6", "trainer.eval_every=3", "trainer.save_every=3", "trainer.eval_batches=2"]
     eager, compiled = tmp_path / "eager", tmp_path / "compiled"
     run_ptm(["pretrain", *gpt, *steps, f"hydra.run.dir={eager}"], cache_env)
