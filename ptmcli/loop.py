@@ -303,7 +303,7 @@ def train(
             step_sums = torch.zeros(len(terms), dtype=stat_dtype, device=hw.device)
             for i, batch in enumerate(micro):
                 last = i == len(micro) - 1
-                with parallel.gradient_sync(model, dist, last):
+                with parallel.gradient_sync(model, last):
                     with hw.autocast():
                         sums, _ = job.objective(model, batch)
                     # DDP averages gradients over processes; multiplying by world size turns that into a sum.

@@ -106,16 +106,12 @@ def wrap(
     return model
 
 
-def gradient_sync(model: nn.Module, dist: Dist, enabled: bool):
+def gradient_sync(model: nn.Module, enabled: bool):
     """Gradients are reduced over processes only on a step's last micro-batch (DDP's no_sync, FSDP's
     set_requires_gradient_sync)."""
-    if dist.world_size == 1 or enabled:
-        plain = model._orig_mod if hasattr(model, "_orig_mod") else model
-        if is_sharded(plain):
-            plain.set_requires_gradient_sync(True)
-        return contextlib.nullcontext()
     if isinstance(model, DistributedDataParallel):
-        return model.no_sync()
-    plain = model._orig_mod if hasattr(model, "_orig_mod") else model
-    plain.set_requires_gradient_sync(False)
+        return contextlib.nullcontext() if enabled else model.no_sync()
+    plain = getattr(model, "_orig_mod", model)
+    if is_sharded(plain):
+        plain.set_requires_gradient_sync(enabled)
     return contextlib.nullcontext()
