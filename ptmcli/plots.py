@@ -51,6 +51,13 @@ def series(rows: list[dict], split: str, key: str) -> tuple[list[int], list[floa
     return [s for s, _ in points], [v for _, v in points]
 
 
+def _draw(ax, steps: list[int], values: list[float], **style) -> None:
+    """A line; a lone point (a run with a single train row) as a dot, which a line would not show."""
+    if len(steps) == 1:
+        style.setdefault("marker", "o")
+    ax.plot(steps, values, **style)
+
+
 def write_curves(run_dir: Path, metric: str = "val/loss") -> Path | None:
     """curves.png: training loss (and each term's), validation loss and `metric`, learning rate; x in steps."""
     rows = read_rows(run_dir)
@@ -59,12 +66,12 @@ def write_curves(run_dir: Path, metric: str = "val/loss") -> Path | None:
     plt = _pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4), dpi=100)
     loss_ax, val_ax, lr_ax = axes
-    loss_ax.plot(*series(rows, "train", "loss"), label="loss", linewidth=2)
+    _draw(loss_ax, *series(rows, "train", "loss"), label="loss", linewidth=2)
     logged = dict.fromkeys(k for r in rows if r.get("split") == "train" for k in r)
     terms = [k for k in logged if k.endswith("_loss")]
     if len(terms) > 1:  # one line per term when the objective has several (MLM + NSP, generator + detector)
         for key in terms:
-            loss_ax.plot(*series(rows, "train", key), label=key, linewidth=1, alpha=0.7)
+            _draw(loss_ax, *series(rows, "train", key), label=key, linewidth=1, alpha=0.7)
     loss_ax.set(title="training loss", xlabel="step")
     loss_ax.legend(fontsize="small")
     name = metric.removeprefix("val/")
@@ -75,7 +82,7 @@ def write_curves(run_dir: Path, metric: str = "val/loss") -> Path | None:
     val_ax.set(title="validation", xlabel="step")
     if val_ax.get_legend_handles_labels()[0]:
         val_ax.legend(fontsize="small")
-    lr_ax.plot(*series(rows, "train", "lr"))
+    _draw(lr_ax, *series(rows, "train", "lr"))
     lr_ax.set(title="learning rate", xlabel="step")
     fig.suptitle(str(run_dir), fontsize="small")
     fig.tight_layout()
@@ -116,7 +123,7 @@ def plot(args: list[str]) -> None:
         if not steps:
             known = sorted({k for r in rows if r.get("split") == split for k in r} - {"step", "split"})
             raise PtmError(f"run='{run}' logged no {metric}; its {split} metrics are: {', '.join(known) or 'none'}.")
-        ax.plot(steps, values, marker="o" if split == "val" else None, label=str(run))
+        _draw(ax, steps, values, label=str(run), **({"marker": "o"} if split == "val" else {}))
     ax.set(xlabel="step", ylabel=metric, title=metric)
     ax.legend(fontsize="small")
     fig.tight_layout()
