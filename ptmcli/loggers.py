@@ -112,13 +112,19 @@ class MLflow:
 
         self.mlflow = mlflow
         uri = tracking_uri or f"sqlite:///{(Path.cwd() / 'runs' / 'mlflow.db').resolve()}"
+        artifacts = None  # a tracking server keeps its own artifact store
         if uri.startswith("sqlite:///"):
-            Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+            store = Path(uri.removeprefix("sqlite:///"))
+            store.parent.mkdir(parents=True, exist_ok=True)
+            # beside the database, not MLflow's default ./mlruns in whatever directory the run was started from
+            artifacts = (store.parent / "mlflow-artifacts").resolve().as_uri()
         self.client = mlflow.tracking.MlflowClient(tracking_uri=uri)
         run_id = _recalled(run_dir, "mlflow_run_id")
         if run_id is None:
             found = self.client.get_experiment_by_name(experiment)
-            experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+            experiment_id = (
+                found.experiment_id if found else self.client.create_experiment(experiment, artifact_location=artifacts)
+            )
             run_id = self.client.create_run(experiment_id, run_name=run_dir.name).info.run_id
             _remember(run_dir, "mlflow_run_id", run_id)
             params = _flat_config(run_dir)

@@ -211,6 +211,7 @@ def test_every_logger_holds_each_step_once_after_a_kill_and_resume(cache_env, tm
     for m in history:
         assert m.value == pytest.approx(expected[("train", m.step)], rel=1e-6)
     assert {"config.yaml", "curves.png"} <= {a.path for a in client.list_artifacts(run_id)}
+    assert tracked.info.artifact_uri.startswith((tmp_path / "mlflow-artifacts").as_uri())  # beside the database
 
     # W&B: one offline run directory per process, the same run id in both, each step sent once across them
     wandb_id = json.loads((run / "run.json").read_text())["wandb_run_id"]
