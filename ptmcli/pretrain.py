@@ -45,6 +45,8 @@ LAYOUT = {
     "span-corruption": "blocks",
     "denoise": "sentences",
 }
+# objectives whose tokenizer must have a mask token
+MASKING_OBJECTIVES = ("mlm", "mlm-nsp", "rtd", "denoise")
 
 
 def make_examples(cfg: PretrainConfig, chunks, tokenizer):
@@ -88,7 +90,7 @@ def prepare_chunks(cfg: PretrainConfig, dist: Dist, tokenizer=None) -> Corpus:
         tokenizer = get_tokenizer(
             train_docs,
             cfg.data,
-            need_mask=cfg.objective.name in ("mlm", "mlm-nsp", "rtd", "denoise"),
+            need_mask=cfg.objective.name in MASKING_OBJECTIVES,
             given=tokenizer,
             show_progress=bars,
         )
@@ -122,8 +124,9 @@ def token_chunks(cfg: PretrainConfig, tokenizer=None) -> Corpus:
             load_tokenizer(cfg.data.tokenizer, cfg.data.lowercase),
             f"data.tokenizer={cfg.data.tokenizer}",
         )
-    need_mask = cfg.objective.name in ("mlm", "mlm-nsp", "rtd", "denoise")
-    tokenizer = get_tokenizer(None, cfg.data, need_mask=need_mask, given=tokenizer or stored)
+    tokenizer = get_tokenizer(
+        None, cfg.data, need_mask=cfg.objective.name in MASKING_OBJECTIVES, given=tokenizer or stored
+    )
     documents = {s: manifest["splits"][s]["documents"] for s in token_dir.SPLITS}
     return Corpus(tokenizer, chunks, documents, manifest["source"].get("fingerprint", ""))
 

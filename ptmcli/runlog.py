@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -54,35 +55,27 @@ def tail_rows(path: Path, size: int = 1 << 16) -> list[dict]:
 
 def preparing(text: str, show: bool = True):
     """A spinner with `text` while a long preparation step runs (rank 0; nothing when output is not a terminal)."""
-    import contextlib
-
     return console.status(f"[bold]{text}[/]…", spinner="dots") if show else contextlib.nullcontext()
 
 
+@contextlib.contextmanager
 def counted(text: str, show: bool = True):
     """For steps that `datasets` and `tokenizers` run: their own bars count examples (across `num_proc` workers)
     and merges, so they are switched on for the step instead of a spinner, under a line saying what it is.
     Rank 0 on a terminal only. Yields whether bars are shown (for `show_progress=` of a tokenizer trainer)."""
-    import contextlib
-
     import datasets
 
-    @contextlib.contextmanager
-    def bars():
-        shown = show and console.is_terminal
-        if not shown:
-            yield False
-            return
-        console.print(f"[bold]{text}[/]")
-        was_on = datasets.is_progress_bar_enabled()
-        datasets.enable_progress_bars()
-        try:
-            yield True
-        finally:
-            if not was_on:
-                datasets.disable_progress_bars()
-
-    return bars()
+    if not (show and console.is_terminal):
+        yield False
+        return
+    console.print(f"[bold]{text}[/]")
+    was_on = datasets.is_progress_bar_enabled()
+    datasets.enable_progress_bars()
+    try:
+        yield True
+    finally:
+        if not was_on:
+            datasets.disable_progress_bars()
 
 
 def _clean(value):

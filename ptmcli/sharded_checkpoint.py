@@ -86,11 +86,12 @@ def save(folder: Path, model: nn.Module, optimizer, keys: set[str] | None, is_ma
 
     weights = _model_state(model, keys)
     dcp.save(weights, storage_writer=HuggingFaceStorageWriter(str(folder / MODEL), save_distributed=True))
-    tensors, scalars = _flat_optimizer(get_optimizer_state_dict(model, optimizer))
+    state = get_optimizer_state_dict(model, optimizer)
+    tensors, scalars = _flat_optimizer(state)
     dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(str(folder / OPTIMIZER), save_distributed=True))
     if is_main:
-        groups = get_optimizer_state_dict(model, optimizer)["param_groups"]
-        (folder / "optimizer.json").write_text(json.dumps({"param_groups": groups, "scalars": scalars}, indent=1))
+        saved = {"param_groups": state["param_groups"], "scalars": scalars}
+        (folder / "optimizer.json").write_text(json.dumps(saved, indent=1))
 
 
 def _read(template: dict[str, torch.Tensor], folder: Path) -> None:
