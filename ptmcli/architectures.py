@@ -152,11 +152,11 @@ MODEL_SCHEMAS: dict[str, type] = {
 SEQ2SEQ_FAMILIES = ("t5", "bart")
 # The pretraining objectives each family's pretraining model is built for.
 FAMILY_OBJECTIVES: dict[str, tuple[str, ...]] = {
-    "bert": ("mlm", "mlm-nsp"),
-    "roberta": ("mlm",),
+    "bert": ("mlm", "mlm-nsp", "simcse"),
+    "roberta": ("mlm", "simcse"),
     "gpt": ("clm",),
-    "xlnet": ("plm",),
-    "electra": ("rtd",),
+    "xlnet": ("plm", "simcse"),
+    "electra": ("rtd", "simcse"),
     "t5": ("span-corruption",),
     "bart": ("denoise",),
 }

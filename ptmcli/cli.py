@@ -42,7 +42,11 @@ NEW_DIRS: list[Path] = []
 
 # Commands that read a finished run instead of composing a config.
 RUN_COMMANDS = {
-    "evaluate": "metrics of a fine-tuned run on a split: ptm evaluate run=DIR split=test",
+    "evaluate": "metrics of a fine-tuned run on a split: ptm evaluate run=DIR split=test; or sentence-vector "
+    "retrieval of any encoder (ptm run, checkpoint or Hugging Face directory): ptm evaluate task=headline-retrieval "
+    "run=PATH [pooling=mean|cls]",
+    "embed": "normalised sentence vectors of any encoder: ptm embed run=PATH input=texts.txt output=vectors.npy|.jsonl "
+    "[pooling=mean|cls] [batch_size=64] [max_seq_len=128]",
     "predict": "predictions, one JSON line per input: ptm predict run=DIR input=texts.txt [output=FILE]",
     "export": "a run for transformers or PEFT: ptm export run=DIR [format=hf|peft] [output=DIR] [merge=true] "
     "[checkpoint=NAME]; format=hf (the default, but for adapter runs) writes a directory from_pretrained loads, "
@@ -254,7 +258,8 @@ def parse_run_args(name: str, args: list[str]) -> dict[str, str]:
         known = [*COMMANDS, *RUN_COMMANDS, *CONFIG_TOOLS]
         raise PtmError(f"Unknown command '{name}'.{did_you_mean(name, known)} Commands: {', '.join(known)}.")
     allowed = {
-        "evaluate": ("run", "split", "checkpoint"),
+        "evaluate": ("run", "split", "checkpoint", "task", "init", "pooling", "batch_size"),
+        "embed": ("run", "input", "output", "pooling", "batch_size", "max_seq_len"),
         "predict": ("run", "input", "output", "checkpoint"),
         "export": ("run", "format", "merge", "output", "checkpoint"),
         "generate": ("run", "prompt", "input", "output", "checkpoint", *GENERATE_ARGS),
@@ -268,7 +273,11 @@ def parse_run_args(name: str, args: list[str]) -> dict[str, str]:
                 f"Arguments: {', '.join(k + '=...' for k in allowed)}."
             )
         values[key] = value
+    if name == "evaluate" and "task" in values:  # retrieval: any encoder, named by run= or init=
+        return values
     if "run" not in values:
+        if name == "embed":
+            raise PtmError("ptm embed needs run=PATH: a ptm run or checkpoint, or a Hugging Face model directory.")
         kind = {"generate": "causal-LM pretraining", "export": "pretraining or fine-tuning"}.get(name, "fine-tuning")
         raise PtmError(f"ptm {name} needs run=DIR, a {kind} run directory.")
     return values
@@ -279,6 +288,16 @@ def run_run_command(name: str, args: list[str]) -> None:
     values = parse_run_args(name, args)
     if name == "generate":
         run_generate(values)
+        return
+    if name == "embed":
+        from ptmcli.embed import embed_command
+
+        embed_command(values)
+        return
+    if name == "evaluate" and "task" in values:
+        from ptmcli.retrieval import evaluate_retrieval
+
+        evaluate_retrieval(values)
         return
     from ptmcli import inference
 

@@ -25,7 +25,7 @@ from ptmcli.errors import PtmError
 from ptmcli.hf.electra import GENERATOR_CLASS, generator_config, generator_rules
 from ptmcli.hf.keymap import indices
 from ptmcli.inference import checkpoint_of, load_run
-from ptmcli.models import PRETRAINING_MODELS
+from ptmcli.pretrain import pretraining_model
 from ptmcli.runlog import console
 from ptmcli.schema import check_pretrain
 
@@ -219,9 +219,7 @@ def write_finetuned(cfg, model, method, labels: list[str], tokenizer: Tokenizer,
             f"format=hf: Hugging Face has no class for a lone {family.family} encoder with a task head (its model "
             f"needs the decoder). Fine-tune with transfer=text-to-text for a run that exports."
         )
-    theirs = {k.removeprefix(family.prefix): v for k, v in theirs.items()}
-    config = hf.model_config(family, arch, tokenizer, family.base, labels)
-    hf.write_dir(out, config, theirs, tokenizer, family, arch.max_positions)
+    write_encoder(state, arch, tokenizer, out, labels)
     save_file({k: v.contiguous() for k, v in head.items()}, str(out / "ptm_head.safetensors"))
     pooling = model.pooling if kind == "sequence" else kind
     return (
@@ -231,13 +229,29 @@ def write_finetuned(cfg, model, method, labels: list[str], tokenizer: Tokenizer,
     )
 
 
+def write_encoder(state: dict, arch, tokenizer: Tokenizer, out: Path, labels: list[str] | None = None) -> str:
+    """ptm `encoder.*` tensors as the family's bare Hugging Face model (BertModel, ...). Returns the class name."""
+    family = hf.BY_FAMILY[arch.family]
+    rules = family.rules(arch, hf.tokens_of(tokenizer))
+    _check_named(family, arch, state, rules)
+    theirs = hf.hf_state(family, arch, tokenizer, state, rules)
+    theirs = {k.removeprefix(family.prefix): v for k, v in theirs.items()}
+    config = hf.model_config(family, arch, tokenizer, family.base, labels)
+    hf.write_dir(out, config, theirs, tokenizer, family, arch.max_positions)
+    return family.base
+
+
 def export_pretraining_run(run: Path, out: Path, checkpoint_name: str | None) -> Path:
     cfg = check_pretrain(runfiles.config(run))
     tokenizer = runfiles.tokenizer(run)
     ckpt = checkpoint_of(run, checkpoint_name)
-    model = PRETRAINING_MODELS[cfg.model.family](cfg.model, tokenizer.get_vocab_size(), cfg.objective)
+    model = pretraining_model(cfg, tokenizer.get_vocab_size())
     checkpoint.load_weights(ckpt, model)
-    written = write_pretraining(model, cfg.model, cfg.objective.name, tokenizer, out)
+    if cfg.objective.name == "simcse":  # the sentence encoder; SimCSE's projection serves training only
+        state = {k: v for k, v in model.state_dict().items() if k.startswith("encoder.")}
+        written = write_encoder(state, cfg.model, tokenizer, out)
+    else:
+        written = write_pretraining(model, cfg.model, cfg.objective.name, tokenizer, out)
     console.print(f"{written} ({ckpt.name}) written to {out}")
     return out
 

@@ -12,7 +12,7 @@ from tokenizers import Tokenizer
 
 from ptmcli import checkpoint, hardware, hf, rundir, runfiles
 from ptmcli.data import token_dir
-from ptmcli.data.lm_examples import CausalExamples, PermutationExamples
+from ptmcli.data.lm_examples import CausalExamples, PermutationExamples, SentenceExamples
 from ptmcli.data.pretraining import PretrainingExamples, build_chunks
 from ptmcli.data.seq2seq_examples import DenoisingExamples, SpanCorruptionExamples
 from ptmcli.data.sources import load_documents, split_documents
@@ -20,7 +20,8 @@ from ptmcli.data.tokenizer import get_tokenizer, load_tokenizer
 from ptmcli.distributed import Dist, init_from_env
 from ptmcli.errors import PtmError
 from ptmcli.loop import Job, train
-from ptmcli.models import PRETRAINING_MODELS
+from ptmcli.models import ENCODERS, PRETRAINING_MODELS
+from ptmcli.models.heads import SentenceEncoder
 from ptmcli.objectives import OBJECTIVES
 from ptmcli.runlog import console, counted, preparing
 from ptmcli.schema import (
@@ -44,6 +45,7 @@ LAYOUT = {
     "clm": "blocks",
     "span-corruption": "blocks",
     "denoise": "sentences",
+    "simcse": "sentences",
 }
 # objectives whose tokenizer must have a mask token
 MASKING_OBJECTIVES = ("mlm", "mlm-nsp", "rtd", "denoise")
@@ -53,6 +55,8 @@ def make_examples(cfg: PretrainConfig, chunks, tokenizer):
     o, seed = cfg.objective, cfg.trainer.seed
     if o.name == "clm":
         return CausalExamples(chunks, tokenizer)
+    if o.name == "simcse":
+        return SentenceExamples(chunks, tokenizer)
     if o.name == "plm":
         return PermutationExamples(chunks, tokenizer, o, seed)
     if o.name == "span-corruption":
@@ -206,7 +210,7 @@ def load_init(cfg: PretrainConfig) -> Pretrained:
             f"init={cfg.init} is {start.source}, not a ptm pretraining run of a {cfg.model.family} model. "
             f"init= continues pretraining from a run of `ptm pretrain`; to fine-tune, use `ptm finetune init=...`."
         )
-    if saved_objective != cfg.objective.name:  # its heads (NSP, discriminator, ...) belong to that objective
+    if saved_objective != cfg.objective.name and cfg.objective.name != "simcse":  # its heads belong to it
         raise PtmError(
             f"init={cfg.init} was pretrained with objective={saved_objective} and this config has "
             f"objective={cfg.objective.name}; continue with objective={saved_objective} (or the recipe it used)."
@@ -218,6 +222,34 @@ def load_init(cfg: PretrainConfig) -> Pretrained:
             f"model=NAME it was pretrained with (its config.yaml says which)."
         )
     return start
+
+
+def pretraining_model(cfg: PretrainConfig, vocab_size: int) -> torch.nn.Module:
+    """The family's pretraining model for its objective; for SimCSE, its bare encoder under a pooling head."""
+    if cfg.objective.name != "simcse":
+        return PRETRAINING_MODELS[cfg.model.family](cfg.model, vocab_size, cfg.objective)
+    encoder = ENCODERS[cfg.model.family](cfg.model, vocab_size)
+    if getattr(encoder, "pooler", None) is not None:
+        encoder.pooler = None  # SimCSE pools on its own; a parameter no forward uses would stall DDP
+    return SentenceEncoder(encoder, cfg.objective.pooling, cfg.objective.projection)
+
+
+def load_sentence_encoder(model: SentenceEncoder, start: Pretrained) -> tuple[list[str], list[str]]:
+    """init= a ptm run for SimCSE: another SimCSE run gives everything, any other run of the family its encoder
+    (the projection starts fresh). Returns (fresh, unused) module keys, as for a Hugging Face init."""
+    if checkpoint.read_state(start.checkpoint).get("model", {}).get("objective") == "simcse":
+        checkpoint.load_weights(start.checkpoint, model)
+        return [], []
+    missing, unexpected = model.encoder.load_state_dict(start.encoder_state, strict=False)
+    unexpected = [k for k in unexpected if not k.startswith("pooler.")]
+    if missing or unexpected:
+        raise PtmError(
+            f"init={start.source} does not hold a whole {start.family} encoder (missing {missing[:4]}, "
+            f"unexpected {unexpected[:4]})."
+        )
+    fresh = [k for k in model.state_dict() if k.startswith("projection.")]
+    unused = [k for k in start.model_state if not k.startswith("encoder.") or k.startswith("encoder.pooler.")]
+    return fresh, unused
 
 
 def check_same_tokenizer(cfg: PretrainConfig, brought: Tokenizer) -> None:
@@ -275,9 +307,11 @@ def pretrain(
         tokenizer.save(str(run_dir / "tokenizer.json"))
 
     torch.manual_seed(cfg.trainer.seed)
-    model = PRETRAINING_MODELS[cfg.model.family](cfg.model, vocab_size, cfg.objective)
+    model = pretraining_model(cfg, vocab_size)
     fresh, unused = [], []
-    if start is not None and start.checkpoint is not None:
+    if start is not None and start.checkpoint is not None and isinstance(model, SentenceEncoder):
+        fresh, unused = load_sentence_encoder(model, start)
+    elif start is not None and start.checkpoint is not None:
         checkpoint.load_weights(start.checkpoint, model)  # safetensors' loader re-ties shared embeddings
     elif start is not None:
         fresh, unused = hf.load_into(model, start.model_state, f"init={cfg.init}")

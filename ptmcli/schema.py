@@ -40,10 +40,10 @@ from ptmcli.typecheck import check_section, coerce, did_you_mean
 
 @dataclass
 class ObjectiveConfig:
-    name: Literal["mlm", "mlm-nsp", "clm", "plm", "rtd", "span-corruption", "denoise"] = _f(
+    name: Literal["mlm", "mlm-nsp", "clm", "plm", "rtd", "span-corruption", "denoise", "simcse"] = _f(
         "mlm-nsp",
         "pretraining objective: masked LM (+ next-sentence prediction), causal LM, XLNet permutation LM, "
-        "ELECTRA replaced-token detection, T5 span corruption, BART denoising",
+        "ELECTRA replaced-token detection, T5 span corruption, BART denoising, SimCSE contrastive sentence vectors",
     )
     mask_prob: float = _f(0.15, "fraction of (non-special) tokens chosen for prediction")
     mask_token_prob: float = _f(0.8, "of the chosen tokens, fraction replaced by [MASK]")
@@ -64,6 +64,9 @@ class ObjectiveConfig:
     mask_ratio: float = _f(0.3, "denoise: fraction of tokens inside infilled spans")
     poisson_lambda: float = _f(3.0, "denoise: mean of the Poisson span lengths (a 0-length span inserts a mask)")
     permute_sentences: bool = _f(True, "denoise: shuffle the sentences of each sequence")
+    temperature: float = _f(0.05, "simcse: softmax temperature over the cosine similarities (the paper's 0.05)")
+    pooling: Literal["cls", "mean"] = _f("cls", "simcse: sentence vector = first token's state, or mean of tokens")
+    projection: bool = _f(True, "simcse: a dense + tanh layer over the pooled state in training (not in ptm embed)")
 
 
 @dataclass
@@ -428,6 +431,10 @@ def check_consistency(cfg: PretrainConfig) -> None:
         )
     if o.plm_k < 2:
         raise PtmError(f"objective.plm_k={o.plm_k} must be at least 2 (1/K of each order is predicted).")
+    if o.temperature <= 0:
+        raise PtmError(f"objective.temperature={o.temperature} must be positive (SimCSE uses 0.05).")
+    if o.name == "simcse" and t.batch_size < 2:
+        raise PtmError("objective=simcse contrasts the texts of a batch: trainer.batch_size must be at least 2.")
     if d.max_seq_len < 8:
         raise PtmError(f"data.max_seq_len={d.max_seq_len} is too short; use at least 8.")
     if not 0 < d.validation_fraction < 1:

@@ -57,7 +57,7 @@ def _offline_cache(cache_env, monkeypatch):
 
 # Commands that read a run or a config and train nothing: run_ptm runs them in the test's process, where the
 # imports are warm, instead of paying a fresh interpreter's start-up (3-4 s) each time.
-IN_PROCESS = {"export", "generate", "evaluate", "predict", "validate", "cat", "ls", "runs", "plot"}
+IN_PROCESS = {"export", "generate", "evaluate", "predict", "embed", "validate", "cat", "ls", "runs", "plot"}
 
 
 def _in_process(args: list[str]) -> subprocess.CompletedProcess:

@@ -36,6 +36,8 @@ LAYERS = {
     "finetune": 5,
     "inference": 5.5,
     "generate": 5.5,
+    "embed": 5.5,
+    "retrieval": 5.6,
     "generation": 2,
     "export": 5.7,
     "hydra_args": 0,

@@ -101,3 +101,30 @@ class PermutationExamples:
             "counts": {"plm": int(target_mask.sum())},
             "num_tokens": int(attention_mask.sum()),
         }
+
+
+@dataclass
+class SentenceExamples:
+    """Whole sentences of one document (`sentences` layout), each framed as [CLS] ... [SEP]: the texts unsupervised
+    SimCSE encodes twice. Nothing is random, so an example is the same in every process and after a resume."""
+
+    chunks: datasets.Dataset
+    tokenizer: Tokenizer
+
+    def __post_init__(self) -> None:
+        self.ids = SpecialIds.of(self.tokenizer)
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def batch(self, indices: list[int], epoch: int) -> dict:
+        rows = [np.array([self.ids.cls, *r, self.ids.sep]) for r in self.chunks[list(indices)]["ids"]]
+        lengths = torch.tensor([len(r) for r in rows])
+        mask = (torch.arange(int(lengths.max()))[None, :] < lengths[:, None]).long()
+        return {
+            "input_ids": pad(rows, self.ids.pad),
+            "token_type_ids": torch.zeros_like(mask),
+            "attention_mask": mask,
+            "counts": {"contrastive": len(rows)},
+            "num_tokens": int(lengths.sum()),
+        }

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ptmcli.models.layers import last_token
+from ptmcli.models.layers import last_token, pool
 
 
 class TaskModel(nn.Module):
@@ -50,18 +50,33 @@ class TaskModel(nn.Module):
                 if getattr(self.encoder, "pooler", None) is not None:
                     return self.encoder.pool(hidden)
                 pooling = {"last": "last", "mean": "mean"}.get(getattr(self.encoder, "summary", "first"), "cls")
-            if pooling == "mean":
-                weights = (
-                    attention_mask.unsqueeze(-1).to(hidden.dtype)
-                    if attention_mask is not None
-                    else torch.ones_like(hidden[..., :1])
-                )
-                return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
-            return last_token(hidden, attention_mask) if pooling == "last" else hidden[:, 0]
+            if pooling == "last":
+                return last_token(hidden, attention_mask)
+            return pool(hidden, attention_mask, "mean" if pooling == "mean" else "cls")
 
     def forward(self, input_ids, token_type_ids=None, attention_mask=None) -> torch.Tensor:
         """sequence: (B, labels); token: (B, T, labels); span: (B, T, 2) start/end logits."""
         return self.head(self.dropout(self.features(input_ids, token_type_ids, attention_mask)))
+
+
+class SentenceEncoder(nn.Module):
+    """An encoder trained for sentence vectors (SimCSE): its pooled states, through a dense + tanh projection that
+    only training uses (the paper's unsupervised setting). `encoder` is what ptm embed, fine-tuning and export
+    take; its keys stay `encoder.*` as in every pretraining model."""
+
+    def __init__(self, encoder: nn.Module, pooling: str, projection: bool):
+        super().__init__()
+        self.encoder, self.pooling = encoder, pooling
+        hidden = encoder.arch.hidden_size
+        self.projection = nn.Sequential(nn.Linear(hidden, hidden), nn.Tanh()) if projection else None
+        if self.projection is not None:
+            nn.init.normal_(self.projection[0].weight, std=0.02)
+            nn.init.zeros_(self.projection[0].bias)
+
+    def forward(self, input_ids, token_type_ids=None, attention_mask=None) -> torch.Tensor:
+        """(B, T) -> (B, C) sentence vectors, not normalised."""
+        pooled = pool(self.encoder(input_ids, token_type_ids, attention_mask), attention_mask, self.pooling)
+        return self.projection(pooled) if self.projection is not None else pooled
 
 
 HEADS = {"text-cls": "sequence", "pair-cls": "sequence", "token-cls": "token", "qa": "span"}

@@ -268,6 +268,16 @@ class MaskedLMHead(nn.Module):
         return F.linear(self.transform(hidden), self.word_embeddings.weight, self.bias)
 
 
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None, pooling: str) -> torch.Tensor:
+    """(B, T, C) -> (B, C): the first token's state (`cls`) or the mean over real tokens (`mean`)."""
+    if pooling == "cls":
+        return hidden[:, 0]
+    if attention_mask is None:
+        return hidden.mean(1)
+    weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
+
+
 def last_token(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
     """(B, T, C) -> (B, C): the state of each row's last real token (right padding)."""
     if attention_mask is None:

@@ -6,6 +6,7 @@ update as one big batch. An objective may weight its terms (`term_weights`, defa
 """
 
 from ptmcli.objectives.clm import CausalLM
+from ptmcli.objectives.contrastive import Contrastive
 from ptmcli.objectives.mlm import MaskedLM
 from ptmcli.objectives.plm import PermutationLM
 from ptmcli.objectives.rtd import ReplacedTokenDetection
@@ -19,4 +20,5 @@ OBJECTIVES = {
     "rtd": lambda cfg: ReplacedTokenDetection(cfg.rtd_weight),
     "span-corruption": lambda cfg: Seq2SeqLM("span", "full") if cfg.full_target_fraction > 0 else Seq2SeqLM("span"),
     "denoise": lambda cfg: Seq2SeqLM("denoise"),
+    "simcse": lambda cfg: Contrastive(cfg.temperature),
 }
