@@ -17,7 +17,8 @@ from ptmcli import checkpoint, hardware, runfiles
 from ptmcli.data.tokenizer import SpecialIds
 from ptmcli.distributed import Dist
 from ptmcli.errors import PtmError
-from ptmcli.files import os_error, read_text
+from ptmcli.files import os_error
+from ptmcli.inference import read_records
 from ptmcli.models import ENCODERS
 from ptmcli.models.layers import pool
 from ptmcli.schema import SEQ2SEQ_FAMILIES, HardwareConfig
@@ -101,24 +102,8 @@ def load_embedder(spec: str, pooling: str | None = None, key: str = "run") -> Em
 
 
 def read_texts(path: Path) -> list[str]:
-    """One text per line, or JSON lines with a "text" field."""
-    texts = []
-    for n, line in enumerate(read_text(path, "input").splitlines(), 1):
-        if not line.strip():
-            continue
-        if line.lstrip().startswith("{"):
-            try:
-                record = json.loads(line)
-            except ValueError as err:
-                raise PtmError(f"{path}:{n}: not valid JSON: {err}") from err
-            if not isinstance(record.get("text"), str):
-                raise PtmError(f'{path}:{n}: a JSON line needs a "text" string.')
-            texts.append(record["text"])
-        else:
-            texts.append(line.strip())
-    if not texts:
-        raise PtmError(f"input='{path}' holds no texts; give one per line (or JSON lines with \"text\").")
-    return texts
+    """One text per line, or JSON lines with a "text" field (as `ptm predict` reads a text classifier's input)."""
+    return [r["text"] for r in read_records(path, "text-cls")]
 
 
 def write_vectors(vectors: np.ndarray, texts: list[str], output: Path) -> None:

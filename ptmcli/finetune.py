@@ -12,7 +12,7 @@ from pathlib import Path
 import datasets
 import torch
 
-from ptmcli import checkpoint, hardware, peft, rundir
+from ptmcli import checkpoint, hardware, peft, rundir, runfiles
 from ptmcli.data.labeled import label_names, load_splits
 from ptmcli.data.tokenizer import load_tokenizer, train_tokenizer
 from ptmcli.distributed import init_from_env
@@ -58,6 +58,21 @@ def build_model(
         for layer in encoder.layers[: transfer.freeze_layers]:
             layer.requires_grad_(False)
     return model
+
+
+def keep_head(model: TaskModel, pretrained: Pretrained, kind: str, labels: list[str]) -> bool:
+    """Two-stage fine-tuning: init= a fine-tuning run of the same task kind and labels also gives its head (with
+    other labels the head is dropped, and this run trains its own)."""
+    if pretrained.checkpoint is None or "head.weight" not in pretrained.model_state:
+        return False
+    run = pretrained.checkpoint.parent.parent
+    spec = checkpoint.read_state(pretrained.checkpoint).get("model", {})
+    if spec.get("task") != kind or not (run / "labels.json").exists() or runfiles.labels(run, "init") != labels:
+        return False
+    model.head.load_state_dict(
+        {k.removeprefix("head."): v for k, v in pretrained.model_state.items() if k.startswith("head.")}
+    )
+    return True
 
 
 def check_lengths(cfg: FinetuneConfig, pretrained: Pretrained) -> None:
@@ -179,6 +194,7 @@ def finetune(
         model = build_model(
             pretrained, kind, len(labels), cfg.task.classifier_dropout, cfg.transfer, pooling=cfg.task.pooling
         )
+    kept_head = not text and keep_head(model, pretrained, kind, labels)
     trainer = cfg.trainer
     if trainer.epochs is not None:
         per_step = trainer.batch_size * dist.world_size * trainer.grad_accum
@@ -209,10 +225,11 @@ def finetune(
         (run_dir / "labels.json").write_text(json.dumps(labels, indent=1) + "\n")
         (run_dir / "splits.json").write_text(json.dumps({k: [r["id"] for r in v] for k, v in splits.items()}) + "\n")
         loaded = f" ({pretrained.load_seconds:.1f} s)" if pretrained.load_seconds else ""
-        if pretrained.unused:  # e.g. a fine-tuned checkpoint's classifier: this run trains its own head
-            loaded += (
-                f"; not taken from it: {', '.join(pretrained.unused[:6])}{' ...' if len(pretrained.unused) > 6 else ''}"
-            )
+        unused = [k for k in pretrained.unused if not (kept_head and k == "head")]
+        if unused:  # e.g. a fine-tuned checkpoint's classifier for other labels: this run trains its own head
+            loaded += f"; not taken from it: {', '.join(unused[:6])}{' ...' if len(unused) > 6 else ''}"
+        if kept_head:
+            loaded += "; its head too (same task kind and labels)"
         console.print(
             f"[bold]ptm finetune[/] {cfg.data.name} ({kind}, {len(labels)} labels) from {pretrained.source}{loaded}\n"
             f"  {len(splits['train']):,} / {len(splits['validation']):,} / {len(splits['test']):,} train/val/test "

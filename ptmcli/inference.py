@@ -98,7 +98,7 @@ def evaluate_run(run: Path, split: str, checkpoint_name: str | None = None) -> d
     return metrics
 
 
-def _records(path: Path, kind: str) -> list[dict]:
+def read_records(path: Path, kind: str) -> list[dict]:
     """One input per line: plain text (words for token-cls), or JSON objects with the task's fields."""
     records = []
     for n, line in enumerate(read_text(path, "input").splitlines(), 1):
@@ -137,7 +137,7 @@ def _records(path: Path, kind: str) -> list[dict]:
 @torch.no_grad()
 def predict_run(run: Path, input_path: Path, output: str | None = None, checkpoint_name: str | None = None) -> None:
     cfg, task, model, labels, hw, _ = load_run(run, checkpoint_name)
-    records = _records(input_path, cfg.task.kind)
+    records = read_records(input_path, cfg.task.kind)
     examples = task.examples(records)
     try:
         out = open(output, "w") if output else sys.stdout

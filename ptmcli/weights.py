@@ -29,7 +29,7 @@ class Pretrained:
     source: str
     model_state: dict[str, torch.Tensor] = field(default_factory=dict)  # the whole pretraining model's weights
     checkpoint: Path | None = None  # a ptm checkpoint's directory
-    unused: list[str] = field(default_factory=list)  # a Hugging Face checkpoint's keys ptm does not take
+    unused: list[str] = field(default_factory=list)  # what fine-tuning does not take: HF keys, a ptm run's heads
     load_seconds: float = 0.0
 
 
@@ -91,7 +91,9 @@ def from_ptm(path: Path) -> Pretrained:
     tokenizer = runfiles.tokenizer(run, "init")
     full = checkpoint.weights(ckpt)
     state = {k.removeprefix("encoder."): v for k, v in full.items() if k.startswith("encoder.")}
-    return Pretrained(spec["family"], arch, state, tokenizer, f"ptm checkpoint {ckpt}", full, ckpt)
+    # the heads a fine-tuning run does not take: a pretraining run's (mlm_head, ...), another task's `head`
+    unused = sorted({k.split(".")[0] for k in full if not k.startswith("encoder.")})
+    return Pretrained(spec["family"], arch, state, tokenizer, f"ptm checkpoint {ckpt}", full, ckpt, unused)
 
 
 def _path(spec: str) -> Path:

@@ -152,6 +152,8 @@ def test_electra_shares_embeddings_and_flags_only_sampled_replacements():
     out = model(inputs, None, None, positions, targets)
     assert out["mlm_loss"].shape == () and out["rtd_logits"].shape == (2, 12)
     assert not out["replaced"][~positions].any()  # only masked positions can have been replaced
+    # the discriminator starts calibrated to the masking rate (from 0 it collapses, see ElectraForPretraining)
+    assert torch.sigmoid(model.rtd_out.bias).item() == pytest.approx(ObjectiveConfig(name="rtd").mask_prob)
 
 
 def test_filter_logits_top_k_and_top_p():

@@ -74,6 +74,22 @@ def test_evaluate_and_predict_round_trip(news_run, cache_env, tmp_path):
     assert all(abs(sum(r["scores"].values()) - 1) < 1e-4 for r in rows)
 
 
+def test_two_stage_fine_tuning_keeps_the_head_only_for_the_same_labels(news_run, cache_env, tmp_path):
+    """init= a fine-tuning run: its encoder, and its head when the task kind and labels are the same. One step at
+    a negligible learning rate must then score what the first run scored on the same test split."""
+    run, _ = news_run
+    second = tmp_path / "second"
+    out = run_ptm(
+        ["finetune", "task=news-cls", *SMALL, f"init={run}", "trainer.max_steps=1", "optimizer.lr=1e-12"]
+        + ["trainer.eval_every=0", "trainer.save_every=0", f"hydra.run.dir={second}"],
+        cache_env,
+    )
+    assert "its head too (same task kind and labels)" in " ".join(out.stderr.split())
+    first_test = json.loads((run / "test_metrics.json").read_text())
+    second_test = json.loads((second / "test_metrics.json").read_text())
+    assert second_test["confusion_matrix"] == first_test["confusion_matrix"]
+
+
 def test_finetune_resume_is_exact(news_run, cache_env, tmp_path):
     run, _ = news_run
     resumed = tmp_path / "resumed"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 
 import numpy as np
@@ -17,7 +18,7 @@ from ptmcli.models.bert import build_encoder
 from ptmcli.models.heads import SentenceEncoder
 from ptmcli.objectives.contrastive import Contrastive
 from ptmcli.retrieval import rank_metrics
-from tests.conftest import TINY, fails_with, read_metrics, run_ptm
+from tests.conftest import TINY, comparable, fails_with, read_metrics, run_ptm
 
 ARCH = BertArch(
     family="bert", hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, max_positions=16, dropout=0.0,
@@ -109,9 +110,11 @@ SIMCSE = [
     "objective=simcse",
     "data.max_seq_len=32",
     "trainer.batch_size=16",
-    "trainer.max_steps=24",
+    "trainer.max_steps=16",
     "trainer.log_every=4",
-    "trainer.eval_every=24",
+    "trainer.eval_every=16",
+    "trainer.save_every=8",
+    "trainer.keep_last=0",
     "model.dropout=0.1",  # SimCSE's two views differ only by dropout
     "objective.pooling=mean",  # a random tiny encoder's first-token states barely differ between texts
 ]
@@ -151,6 +154,18 @@ def test_simcse_learns_and_its_vectors_are_embedded_retrieved_and_exported(simcs
     with torch.no_grad():
         mean = model(**tokenizer(["Oil prices rise as supply falls"], return_tensors="pt")).last_hidden_state.mean(1)
     assert np.allclose(F.normalize(mean, dim=-1)[0].numpy(), vectors[0], atol=1e-4)  # same vector in transformers
+
+
+def test_simcse_resumes_exactly(simcse_run, cache_env, tmp_path):
+    """From its step-8 checkpoint, the run continues to the same rows: same texts, same dropout draws."""
+    resumed = tmp_path / "resumed"
+    shutil.copytree(simcse_run, resumed, symlinks=True)
+    shutil.rmtree(resumed / "checkpoints" / "step-16")
+    for link in ("latest", "best"):
+        (resumed / "checkpoints" / link).unlink(missing_ok=True)
+    (resumed / "checkpoints" / "latest").symlink_to("step-8")
+    run_ptm([*SIMCSE, f"resume={resumed}", f"hydra.run.dir={resumed}"], cache_env)
+    assert comparable(read_metrics(resumed)) == comparable(read_metrics(simcse_run))
 
 
 @pytest.mark.slow

