@@ -71,7 +71,7 @@ def default_pooling(path: str) -> str:
     run = directory.parent.parent if (directory / checkpoint.MARKER).exists() else directory
     if (run / "config.yaml").exists():
         objective = runfiles.config(run).get("objective", {})
-        if objective.get("name") in ("simcse", "simcse-supervised"):
+        if objective.get("name") == "simcse":
             return objective.get("pooling", "cls")
     return "mean"
 
@@ -83,8 +83,8 @@ def load_embedder(spec: str, pooling: str | None = None, key: str = "run") -> Em
     pretrained = load_pretrained(spec)
     if pretrained.family in SEQ2SEQ_FAMILIES:
         raise PtmError(
-            f"{key}={spec} is a {pretrained.family} encoder-decoder; sentence vectors come from encoder families "
-            f"(bert, roberta, electra, xlnet)."
+            f"{key}={spec} is a {pretrained.family} encoder-decoder; ptm embed reads the encoder families "
+            f"(bert, roberta, electra, xlnet; gpt with mean pooling)."
         )
     encoder = ENCODERS[pretrained.family](pretrained.arch, pretrained.tokenizer.get_vocab_size())
     missing, _ = encoder.load_state_dict(pretrained.encoder_state, strict=False)

@@ -205,7 +205,8 @@ def load_init(cfg: PretrainConfig) -> Pretrained:
     saved_objective = (
         checkpoint.read_state(start.checkpoint).get("model", {}).get("objective") if start.checkpoint else None
     )
-    if saved_objective is None or start.family != cfg.model.family:
+    fine_tuned = saved_objective is None and cfg.objective.name == "simcse"  # SimCSE takes any encoder of the family
+    if (saved_objective is None and not fine_tuned) or start.family != cfg.model.family:
         raise PtmError(
             f"init={cfg.init} is {start.source}, not a ptm pretraining run of a {cfg.model.family} model. "
             f"init= continues pretraining from a run of `ptm pretrain`; to fine-tune, use `ptm finetune init=...`."
