@@ -127,6 +127,17 @@ def write_vectors(vectors: np.ndarray, texts: list[str], output: Path) -> None:
         raise os_error(err, "output") from err
 
 
+def positive_int(values: dict[str, str], key: str, default: int) -> int:
+    """The whole number >= 1 given as key=..., or the default."""
+    try:
+        value = int(values.get(key, default))
+    except ValueError:
+        raise PtmError(f"{key}={values[key]!r} is not a whole number.") from None
+    if value < 1:
+        raise PtmError(f"{key}={value} must be at least 1.")
+    return value
+
+
 def embed_command(values: dict[str, str]) -> None:
     """`ptm embed run=SOURCE input=FILE output=FILE.npy|.jsonl [pooling=mean|cls] [batch_size=64] [max_seq_len=128]`"""
     from ptmcli.runlog import console
@@ -137,14 +148,7 @@ def embed_command(values: dict[str, str]) -> None:
     output = Path(values["output"])
     if output.suffix not in (".npy", ".jsonl"):
         raise PtmError(f"output='{output}': name a .npy file (one matrix) or a .jsonl file (a vector per line).")
-    sizes = {}
-    for key, default in (("batch_size", 64), ("max_seq_len", 128)):
-        try:
-            sizes[key] = int(values.get(key, default))
-        except ValueError:
-            raise PtmError(f"{key}={values[key]!r} is not a whole number.") from None
-        if sizes[key] < 1:
-            raise PtmError(f"{key}={sizes[key]} must be at least 1.")
+    sizes = {key: positive_int(values, key, default) for key, default in (("batch_size", 64), ("max_seq_len", 128))}
     texts = read_texts(Path(values["input"]))
     embedder = load_embedder(values["run"], values.get("pooling"))
     vectors = embedder.encode(texts, sizes["batch_size"], sizes["max_seq_len"], show=console.is_terminal)

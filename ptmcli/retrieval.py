@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ptmcli.data.labeled import load_splits
-from ptmcli.embed import load_embedder
+from ptmcli.embed import load_embedder, positive_int
 from ptmcli.errors import PtmError
 from ptmcli.runlog import console, print_metrics
 from ptmcli.schema import LabeledDataConfig
@@ -59,10 +59,7 @@ def evaluate_retrieval(values: dict[str, str]) -> dict[str, float]:
     split = values.get("split", "test")
     if split not in ("train", "validation", "test"):
         raise PtmError(f"split={split!r}: choose train, validation or test.")
-    try:
-        batch_size = int(values.get("batch_size", 64))
-    except ValueError:
-        raise PtmError(f"batch_size={values['batch_size']!r} is not a whole number.") from None
+    batch_size = positive_int(values, "batch_size", 64)
     records = load_splits(RETRIEVAL_TASKS[name], "text2text")[split]
     embedder = load_embedder(source, values.get("pooling"))
     show = console.is_terminal

