@@ -78,6 +78,7 @@ def _rank_gradients(rank: int, world: int, port: int, out: str) -> None:
         p.grad /= world
     if rank == 0:
         torch.save({n: p.grad for n, p in model.named_parameters()}, out)
+    dist.barrier()  # neither process tears gloo down while the other still uses it
     dist.destroy_process_group()
 
 

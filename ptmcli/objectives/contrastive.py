@@ -16,14 +16,29 @@ import torch.nn.functional as F
 from torch import nn
 
 
+class _GatherRows(torch.autograd.Function):
+    """all_gather of equal-sized row blocks whose backward hands each process the summed gradient of its block."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor) -> torch.Tensor:
+        blocks = [torch.empty_like(z) for _ in range(torch_dist.get_world_size())]
+        torch_dist.all_gather(blocks, z.contiguous())
+        ctx.rows, ctx.rank = z.shape[0], torch_dist.get_rank()
+        return torch.cat(blocks)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        torch_dist.all_reduce(grad)  # every process's loss reaches every block
+        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
+
+
 def gathered(z: torch.Tensor) -> tuple[torch.Tensor, int]:
     """(the rows of every process, concatenated in rank order, differentiable; this process's first row there)."""
     if not (torch_dist.is_available() and torch_dist.is_initialized()) or torch_dist.get_world_size() == 1:
         return z, 0
-    from torch.distributed.nn.functional import all_gather
-
     # every process serves the same number of rows per micro-batch (BatchOrder), as all_gather needs
-    return torch.cat(all_gather(z.contiguous())), torch_dist.get_rank() * z.shape[0]
+    return _GatherRows.apply(z), torch_dist.get_rank() * z.shape[0]
 
 
 class Contrastive:
