@@ -107,10 +107,9 @@ def read_texts(path: Path) -> list[str]:
 
 
 def write_vectors(vectors: np.ndarray, texts: list[str], output: Path) -> None:
-    """.npy: the (N, C) float32 matrix; .jsonl: {"index", "text", "vector"} per line. Written to a temporary file
-    and renamed, so an interrupted run never leaves half a file under the name asked for."""
-    if output.suffix not in (".npy", ".jsonl"):
-        raise PtmError(f"output='{output}': name a .npy file (one matrix) or a .jsonl file (a vector per line).")
+    """.npy: the (N, C) float32 matrix; .jsonl: {"index", "text", "vector"} per line (embed_command checked the
+    suffix before any work). Written to a temporary file and renamed, so an interrupted run never leaves half a
+    file under the name asked for."""
     partial = output.with_name(output.name + ".partial")
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
