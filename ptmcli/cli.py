@@ -260,7 +260,7 @@ def parse_run_args(name: str, args: list[str]) -> dict[str, str]:
     allowed = {
         "evaluate": ("run", "split", "checkpoint", "task", "init", "pooling", "batch_size"),
         "embed": ("run", "input", "output", "pooling", "batch_size", "max_seq_len"),
-        "predict": ("run", "input", "output", "checkpoint"),
+        "predict": ("run", "input", "output", "checkpoint", "task"),
         "export": ("run", "format", "merge", "output", "checkpoint"),
         "generate": ("run", "prompt", "input", "output", "checkpoint", *GENERATE_ARGS),
     }[name]
@@ -273,7 +273,7 @@ def parse_run_args(name: str, args: list[str]) -> dict[str, str]:
                 f"Arguments: {', '.join(k + '=...' for k in allowed)}."
             )
         values[key] = value
-    if name == "evaluate" and "task" in values:  # retrieval: any encoder, named by run= or init=
+    if name == "evaluate" and retrieval(values):
         return values
     if "run" not in values:
         if name == "embed":
@@ -281,6 +281,16 @@ def parse_run_args(name: str, args: list[str]) -> dict[str, str]:
         kind = {"generate": "causal-LM pretraining", "export": "pretraining or fine-tuning"}.get(name, "fine-tuning")
         raise PtmError(f"ptm {name} needs run=DIR, a {kind} run directory.")
     return values
+
+
+def retrieval(values: dict[str, str]) -> bool:
+    """`ptm evaluate task=...` of a retrieval task (any encoder, named by run= or init=), rather than one task of a
+    multi-task run."""
+    if "task" not in values:
+        return False
+    from ptmcli.retrieval import RETRIEVAL_TASKS
+
+    return values["task"] in RETRIEVAL_TASKS or "run" not in values
 
 
 def run_run_command(name: str, args: list[str]) -> None:
@@ -294,7 +304,7 @@ def run_run_command(name: str, args: list[str]) -> None:
 
         embed_command(values)
         return
-    if name == "evaluate" and "task" in values:
+    if name == "evaluate" and retrieval(values):
         from ptmcli.retrieval import evaluate_retrieval
 
         evaluate_retrieval(values)
@@ -310,12 +320,18 @@ def run_run_command(name: str, args: list[str]) -> None:
         output = Path(values["output"]) if "output" in values else None
         export_run(Path(values["run"]), values.get("format"), merge == "true", output, values.get("checkpoint"))
     elif name == "evaluate":
-        inference.evaluate_run(Path(values["run"]), values.get("split", "test"), values.get("checkpoint"))
+        inference.evaluate_run(
+            Path(values["run"]), values.get("split", "test"), values.get("checkpoint"), values.get("task")
+        )
     else:
         if "input" not in values:
             raise PtmError("ptm predict needs input=FILE (one text per line, or JSON lines).")
         inference.predict_run(
-            Path(values["run"]), Path(values["input"]), values.get("output"), values.get("checkpoint")
+            Path(values["run"]),
+            Path(values["input"]),
+            values.get("output"),
+            values.get("checkpoint"),
+            values.get("task"),
         )
 
 

@@ -11,11 +11,14 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+
 from ptmcli.confdirs import config_dirs
 from ptmcli.errors import PtmError
 from ptmcli.files import read_text, read_yaml
 from ptmcli.hydra_args import check_hydra_override, split_flags
 from ptmcli.schema import (
+    ENTRY_SECTIONS,
     FINETUNE_SECTIONS,
     MODEL_SCHEMAS,
     SECTIONS,
@@ -142,6 +145,90 @@ def user_task(value: str, top_keys: set[str]) -> tuple[str, Path]:
     return name, folder
 
 
+def task_list(value: str, top_keys: set[str], search: list[Path]) -> str:
+    """task=[a,b,...]: a multi-task run. Writes a task file (the option name it returns) that puts each task's file
+    under tasks.NAME and takes the run's trainer and optimizer sections from the first task, scored by the mean of
+    the tasks' own metrics. Task files of one's own may be listed too."""
+    names = []
+    for item in (v.strip().strip("'\"") for v in value.strip()[1:-1].split(",")):
+        if not item:
+            continue
+        if item.endswith((".yaml", ".yml")) or "/" in item:
+            item, folder = user_task(item, top_keys)
+            search.append(folder)
+        elif item not in group_options("task"):
+            options = group_options("task")
+            raise PtmError(
+                f"task={value}: '{item}' is not a task.{did_you_mean(item, options)} Tasks: {', '.join(options)}."
+            )
+        if item in names:
+            raise PtmError(f"task={value} names '{item}' twice; list each task once.")
+        names.append(item)
+    if not names:
+        raise PtmError("task=[] lists no task; give one or more, e.g. task=[news-cls,sentiment].")
+    files = {
+        name: next(
+            f / "task" / f"{name}.yaml" for f in [config_dirs()[0], *search] if (f / "task" / f"{name}.yaml").exists()
+        )
+        for name in names
+    }
+    sections = {name: read_yaml(path, "task") or {} for name, path in files.items()}
+    trainer = dict(sections[names[0]].get("trainer") or {})
+    modes = {(s.get("trainer") or {}).get("metric_mode", "min") for s in sections.values()}
+    if len(modes) == 1:  # otherwise the first task's metric picks checkpoints (a mean of max and min makes no sense)
+        trainer.update(metric="val/mean", metric_mode=modes.pop())
+    else:
+        trainer.update(metric=f"val/{names[0]}/{trainer.get('metric', 'val/loss').removeprefix('val/')}")
+    # every key of every task at its default first (so that tasks.NAME.KEY=... overrides any key), then the files
+    combined = {
+        "defaults": ["_self_", *({f"/task@tasks.{name}": name} for name in names)],
+        "tasks": {
+            name: {key: dataclasses.asdict(schema()) for key, schema in ENTRY_SECTIONS.items()} for name in names
+        },
+        "data": {"name": "+".join(names)},
+        "trainer": trainer,
+        "optimizer": sections[names[0]].get("optimizer") or {},
+    }
+    folder = Path(tempfile.mkdtemp(prefix="ptm-tasks-"))
+    atexit.register(shutil.rmtree, folder, True)
+    (folder / "task").mkdir()
+    (folder / "task" / f"{combined['data']['name']}.yaml").write_text(
+        "# @package _global_\n" + yaml.safe_dump(combined, sort_keys=False)
+    )
+    search.append(folder)
+    return combined["data"]["name"]
+
+
+def names_of(overrides: list[str]) -> list[str]:
+    """The task names of a multi-task run, from the task=a+b option task_list wrote."""
+    return next(o.partition("=")[2] for o in overrides if o.partition("=")[0] == "task").split("+")
+
+
+def check_task_keys(overrides: list[str], names: list[str]) -> None:
+    """tasks.NAME.SECTION.KEY=... names a listed task and a key of that section (a did-you-mean otherwise)."""
+    for arg in overrides:
+        key = arg.lstrip("+~").partition("=")[0]
+        if not key.startswith("tasks."):
+            continue
+        parts = key.split(".")
+        if len(parts) >= 2 and parts[1] not in names:
+            raise PtmError(
+                f"Unknown key '{key}': this run's tasks are {', '.join(names)}.{did_you_mean(parts[1], names)}"
+            )
+        if len(parts) < 4 or parts[2] not in ENTRY_SECTIONS:
+            got = parts[2] if len(parts) > 2 else ""
+            raise PtmError(
+                f"Unknown key '{key}'.{did_you_mean(got, ENTRY_SECTIONS)} Set one key of a task's section: "
+                f"tasks.{parts[1]}.SECTION.KEY with SECTION one of {', '.join(ENTRY_SECTIONS)}."
+            )
+        fields = {f.name for f in dataclasses.fields(ENTRY_SECTIONS[parts[2]])}
+        if parts[3] not in fields:
+            raise PtmError(
+                f"Unknown key '{key}'.{did_you_mean(parts[3], fields)} Valid keys of '{parts[2]}': "
+                f"{', '.join(sorted(fields))}."
+            )
+
+
 def training_length(overrides: list[str]) -> list[str]:
     """trainer.max_steps typed on the command line wins over a task file's trainer.epochs (which otherwise decides);
     typing both is refused rather than one silently ignored."""
@@ -185,15 +272,26 @@ def parse(name: str, args: list[str]) -> Invocation:
     overrides, flags = split_flags(rest)
     completing = {"-sc", "--shell-completion"} & set(flags)  # there, install=bash / query=bash are not overrides
     search = [config_dirs()[1] if recipe == command.base else config_dirs()[0]]
+    multi = False
     for i, arg in enumerate(overrides):
         check_hydra_override(arg)
         key, _, value = arg.partition("=")
-        if key == "task" and name == "finetune" and (value.endswith((".yaml", ".yml")) or "/" in value):
+        if key == "task" and name == "finetune" and value.startswith("["):
+            overrides[i] = f"task={task_list(value, {f.name for f in dataclasses.fields(command.schema)}, search)}"
+            multi = True
+        elif key == "task" and name == "finetune" and (value.endswith((".yaml", ".yml")) or "/" in value):
             task_name, folder = user_task(value, {f.name for f in dataclasses.fields(command.schema)})
             overrides[i] = f"task={task_name}"
             search.append(folder)
         elif not completing:
             check_override(arg, command)
+    if multi:
+        check_task_keys(overrides, names_of(overrides))
+    if multi and (shared := [o for o in overrides if o.lstrip("+~").startswith(("task.", "data."))]):
+        raise PtmError(
+            f"{shared[0]}: with several tasks, each has its own task and data keys; set them under tasks.NAME, e.g. "
+            f"tasks.sentiment.{shared[0].lstrip('+~')}."
+        )
     if name == "finetune" and not completing:
         overrides = training_length(overrides)
     return Invocation(name, recipe, overrides, flags, search)

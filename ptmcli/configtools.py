@@ -61,20 +61,33 @@ def _value(value) -> str:
     return yaml.safe_dump(value, default_flow_style=True, width=10_000).removesuffix("\n...\n").strip()
 
 
-def _section_lines(name: str, section) -> list[str]:
-    lines = [f"{name}:"]
+def _section_lines(name: str, section, indent: str = "") -> list[str]:
+    lines = [f"{indent}{name}:"]
     for f in dataclasses.fields(section):
         help_text = f.metadata.get("help", "")
-        lines.append(f"  {f.name}: {_value(getattr(section, f.name))}" + (f"  # {help_text}" if help_text else ""))
+        value = _value(getattr(section, f.name))
+        lines.append(f"{indent}  {f.name}: {value}" + (f"  # {help_text}" if help_text else ""))
     return lines
 
 
 def as_commented_yaml(typed, schema: type) -> str:
-    """A checked config as YAML, each key followed by its help."""
+    """A checked config as YAML, each key followed by its help. A multi-task run shows its tasks' sections under
+    tasks: (the top-level task and data sections are not used there)."""
     lines = []
+    multi = getattr(typed, "tasks", None) is not None
     for f in dataclasses.fields(schema):
         value = getattr(typed, f.name)
-        if dataclasses.is_dataclass(value):
+        if multi and f.name in ("task", "data"):
+            continue
+        if f.name == "tasks" and multi:
+            lines.append(
+                "tasks:  # one head per task on a shared encoder; only metric and metric_mode of trainer count"
+            )
+            for name, entry in value.items():
+                lines.append(f"  {name}:")
+                for section in dataclasses.fields(entry):
+                    lines += _section_lines(section.name, getattr(entry, section.name), "    ")
+        elif dataclasses.is_dataclass(value):
             lines += _section_lines(f.name, value)
         else:
             help_text = f.metadata.get("help", "")
@@ -158,15 +171,21 @@ def validate_finetune(cfg) -> list[str]:
     from ptmcli.finetune import check_labels, check_lengths, scratch, writes_text
     from ptmcli.weights import load_pretrained
 
-    kind = cfg.task.kind
-    splits = load_splits(cfg.data, kind)
-    labels = label_names(splits, kind, cfg.task.labels, cfg.data.name)
-    check_labels(cfg, labels)
-    pretrained = load_pretrained(cfg.init) if cfg.init else scratch(cfg, [r.get("text", "") for r in splits["train"]])
-    writes_text(cfg, pretrained.family)
-    check_lengths(cfg, pretrained)
-    sizes = " / ".join(f"{len(splits[s]):,}" for s in ("train", "validation", "test"))
-    return [
-        f"task {cfg.data.name} ({kind}{f', {len(labels)} labels' if labels else ''}): {sizes} train/val/test examples",
-        f"init {pretrained.source}",
-    ]
+    facts, texts, kinds = [], [], []
+    for name, entry in cfg.entries().items():
+        where, kind = f"tasks.{name}." if cfg.tasks else "", entry.task.kind
+        splits = load_splits(entry.data, kind)
+        labels = label_names(splits, kind, entry.task.labels, entry.data.name)
+        check_labels(entry, labels, where)
+        sizes = " / ".join(f"{len(splits[s]):,}" for s in ("train", "validation", "test"))
+        facts.append(
+            f"task {entry.data.name} ({kind}{f', {len(labels)} labels' if labels else ''}): {sizes} train/val/test "
+            f"examples"
+        )
+        texts += [r.get("text", "") for r in splits["train"]]
+        kinds.append(kind)
+    pretrained = load_pretrained(cfg.init) if cfg.init else scratch(cfg, texts)
+    writes_text(kinds, cfg.transfer.mode, pretrained.family)
+    for name, entry in cfg.entries().items():
+        check_lengths(entry.task, pretrained, f"tasks.{name}." if cfg.tasks else "")
+    return [*facts, f"init {pretrained.source}"]

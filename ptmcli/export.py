@@ -273,6 +273,12 @@ def export_run(
             raise PtmError(f"run='{run}' is a pretraining run, which has no adapter: export it with format=hf.")
         return export_pretraining_run(run, out, checkpoint_name)
     cfg, task, model, labels, hw, ckpt, method = load_run(run, checkpoint_name, with_method=True)
+    if cfg.tasks is not None:
+        raise PtmError(
+            f"run='{run}' is a multi-task run ({', '.join(cfg.tasks)}): Hugging Face has no model class with a head "
+            f"per task, so it is not exported. Use it with ptm evaluate / ptm predict task=NAME, or as init= of a "
+            f"single-task run."
+        )
     model = model.cpu()
     if merge and (method is None or not method.low_rank):
         raise PtmError(

@@ -19,10 +19,19 @@ from ptmcli.distributed import init_from_env
 from ptmcli.errors import PtmError
 from ptmcli.loop import Job, evaluate, train
 from ptmcli.models import ENCODERS, SEQ2SEQ_MODELS
-from ptmcli.models.heads import HEADS, TaskModel
+from ptmcli.models.heads import HEADS, MultiTaskModel, TaskModel
 from ptmcli.runlog import console, print_metrics
-from ptmcli.schema import SEQ2SEQ_FAMILIES, DataConfig, FinetuneConfig, architecture_spec, check_finetune
+from ptmcli.schema import (
+    SEQ2SEQ_FAMILIES,
+    DataConfig,
+    FinetuneConfig,
+    TaskConfig,
+    TaskEntry,
+    architecture_spec,
+    check_finetune,
+)
 from ptmcli.tasks import TASKS
+from ptmcli.tasks.multitask import MultiTask, mixture_weights
 from ptmcli.tasks.text2text import TextToText
 from ptmcli.weights import Pretrained, load_pretrained
 
@@ -36,10 +45,8 @@ def scratch(cfg: FinetuneConfig, train_texts: list[str]) -> Pretrained:
     return Pretrained(cfg.model.family, cfg.model, {}, tokenizer, f"random init ({cfg.model.family})")
 
 
-def build_model(
-    pretrained: Pretrained, kind: str, num_labels: int, dropout: float, transfer, pooling: str = "pooler"
-) -> TaskModel:
-    """Encoder of the pretrained family with its weights, a fresh head, and the transfer mode's frozen parts."""
+def build_encoder(pretrained: Pretrained, transfer) -> torch.nn.Module:
+    """Encoder of the pretrained family with its weights; transfer=partial freezes its embeddings and lower layers."""
     vocab = pretrained.tokenizer.get_vocab_size()
     encoder = ENCODERS[pretrained.family](pretrained.arch, vocab)
     if pretrained.encoder_state:
@@ -50,14 +57,32 @@ def build_model(
                 f"The weights of {pretrained.source} do not fit a {pretrained.family} encoder (missing "
                 f"{missing[:5]}, unexpected {list(unexpected)[:5]})."
             )
-    model = TaskModel(encoder, HEADS[kind], num_labels, dropout, frozen=transfer.mode == "frozen", pooling=pooling)
     if transfer.mode == "partial":
         if not 0 <= transfer.freeze_layers <= len(encoder.layers):
             raise PtmError(f"transfer.freeze_layers={transfer.freeze_layers} must lie in 0..{len(encoder.layers)}.")
         encoder.embeddings.requires_grad_(False)
         for layer in encoder.layers[: transfer.freeze_layers]:
             layer.requires_grad_(False)
-    return model
+    return encoder
+
+
+def build_model(
+    pretrained: Pretrained, kind: str, num_labels: int, dropout: float, transfer, pooling: str = "pooler"
+) -> TaskModel:
+    """The pretrained encoder, a fresh head, and the transfer mode's frozen parts."""
+    encoder = build_encoder(pretrained, transfer)
+    return TaskModel(encoder, HEADS[kind], num_labels, dropout, frozen=transfer.mode == "frozen", pooling=pooling)
+
+
+def build_multitask_model(
+    pretrained: Pretrained, entries: dict[str, TaskEntry], labels: dict[str, list[str]], transfer, dropout: bool = True
+) -> MultiTaskModel:
+    """The pretrained encoder shared by a fresh head per task. `dropout=False`: none before the heads (inference)."""
+    heads = {
+        name: (HEADS[e.task.kind], len(labels[name]), e.task.pooling, e.task.classifier_dropout if dropout else 0.0)
+        for name, e in entries.items()
+    }
+    return MultiTaskModel(build_encoder(pretrained, transfer), heads, frozen=transfer.mode == "frozen")
 
 
 def keep_head(model: TaskModel, pretrained: Pretrained, kind: str, labels: list[str]) -> bool:
@@ -75,39 +100,44 @@ def keep_head(model: TaskModel, pretrained: Pretrained, kind: str, labels: list[
     return True
 
 
-def check_lengths(cfg: FinetuneConfig, pretrained: Pretrained) -> None:
-    """Inputs must fit the learned position embeddings (XLNet and T5 use relative positions: no limit)."""
+def check_lengths(task: TaskConfig, pretrained: Pretrained, where: str = "") -> None:
+    """Inputs must fit the learned position embeddings (XLNet and T5 use relative positions: no limit). `where`: the
+    key prefix of a multi-task run's task (tasks.NAME.)."""
     if pretrained.family in ("xlnet", "t5"):
         return
     limit = pretrained.arch.max_positions
-    for key, value in (("task.max_seq_len", cfg.task.max_seq_len), ("task.max_target_len", cfg.task.max_target_len)):
-        if value > limit and (key == "task.max_seq_len" or cfg.task.kind == "text2text"):
+    for key, value in (("task.max_seq_len", task.max_seq_len), ("task.max_target_len", task.max_target_len)):
+        if value > limit and (key == "task.max_seq_len" or task.kind == "text2text"):
             raise PtmError(
-                f"{key}={value} is longer than the {pretrained.family} model's {limit} positions "
-                f"({pretrained.source}); lower {key}."
+                f"{where}{key}={value} is longer than the {pretrained.family} model's {limit} positions "
+                f"({pretrained.source}); lower {where}{key}."
             )
 
 
-def writes_text(cfg: FinetuneConfig, family: str) -> bool:
+def writes_text(kinds: list[str], transfer: str, family: str) -> bool:
     """Whether this run trains an encoder-decoder to write its answers (text2text tasks, transfer=text-to-text)."""
-    wanted = cfg.task.kind == "text2text" or cfg.transfer.mode == "text-to-text"
+    wanted = "text2text" in kinds or transfer == "text-to-text"
     if wanted and family not in SEQ2SEQ_FAMILIES:
         raise PtmError(
-            f"task.kind={cfg.task.kind} with transfer={cfg.transfer.mode} writes text and needs an encoder-decoder "
-            f"({', '.join(SEQ2SEQ_FAMILIES)}); init gives a {family} model. Start from a t5 or bart run."
+            f"task.kind={kinds[0] if len(kinds) == 1 else kinds} with transfer={transfer} writes text and needs an "
+            f"encoder-decoder ({', '.join(SEQ2SEQ_FAMILIES)}); init gives a {family} model. Start from a t5 or bart "
+            "run."
         )
-    if wanted and cfg.transfer.mode not in ("full", "text-to-text"):
+    if wanted and transfer not in ("full", "text-to-text"):
+        raise PtmError(f"transfer={transfer} is not available for text-to-text training; use transfer=text-to-text.")
+    if wanted and transfer == "full" and len(set(kinds)) > 1:
         raise PtmError(
-            f"transfer={cfg.transfer.mode} is not available for text-to-text training; use transfer=text-to-text."
+            f"The tasks {kinds} mix text-writing (text2text) and classification heads; one encoder-decoder writes "
+            f"every task's answer with transfer=text-to-text."
         )
-    if wanted and cfg.task.kind not in ("text-cls", "pair-cls", "text2text"):
-        raise PtmError(f"transfer=text-to-text casts classification tasks as text; task.kind={cfg.task.kind} is not.")
+    if wanted and any(kind not in ("text-cls", "pair-cls", "text2text") for kind in kinds):
+        raise PtmError(f"transfer=text-to-text casts classification tasks as text; task.kind={kinds} is not.")
     return wanted
 
 
-def text_task(cfg: FinetuneConfig, labels: list[str], pretrained: Pretrained) -> TextToText:
+def text_task(task: TaskConfig, labels: list[str], pretrained: Pretrained) -> TextToText:
     start = "pad" if pretrained.family == "t5" else "sep"
-    return TextToText(cfg.task, labels, pretrained.tokenizer, decoder_start=start)
+    return TextToText(task, labels, pretrained.tokenizer, decoder_start=start)
 
 
 def build_seq2seq(pretrained: Pretrained) -> torch.nn.Module:
@@ -158,50 +188,129 @@ def parameter_counts(model: torch.nn.Module) -> dict[str, float]:
     return {"trainable": trainable, "total": total, "trainable_percent": round(100 * trainable / total, 3)}
 
 
-def check_labels(cfg: FinetuneConfig, labels: list[str]) -> None:
+def check_labels(entry: TaskEntry, labels: list[str], where: str = "") -> None:
     """The label list fits the task: a weight per label, and at least two classes to tell apart."""
-    if cfg.task.class_weights is not None and len(cfg.task.class_weights) != len(labels):
+    weights = entry.task.class_weights
+    if weights is not None and len(weights) != len(labels):
         raise PtmError(
-            f"task.class_weights has {len(cfg.task.class_weights)} values but there are {len(labels)} labels "
+            f"{where}task.class_weights has {len(weights)} values but there are {len(labels)} labels "
             f"{labels}; give one weight per label, in that order."
         )
-    if cfg.task.kind not in ("qa", "text2text") and len(labels) < 2:
-        raise PtmError(f"data '{cfg.data.name}' has {len(labels)} label(s) {labels}; classification needs at least 2.")
+    if entry.task.kind not in ("qa", "text2text") and len(labels) < 2:
+        raise PtmError(
+            f"data '{entry.data.name}' has {len(labels)} label(s) {labels}; classification needs at least 2."
+        )
+
+
+def build_tasks(cfg: FinetuneConfig, labels: dict, pretrained: Pretrained, text: bool) -> dict:
+    """Each task's loss/metrics/prediction object; in a multi-task text-to-text run a task without a prefix gets
+    'NAME: ' so that the one model knows which answer to write."""
+    tasks = {}
+    for name, entry in cfg.entries().items():
+        task = entry.task
+        if text and cfg.tasks and not task.prefix:
+            task = dataclasses.replace(task, prefix=f"{name}: ")
+        tasks[name] = (
+            text_task(task, labels[name], pretrained)
+            if text
+            else TASKS[task.kind](task, labels[name], pretrained.tokenizer)
+        )
+    return tasks
+
+
+def multitask_objective(cfg: FinetuneConfig, tasks: dict, text: bool) -> MultiTask:
+    scores = {name: e.trainer.metric.removeprefix("val/") for name, e in cfg.entries().items()}
+    return MultiTask(tasks, scores, routed=not text)
+
+
+def start_line(cfg, splits, labels, pretrained, kept_head, counts, steps, weights, hw, run_dir) -> str:
+    """What the run trains, from what, and where it writes."""
+    loaded = f" ({pretrained.load_seconds:.1f} s)" if pretrained.load_seconds else ""
+    unused = [k for k in pretrained.unused if not (kept_head and k == "head")]
+    if unused:  # e.g. a fine-tuned checkpoint's classifier for other labels: this run trains its own head
+        loaded += f"; not taken from it: {', '.join(unused[:6])}{' ...' if len(unused) > 6 else ''}"
+    if kept_head:
+        loaded += "; its head too (same task kind and labels)"
+    lines = []
+    for name, entry in cfg.entries().items():
+        sizes = " / ".join(f"{len(splits[name][k]):,}" for k in ("train", "validation", "test"))
+        share = f", {weights[name]:.0%} of batches" if weights else ""
+        what = f"{entry.data.name} ({entry.task.kind}, {len(labels[name])} labels)"
+        lines.append(f"{'  ' + what + ': ' if cfg.tasks else '  '}{sizes} train/val/test examples{share}")
+    title = (
+        f"{len(lines)} tasks"
+        if cfg.tasks
+        else f"{cfg.data.name} ({cfg.task.kind}, {len(labels[cfg.data.name])} labels)"
+    )
+    return (
+        f"[bold]ptm finetune[/] {title} from {pretrained.source}{loaded}\n" + "\n".join(lines) + "\n"
+        f"  transfer={cfg.transfer.mode}, {counts['trainable']:,} of {counts['total']:,} parameters trainable "
+        f"({counts['trainable_percent']}%), {steps} steps, {hw.device}\n  run dir: {run_dir}"
+    )
 
 
 def finetune(
     raw_cfg: dict, run_dir: Path, recipe: str, named_dir: bool = False, hydra_files: dict | None = None
 ) -> dict[str, float]:
-    """`named_dir`: the user named the run directory; `hydra_files`: Hydra's record of the invocation (see rundir)."""
+    """`named_dir`: the user named the run directory; `hydra_files`: Hydra's record of the invocation (see rundir).
+    One task, or several (task=[a,b]) sharing one encoder with a head each; the single task is the one-entry case
+    of the same steps, its files and metrics written without task prefixes."""
     cfg = check_finetune(raw_cfg)
     datasets.disable_progress_bars()
     dist = init_from_env()
     hw = hardware.resolve(cfg.hardware, dist)
     run_dir, resume_from = rundir.prepare(run_dir, raw_cfg, "finetune", recipe, dist, named_dir)
-    kind = cfg.task.kind
-    splits = load_splits(cfg.data, kind)
-    labels = label_names(splits, kind, cfg.task.labels, cfg.data.name)
-    check_labels(cfg, labels)
-    pretrained = load_pretrained(cfg.init) if cfg.init else scratch(cfg, [r.get("text", "") for r in splits["train"]])
-    text = writes_text(cfg, pretrained.family)
-    check_lengths(cfg, pretrained)
-    task = text_task(cfg, labels, pretrained) if text else TASKS[kind](cfg.task, labels, pretrained.tokenizer)
-    examples = {name: task.examples(records) for name, records in splits.items()}
+    entries, multi = cfg.entries(), cfg.tasks is not None
+    where = {name: f"tasks.{name}." if multi else "" for name in entries}
+    splits = {name: load_splits(e.data, e.task.kind) for name, e in entries.items()}
+    labels = {name: label_names(splits[name], e.task.kind, e.task.labels, e.data.name) for name, e in entries.items()}
+    for name, entry in entries.items():
+        check_labels(entry, labels[name], where[name])
+    if cfg.init:
+        pretrained = load_pretrained(cfg.init)
+    else:
+        pretrained = scratch(cfg, [r.get("text", "") for parts in splits.values() for r in parts["train"]])
+    text = writes_text([e.task.kind for e in entries.values()], cfg.transfer.mode, pretrained.family)
+    for name, entry in entries.items():
+        check_lengths(entry.task, pretrained, where[name])
+    tasks = build_tasks(cfg, labels, pretrained, text)
+    weights = None
+    if multi:
+        task = multitask_objective(cfg, tasks, text)
+        weights = mixture_weights({name: len(parts["train"]) for name, parts in splits.items()}, cfg.mixture)
+        examples = {
+            split: task.examples(
+                {n: parts[split] for n, parts in splits.items()}, weights if split == "train" else None
+            )
+            for split in ("train", "validation", "test")
+        }
+    else:
+        (name, task), kind = next(iter(tasks.items())), cfg.task.kind
+        examples = {split: task.examples(records) for split, records in splits[name].items()}
     torch.manual_seed(cfg.trainer.seed)
     if text:
         model = build_seq2seq(pretrained)
+    elif multi:
+        model = build_multitask_model(pretrained, entries, labels, cfg.transfer)
     else:
         model = build_model(
-            pretrained, kind, len(labels), cfg.task.classifier_dropout, cfg.transfer, pooling=cfg.task.pooling
+            pretrained, kind, len(labels[name]), cfg.task.classifier_dropout, cfg.transfer, pooling=cfg.task.pooling
         )
-    kept_head = not text and keep_head(model, pretrained, kind, labels)
+    kept_head = not (text or multi) and keep_head(model, pretrained, kind, labels[name])
     trainer = cfg.trainer
-    if trainer.epochs is not None:
+    if trainer.epochs is not None:  # several tasks: passes over their training examples together
         per_step = trainer.batch_size * dist.world_size * trainer.grad_accum
         trainer = dataclasses.replace(
             trainer, max_steps=max(1, math.ceil(trainer.epochs * len(examples["train"]) / per_step))
         )
-    spec = {**model_spec(pretrained, kind, len(labels)), "text_to_text": text}
+    if multi:
+        spec = {
+            **model_spec(pretrained, "multi-task", sum(len(v) for v in labels.values())),
+            "tasks": {n: [e.task.kind, len(labels[n])] for n, e in entries.items()},
+        }
+    else:
+        spec = model_spec(pretrained, kind, len(labels[name]))
+    spec["text_to_text"] = text
     method, saved_keys = None, None
     if cfg.transfer.mode in peft.METHODS:
         method = peft.apply(model, cfg.transfer, trainer.max_steps)
@@ -222,19 +331,11 @@ def finetune(
     )
     if dist.is_main:
         pretrained.tokenizer.save(str(run_dir / "tokenizer.json"))
-        (run_dir / "labels.json").write_text(json.dumps(labels, indent=1) + "\n")
-        (run_dir / "splits.json").write_text(json.dumps({k: [r["id"] for r in v] for k, v in splits.items()}) + "\n")
-        loaded = f" ({pretrained.load_seconds:.1f} s)" if pretrained.load_seconds else ""
-        unused = [k for k in pretrained.unused if not (kept_head and k == "head")]
-        if unused:  # e.g. a fine-tuned checkpoint's classifier for other labels: this run trains its own head
-            loaded += f"; not taken from it: {', '.join(unused[:6])}{' ...' if len(unused) > 6 else ''}"
-        if kept_head:
-            loaded += "; its head too (same task kind and labels)"
+        split_ids = {n: {k: [r["id"] for r in v] for k, v in parts.items()} for n, parts in splits.items()}
+        (run_dir / "labels.json").write_text(json.dumps(labels if multi else labels[name], indent=1) + "\n")
+        (run_dir / "splits.json").write_text(json.dumps(split_ids if multi else split_ids[name]) + "\n")
         console.print(
-            f"[bold]ptm finetune[/] {cfg.data.name} ({kind}, {len(labels)} labels) from {pretrained.source}{loaded}\n"
-            f"  {len(splits['train']):,} / {len(splits['validation']):,} / {len(splits['test']):,} train/val/test "
-            f"examples, transfer={cfg.transfer.mode}, {counts['trainable']:,} of {counts['total']:,} parameters "
-            f"trainable ({counts['trainable_percent']}%), {trainer.max_steps} steps, {hw.device}\n  run dir: {run_dir}"
+            start_line(cfg, splits, labels, pretrained, kept_head, counts, trainer.max_steps, weights, hw, run_dir)
         )
     decay = getattr(cfg.transfer, "layer_lr_decay", 1.0)
     lr_scale = layer_lr_scale(pretrained.arch.num_layers, decay) if decay != 1.0 else None
@@ -257,5 +358,15 @@ def finetune(
     metrics = evaluate(task, model, examples["test"], trainer.batch_size, 0, hw, dist)
     if dist.is_main:
         (run_dir / "test_metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
-        print_metrics(f"test ({best.resolve().name if best.exists() else 'latest'})", metrics, labels)
+        show_metrics(f"test ({best.resolve().name if best.exists() else 'latest'})", metrics, labels, multi)
     return metrics
+
+
+def show_metrics(title: str, metrics: dict, labels: dict[str, list[str]], multi: bool) -> None:
+    """A table per task (with its confusion matrix), and the tasks' mean for a multi-task run."""
+    if not multi:
+        print_metrics(title, metrics, next(iter(labels.values())))
+        return
+    for name, names in labels.items():
+        print_metrics(f"{name} {title}", MultiTask.task_metrics(metrics, name), names)
+    console.print(f"mean of the tasks' metrics: {metrics.get('mean', float('nan')):.4f}")

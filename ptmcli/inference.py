@@ -14,12 +14,20 @@ from ptmcli.data.labeled import label_names, load_splits
 from ptmcli.distributed import Dist
 from ptmcli.errors import PtmError
 from ptmcli.files import os_error, read_text
-from ptmcli.finetune import build_model, build_seq2seq, state_digest, text_task
+from ptmcli.finetune import (
+    build_model,
+    build_multitask_model,
+    build_seq2seq,
+    build_tasks,
+    multitask_objective,
+    show_metrics,
+    state_digest,
+)
 from ptmcli.loop import evaluate, to_device
-from ptmcli.runlog import console, print_metrics
+from ptmcli.runlog import console
 from ptmcli.schema import arch_from_spec, check_finetune
-from ptmcli.tasks import TASKS
 from ptmcli.transfers import FullTransfer
+from ptmcli.typecheck import did_you_mean
 from ptmcli.weights import Pretrained, load_pretrained
 
 
@@ -35,9 +43,10 @@ def checkpoint_of(run: Path, name: str | None) -> Path:
     return path.resolve()
 
 
-def load_run(run: Path, checkpoint_name: str | None = None, with_method: bool = False):
+def load_run(run: Path, checkpoint_name: str | None = None, with_method: bool = False, task_name: str | None = None):
     """(config, task, model, labels, hardware, checkpoint[, method]) of a fine-tuning run, with the weights of its
-    best checkpoint. `method` is the parameter-efficient method (None for full/frozen/partial runs)."""
+    best checkpoint. `method` is the parameter-efficient method (None for full/frozen/partial runs). A multi-task
+    run gives its MultiTask objective (over `task_name` only, when given) and its labels by task."""
     raw = runfiles.config(run)
     if runfiles.is_pretraining(raw):
         raise PtmError(
@@ -45,10 +54,23 @@ def load_run(run: Path, checkpoint_name: str | None = None, with_method: bool = 
             f"one), or use ptm export / ptm generate on it."
         )
     cfg = check_finetune(raw)
-    labels = runfiles.labels(run)
+    multi = cfg.tasks is not None
+    labels = runfiles.labels(run, multi=multi)
+    by_task = labels if multi else {cfg.data.name: labels}
+    if task_name is not None and task_name not in cfg.entries():
+        raise PtmError(
+            f"task={task_name}: run '{run}' trained {', '.join(cfg.entries())}"
+            + (f"; name one of them.{did_you_mean(task_name, cfg.entries())}" if multi else "; drop task=.")
+        )
     tokenizer = runfiles.tokenizer(run)
     ckpt = checkpoint_of(run, checkpoint_name)
     spec = checkpoint.read_state(ckpt)["model"]
+
+    def fresh_model(pretrained: Pretrained, transfer):
+        if multi:
+            return build_multitask_model(pretrained, cfg.entries(), by_task, transfer, dropout=False)
+        return build_model(pretrained, cfg.task.kind, len(labels), 0.0, transfer, pooling=cfg.task.pooling)
+
     method = None
     if spec.get("transfer") in peft.METHODS:  # the checkpoint holds the method only: start from the base weights
         pretrained = load_pretrained(cfg.init)
@@ -57,43 +79,75 @@ def load_run(run: Path, checkpoint_name: str | None = None, with_method: bool = 
                 f"The base weights at init='{cfg.init}' are not the ones run '{run}' was trained on "
                 f"(checksum differs); restore them to use this run."
             )
-        model = build_model(pretrained, cfg.task.kind, len(labels), 0.0, cfg.transfer, pooling=cfg.task.pooling)
+        model = fresh_model(pretrained, cfg.transfer)
         method = peft.apply(model, cfg.transfer, cfg.trainer.max_steps)
         checkpoint.load_weights(ckpt, model, peft.trainable_keys(model))
         if method.prefix is not None and not with_method:
             method.prefix.freeze()  # plain prefix tensors from here on
     else:
         pretrained = Pretrained(spec["family"], arch_from_spec(spec), {}, tokenizer, str(ckpt))
-        if spec.get("text_to_text"):
-            model = build_seq2seq(pretrained)
-        else:
-            model = build_model(pretrained, cfg.task.kind, len(labels), 0.0, FullTransfer(), pooling=cfg.task.pooling)
+        model = build_seq2seq(pretrained) if spec.get("text_to_text") else fresh_model(pretrained, FullTransfer())
         checkpoint.load_weights(ckpt, model)
     hw = hardware.resolve(cfg.hardware, Dist())
     model.to(hw.device).eval()
-    if spec.get("text_to_text"):
-        task = text_task(cfg, labels, Pretrained(spec["family"], None, {}, tokenizer, str(ckpt)))
+    text = bool(spec.get("text_to_text"))
+    tasks = build_tasks(cfg, by_task, Pretrained(spec["family"], None, {}, tokenizer, str(ckpt)), text)
+    if multi:
+        task = multitask_objective(cfg, {n: t for n, t in tasks.items() if task_name in (None, n)}, text)
     else:
-        task = TASKS[cfg.task.kind](cfg.task, labels, tokenizer)
+        task = tasks[cfg.data.name]
     return (cfg, task, model, labels, hw, ckpt, method) if with_method else (cfg, task, model, labels, hw, ckpt)
 
 
-def evaluate_run(run: Path, split: str, checkpoint_name: str | None = None) -> dict:
+def checked_split(run: Path, data, kind: str, split: str, labels: list[str], saved: list | None) -> list[dict]:
+    """The records of `split`, which must be the ones the run was trained with (`saved` ids from splits.json)."""
+    records = load_splits(data, kind)[split]
+    if saved is not None and saved != [r["id"] for r in records]:
+        raise PtmError(
+            f"The {split} split of data '{data.name}' is not the one this run was trained with "
+            f"(see {run / 'splits.json'}): the data or its split settings changed."
+        )
+    label_names({split: records}, kind, labels, data.name)  # fails on labels unseen in training
+    return records
+
+
+def evaluate_run(run: Path, split: str, checkpoint_name: str | None = None, task_name: str | None = None) -> dict:
+    """Metrics of a run on one of its splits; a multi-task run's on every task (or on `task_name`)."""
     datasets.disable_progress_bars()
-    cfg, task, model, labels, hw, ckpt = load_run(run, checkpoint_name)
     if split not in ("train", "validation", "test"):
         raise PtmError(f"split={split!r}: choose train, validation or test.")
-    splits = load_splits(cfg.data, cfg.task.kind)
-    saved = run / "splits.json"
-    if saved.exists() and json.loads(saved.read_text()).get(split) != [r["id"] for r in splits[split]]:
-        raise PtmError(
-            f"The {split} split of data '{cfg.data.name}' is not the one this run was trained with "
-            f"(see {saved}): the data or its split settings changed."
+    cfg, task, model, labels, hw, ckpt = load_run(run, checkpoint_name, task_name=task_name)
+    saved_path = run / "splits.json"
+    saved = json.loads(saved_path.read_text()) if saved_path.exists() else None
+    if cfg.tasks is None:
+        records = checked_split(run, cfg.data, cfg.task.kind, split, labels, (saved or {}).get(split))
+        examples = task.examples(records)
+    else:
+        entries = cfg.entries()
+        examples = task.examples(
+            {
+                name: checked_split(
+                    run,
+                    entries[name].data,
+                    entries[name].task.kind,
+                    split,
+                    labels[name],
+                    (saved or {}).get(name, {}).get(split),
+                )
+                for name in task.tasks
+            },
+            None,
         )
-    label_names({split: splits[split]}, cfg.task.kind, labels, cfg.data.name)  # fails on labels unseen in training
-    metrics = evaluate(task, model, task.examples(splits[split]), cfg.trainer.batch_size, 0, hw, Dist())
-    (run / f"eval_{split}.json").write_text(json.dumps(metrics, indent=1) + "\n")
-    print_metrics(f"{cfg.data.name} {split} ({ckpt.name})", metrics, labels)
+    metrics = evaluate(task, model, examples, cfg.trainer.batch_size, 0, hw, Dist())
+    suffix = f"_{task_name}" if task_name else ""
+    (run / f"eval_{split}{suffix}.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    by_task = labels if cfg.tasks else {cfg.data.name: labels}
+    show_metrics(
+        f"{split} ({ckpt.name})",
+        metrics,
+        {n: by_task[n] for n in getattr(task, "tasks", by_task)},
+        cfg.tasks is not None,
+    )
     print(json.dumps(metrics))
     return metrics
 
@@ -135,9 +189,23 @@ def read_records(path: Path, kind: str) -> list[dict]:
 
 
 @torch.no_grad()
-def predict_run(run: Path, input_path: Path, output: str | None = None, checkpoint_name: str | None = None) -> None:
-    cfg, task, model, labels, hw, _ = load_run(run, checkpoint_name)
-    records = read_records(input_path, cfg.task.kind)
+def predict_run(
+    run: Path,
+    input_path: Path,
+    output: str | None = None,
+    checkpoint_name: str | None = None,
+    task_name: str | None = None,
+) -> None:
+    cfg, task, model, labels, hw, _ = load_run(run, checkpoint_name, task_name=task_name)
+    kind = cfg.task.kind
+    if cfg.tasks is not None:
+        if task_name is None:
+            raise PtmError(
+                f"run '{run}' is a multi-task run ({', '.join(cfg.tasks)}): say which task predicts, e.g. "
+                f"task={next(iter(cfg.tasks))}."
+            )
+        kind, model, task = cfg.tasks[task_name].task.kind, task.view(model, task_name), task.tasks[task_name]
+    records = read_records(input_path, kind)
     examples = task.examples(records)
     try:
         out = open(output, "w") if output else sys.stdout

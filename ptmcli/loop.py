@@ -229,9 +229,9 @@ def train(
         )
     if caution := lr_caution(optim_cfg):
         log.note(f"[yellow]note[/] {caution}")
-    batches = train_batches(
-        job.train, BatchOrder(len(job.train), cfg.batch_size, dist.world_size, dist.rank, cfg.seed), consumed
-    )
+    # examples of several tasks bring their own order (a mixture of the tasks' orders)
+    order = getattr(job.train, "order", lambda *args: BatchOrder(len(job.train), *args))
+    batches = train_batches(job.train, order(cfg.batch_size, dist.world_size, dist.rank, cfg.seed), consumed)
     metrics: dict[str, float] = {}
     # Each step's term losses stay on the device until the next log line or checkpoint reads them: one host sync
     # there instead of one per micro-batch. They are added to the window one step at a time, in order, so the

@@ -102,7 +102,11 @@ def wrap(
     if compile:
         model = torch.compile(model)
     if strategy == "ddp" and dist.world_size > 1:
-        model = DistributedDataParallel(model, device_ids=[hw.device.index] if hw.device.type == "cuda" else None)
+        model = DistributedDataParallel(
+            model,
+            device_ids=[hw.device.index] if hw.device.type == "cuda" else None,
+            find_unused_parameters=getattr(model, "has_unused_parameters", False),
+        )
     return model
 
 

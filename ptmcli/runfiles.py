@@ -29,10 +29,14 @@ def config(run: Path, key: str = "run") -> dict:
     return value
 
 
-def labels(run: Path, key: str = "run") -> list[str]:
+def labels(run: Path, key: str = "run", multi: bool = False) -> list[str] | dict[str, list[str]]:
+    """The run's label names; a multi-task run's by task."""
     value = read_json(_file(run, "labels.json", key), f"{key} labels")
-    if not isinstance(value, list):
-        raise PtmError(f"{key}='{run}': labels.json is damaged (it should hold a list of label names).")
+    if multi and isinstance(value, dict) and all(isinstance(v, list) for v in value.values()):
+        return value
+    if multi or not isinstance(value, list):
+        expected = "a mapping of task names to label lists" if multi else "a list of label names"
+        raise PtmError(f"{key}='{run}': labels.json is damaged (it should hold {expected}).")
     return value
 
 

@@ -129,7 +129,7 @@ class RunLog:
             shown = "  ".join(
                 f"{k} {v:.4f}"
                 for k, v in row.items()
-                if isinstance(v, float) and not k.startswith(("precision_", "recall_", "f1_"))
+                if isinstance(v, float) and not k.rpartition("/")[2].startswith(("precision_", "recall_", "f1_"))
             )
             self.progress.console.print(f"step {row['step']:>6}  [cyan]val[/]  {shown}")
 

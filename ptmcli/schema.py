@@ -267,6 +267,27 @@ class FinetuneTrainerConfig(TrainerConfig):
 
 
 @dataclass
+class MixtureConfig:
+    sampling: Literal["proportional", "temperature", "equal"] = _f(
+        "proportional",
+        "multi-task: which task each batch comes from: in proportion to the tasks' training examples, to "
+        "examples^(1/temperature), or equally often",
+    )
+    temperature: float = _f(2.0, "multi-task, sampling=temperature: 1 = proportional, larger = closer to equal")
+
+
+@dataclass
+class TaskEntry:
+    """One task of a multi-task run (`task=[news-cls,sentiment]`): its task file's sections. Of its trainer keys only
+    metric and metric_mode are used (they name the task's score); the run's top-level trainer/optimizer apply."""
+
+    task: TaskConfig = field(default_factory=TaskConfig)
+    data: LabeledDataConfig = field(default_factory=LabeledDataConfig)
+    trainer: FinetuneTrainerConfig = field(default_factory=FinetuneTrainerConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+
+
+@dataclass
 class FinetuneConfig:
     task: TaskConfig = field(default_factory=TaskConfig)
     data: LabeledDataConfig = field(default_factory=LabeledDataConfig)
@@ -282,6 +303,13 @@ class FinetuneConfig:
     model: Any = None  # from scratch only: checked against MODEL_SCHEMAS[model.family]
     tokenizer: Optional[str] = _f(None, "from scratch: tokenizer.json / vocab.txt / a ptm run directory")
     resume: Optional[str] = _f(None, "auto, or a run directory / checkpoint to continue")
+    mixture: MixtureConfig = field(default_factory=MixtureConfig)
+    # task=[a,b,...]: one shared encoder, a head per task; None for a single task (then `task` and `data` apply)
+    tasks: Optional[dict[str, TaskEntry]] = None
+
+    def entries(self) -> dict[str, TaskEntry]:
+        """The run's tasks by name: the multi-task list, or the single task under its data name."""
+        return self.tasks or {self.data.name: TaskEntry(self.task, self.data, self.trainer, self.optimizer)}
 
 
 # What `init=auto` (the default) fine-tunes when no model=NAME asks for training from scratch: the real
@@ -294,6 +322,7 @@ FINETUNE_SECTIONS: dict[str, type] = {
     "optimizer": OptimizerConfig,
     "hardware": HardwareConfig,
     "trainer": FinetuneTrainerConfig,
+    "mixture": MixtureConfig,
 }
 
 SECTIONS: dict[str, type] = {
@@ -383,21 +412,64 @@ def check_finetune(cfg: dict) -> FinetuneConfig:
                 "init=none trains from scratch and needs an architecture: add model=NAME (e.g. model=bert-mini)."
             )
         model = check_section("model", cfg["model"], model_schema(cfg["model"]))
-    out = FinetuneConfig(model=model, **scalars, **sections)
-    t, d = out.trainer, out.data
+    out = FinetuneConfig(model=model, **scalars, **sections, tasks=check_tasks(cfg.get("tasks")))
+    t = out.trainer
     for key in ("max_steps", "batch_size", "grad_accum", "log_every"):
         if getattr(t, key) < 1:
             raise PtmError(f"trainer.{key}={getattr(t, key)} must be at least 1.")
-    if not d.train or d.train == "???":
-        raise PtmError(f"data.train is not set (task data '{d.name}'): add data.train=PATH.")
+    for name, entry in out.entries().items():
+        where = f"tasks.{name}." if out.tasks else ""
+        if not entry.data.train or entry.data.train == "???":
+            raise PtmError(f"{where}data.train is not set (task data '{entry.data.name}'): add {where}data.train=PATH.")
+        if not entry.trainer.metric.startswith("val/"):
+            raise PtmError(
+                f"{where}trainer.metric={entry.trainer.metric!r} must name a validation metric, e.g. val/accuracy."
+            )
     if not t.metric.startswith("val/"):
         raise PtmError(f"trainer.metric={t.metric!r} must name a validation metric, e.g. val/accuracy or val/loss.")
+    if out.tasks and t.metric == "val/mean" and len({e.trainer.metric_mode for e in out.tasks.values()}) > 1:
+        raise PtmError(
+            "trainer.metric=val/mean averages the tasks' own metrics, but some are better larger and some smaller "
+            f"({', '.join(f'{n}: {e.trainer.metric} {e.trainer.metric_mode}' for n, e in out.tasks.items())}); "
+            "pick one task's metric instead, e.g. trainer.metric=val/NAME/accuracy trainer.metric_mode=max."
+        )
     x = out.transfer
     if x.mode == "adalora" and not 0 < x.target_r <= x.init_r:
         raise PtmError(f"transfer.target_r={x.target_r} must lie in 1..transfer.init_r={x.init_r}.")
     if x.mode in ("lora", "adalora") and not x.targets:
         raise PtmError("transfer.targets is empty: name the linear layers to adapt, e.g. [query,value].")
     return out
+
+
+ENTRY_SECTIONS = {
+    "task": TaskConfig,
+    "data": LabeledDataConfig,
+    "trainer": FinetuneTrainerConfig,
+    "optimizer": OptimizerConfig,
+}
+
+
+def check_tasks(values: Any) -> dict[str, TaskEntry] | None:
+    """The `tasks` mapping of a multi-task run (task=[a,b] writes it): each entry a task file's sections."""
+    if values is None:
+        return None
+    if not isinstance(values, dict) or not values:
+        raise PtmError(f"'tasks' must map task names to their sections (task=[a,b] writes it), got {values!r}.")
+    sections = {f.name: f.type for f in dataclasses.fields(TaskEntry)}
+    entries = {}
+    for name, entry in values.items():
+        if not isinstance(entry, dict):
+            raise PtmError(f"'tasks.{name}' must be a mapping of sections ({', '.join(sections)}), got {entry!r}.")
+        unknown = [k for k in entry if k not in sections]
+        if unknown:
+            raise PtmError(
+                f"Unknown key 'tasks.{name}.{unknown[0]}'.{did_you_mean(str(unknown[0]), sections)} A task of a "
+                f"multi-task run sets: {', '.join(sections)}."
+            )
+        entries[str(name)] = TaskEntry(
+            **{key: check_section(f"tasks.{name}.{key}", entry.get(key) or {}, ENTRY_SECTIONS[key]) for key in sections}
+        )
+    return entries
 
 
 def check_consistency(cfg: PretrainConfig) -> None:

@@ -43,7 +43,39 @@ class BatchOrder:
         return epoch, self._perm[start : start + self.batch_size].tolist()
 
 
-def train_batches(examples: Examples, order: BatchOrder, start: int) -> Iterator[dict]:
+class MixtureOrder:
+    """Batches drawn from several example sets (a multi-task run's tasks): global batch k comes whole from one set,
+    picked by a seeded draw with probabilities `probs`, and is that set's next batch in its own BatchOrder. Batch k
+    depends only on k (the draws are replayed from the seed), so resuming is exact and every process agrees."""
+
+    BLOCK = 4096  # draws made at a time, each block from its own seed: the sequence does not depend on how far ahead
+
+    def __init__(self, sizes: list[int], probs: list[float], batch_size: int, world_size: int, rank: int, seed: int):
+        self.orders = [BatchOrder(n, batch_size, world_size, rank, seed * 1009 + i + 1) for i, n in enumerate(sizes)]
+        self.offsets = np.cumsum([0, *sizes[:-1]])
+        self.probs, self.seed = np.asarray(probs, dtype=float) / sum(probs), seed
+        self.choices = np.empty(0, dtype=np.int64)  # which set each global batch comes from
+        self.positions = np.empty(0, dtype=np.int64)  # the how-many-th batch of its set it is
+
+    def _extend(self, k: int) -> None:
+        while len(self.choices) <= k:
+            block = len(self.choices) // self.BLOCK
+            rng = np.random.default_rng([self.seed, 7_777, block])
+            self.choices = np.concatenate([self.choices, rng.choice(len(self.probs), self.BLOCK, p=self.probs)])
+        self.positions = np.zeros_like(self.choices)
+        for i in range(len(self.orders)):
+            chosen = np.flatnonzero(self.choices == i)
+            self.positions[chosen] = np.arange(len(chosen))
+
+    def __call__(self, k: int) -> tuple[int, list[int]]:
+        if k >= len(self.choices):
+            self._extend(k)
+        which = int(self.choices[k])
+        epoch, indices = self.orders[which](int(self.positions[k]))
+        return epoch, [int(self.offsets[which]) + i for i in indices]
+
+
+def train_batches(examples: Examples, order: BatchOrder | MixtureOrder, start: int) -> Iterator[dict]:
     """Collated micro-batches from micro-batch number `start` on, forever."""
     k = start
     while True:

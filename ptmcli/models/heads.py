@@ -3,16 +3,56 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ptmcli.models.layers import last_token, pool
 
 
-class TaskModel(nn.Module):
-    """encoder + a head: `sequence` (pooled -> labels), `token` (every position -> labels) or `span` (start/end).
+def summarize(encoder: nn.Module, hidden: torch.Tensor, attention_mask, pooling: str) -> torch.Tensor:
+    """(B, T, C) -> (B, C) features of a sequence head. `pooler`: the family's own summary (BERT's pooler; else its
+    summary token or the mean); or the first token's state, the last real token's, the mean over tokens."""
+    if pooling == "pooler":
+        if getattr(encoder, "pooler", None) is not None:
+            return encoder.pool(hidden)
+        pooling = {"last": "last", "mean": "mean"}.get(getattr(encoder, "summary", "first"), "cls")
+    if pooling == "last":
+        return last_token(hidden, attention_mask)
+    return pool(hidden, attention_mask, "mean" if pooling == "mean" else "cls")
 
-    With `frozen=True` the encoder runs in eval mode under no_grad: feature extraction, head-only training.
-    """
+
+def new_head(hidden: int, head: str, num_outputs: int) -> nn.Linear:
+    linear = nn.Linear(hidden, 2 if head == "span" else num_outputs)
+    nn.init.normal_(linear.weight, std=0.02)
+    nn.init.zeros_(linear.bias)
+    return linear
+
+
+class FrozenAware(nn.Module):
+    """An encoder that heads sit on. With `frozen=True` the encoder runs in eval mode under no_grad: feature
+    extraction, head-only training."""
+
+    def __init__(self, encoder: nn.Module, frozen: bool):
+        super().__init__()
+        self.encoder, self.frozen = encoder, frozen
+        if frozen:
+            encoder.requires_grad_(False)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.frozen:
+            self.encoder.eval()  # a frozen feature extractor keeps dropout off
+        return self
+
+    def head_features(self, head: str, pooling: str, input_ids, token_type_ids, attention_mask) -> torch.Tensor:
+        """(B, C) pooled features for sequence heads, (B, T, C) hidden states otherwise."""
+        with torch.no_grad() if self.frozen else torch.enable_grad():
+            hidden = self.encoder(input_ids, token_type_ids, attention_mask)
+            return summarize(self.encoder, hidden, attention_mask, pooling) if head == "sequence" else hidden
+
+
+class TaskModel(FrozenAware):
+    """encoder + a head: `sequence` (pooled -> labels), `token` (every position -> labels) or `span` (start/end)."""
 
     def __init__(
         self,
@@ -23,40 +63,51 @@ class TaskModel(nn.Module):
         frozen: bool = False,
         pooling: str = "pooler",
     ):
-        super().__init__()
-        self.encoder, self.head_kind, self.frozen, self.pooling = encoder, head, frozen, pooling
-        hidden = encoder.arch.hidden_size
+        super().__init__(encoder, frozen)
+        self.head_kind, self.pooling = head, pooling
         self.dropout = nn.Dropout(dropout)
-        self.head = nn.Linear(hidden, 2 if head == "span" else num_outputs)
-        nn.init.normal_(self.head.weight, std=0.02)
-        nn.init.zeros_(self.head.bias)
-        if frozen:
-            encoder.requires_grad_(False)
-
-    def train(self, mode: bool = True) -> "TaskModel":
-        super().train(mode)
-        if self.frozen:
-            self.encoder.eval()  # a frozen feature extractor keeps dropout off
-        return self
+        self.head = new_head(encoder.arch.hidden_size, head, num_outputs)
 
     def features(self, input_ids, token_type_ids=None, attention_mask=None) -> torch.Tensor:
-        """(B, C) pooled features for sequence heads, (B, T, C) hidden states otherwise."""
-        with torch.no_grad() if self.frozen else torch.enable_grad():
-            hidden = self.encoder(input_ids, token_type_ids, attention_mask)
-            if self.head_kind != "sequence":
-                return hidden
-            pooling = self.pooling
-            if pooling == "pooler":  # the family's own summary: BERT's pooler, else its summary token or the mean
-                if getattr(self.encoder, "pooler", None) is not None:
-                    return self.encoder.pool(hidden)
-                pooling = {"last": "last", "mean": "mean"}.get(getattr(self.encoder, "summary", "first"), "cls")
-            if pooling == "last":
-                return last_token(hidden, attention_mask)
-            return pool(hidden, attention_mask, "mean" if pooling == "mean" else "cls")
+        return self.head_features(self.head_kind, self.pooling, input_ids, token_type_ids, attention_mask)
 
     def forward(self, input_ids, token_type_ids=None, attention_mask=None) -> torch.Tensor:
         """sequence: (B, labels); token: (B, T, labels); span: (B, T, 2) start/end logits."""
         return self.head(self.dropout(self.features(input_ids, token_type_ids, attention_mask)))
+
+
+class MultiTaskModel(FrozenAware):
+    """One encoder, a head per task (`heads.NAME.*`): forward(..., task=NAME) runs the encoder and that task's head.
+    `tasks` maps each name to (head kind, outputs, pooling, dropout before the head)."""
+
+    has_unused_parameters = True  # a batch uses one task's head: DDP must not wait for the others' gradients
+
+    def __init__(self, encoder: nn.Module, tasks: dict[str, tuple[str, int, str, float]], frozen: bool = False):
+        super().__init__(encoder, frozen)
+        self.tasks = tasks
+        self.heads = nn.ModuleDict(
+            {name: new_head(encoder.arch.hidden_size, head, n) for name, (head, n, _, _) in tasks.items()}
+        )
+
+    def forward(self, input_ids, token_type_ids=None, attention_mask=None, task: str = "") -> torch.Tensor:
+        head, _, pooling, dropout = self.tasks[task]
+        features = self.head_features(head, pooling, input_ids, token_type_ids, attention_mask)
+        return self.heads[task](F.dropout(features, dropout, self.training))
+
+
+class HeadView:
+    """One task's face of a MultiTaskModel (or of its DDP wrapper): called like a single-task model, so a task's
+    loss, metrics and predictions work unchanged."""
+
+    def __init__(self, model: nn.Module, task: str):
+        self.model, self.task = model, task
+
+    @property
+    def training(self) -> bool:
+        return self.model.training
+
+    def __call__(self, input_ids, token_type_ids=None, attention_mask=None) -> torch.Tensor:
+        return self.model(input_ids, token_type_ids, attention_mask, task=self.task)
 
 
 class SentenceEncoder(nn.Module):
