@@ -288,9 +288,12 @@ def retrieval(values: dict[str, str]) -> bool:
     multi-task run."""
     if "task" not in values:
         return False
-    from ptmcli.retrieval import RETRIEVAL_TASKS
+    run = Path(values.get("run", ""))
+    if "run" in values and (run / "config.yaml").is_file():
+        from ptmcli import runfiles
 
-    return values["task"] in RETRIEVAL_TASKS or "run" not in values
+        return runfiles.config(run).get("tasks") is None
+    return True
 
 
 def run_run_command(name: str, args: list[str]) -> None:

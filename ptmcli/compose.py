@@ -276,6 +276,8 @@ def parse(name: str, args: list[str]) -> Invocation:
     for i, arg in enumerate(overrides):
         check_hydra_override(arg)
         key, _, value = arg.partition("=")
+        if key == "objective" and name == "finetune":  # the finetune objective is a task key; `objective` is a group
+            arg = overrides[i] = f"task.objective={value}"
         if key == "task" and name == "finetune" and value.startswith("["):
             overrides[i] = f"task={task_list(value, {f.name for f in dataclasses.fields(command.schema)}, search)}"
             multi = True

@@ -66,13 +66,17 @@ class Embedder:
 
 
 def default_pooling(path: str) -> str:
-    """A SimCSE run's own pooling; otherwise the mean of token states (better than an untrained [CLS])."""
+    """A SimCSE run's own pooling (unsupervised pretraining or supervised fine-tuning); otherwise the mean of token
+    states (better than an untrained [CLS])."""
     directory = Path(path).expanduser()
     run = directory.parent.parent if (directory / checkpoint.MARKER).exists() else directory
     if (run / "config.yaml").exists():
-        objective = runfiles.config(run).get("objective", {})
+        config = runfiles.config(run)
+        objective, task = config.get("objective") or {}, config.get("task") or {}
         if objective.get("name") == "simcse":
             return objective.get("pooling", "cls")
+        if task.get("objective") == "simcse-supervised":  # a supervised SimCSE fine-tuning run
+            return {"pooler": "cls"}.get(task.get("pooling", "pooler"), task.get("pooling"))
     return "mean"
 
 

@@ -198,6 +198,8 @@ def write_finetuned(cfg, model, method, labels: list[str], tokenizer: Tokenizer,
             "no_repeat_ngram_size": t.no_repeat_ngram_size,
         }
         return f"{write_pretraining(model, arch, objective, tokenizer, out, **decoding)} (text-to-text)"
+    if cfg.task.objective == "simcse-supervised":  # sentence vectors: the bare encoder; the projection trains only
+        return write_encoder({k: v for k, v in state.items() if k.startswith("encoder.")}, arch, tokenizer, out)
     kind = model.head_kind
     head = {k.removeprefix("head."): state.pop(k) for k in list(state) if k.startswith("head.")}
     task_class = family.heads.get(kind)

@@ -19,7 +19,7 @@ from ptmcli.distributed import init_from_env
 from ptmcli.errors import PtmError
 from ptmcli.loop import Job, evaluate, train
 from ptmcli.models import ENCODERS, SEQ2SEQ_MODELS
-from ptmcli.models.heads import HEADS, MultiTaskModel, TaskModel
+from ptmcli.models.heads import HEADS, MultiTaskModel, SentenceEncoder, TaskModel
 from ptmcli.runlog import console, print_metrics
 from ptmcli.schema import (
     SEQ2SEQ_FAMILIES,
@@ -32,6 +32,7 @@ from ptmcli.schema import (
 )
 from ptmcli.tasks import TASKS
 from ptmcli.tasks.multitask import MultiTask, mixture_weights
+from ptmcli.tasks.sentence_pairs import SentencePairs
 from ptmcli.tasks.text2text import TextToText
 from ptmcli.weights import Pretrained, load_pretrained
 
@@ -72,6 +73,13 @@ def build_model(
     """The pretrained encoder, a fresh head, and the transfer mode's frozen parts."""
     encoder = build_encoder(pretrained, transfer)
     return TaskModel(encoder, HEADS[kind], num_labels, dropout, frozen=transfer.mode == "frozen", pooling=pooling)
+
+
+def sentence_model(pretrained: Pretrained, task: TaskConfig, transfer) -> SentenceEncoder:
+    """Supervised SimCSE: the pretrained encoder's pooled states through a projection used in training only (ptm
+    embed and retrieval read the encoder)."""
+    pooling = "cls" if task.pooling == "pooler" else task.pooling
+    return SentenceEncoder(build_encoder(pretrained, transfer), pooling, projection=True)
 
 
 def build_multitask_model(
@@ -210,11 +218,12 @@ def build_tasks(cfg: FinetuneConfig, labels: dict, pretrained: Pretrained, text:
         task = entry.task
         if text and cfg.tasks and not task.prefix:
             task = dataclasses.replace(task, prefix=f"{name}: ")
-        tasks[name] = (
-            text_task(task, labels[name], pretrained)
-            if text
-            else TASKS[task.kind](task, labels[name], pretrained.tokenizer)
-        )
+        if text:
+            tasks[name] = text_task(task, labels[name], pretrained)
+        elif task.objective == "simcse-supervised":
+            tasks[name] = SentencePairs(task, labels[name], pretrained.tokenizer)
+        else:
+            tasks[name] = TASKS[task.kind](task, labels[name], pretrained.tokenizer)
     return tasks
 
 
@@ -292,6 +301,8 @@ def finetune(
         model = build_seq2seq(pretrained)
     elif multi:
         model = build_multitask_model(pretrained, entries, labels, cfg.transfer)
+    elif cfg.task.objective == "simcse-supervised":
+        model = sentence_model(pretrained, cfg.task, cfg.transfer)
     else:
         model = build_model(
             pretrained, kind, len(labels[name]), cfg.task.classifier_dropout, cfg.transfer, pooling=cfg.task.pooling
@@ -311,6 +322,8 @@ def finetune(
     else:
         spec = model_spec(pretrained, kind, len(labels[name]))
     spec["text_to_text"] = text
+    if cfg.task.objective != "head":  # a sentence encoder, not a head: a checkpoint of one does not resume the other
+        spec["objective"] = cfg.task.objective
     method, saved_keys = None, None
     if cfg.transfer.mode in peft.METHODS:
         method = peft.apply(model, cfg.transfer, trainer.max_steps)

@@ -20,6 +20,7 @@ from ptmcli.finetune import (
     build_seq2seq,
     build_tasks,
     multitask_objective,
+    sentence_model,
     show_metrics,
     state_digest,
 )
@@ -69,6 +70,8 @@ def load_run(run: Path, checkpoint_name: str | None = None, with_method: bool = 
     def fresh_model(pretrained: Pretrained, transfer):
         if multi:
             return build_multitask_model(pretrained, cfg.entries(), by_task, transfer, dropout=False)
+        if cfg.task.objective == "simcse-supervised":
+            return sentence_model(pretrained, cfg.task, transfer)
         return build_model(pretrained, cfg.task.kind, len(labels), 0.0, transfer, pooling=cfg.task.pooling)
 
     method = None

@@ -222,6 +222,16 @@ class TaskConfig:
     lead_words: int = _f(
         0, "text-to-text: also score the input's first N words as the output (lead baseline: lead_rougeL ...; 0 = off)"
     )
+    objective: Literal["head", "simcse-supervised"] = _f(
+        "head",
+        "what trains (objective=... on the command line): a head on the labels, or, for pair-cls, sentence vectors by "
+        "supervised SimCSE (positive pairs pulled together, in-batch and hard negatives pushed apart)",
+    )
+    temperature: float = _f(0.05, "simcse-supervised: temperature of the cosine similarities")
+    positive_label: str = _f("match", "simcse-supervised: the label of pairs that mean the same (e.g. entailment)")
+    negative_label: Optional[str] = _f(
+        "mismatch", "simcse-supervised: the label whose pairs give their first text a hard negative (null = none)"
+    )
 
 
 @dataclass
@@ -427,6 +437,9 @@ def check_finetune(cfg: dict) -> FinetuneConfig:
             )
     if not t.metric.startswith("val/"):
         raise PtmError(f"trainer.metric={t.metric!r} must name a validation metric, e.g. val/accuracy or val/loss.")
+    for name, entry in out.entries().items():
+        if entry.task.objective == "simcse-supervised":
+            check_supervised_simcse(out, entry)
     if out.tasks and t.metric == "val/mean" and len({e.trainer.metric_mode for e in out.tasks.values()}) > 1:
         raise PtmError(
             "trainer.metric=val/mean averages the tasks' own metrics, but some are better larger and some smaller "
@@ -439,6 +452,23 @@ def check_finetune(cfg: dict) -> FinetuneConfig:
     if x.mode in ("lora", "adalora") and not x.targets:
         raise PtmError("transfer.targets is empty: name the linear layers to adapt, e.g. [query,value].")
     return out
+
+
+def check_supervised_simcse(cfg: FinetuneConfig, entry: TaskEntry) -> None:
+    """Supervised SimCSE trains one encoder's sentence vectors from text pairs."""
+    problem = None
+    if cfg.tasks:
+        problem = "it trains one task at a time; drop it from the multi-task run"
+    elif entry.task.kind != "pair-cls":
+        problem = f"it learns from text pairs, and task.kind={entry.task.kind} has none: use a pair-cls task"
+    elif cfg.transfer.mode in ("frozen", "text-to-text"):
+        problem = f"transfer={cfg.transfer.mode} leaves no encoder to train; use full, partial or a PEFT method"
+    elif entry.task.pooling == "last":
+        problem = "task.pooling=last is not a sentence pooling; use cls or mean (pooler = cls)"
+    elif entry.task.temperature <= 0:
+        problem = f"task.temperature={entry.task.temperature} must be above 0"
+    if problem:
+        raise PtmError(f"objective=simcse-supervised: {problem}.")
 
 
 ENTRY_SECTIONS = {

@@ -258,6 +258,33 @@ def test_classification_as_text_to_text_from_bart(pretrained, cache_env, tmp_pat
     )
 
 
+def test_tasks_mixed_into_one_text_to_text_run_write_their_own_answers(pretrained, cache_env, tmp_path):
+    """task=[a,b] with transfer=text-to-text: one BART writes both tasks' labels, each input led by 'NAME: '."""
+    from ptmcli.inference import load_run
+
+    run = tmp_path / "mixed"
+    per_task = [
+        f"tasks.{t}.{k}"
+        for t in ("news-cls", "sentiment")
+        for k in ("data.max_train_samples=40", "task.max_seq_len=48")
+    ]
+    small = ["tasks.sentiment.data.validation_fraction=0.01", "tasks.sentiment.data.test_fraction=0.01"]
+    steps = ["trainer.epochs=null", "trainer.max_steps=6", "trainer.eval_every=6", "trainer.batch_size=8"]
+    args = ["task=[news-cls,sentiment]", "transfer=text-to-text", f"init={pretrained('bart')}", *per_task, *small]
+    run_ptm(["finetune", *args, *steps, f"hydra.run.dir={run}"], cache_env)
+    test = json.loads((run / "test_metrics.json").read_text())
+    assert 0 <= test["news-cls/accuracy"] <= 1 and test["sentiment/accuracy"] == test["sentiment/exact_match"]
+    _, task, *_ = load_run(run)
+    assert {name: t.cfg.prefix for name, t in task.tasks.items()} == {
+        "news-cls": "news-cls: ",
+        "sentiment": "sentiment: ",
+    }
+    texts = tmp_path / "texts.txt"
+    texts.write_text("A tedious, joyless film.\n")
+    rows = run_ptm(["predict", f"run={run}", f"input={texts}", "task=sentiment"], cache_env).stdout.splitlines()
+    assert "output" in json.loads(rows[0])
+
+
 # the Auto class each family's pretraining export answers to
 AUTO_CLASSES = {
     "gpt": "AutoModelForCausalLM",

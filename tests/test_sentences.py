@@ -169,6 +169,41 @@ def test_simcse_resumes_exactly(simcse_run, cache_env, tmp_path):
     assert comparable(read_metrics(resumed)) == comparable(read_metrics(simcse_run))
 
 
+def test_supervised_simcse_learns_from_labelled_pairs_and_serves_its_vectors(simcse_run, cache_env, tmp_path):
+    """objective=simcse-supervised on pair-cls: each headline must pick its own body out of the batch's bodies and
+    hard negatives (another article's body). The run embeds, retrieves, predicts similarities and exports."""
+    run = tmp_path / "supervised"
+    steps = [
+        "trainer.epochs=null",
+        "trainer.max_steps=12",
+        "trainer.batch_size=16",
+        "trainer.log_every=3",
+        "optimizer.lr=1e-3",
+    ]
+    args = ["task=pair-cls", "objective=simcse-supervised", f"init={simcse_run}", "task.max_seq_len=32"]
+    evals = ["trainer.eval_every=6", "trainer.eval_batches=4", "task.pooling=mean", "trainer.curves=false"]
+    run_ptm(["finetune", *args, *steps, *evals, f"hydra.run.dir={run}"], cache_env)
+    rows = [r for r in read_metrics(run) if r["split"] == "train"]
+    # chance is ln(32): 16 headlines, each against 16 bodies and 16 hard negatives
+    assert rows[-1]["contrastive_loss"] < min(np.log(32), rows[0]["contrastive_loss"] - 0.4), rows
+    test = json.loads((run / "test_metrics.json").read_text())
+    assert test["accuracy"] > 4 / 32, test
+    proc = run_ptm(["evaluate", "task=headline-retrieval", f"run={run}"], cache_env)
+    metrics = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert metrics["pooling"] == "mean" and metrics["mrr"] > 5 / 188
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"text": "Oil prices rise", "text_pair": "The price of oil rose on Monday."}\n')
+    out = run_ptm(["predict", f"run={run}", f"input={pairs}"], cache_env).stdout
+    assert -1 <= json.loads(out)["similarity"] <= 1
+    run_ptm(["export", f"run={run}", f"output={tmp_path / 'hf'}"], cache_env)
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"] == ["BertModel"]
+    fails_with(["finetune", "task=news-cls", "objective=simcse-supervised"], cache_env, "use a pair-cls task")
+    fails_with(
+        ["finetune", "task=pair-cls", "objective=simcse-supervised", "task.positive_label=same"], cache_env,
+        "task.positive_label='same' is not a label",
+    )  # fmt: skip
+
+
 @pytest.mark.slow
 def test_simcse_starts_from_a_masked_lm_run_of_its_family(cache_env, tmp_path):
     """init= an MLM run: its encoder is taken, SimCSE's projection starts fresh and the MLM head is left (both
