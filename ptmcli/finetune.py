@@ -232,6 +232,47 @@ def multitask_objective(cfg: FinetuneConfig, tasks: dict, text: bool) -> MultiTa
     return MultiTask(tasks, scores, routed=not text)
 
 
+def task_and_examples(cfg: FinetuneConfig, splits: dict, labels: dict, pretrained: Pretrained, text: bool):
+    """(the objective the loop trains, its examples by split, each task's share of batches or None): a task, or
+    several as one MultiTask whose training batches are drawn by `mixture`."""
+    tasks = build_tasks(cfg, labels, pretrained, text)
+    if cfg.tasks is None:
+        task, records = tasks[cfg.data.name], splits[cfg.data.name]
+        return task, {split: task.examples(rows) for split, rows in records.items()}, None
+    task = multitask_objective(cfg, tasks, text)
+    weights = mixture_weights({name: len(parts["train"]) for name, parts in splits.items()}, cfg.mixture)
+    examples = {
+        split: task.examples({n: parts[split] for n, parts in splits.items()}, weights if split == "train" else None)
+        for split in ("train", "validation", "test")
+    }
+    return task, examples, weights
+
+
+def task_model(cfg: FinetuneConfig, pretrained: Pretrained, labels: dict, text: bool) -> torch.nn.Module:
+    """An encoder-decoder writing answers, an encoder with a head per task, a sentence encoder, or encoder + head."""
+    if text:
+        return build_seq2seq(pretrained)
+    if cfg.tasks is not None:
+        return build_multitask_model(pretrained, cfg.tasks, labels, cfg.transfer)
+    if cfg.task.objective == "simcse-supervised":
+        return sentence_model(pretrained, cfg.task, cfg.transfer)
+    n = len(labels[cfg.data.name])
+    return build_model(pretrained, cfg.task.kind, n, cfg.task.classifier_dropout, cfg.transfer, cfg.task.pooling)
+
+
+def run_spec(cfg: FinetuneConfig, pretrained: Pretrained, labels: dict, text: bool) -> dict:
+    """The model's identity stored in checkpoints: a resume must build the same one."""
+    if cfg.tasks is not None:
+        spec = model_spec(pretrained, "multi-task", sum(len(v) for v in labels.values()))
+        spec["tasks"] = {n: [e.task.kind, len(labels[n])] for n, e in cfg.tasks.items()}
+    else:
+        spec = model_spec(pretrained, cfg.task.kind, len(labels[cfg.data.name]))
+    spec["text_to_text"] = text
+    if cfg.task.objective != "head":  # a sentence encoder, not a head: a checkpoint of one does not resume the other
+        spec["objective"] = cfg.task.objective
+    return spec
+
+
 def start_line(cfg, splits, labels, pretrained, kept_head, counts, steps, weights, hw, run_dir) -> str:
     """What the run trains, from what, and where it writes."""
     loaded = f" ({pretrained.load_seconds:.1f} s)" if pretrained.load_seconds else ""
@@ -282,48 +323,17 @@ def finetune(
     text = writes_text([e.task.kind for e in entries.values()], cfg.transfer.mode, pretrained.family)
     for name, entry in entries.items():
         check_lengths(entry.task, pretrained, where[name])
-    tasks = build_tasks(cfg, labels, pretrained, text)
-    weights = None
-    if multi:
-        task = multitask_objective(cfg, tasks, text)
-        weights = mixture_weights({name: len(parts["train"]) for name, parts in splits.items()}, cfg.mixture)
-        examples = {
-            split: task.examples(
-                {n: parts[split] for n, parts in splits.items()}, weights if split == "train" else None
-            )
-            for split in ("train", "validation", "test")
-        }
-    else:
-        (name, task), kind = next(iter(tasks.items())), cfg.task.kind
-        examples = {split: task.examples(records) for split, records in splits[name].items()}
+    task, examples, weights = task_and_examples(cfg, splits, labels, pretrained, text)
     torch.manual_seed(cfg.trainer.seed)
-    if text:
-        model = build_seq2seq(pretrained)
-    elif multi:
-        model = build_multitask_model(pretrained, entries, labels, cfg.transfer)
-    elif cfg.task.objective == "simcse-supervised":
-        model = sentence_model(pretrained, cfg.task, cfg.transfer)
-    else:
-        model = build_model(
-            pretrained, kind, len(labels[name]), cfg.task.classifier_dropout, cfg.transfer, pooling=cfg.task.pooling
-        )
-    kept_head = not (text or multi) and keep_head(model, pretrained, kind, labels[name])
+    model = task_model(cfg, pretrained, labels, text)
+    kept_head = not (text or multi) and keep_head(model, pretrained, cfg.task.kind, labels[cfg.data.name])
     trainer = cfg.trainer
     if trainer.epochs is not None:  # several tasks: passes over their training examples together
         per_step = trainer.batch_size * dist.world_size * trainer.grad_accum
         trainer = dataclasses.replace(
             trainer, max_steps=max(1, math.ceil(trainer.epochs * len(examples["train"]) / per_step))
         )
-    if multi:
-        spec = {
-            **model_spec(pretrained, "multi-task", sum(len(v) for v in labels.values())),
-            "tasks": {n: [e.task.kind, len(labels[n])] for n, e in entries.items()},
-        }
-    else:
-        spec = model_spec(pretrained, kind, len(labels[name]))
-    spec["text_to_text"] = text
-    if cfg.task.objective != "head":  # a sentence encoder, not a head: a checkpoint of one does not resume the other
-        spec["objective"] = cfg.task.objective
+    spec = run_spec(cfg, pretrained, labels, text)
     method, saved_keys = None, None
     if cfg.transfer.mode in peft.METHODS:
         method = peft.apply(model, cfg.transfer, trainer.max_steps)
@@ -345,8 +355,8 @@ def finetune(
     if dist.is_main:
         pretrained.tokenizer.save(str(run_dir / "tokenizer.json"))
         split_ids = {n: {k: [r["id"] for r in v] for k, v in parts.items()} for n, parts in splits.items()}
-        (run_dir / "labels.json").write_text(json.dumps(labels if multi else labels[name], indent=1) + "\n")
-        (run_dir / "splits.json").write_text(json.dumps(split_ids if multi else split_ids[name]) + "\n")
+        (run_dir / "labels.json").write_text(json.dumps(labels if multi else labels[cfg.data.name], indent=1) + "\n")
+        (run_dir / "splits.json").write_text(json.dumps(split_ids if multi else split_ids[cfg.data.name]) + "\n")
         console.print(
             start_line(cfg, splits, labels, pretrained, kept_head, counts, trainer.max_steps, weights, hw, run_dir)
         )

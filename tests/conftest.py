@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -114,6 +115,19 @@ TIMING_KEYS = {"tokens_per_s", "samples_per_s", "mfu", "peak_memory_mb"}
 def comparable(rows: list[dict]) -> list[dict]:
     """Metric rows without wall-clock fields."""
     return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
+
+
+def rewound(run: Path, dest: Path, last: int, back_to: int) -> Path:
+    """A copy of a finished run as if it had stopped at checkpoint step-`back_to`: step-`last` removed, `latest`
+    pointing back (and a `best` that pointed at the removed step dropped). Resuming it must give the same rows."""
+    shutil.copytree(run, dest, symlinks=True)
+    shutil.rmtree(dest / "checkpoints" / f"step-{last}")
+    for link in ("latest", "best"):
+        path = dest / "checkpoints" / link
+        if link == "latest" or not path.exists():
+            path.unlink(missing_ok=True)
+    (dest / "checkpoints" / "latest").symlink_to(f"step-{back_to}")
+    return dest
 
 
 def kill_after_checkpoint(args: list[str], env: dict, checkpoint: Path) -> int:

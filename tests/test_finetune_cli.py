@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 
-from tests.conftest import TINY, comparable, fails_with, read_metrics, run_commands, run_ptm
+from tests.conftest import TINY, comparable, fails_with, read_metrics, rewound, run_commands, run_ptm
 
 # what each run command does with a fine-tuning run of an encoder: all work but generate, which refuses in a sentence
 ENCODER_RUN = {"evaluate": 0, "predict": 0, "generate": 2, "export": 0}
@@ -92,11 +91,7 @@ def test_two_stage_fine_tuning_keeps_the_head_only_for_the_same_labels(news_run,
 
 def test_finetune_resume_is_exact(news_run, cache_env, tmp_path):
     run, _ = news_run
-    resumed = tmp_path / "resumed"
-    shutil.copytree(run, resumed, symlinks=True)
-    shutil.rmtree(resumed / "checkpoints" / "step-20")
-    (resumed / "checkpoints" / "latest").unlink()
-    (resumed / "checkpoints" / "latest").symlink_to("step-10")
+    resumed = rewound(run, tmp_path / "resumed", 20, 10)
     run_ptm(
         [
             "finetune",

@@ -4,7 +4,6 @@ drawn from the tasks by a seeded mixture; it evaluates, predicts and resumes per
 from __future__ import annotations
 
 import json
-import shutil
 from collections import Counter
 
 import numpy as np
@@ -14,7 +13,7 @@ import torch
 from ptmcli.data.batches import BatchOrder, MixtureOrder
 from ptmcli.schema import MixtureConfig
 from ptmcli.tasks.multitask import MultiTask, MultiTaskExamples, mixture_weights
-from tests.conftest import comparable, fails_with, read_metrics, run_ptm
+from tests.conftest import comparable, fails_with, read_metrics, rewound, run_ptm
 
 # MiniLM on 160 news articles and 160 film reviews, 32 tokens each: one encoder, two heads (~25 s on 2 cores)
 SMALL = [
@@ -159,11 +158,7 @@ def test_one_encoder_learns_two_tasks_and_serves_each(multi_run, cache_env, tmp_
 
 def test_multitask_resume_is_exact(multi_run, cache_env, tmp_path):
     run, _ = multi_run
-    resumed = tmp_path / "resumed"
-    shutil.copytree(run, resumed, symlinks=True)
-    shutil.rmtree(resumed / "checkpoints" / "step-20")
-    (resumed / "checkpoints" / "latest").unlink()
-    (resumed / "checkpoints" / "latest").symlink_to("step-10")
+    resumed = rewound(run, tmp_path / "resumed", 20, 10)
     run_ptm(["finetune", *SMALL, f"hydra.run.dir={resumed}", "resume=auto"], cache_env)
     assert comparable(read_metrics(resumed)) == comparable(read_metrics(run))
 

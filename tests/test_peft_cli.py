@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
 
-from tests.conftest import comparable, read_metrics, run_ptm
+from tests.conftest import comparable, read_metrics, rewound, run_ptm
 from tests.test_finetune_cli import SMALL
 
 METHODS = {
@@ -67,12 +66,8 @@ def test_adalora_logs_the_ranks_it_allocates(peft_runs):
 
 
 def test_lora_resume_is_exact(peft_runs, cache_env, tmp_path):
-    run, resumed = peft_runs / "lora", tmp_path / "resumed"
-    shutil.copytree(run, resumed, symlinks=True)
-    shutil.rmtree(resumed / "checkpoints" / "step-20")
-    for link in ("latest", "best"):
-        (resumed / "checkpoints" / link).unlink(missing_ok=True)
-    (resumed / "checkpoints" / "latest").symlink_to("step-10")
+    run = peft_runs / "lora"
+    resumed = rewound(run, tmp_path / "resumed", 20, 10)
     run_ptm(
         [
             "finetune",

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 
 import numpy as np
@@ -18,7 +17,7 @@ from ptmcli.models.bert import build_encoder
 from ptmcli.models.heads import SentenceEncoder
 from ptmcli.objectives.contrastive import Contrastive
 from ptmcli.retrieval import rank_metrics
-from tests.conftest import TINY, comparable, fails_with, read_metrics, run_ptm
+from tests.conftest import TINY, comparable, fails_with, read_metrics, rewound, run_ptm
 
 ARCH = BertArch(
     family="bert", hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, max_positions=16, dropout=0.0,
@@ -159,12 +158,7 @@ def test_simcse_learns_and_its_vectors_are_embedded_retrieved_and_exported(simcs
 
 def test_simcse_resumes_exactly(simcse_run, cache_env, tmp_path):
     """From its step-8 checkpoint, the run continues to the same rows: same texts, same dropout draws."""
-    resumed = tmp_path / "resumed"
-    shutil.copytree(simcse_run, resumed, symlinks=True)
-    shutil.rmtree(resumed / "checkpoints" / "step-16")
-    for link in ("latest", "best"):
-        (resumed / "checkpoints" / link).unlink(missing_ok=True)
-    (resumed / "checkpoints" / "latest").symlink_to("step-8")
+    resumed = rewound(simcse_run, tmp_path / "resumed", 16, 8)
     run_ptm([*SIMCSE, f"resume={resumed}", f"hydra.run.dir={resumed}"], cache_env)
     assert comparable(read_metrics(resumed)) == comparable(read_metrics(simcse_run))
 
