@@ -117,7 +117,11 @@ def print_help(name: str) -> None:
         console.print(
             "Training length: a task file sets trainer.epochs; trainer.max_steps=N on the command line replaces it "
             "(giving both trainer.epochs and trainer.max_steps on the command line is refused).\n"
-            "task=path/to/my_task.yaml uses a task file of your own (same keys as conf/task/*.yaml)."
+            "task=path/to/my_task.yaml uses a task file of your own (same keys as conf/task/*.yaml).\n"
+            "task=\\[news-cls,sentiment] trains one encoder with a head per task; each task's keys are under "
+            "tasks.NAME (tasks.sentiment.task.max_seq_len=64), batches drawn by mixture.*.\n"
+            "objective=simcse-supervised (task.objective) trains sentence vectors from a pair-cls task's labelled "
+            "pairs."
         )
     console.print(
         "Hydra flags: -m (sweep: optimizer.lr=1e-4,5e-4), --cfg job, hydra.run.dir=DIR, --shell-completion install=bash"

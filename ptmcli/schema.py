@@ -314,8 +314,10 @@ class FinetuneConfig:
     tokenizer: Optional[str] = _f(None, "from scratch: tokenizer.json / vocab.txt / a ptm run directory")
     resume: Optional[str] = _f(None, "auto, or a run directory / checkpoint to continue")
     mixture: MixtureConfig = field(default_factory=MixtureConfig)
-    # task=[a,b,...]: one shared encoder, a head per task; None for a single task (then `task` and `data` apply)
-    tasks: Optional[dict[str, TaskEntry]] = None
+    # None for a single task (then `task` and `data` apply)
+    tasks: Optional[dict[str, TaskEntry]] = _f(
+        None, "written by task=[a,b,...]: each task's task/data/trainer/optimizer sections; one encoder, a head each"
+    )
 
     def entries(self) -> dict[str, TaskEntry]:
         """The run's tasks by name: the multi-task list, or the single task under its data name."""
