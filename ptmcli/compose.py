@@ -145,10 +145,10 @@ def user_task(value: str, top_keys: set[str]) -> tuple[str, Path]:
     return name, folder
 
 
-def task_list(value: str, top_keys: set[str], search: list[Path]) -> str:
-    """task=[a,b,...]: a multi-task run. Writes a task file (the option name it returns) that puts each task's file
-    under tasks.NAME and takes the run's trainer and optimizer sections from the first task, scored by the mean of
-    the tasks' own metrics. Task files of one's own may be listed too."""
+def task_list(value: str, top_keys: set[str], search: list[Path]) -> tuple[str, list[str]]:
+    """task=[a,b,...]: a multi-task run. Writes a task file (its option name is returned, with the tasks' names)
+    that puts each task's file under tasks.NAME and takes the run's trainer and optimizer sections from the first
+    task, scored by the mean of the tasks' own metrics. Task files of one's own may be listed too."""
     names = []
     for item in (v.strip().strip("'\"") for v in value.strip()[1:-1].split(",")):
         if not item:
@@ -196,12 +196,7 @@ def task_list(value: str, top_keys: set[str], search: list[Path]) -> str:
         "# @package _global_\n" + yaml.safe_dump(combined, sort_keys=False)
     )
     search.append(folder)
-    return combined["data"]["name"]
-
-
-def names_of(overrides: list[str]) -> list[str]:
-    """The task names of a multi-task run, from the task=a+b option task_list wrote."""
-    return next(o.partition("=")[2] for o in overrides if o.partition("=")[0] == "task").split("+")
+    return combined["data"]["name"], names
 
 
 def check_task_keys(overrides: list[str], names: list[str]) -> None:
@@ -272,24 +267,24 @@ def parse(name: str, args: list[str]) -> Invocation:
     overrides, flags = split_flags(rest)
     completing = {"-sc", "--shell-completion"} & set(flags)  # there, install=bash / query=bash are not overrides
     search = [config_dirs()[1] if recipe == command.base else config_dirs()[0]]
-    multi = False
+    names: list[str] = []  # the tasks of a multi-task run
     for i, arg in enumerate(overrides):
         check_hydra_override(arg)
         key, _, value = arg.partition("=")
         if key == "objective" and name == "finetune":  # the finetune objective is a task key; `objective` is a group
             arg = overrides[i] = f"task.objective={value}"
         if key == "task" and name == "finetune" and value.startswith("["):
-            overrides[i] = f"task={task_list(value, {f.name for f in dataclasses.fields(command.schema)}, search)}"
-            multi = True
+            option, names = task_list(value, {f.name for f in dataclasses.fields(command.schema)}, search)
+            overrides[i] = f"task={option}"
         elif key == "task" and name == "finetune" and (value.endswith((".yaml", ".yml")) or "/" in value):
             task_name, folder = user_task(value, {f.name for f in dataclasses.fields(command.schema)})
             overrides[i] = f"task={task_name}"
             search.append(folder)
         elif not completing:
             check_override(arg, command)
-    if multi:
-        check_task_keys(overrides, names_of(overrides))
-    if multi and (shared := [o for o in overrides if o.lstrip("+~").startswith(("task.", "data."))]):
+    if names:
+        check_task_keys(overrides, names)
+    if names and (shared := [o for o in overrides if o.lstrip("+~").startswith(("task.", "data."))]):
         raise PtmError(
             f"{shared[0]}: with several tasks, each has its own task and data keys; set them under tasks.NAME, e.g. "
             f"tasks.sentiment.{shared[0].lstrip('+~')}."

@@ -121,36 +121,20 @@ def evaluate_run(run: Path, split: str, checkpoint_name: str | None = None, task
         raise PtmError(f"split={split!r}: choose train, validation or test.")
     cfg, task, model, labels, hw, ckpt = load_run(run, checkpoint_name, task_name=task_name)
     saved_path = run / "splits.json"
-    saved = json.loads(saved_path.read_text()) if saved_path.exists() else None
-    if cfg.tasks is None:
-        records = checked_split(run, cfg.data, cfg.task.kind, split, labels, (saved or {}).get(split))
-        examples = task.examples(records)
-    else:
-        entries = cfg.entries()
-        examples = task.examples(
-            {
-                name: checked_split(
-                    run,
-                    entries[name].data,
-                    entries[name].task.kind,
-                    split,
-                    labels[name],
-                    (saved or {}).get(name, {}).get(split),
-                )
-                for name in task.tasks
-            },
-            None,
-        )
+    saved = json.loads(saved_path.read_text()) if saved_path.exists() else {}
+    single = cfg.tasks is None  # then labels, splits.json and the records are those of the one task
+    by_task = {cfg.data.name: labels} if single else labels
+    ids = {cfg.data.name: saved} if single else saved
+    records = {
+        name: checked_split(run, entry.data, entry.task.kind, split, by_task[name], ids.get(name, {}).get(split))
+        for name, entry in cfg.entries().items()
+        if single or name in task.tasks
+    }
+    examples = task.examples(records[cfg.data.name]) if single else task.examples(records, None)
     metrics = evaluate(task, model, examples, cfg.trainer.batch_size, 0, hw, Dist())
     suffix = f"_{task_name}" if task_name else ""
     (run / f"eval_{split}{suffix}.json").write_text(json.dumps(metrics, indent=1) + "\n")
-    by_task = labels if cfg.tasks else {cfg.data.name: labels}
-    show_metrics(
-        f"{split} ({ckpt.name})",
-        metrics,
-        {n: by_task[n] for n in getattr(task, "tasks", by_task)},
-        cfg.tasks is not None,
-    )
+    show_metrics(f"{split} ({ckpt.name})", metrics, {n: by_task[n] for n in records}, not single)
     print(json.dumps(metrics))
     return metrics
 

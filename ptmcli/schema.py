@@ -439,6 +439,8 @@ def check_finetune(cfg: dict) -> FinetuneConfig:
             )
     if not t.metric.startswith("val/"):
         raise PtmError(f"trainer.metric={t.metric!r} must name a validation metric, e.g. val/accuracy or val/loss.")
+    if out.mixture.temperature <= 0:
+        raise PtmError(f"mixture.temperature={out.mixture.temperature} must be above 0 (1 = proportional).")
     for name, entry in out.entries().items():
         if entry.task.objective == "simcse-supervised":
             check_supervised_simcse(out, entry)

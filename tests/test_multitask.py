@@ -172,6 +172,7 @@ def test_multitask_resume_is_exact(multi_run, cache_env, tmp_path):
         (["task=[news-cls,sentiment]", "tasks.news-cls.task.max_seq_lenn=64"], "Did you mean 'max_seq_len'?"),
         (["task=[news-cls,sentiment]", "tasks.ner.task.max_seq_len=64"], "this run's tasks are news-cls, sentiment"),
         (["task=[news-cls,sentiment]", "mixture.sampling=sqrt"], "mixture.sampling"),
+        (["task=[news-cls,sentiment]", "mixture.temperature=0"], "must be above 0"),
     ],
 )
 def test_bad_multitask_command_lines_are_refused_in_one_sentence(args, expected, cache_env, tmp_path):

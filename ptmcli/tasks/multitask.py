@@ -17,9 +17,7 @@ def mixture_weights(sizes: dict[str, int], cfg: MixtureConfig) -> dict[str, floa
     mixing), to examples^(1/temperature) (temperature-scaled mixing), or equally."""
     if cfg.sampling == "equal":
         raw = {name: 1.0 for name in sizes}
-    elif cfg.sampling == "temperature":
-        if cfg.temperature <= 0:
-            raise PtmError(f"mixture.temperature={cfg.temperature} must be above 0 (1 = proportional).")
+    elif cfg.sampling == "temperature":  # above 0, as check_finetune made sure
         raw = {name: n ** (1.0 / cfg.temperature) for name, n in sizes.items()}
     else:
         raw = {name: float(n) for name, n in sizes.items()}
