@@ -489,7 +489,7 @@ def check_tasks(values: Any) -> dict[str, TaskEntry] | None:
         return None
     if not isinstance(values, dict) or not values:
         raise PtmError(f"'tasks' must map task names to their sections (task=[a,b] writes it), got {values!r}.")
-    sections = {f.name: f.type for f in dataclasses.fields(TaskEntry)}
+    sections = ENTRY_SECTIONS
     entries = {}
     for name, entry in values.items():
         if not isinstance(entry, dict):
@@ -501,7 +501,10 @@ def check_tasks(values: Any) -> dict[str, TaskEntry] | None:
                 f"multi-task run sets: {', '.join(sections)}."
             )
         entries[str(name)] = TaskEntry(
-            **{key: check_section(f"tasks.{name}.{key}", entry.get(key) or {}, ENTRY_SECTIONS[key]) for key in sections}
+            **{
+                key: check_section(f"tasks.{name}.{key}", entry.get(key) or {}, schema)
+                for key, schema in sections.items()
+            }
         )
     return entries
 
