@@ -25,12 +25,12 @@ from ptmcli.compose import (
 from ptmcli.confdirs import config_dirs
 from ptmcli.errors import Interrupted, PtmError
 from ptmcli.files import os_error, read_text
+from ptmcli.finetune_checks import check_finetune
 from ptmcli.loggers import check as check_loggers
 from ptmcli.preflight import check_paths
 from ptmcli.schema import (
     MODEL_SCHEMAS,
     TRANSFER_SCHEMAS,
-    check_finetune,
     check_pretrain,
 )
 from ptmcli.typecheck import did_you_mean

@@ -16,16 +16,15 @@ import yaml
 from ptmcli.confdirs import config_dirs
 from ptmcli.errors import PtmError
 from ptmcli.files import read_text, read_yaml
+from ptmcli.finetune_checks import ENTRY_SECTIONS, check_finetune
 from ptmcli.hydra_args import check_hydra_override, split_flags
 from ptmcli.schema import (
-    ENTRY_SECTIONS,
     FINETUNE_SECTIONS,
     MODEL_SCHEMAS,
     SECTIONS,
     TRANSFER_SCHEMAS,
     FinetuneConfig,
     PretrainConfig,
-    check_finetune,
     check_pretrain,
 )
 from ptmcli.typecheck import did_you_mean

@@ -17,6 +17,7 @@ from ptmcli.data.labeled import label_names, load_splits
 from ptmcli.data.tokenizer import load_tokenizer, train_tokenizer
 from ptmcli.distributed import init_from_env
 from ptmcli.errors import PtmError
+from ptmcli.finetune_checks import check_finetune
 from ptmcli.loop import Job, evaluate, train
 from ptmcli.models import ENCODERS, SEQ2SEQ_MODELS
 from ptmcli.models.heads import HEADS, MultiTaskModel, SentenceEncoder, TaskModel
@@ -28,7 +29,6 @@ from ptmcli.schema import (
     TaskConfig,
     TaskEntry,
     architecture_spec,
-    check_finetune,
 )
 from ptmcli.tasks import TASKS
 from ptmcli.tasks.multitask import MultiTask, mixture_weights

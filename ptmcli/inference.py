@@ -24,9 +24,10 @@ from ptmcli.finetune import (
     show_metrics,
     state_digest,
 )
+from ptmcli.finetune_checks import check_finetune
 from ptmcli.loop import evaluate, to_device
 from ptmcli.runlog import console
-from ptmcli.schema import arch_from_spec, check_finetune
+from ptmcli.schema import arch_from_spec
 from ptmcli.transfers import FullTransfer
 from ptmcli.typecheck import did_you_mean
 from ptmcli.weights import Pretrained, load_pretrained

@@ -9,7 +9,8 @@ from omegaconf import OmegaConf
 
 from ptmcli.compose import COMMANDS, check_override, config_dirs, recipes, register_defaults
 from ptmcli.errors import PtmError
-from ptmcli.schema import FAMILY_OBJECTIVES, arch_from_spec, architecture_spec, check_finetune, check_pretrain
+from ptmcli.finetune_checks import check_finetune
+from ptmcli.schema import FAMILY_OBJECTIVES, arch_from_spec, architecture_spec, check_pretrain
 from tests.conftest import ROOT, run_ptm
 
 CONF, RECIPES = config_dirs()

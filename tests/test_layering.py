@@ -12,6 +12,7 @@ LAYERS = {
     "errors": 0,
     "confdirs": 0,
     "schema": 0,
+    "finetune_checks": 0.2,
     "typecheck": 0,
     "fields": 0,
     "architectures": 0,

@@ -14,6 +14,7 @@ from ptmcli.data.batches import BatchOrder, MixtureOrder
 from ptmcli.schema import MixtureConfig
 from ptmcli.tasks.multitask import MultiTask, MultiTaskExamples, mixture_weights
 from tests.conftest import comparable, fails_with, read_metrics, rewound, run_ptm
+from tests.test_finetune_cli import SMALL as ONE_TASK
 
 # MiniLM on 160 news articles and 160 film reviews, 32 tokens each: one encoder, two heads (~25 s on 2 cores)
 SMALL = [
@@ -22,17 +23,9 @@ SMALL = [
     *(f"tasks.{t}.task.max_seq_len=32" for t in ("news-cls", "sentiment")),
     "tasks.sentiment.data.validation_fraction=0.02",  # ~250 reviews each to score, as many as news articles
     "tasks.sentiment.data.test_fraction=0.02",
-    "trainer.epochs=null",
-    "trainer.max_steps=20",
-    "trainer.batch_size=8",
-    "trainer.eval_every=10",
-    "trainer.log_every=5",
-    "trainer.eval_batches=4",
+    *(a for a in ONE_TASK if not a.startswith(("data.", "task."))),  # the single-task tests' budget: 20 steps of 8
     "trainer.save_every=10",
     "trainer.keep_last=0",
-    "optimizer.lr=2e-4",
-    "hardware=cpu",
-    "trainer.curves=false",
 ]
 
 
