@@ -171,12 +171,12 @@ def validate_finetune(cfg) -> list[str]:
     from ptmcli.finetune import check_labels, check_lengths, scratch, writes_text
     from ptmcli.weights import load_pretrained
 
-    facts, texts, kinds = [], [], []
+    facts, texts, kinds, where = [], [], [], {}
     for name, entry in cfg.entries().items():
-        where, kind = f"tasks.{name}." if cfg.tasks else "", entry.task.kind
+        where[name], kind = f"tasks.{name}." if cfg.tasks else "", entry.task.kind
         splits = load_splits(entry.data, kind)
         labels = label_names(splits, kind, entry.task.labels, entry.data.name)
-        check_labels(entry, labels, where)
+        check_labels(entry, labels, where[name])
         sizes = " / ".join(f"{len(splits[s]):,}" for s in ("train", "validation", "test"))
         facts.append(
             f"task {entry.data.name} ({kind}{f', {len(labels)} labels' if labels else ''}): {sizes} train/val/test "
@@ -187,5 +187,5 @@ def validate_finetune(cfg) -> list[str]:
     pretrained = load_pretrained(cfg.init) if cfg.init else scratch(cfg, texts)
     writes_text(kinds, cfg.transfer.mode, pretrained.family)
     for name, entry in cfg.entries().items():
-        check_lengths(entry.task, pretrained, f"tasks.{name}." if cfg.tasks else "")
+        check_lengths(entry.task, pretrained, where[name])
     return [*facts, f"init {pretrained.source}"]

@@ -3,6 +3,8 @@ their losses, statistics and metrics kept apart under `NAME/` prefixes, so the l
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 
 from ptmcli.data.batches import MixtureOrder
@@ -70,16 +72,11 @@ class MultiTaskExamples:
     def eval_ranges(self, batch_size: int) -> list[tuple[int, int]]:
         """Each task's evaluation batches, taken in turn from the tasks, so that trainer.eval_batches=N sees them
         all."""
-        per_task = []
-        for (name, part), offset in zip(self.parts.items(), self.offsets):
-            ranges = part.eval_ranges(batch_size)
-            per_task.append([(start + int(offset), stop + int(offset)) for start, stop in ranges if stop > start])
-        return [r for turn in zip_longest_rows(per_task) for r in turn]
-
-
-def zip_longest_rows(lists: list[list]) -> list[list]:
-    """[[a1, a2], [b1]] -> [[a1, b1], [a2]]"""
-    return [[lst[i] for lst in lists if i < len(lst)] for i in range(max((len(lst) for lst in lists), default=0))]
+        per_task = [
+            [(start + int(offset), stop + int(offset)) for start, stop in part.eval_ranges(batch_size) if stop > start]
+            for part, offset in zip(self.parts.values(), self.offsets)
+        ]
+        return [r for turn in itertools.zip_longest(*per_task) for r in turn if r is not None]
 
 
 class MultiTask:
