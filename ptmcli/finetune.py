@@ -161,10 +161,11 @@ def build_seq2seq(pretrained: Pretrained) -> torch.nn.Module:
 
 
 def layer_lr_scale(num_layers: int, decay: float):
-    """Layer-wise lr decay: the head and pooler at full lr, layer i at decay^(L-i), embeddings at decay^(L+1)."""
+    """Layer-wise lr decay: the head and pooler at full lr, layer i at decay^(L-i), embeddings at decay^(L+1)
+    (with ELECTRA's projection of the embeddings to the encoder's width: it sits below layer 0)."""
 
     def scale(name: str) -> float:
-        if name.startswith("encoder.embeddings"):
+        if name.startswith(("encoder.embeddings", "encoder.projection")):
             return decay ** (num_layers + 1)
         match = re.match(r"encoder\.layers\.(\d+)\.", name)
         return decay ** (num_layers - int(match.group(1))) if match else 1.0

@@ -16,7 +16,8 @@ _BY_BOUNDS = {
     ">= 0": "eval_every eval_batches save_every keep_last patience threads warmup_steps doc_stride lead_words "
     "no_repeat_ngram_size min_frequency freeze_layers position_offset type_vocab_size weight_decay orth_reg_weight "
     "class_weights",
-    "> 0": "lr eps layer_norm_eps init_std alpha epochs max_grad_norm rtd_weight poisson_lambda layer_lr_decay",
+    "> 0": "lr eps layer_norm_eps init_std alpha epochs max_grad_norm rtd_weight sampling_temperature poisson_lambda "
+    "layer_lr_decay",
     "[0, 1)": "dropout attention_dropout classifier_dropout warmup_ratio beta1 beta2 betas",
     "(0, 1)": "mask_prob noise_density mask_ratio validation_fraction test_fraction",
     "[0, 1]": "mask_token_prob random_token_prob nsp_random_prob full_target_fraction min_lr_ratio tinit tfinal",

@@ -54,6 +54,9 @@ class ObjectiveConfig:
     )
     plm_k: int = _f(6, "plm: predict the last 1/K of each sampled factorisation order (the paper's K)")
     rtd_weight: float = _f(50.0, "rtd: weight of the discriminator loss against the generator's MLM loss (lambda)")
+    sampling_temperature: float = _f(
+        1.0, "rtd: the generator's samples are drawn from softmax(logits / T); T > 1 gives rarer, easier replacements"
+    )
     noise_density: float = _f(0.15, "span-corruption: fraction of tokens dropped into spans")
     mean_span_length: float = _f(3.0, "span-corruption: mean length of a corrupted span")
     full_target_fraction: float = _f(

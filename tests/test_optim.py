@@ -46,3 +46,21 @@ def test_an_adamw_sized_lr_for_adafactor_gets_a_caution():
     assert "optimizer.lr=0.0001" in lr_caution(OptimizerConfig(name="adafactor", lr=1e-4))
     assert lr_caution(OptimizerConfig(name="adafactor", lr=1e-2)) is None
     assert lr_caution(OptimizerConfig(name="adamw", lr=1e-4)) is None
+
+
+def test_layer_decay_scales_each_layer_and_puts_electras_embedding_projection_with_the_embeddings():
+    from ptmcli.architectures import ElectraArch
+    from ptmcli.finetune import layer_lr_scale
+    from ptmcli.models.electra import build_encoder
+    from ptmcli.models.heads import HEADS, TaskModel
+
+    arch = ElectraArch(hidden_size=32, num_layers=3, num_heads=2, intermediate_size=64, embedding_size=16)
+    model = TaskModel(build_encoder(arch, 50), HEADS["text-cls"], 3, 0.1)
+    groups = param_groups(model, OptimizerConfig(lr=1.0), layer_lr_scale(3, 0.5))
+    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert lr_of[id(named["encoder.embeddings.word.weight"])] == 0.5**4
+    assert lr_of[id(named["encoder.projection.weight"])] == 0.5**4  # below layer 0, as the embeddings
+    assert lr_of[id(named["encoder.layers.0.attention.qkv.weight"])] == 0.5**3
+    assert lr_of[id(named["encoder.layers.2.attention.qkv.weight"])] == 0.5
+    assert {lr_of[id(p)] for n, p in named.items() if not n.startswith("encoder.")} == {1.0}  # the head

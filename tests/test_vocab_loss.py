@@ -58,14 +58,17 @@ def test_evaluation_computes_no_gradient_and_sampling_follows_the_softmax():
     hidden, weight = torch.randn(4000, 8), torch.randn(V, 8, requires_grad=True)
     targets = torch.zeros(4000, dtype=torch.long)
     with torch.no_grad():
-        out = projected_cross_entropy(hidden, weight, None, targets, sample=True)
+        out = projected_cross_entropy(hidden, weight, None, targets, sample=1.0)
     assert not out.loss.requires_grad
     probs = F.softmax(F.linear(hidden[:1], weight.detach()), -1)[0]
     hidden_same = hidden[:1].expand(4000, -1)
-    with torch.no_grad():
-        drawn = projected_cross_entropy(hidden_same, weight, None, targets, sample=True).sampled
-    frequencies = torch.bincount(drawn, minlength=V).float() / 4000
-    assert (frequencies - probs).abs().max() < 0.03
+    for temperature in (1.0, 3.0):  # ELECTRA's objective.sampling_temperature: softmax(logits / T)
+        with torch.no_grad():
+            drawn = projected_cross_entropy(hidden_same, weight, None, targets, sample=temperature).sampled
+        frequencies = torch.bincount(drawn, minlength=V).float() / 4000
+        expected = F.softmax(F.linear(hidden[:1], weight.detach())[0] / temperature, -1)
+        assert (frequencies - expected).abs().max() < 0.03
+    assert (expected - probs).abs().max() > 0.1  # the temperature changed the distribution
 
 
 def test_mixed_precision_keeps_the_softmax_in_fp32():

@@ -78,8 +78,11 @@ class ElectraForPretraining(nn.Module):
     one state for all tokens (mean cosine 0.98 between token states after 250 steps, measured) and stays at the
     all-original baseline. Calibrated, the same run keeps distinct token states and learns to detect."""
 
-    def __init__(self, arch: ElectraArch, vocab_size: int, replaced_prior: float | None = None):
+    def __init__(
+        self, arch: ElectraArch, vocab_size: int, replaced_prior: float | None = None, sampling_temperature: float = 1.0
+    ):
         super().__init__()
+        self.sampling_temperature = sampling_temperature
         self.encoder = Electra(arch, vocab_size)
         self.generator = Electra(arch, vocab_size, generator=True, embeddings=self.encoder.embeddings)
         self.mlm_head = MaskedLMHead(arch.generator_hidden_size, self.encoder.embeddings.word, arch.layer_norm_eps)
@@ -108,7 +111,12 @@ class ElectraForPretraining(nn.Module):
         generator_states = self.generator(input_ids, token_type_ids, attention_mask)[mlm_positions]
         head = self.mlm_head
         generated = projected_cross_entropy(
-            head.transform(generator_states), head.word_embeddings.weight, head.bias, mlm_targets, predict, sample=True
+            head.transform(generator_states),
+            head.word_embeddings.weight,
+            head.bias,
+            mlm_targets,
+            predict,
+            sample=self.sampling_temperature,
         )
         original = input_ids.clone()
         original[mlm_positions] = mlm_targets
@@ -125,7 +133,12 @@ class ElectraForPretraining(nn.Module):
 
 
 def build_pretraining(arch: ElectraArch, vocab_size: int, objective) -> ElectraForPretraining:
-    return ElectraForPretraining(arch, vocab_size, replaced_prior=getattr(objective, "mask_prob", None))
+    return ElectraForPretraining(
+        arch,
+        vocab_size,
+        replaced_prior=getattr(objective, "mask_prob", None),
+        sampling_temperature=getattr(objective, "sampling_temperature", 1.0),
+    )
 
 
 def build_encoder(arch: ElectraArch, vocab_size: int) -> Electra:

@@ -31,7 +31,7 @@ def chunk_rows(vocab_size: int) -> int:
     return max(16, CHUNK_ELEMENTS // vocab_size)
 
 
-def _chunked(hidden, weight, bias, targets, predict: bool, sample: bool, need: tuple[bool, bool, bool]):
+def _chunked(hidden, weight, bias, targets, predict: bool, sample: float, need: tuple[bool, bool, bool]):
     """The loss (and argmax, samples) of all rows, chunk by chunk, with the gradients of the summed loss with
     respect to (hidden, weight, bias) where `need` asks for them, in fp32."""
     rows, device = hidden.shape[0], hidden.device
@@ -68,7 +68,8 @@ def _chunked(hidden, weight, bias, targets, predict: bool, sample: bool, need: t
             continue
         probs = x.div_(total[:, None])
         if sample:
-            sampled[start : start + step] = torch.multinomial(probs, 1).squeeze(1)
+            tempered = probs if sample == 1.0 else probs.pow(1.0 / sample)  # multinomial normalises the weights
+            sampled[start : start + step] = torch.multinomial(tempered, 1).squeeze(1)
         if not any(need):
             continue
         # d(summed loss)/d(logits) = softmax - one_hot(target). Ignored rows are zeroed on the narrow side, in the
@@ -88,7 +89,7 @@ def _chunked(hidden, weight, bias, targets, predict: bool, sample: bool, need: t
 
 class _ProjectedCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, predict: bool, sample: bool):
+    def forward(ctx, hidden, weight, bias, targets, predict: bool, sample: float):
         loss, predicted, sampled, grads = _chunked(
             hidden, weight, bias, targets, predict, sample, tuple(ctx.needs_input_grad[:3])
         )
@@ -111,12 +112,12 @@ def projected_cross_entropy(
     bias: torch.Tensor | None,
     targets: torch.Tensor,
     predict: bool = False,
-    sample: bool = False,
+    sample: float = 0.0,
 ) -> VocabLoss:
     """sum over rows of cross_entropy(hidden @ weight.T + bias, targets), rows whose target is IGNORE skipped.
 
     hidden: (N, C); weight: (V, C); bias: (V,) or None; targets: (N,). `predict` also returns each row's argmax,
-    `sample` a token drawn from each row's softmax (not differentiated)."""
+    `sample` > 0 a token drawn from each row's softmax at that temperature (not differentiated)."""
     hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
     inputs = (hidden, weight, bias)
     if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs):
