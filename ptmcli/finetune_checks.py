@@ -4,7 +4,6 @@ before anything heavy loads)."""
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Optional
 
 from ptmcli.errors import PtmError
@@ -18,6 +17,7 @@ from ptmcli.schema import (
     OptimizerConfig,
     TaskConfig,
     TaskEntry,
+    check_top_keys,
     model_schema,
 )
 from ptmcli.typecheck import check_section, coerce, did_you_mean
@@ -25,12 +25,7 @@ from ptmcli.typecheck import check_section, coerce, did_you_mean
 
 def check_finetune(cfg: dict) -> FinetuneConfig:
     """Turn a composed fine-tuning config into typed dataclasses."""
-    top = {f.name for f in dataclasses.fields(FinetuneConfig)}
-    for key in cfg:
-        if key not in top:
-            raise PtmError(
-                f"Unknown top-level key '{key}'.{did_you_mean(str(key), top)} Valid keys: {', '.join(sorted(top))}."
-            )
+    check_top_keys(cfg, FinetuneConfig)
     sections = {name: check_section(name, cfg.get(name) or {}, schema) for name, schema in FINETUNE_SECTIONS.items()}
     transfer = cfg.get("transfer") or {"mode": "full"}
     mode = transfer.get("mode") if isinstance(transfer, dict) else None

@@ -375,14 +375,19 @@ def model_schema(values: Any) -> type:
     return MODEL_SCHEMAS[family]
 
 
-def check_pretrain(cfg: dict) -> PretrainConfig:
-    """Turn a composed (resolved, plain-dict) pretraining config into typed dataclasses."""
-    top = {f.name for f in dataclasses.fields(PretrainConfig)}
+def check_top_keys(cfg: dict, config_class: type) -> None:
+    """Refuse a top-level key that `config_class` (PretrainConfig, FinetuneConfig) has no field for."""
+    top = {f.name for f in dataclasses.fields(config_class)}
     for key in cfg:
         if key not in top:
             raise PtmError(
                 f"Unknown top-level key '{key}'.{did_you_mean(str(key), top)} Valid keys: {', '.join(sorted(top))}."
             )
+
+
+def check_pretrain(cfg: dict) -> PretrainConfig:
+    """Turn a composed (resolved, plain-dict) pretraining config into typed dataclasses."""
+    check_top_keys(cfg, PretrainConfig)
     if cfg.get("model") is None:
         raise PtmError("No model selected: add model=NAME (see `ptm pretrain --help` for the options).")
     sections = {name: check_section(name, cfg.get(name, {}), schema) for name, schema in SECTIONS.items()}
