@@ -13,7 +13,7 @@ from ptmcli.data.lm_examples import permutation
 from ptmcli.models import PRETRAINING_MODELS, vocab_loss
 from ptmcli.models.vocab_loss import IGNORE, projected_cross_entropy
 from ptmcli.objectives import OBJECTIVES
-from ptmcli.schema import BartArch, ElectraArch, GptArch, ObjectiveConfig, T5Arch, XlnetArch
+from ptmcli.schema import BartArch, BertArch, ElectraArch, GptArch, ObjectiveConfig, RobertaArch, T5Arch, XlnetArch
 
 V = 97
 SMALL = dict(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, dropout=0.0, attention_dropout=0.0)
@@ -116,7 +116,7 @@ def _batch(family: str) -> dict:
             "target_mask": target_mask,
             "targets": ids[target_mask],
         }
-    positions = (torch.rand(ids.shape) < 0.3) & mask.bool()  # electra
+    positions = (torch.rand(ids.shape) < 0.3) & mask.bool()  # electra, bert, roberta
     return {
         "input_ids": ids.masked_fill(positions, 4),
         "token_type_ids": None,
@@ -127,6 +127,8 @@ def _batch(family: str) -> dict:
 
 
 CASES = {
+    "bert": (BertArch(**SMALL, max_positions=40), "mlm"),
+    "roberta": (RobertaArch(**SMALL, max_positions=40), "mlm"),
     "gpt": (GptArch(**SMALL, max_positions=40), "clm"),
     "t5": (T5Arch(**SMALL), "span-corruption"),
     "bart": (BartArch(**SMALL, max_positions=40), "denoise"),
@@ -162,6 +164,9 @@ def _reference(family: str, model, batch: dict) -> list[torch.Tensor]:
     if family == "xlnet":
         logits = model(batch["input_ids"], batch["attention_mask"], batch["rank"], batch["target_mask"])
         return [F.cross_entropy(logits, batch["targets"], reduction="sum")]
+    if family in ("bert", "roberta"):
+        logits = model(batch["input_ids"], None, batch["attention_mask"], batch["mlm_positions"])["mlm_logits"]
+        return [F.cross_entropy(logits, batch["mlm_targets"], reduction="sum")]
     states = model.generator(batch["input_ids"], None, batch["attention_mask"])[batch["mlm_positions"]]
     return [F.cross_entropy(model.mlm_head(states), batch["mlm_targets"], reduction="sum")]
 
@@ -201,5 +206,8 @@ def _correct(family: str, model, batch: dict) -> list[torch.Tensor]:
     if family == "xlnet":
         logits = model(batch["input_ids"], batch["attention_mask"], batch["rank"], batch["target_mask"])
         return [(logits.argmax(-1) == batch["targets"]).sum()]
+    if family in ("bert", "roberta"):
+        logits = model(batch["input_ids"], None, batch["attention_mask"], batch["mlm_positions"])["mlm_logits"]
+        return [(logits.argmax(-1) == batch["mlm_targets"]).sum()]
     states = model.generator(batch["input_ids"], None, batch["attention_mask"])[batch["mlm_positions"]]
     return [(model.mlm_head(states).argmax(-1) == batch["mlm_targets"]).sum()]

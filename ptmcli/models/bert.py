@@ -77,12 +77,19 @@ class BertForPretraining(nn.Module):
         token_type_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         mlm_positions: torch.Tensor | None = None,
-    ) -> dict[str, torch.Tensor]:
+        mlm_targets: torch.Tensor | None = None,
+        predict: bool = False,
+    ) -> dict:
         """mlm_positions: (B, T) bool, the positions to predict. The vocabulary projection runs only there,
-        which is most of the speed of a lean MLM step. Returns mlm_logits (N, V) and nsp_logits (B, 2)."""
+        which is most of the speed of a lean MLM step. Returns mlm_logits (N, V), or with `mlm_targets` (N,) their
+        summed cross-entropy as `mlm` (a VocabLoss, computed without the logits; argmax with `predict`), and
+        nsp_logits (B, 2)."""
         hidden = self.encoder(input_ids, token_type_ids, attention_mask)  # (B, T, C)
         selected = hidden[mlm_positions] if mlm_positions is not None else hidden.flatten(0, 1)  # (N, C)
-        out = {"mlm_logits": self.mlm_head(selected)}
+        if mlm_targets is None:
+            out = {"mlm_logits": self.mlm_head(selected)}
+        else:
+            out = {"mlm": self.mlm_head.loss(selected, mlm_targets, predict)}
         if self.nsp_head is not None:
             out["nsp_logits"] = self.nsp_head(self.encoder.pool(hidden))
         return out

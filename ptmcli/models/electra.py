@@ -15,7 +15,6 @@ from torch import nn
 
 from ptmcli.architectures import ElectraArch
 from ptmcli.models.layers import EncoderLayer, MaskedLMHead, init_normal, padding_mask
-from ptmcli.models.vocab_loss import projected_cross_entropy
 
 
 class Embeddings(nn.Module):
@@ -109,15 +108,7 @@ class ElectraForPretraining(nn.Module):
         logits are taken a chunk of positions at a time, with the samples drawn from each chunk's softmax (they
         are not differentiated: the generator is trained by its MLM loss only)."""
         generator_states = self.generator(input_ids, token_type_ids, attention_mask)[mlm_positions]
-        head = self.mlm_head
-        generated = projected_cross_entropy(
-            head.transform(generator_states),
-            head.word_embeddings.weight,
-            head.bias,
-            mlm_targets,
-            predict,
-            sample=self.sampling_temperature,
-        )
+        generated = self.mlm_head.loss(generator_states, mlm_targets, predict, sample=self.sampling_temperature)
         original = input_ids.clone()
         original[mlm_positions] = mlm_targets
         corrupted = original.clone()

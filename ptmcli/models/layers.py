@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ptmcli.models.vocab_loss import VocabLoss, targeted_cross_entropies
+from ptmcli.models.vocab_loss import VocabLoss, projected_cross_entropy, targeted_cross_entropies
 
 
 def padding_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -266,6 +266,12 @@ class MaskedLMHead(nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """(N, C) -> (N, V)"""
         return F.linear(self.transform(hidden), self.word_embeddings.weight, self.bias)
+
+    def loss(self, hidden: torch.Tensor, targets: torch.Tensor, predict=False, sample: float = 0.0) -> VocabLoss:
+        """The summed cross-entropy of (N,) targets from (N, C) states, without the (N, V) logits (argmax with
+        `predict`, samples at temperature `sample` > 0)."""
+        states = self.transform(hidden)
+        return projected_cross_entropy(states, self.word_embeddings.weight, self.bias, targets, predict, sample)
 
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None, pooling: str) -> torch.Tensor:

@@ -69,11 +69,16 @@ class RobertaForMaskedLM(nn.Module):
         token_type_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         mlm_positions: torch.Tensor | None = None,
-    ) -> dict[str, torch.Tensor]:
-        """Returns mlm_logits (N, V) at `mlm_positions` (B, T) bool, or at every position."""
+        mlm_targets: torch.Tensor | None = None,
+        predict: bool = False,
+    ) -> dict:
+        """Returns mlm_logits (N, V) at `mlm_positions` (B, T) bool, or at every position; with `mlm_targets` (N,)
+        their summed cross-entropy as `mlm` instead (a VocabLoss, as BertForPretraining)."""
         hidden = self.encoder(input_ids, None, attention_mask)
         selected = hidden[mlm_positions] if mlm_positions is not None else hidden.flatten(0, 1)
-        return {"mlm_logits": self.mlm_head(selected)}
+        if mlm_targets is None:
+            return {"mlm_logits": self.mlm_head(selected)}
+        return {"mlm": self.mlm_head.loss(selected, mlm_targets, predict)}
 
 
 def build_pretraining(arch: RobertaArch, vocab_size: int, objective) -> RobertaForMaskedLM:

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ptmcli.models.vocab_loss import correct
+
 
 class MaskedLM:
     def __init__(self, nsp: bool):
@@ -17,10 +19,13 @@ class MaskedLM:
 
     def __call__(self, model: nn.Module, batch: dict) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Returns ({term: summed loss}, {statistic: summed count}) for one micro-batch."""
-        out = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"], batch["mlm_positions"])
-        logits = out["mlm_logits"].float()  # (N, V), N = masked positions
-        sums = {"mlm": F.cross_entropy(logits, batch["mlm_targets"], reduction="sum")}
-        stats = {"mlm_correct": (logits.argmax(-1) == batch["mlm_targets"]).sum()}
+        targets = batch["mlm_targets"]  # (N,), N = masked positions
+        out = model(
+            batch["input_ids"], batch["token_type_ids"], batch["attention_mask"], batch["mlm_positions"], targets,
+            predict=not model.training,  # accuracy is read only by evaluation
+        )  # fmt: skip
+        sums = {"mlm": out["mlm"].loss}
+        stats = {"mlm_correct": correct(out["mlm"], targets)}
         if self.nsp:
             nsp_logits = out["nsp_logits"].float()  # (B, 2)
             sums["nsp"] = F.cross_entropy(nsp_logits, batch["nsp_labels"], reduction="sum")
