@@ -79,8 +79,8 @@ def main(args: list[str]) -> None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         share = float(stats["replaced"]) / batch["counts"]["rtd"]
-        window["mlm"] += float(sums["mlm"]) / batch["counts"]["mlm"]
-        window["rtd"] += float(sums["rtd"]) / batch["counts"]["rtd"]
+        window["mlm"] += sums["mlm"].item() / batch["counts"]["mlm"]
+        window["rtd"] += sums["rtd"].item() / batch["counts"]["rtd"]
         window["entropy"] -= share * math.log(share) + (1 - share) * math.log(1 - share)
         if (step + 1) % 50 == 0:
             mean = {k: v / 50 for k, v in window.items()}
