@@ -10,6 +10,7 @@ Run: python tests/bench/electra_probe.py [--zero-bias] [--unigram-generator] [--
   --unigram-generator  the generator's output bias starts at the corpus' log unigram frequencies
   --untied             the discriminator gets its own copy of the embeddings
   --steps=N            the length of the run, and of its learning-rate schedule (400)
+  --lr=X --warmup=N    the peak learning rate (5e-4) and the warm-up steps (60)
   KEY=VALUE            recipe overrides, e.g. objective.mask_prob=0.15
 """
 
@@ -45,7 +46,9 @@ def main(args: list[str]) -> None:
     flags = {a for a in args if a.startswith("--")}
     overrides = [a for a in args if not a.startswith("--")]
     steps = next((int(a.split("=")[1]) for a in flags if a.startswith("--steps=")), 400)
-    batch_size, lr, warmup = 16, 5e-4, 60
+    batch_size = 16
+    lr = next((float(a.split("=")[1]) for a in flags if a.startswith("--lr=")), 5e-4)
+    warmup = next((int(a.split("=")[1]) for a in flags if a.startswith("--warmup=")), 60)
     torch.set_flush_denormal(True)
     torch.set_num_threads(1)  # as measured (docs/results.md); results differ slightly with the thread count
     _, cfg = compose.checked(compose.parse("pretrain", ["conf=electra-mini", *overrides]))
