@@ -449,3 +449,8 @@ def main(argv: list[str] | None = None) -> None:
         fail(os_error(err))
     except KeyboardInterrupt:  # before training started, or a second Ctrl-C: stop at once, without a traceback
         fail(Interrupted("stopped at once; the run's last checkpoint (if any) is intact.", 2))
+    finally:
+        if "torch.distributed" in sys.modules:  # never import torch just to find there is nothing to close
+            from ptmcli.distributed import close
+
+            close()

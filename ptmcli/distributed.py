@@ -48,6 +48,13 @@ def init_from_env() -> Dist:
     return Dist(rank=dist.get_rank(), world_size=world, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
 
 
+def close() -> None:
+    """Leave the process group before the interpreter exits: gloo's worker threads still alive at exit abort the
+    process ("terminate called without an active exception", SIGABRT) after a run that otherwise finished."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def broadcast_str(value: str) -> str:
     """Rank 0's value of a string on every rank."""
     if not dist.is_initialized():

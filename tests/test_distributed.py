@@ -157,3 +157,17 @@ def test_adalora_under_fsdp_trains_as_under_ddp(single_run, cache_env, tmp_path)
     assert (fsdp / "checkpoints" / "step-6" / "model").is_dir() and not (
         fsdp / "checkpoints" / "step-6" / "model.safetensors"
     ).exists()
+
+
+def test_a_command_leaves_the_process_group_before_exit(tmp_path, capsys):
+    """Gloo's threads still running at interpreter exit abort a finished torchrun job (SIGABRT); every command
+    destroys the group it joined, whether it succeeded or failed."""
+    import torch.distributed as dist
+
+    for argv in (["ls"], ["no-such-command"]):
+        dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / argv[0]), 1), rank=0, world_size=1)
+        try:
+            main(argv)
+        except SystemExit:
+            pass
+        assert not dist.is_initialized(), argv
