@@ -11,6 +11,8 @@ Run: python tests/bench/electra_probe.py [--zero-bias] [--unigram-generator] [--
   --untied             the discriminator gets its own copy of the embeddings
   --steps=N            the length of the run, and of its learning-rate schedule (400)
   --lr=X --warmup=N    the peak learning rate (5e-4) and the warm-up steps (60)
+  --generator-lr=X     the peak learning rate of the generator's own weights (default: --lr; the embeddings it
+                       shares with the discriminator follow --lr)
   KEY=VALUE            recipe overrides, e.g. objective.mask_prob=0.15
 """
 
@@ -49,6 +51,7 @@ def main(args: list[str]) -> None:
     batch_size = 16
     lr = next((float(a.split("=")[1]) for a in flags if a.startswith("--lr=")), 5e-4)
     warmup = next((int(a.split("=")[1]) for a in flags if a.startswith("--warmup=")), 60)
+    generator_lr = next((float(a.split("=")[1]) for a in flags if a.startswith("--generator-lr=")), lr)
     torch.set_flush_denormal(True)
     torch.set_num_threads(1)  # as measured (docs/results.md); results differ slightly with the thread count
     _, cfg = compose.checked(compose.parse("pretrain", ["conf=electra-mini", *overrides]))
@@ -66,9 +69,18 @@ def main(args: list[str]) -> None:
     if "--untied" in flags:
         model.encoder.embeddings = copy.deepcopy(model.generator.embeddings)
     objective = OBJECTIVES["rtd"](cfg.objective)
-    matrices = [p for p in model.parameters() if p.ndim > 1]
-    vectors = [p for p in model.parameters() if p.ndim <= 1]
-    groups = [{"params": matrices, "weight_decay": 0.01}, {"params": vectors, "weight_decay": 0.0}]
+    shared = {id(p) for p in model.encoder.parameters()}
+    generator_own = [p for m in (model.generator, model.mlm_head) for p in m.parameters() if id(p) not in shared]
+    rest = [p for p in model.parameters() if all(p is not q for q in generator_own)]
+    groups = [
+        {
+            "params": [p for p in params if (p.ndim > 1) == matrices],
+            "weight_decay": 0.01 if matrices else 0.0,
+            "peak_lr": peak,
+        }
+        for params, peak in ((rest, lr), (generator_own, generator_lr))
+        for matrices in (True, False)
+    ]
     optimizer = torch.optim.AdamW(groups, lr=lr, eps=1e-6)  # the paper's Adam epsilon
     window = {"mlm": 0.0, "rtd": 0.0, "entropy": 0.0}
     for step in range(steps):
@@ -76,7 +88,7 @@ def main(args: list[str]) -> None:
         sums, stats = objective(model, batch)
         loss = sums["mlm"] / batch["counts"]["mlm"] + cfg.objective.rtd_weight * sums["rtd"] / batch["counts"]["rtd"]
         for group in optimizer.param_groups:
-            group["lr"] = lr * min((step + 1) / warmup, (steps - step) / (steps - warmup))
+            group["lr"] = group["peak_lr"] * min((step + 1) / warmup, (steps - step) / (steps - warmup))
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
