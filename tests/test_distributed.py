@@ -159,7 +159,7 @@ def test_adalora_under_fsdp_trains_as_under_ddp(single_run, cache_env, tmp_path)
     ).exists()
 
 
-def test_a_command_leaves_the_process_group_before_exit(tmp_path, capsys):
+def test_a_command_leaves_the_process_group_before_exit(tmp_path):
     """Gloo's threads still running at interpreter exit abort a finished torchrun job (SIGABRT); every command
     destroys the group it joined, whether it succeeded or failed."""
     import torch.distributed as dist

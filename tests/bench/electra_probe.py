@@ -71,7 +71,7 @@ def main(args: list[str]) -> None:
     objective = OBJECTIVES["rtd"](cfg.objective)
     shared = {id(p) for p in model.encoder.parameters()}
     generator_own = [p for m in (model.generator, model.mlm_head) for p in m.parameters() if id(p) not in shared]
-    rest = [p for p in model.parameters() if all(p is not q for q in generator_own)]
+    rest = [p for p in model.parameters() if id(p) not in {id(q) for q in generator_own}]
     groups = [
         {
             "params": [p for p in params if (p.ndim > 1) == matrices],
