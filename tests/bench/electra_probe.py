@@ -47,11 +47,14 @@ def collapse(model, batch) -> float:
 def main(args: list[str]) -> None:
     flags = {a for a in args if a.startswith("--")}
     overrides = [a for a in args if not a.startswith("--")]
-    steps = next((int(a.split("=")[1]) for a in flags if a.startswith("--steps=")), 400)
+
+    def flag(name: str, default):
+        """The value of --NAME=VALUE, of the default's type."""
+        return next((type(default)(a.split("=", 1)[1]) for a in flags if a.startswith(f"--{name}=")), default)
+
+    steps, warmup, lr = flag("steps", 400), flag("warmup", 60), flag("lr", 5e-4)
+    generator_lr = flag("generator-lr", lr)
     batch_size = 16
-    lr = next((float(a.split("=")[1]) for a in flags if a.startswith("--lr=")), 5e-4)
-    warmup = next((int(a.split("=")[1]) for a in flags if a.startswith("--warmup=")), 60)
-    generator_lr = next((float(a.split("=")[1]) for a in flags if a.startswith("--generator-lr=")), lr)
     torch.set_flush_denormal(True)
     torch.set_num_threads(1)  # as measured (docs/results.md); results differ slightly with the thread count
     _, cfg = compose.checked(compose.parse("pretrain", ["conf=electra-mini", *overrides]))
