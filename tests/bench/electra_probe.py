@@ -73,15 +73,15 @@ def main(args: list[str]) -> None:
         model.encoder.embeddings = copy.deepcopy(model.generator.embeddings)
     objective = OBJECTIVES["rtd"](cfg.objective)
     shared = {id(p) for p in model.encoder.parameters()}
-    generator_own = [p for m in (model.generator, model.mlm_head) for p in m.parameters() if id(p) not in shared]
-    rest = [p for p in model.parameters() if id(p) not in {id(q) for q in generator_own}]
+    generator_own = {id(p) for m in (model.generator, model.mlm_head) for p in m.parameters()} - shared
+    split = {own: [p for p in model.parameters() if (id(p) in generator_own) == own] for own in (False, True)}
     groups = [
         {
             "params": [p for p in params if (p.ndim > 1) == matrices],
             "weight_decay": 0.01 if matrices else 0.0,
             "peak_lr": peak,
         }
-        for params, peak in ((rest, lr), (generator_own, generator_lr))
+        for params, peak in ((split[False], lr), (split[True], generator_lr))
         for matrices in (True, False)
     ]
     optimizer = torch.optim.AdamW(groups, lr=lr, eps=1e-6)  # the paper's Adam epsilon
