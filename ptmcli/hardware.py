@@ -91,7 +91,10 @@ def peak_flops(hw: Hardware) -> float | None:
         return float(json.loads(cache.read_text())["flops"])
     except (OSError, ValueError, KeyError):
         pass
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    # a generator of its own: drawing from torch's would shift every later dropout mask, so a run on a cold cache
+    # would differ from the same run on a warm one
+    generator = torch.Generator().manual_seed(0)
+    a, b = torch.randn(2048, 2048, generator=generator), torch.randn(2048, 2048, generator=generator)
     a @ b
     start, products = time.perf_counter(), 0
     while time.perf_counter() - start < 1.0:
