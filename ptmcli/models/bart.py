@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ptmcli.architectures import BartArch
+from ptmcli.models.dropout import Dropout
 from ptmcli.models.layers import (
     CrossAttention,
     EncoderDecoderLM,
@@ -30,7 +31,7 @@ class Embeddings(nn.Module):
         self.offset = arch.position_offset
         self.position = nn.Embedding(arch.position_offset + arch.max_positions, arch.hidden_size)
         self.norm = nn.LayerNorm(arch.hidden_size, eps=arch.layer_norm_eps)
-        self.dropout = nn.Dropout(arch.dropout)
+        self.dropout = Dropout(arch.dropout)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         x = self.word(input_ids) + self.position.weight[self.offset : self.offset + input_ids.shape[1]]
@@ -68,7 +69,7 @@ class DecoderLayer(nn.Module):
         self.cross_norm = nn.LayerNorm(h, eps=eps)
         self.ffn = FeedForward(h, arch.intermediate_size)
         self.ffn_norm = nn.LayerNorm(h, eps=eps)
-        self.dropout = nn.Dropout(arch.dropout)
+        self.dropout = Dropout(arch.dropout)
 
     def forward(self, x, memory, memory_mask, cache=None):
         x = self.attention_norm(x + self.dropout(self.attention(x, None, causal=True, cache=cache)))
@@ -82,7 +83,7 @@ class Decoder(nn.Module):
         self.offset = arch.position_offset
         self.position = nn.Embedding(arch.position_offset + arch.max_positions, arch.hidden_size)
         self.norm = nn.LayerNorm(arch.hidden_size, eps=arch.layer_norm_eps)
-        self.dropout = nn.Dropout(arch.dropout)
+        self.dropout = Dropout(arch.dropout)
         self.layers = nn.ModuleList(DecoderLayer(arch) for _ in range(arch.num_decoder_layers))
 
     def forward(self, words, memory, memory_mask, cache=None) -> torch.Tensor:

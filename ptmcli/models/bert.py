@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ptmcli.architectures import BertArch
+from ptmcli.models.dropout import Dropout
 from ptmcli.models.layers import MaskedLMHead, init_normal, layer_stack, padding_mask
 
 
@@ -20,7 +21,7 @@ class Embeddings(nn.Module):
         self.position = nn.Embedding(arch.max_positions, arch.hidden_size)
         self.token_type = nn.Embedding(arch.type_vocab_size, arch.hidden_size)
         self.norm = nn.LayerNorm(arch.hidden_size, eps=arch.layer_norm_eps)
-        self.dropout = nn.Dropout(arch.dropout)
+        self.dropout = Dropout(arch.dropout)
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None) -> torch.Tensor:
         """input_ids: (B, T) -> (B, T, C)"""

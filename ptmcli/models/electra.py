@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ptmcli.architectures import ElectraArch
+from ptmcli.models.dropout import Dropout
 from ptmcli.models.layers import EncoderLayer, MaskedLMHead, init_normal, padding_mask
 
 
@@ -25,7 +26,7 @@ class Embeddings(nn.Module):
         self.position = nn.Embedding(arch.max_positions, width)
         self.token_type = nn.Embedding(arch.type_vocab_size, width)
         self.norm = nn.LayerNorm(width, eps=arch.layer_norm_eps)
-        self.dropout = nn.Dropout(arch.dropout)
+        self.dropout = Dropout(arch.dropout)
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None) -> torch.Tensor:
         x = self.word(input_ids) + self.position.weight[: input_ids.shape[1]]

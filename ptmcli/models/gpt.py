@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ptmcli.architectures import GptArch
+from ptmcli.models.dropout import Dropout
 from ptmcli.models.layers import DecoderBlock, init_normal, layer_stack
 from ptmcli.models.vocab_loss import VocabLoss, projected_cross_entropy
 
@@ -23,7 +24,7 @@ class Embeddings(nn.Module):
         super().__init__()
         self.word = nn.Embedding(vocab_size, arch.hidden_size)
         self.position = nn.Embedding(arch.max_positions, arch.hidden_size)
-        self.dropout = nn.Dropout(arch.dropout)
+        self.dropout = Dropout(arch.dropout)
 
     def forward(self, input_ids: torch.Tensor, start: int = 0) -> torch.Tensor:
         """input_ids: (B, T) at positions start..start+T-1 -> (B, T, C)"""

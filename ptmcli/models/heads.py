@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from ptmcli.models.dropout import Dropout, dropout
 from ptmcli.models.layers import last_token, pool
 
 
@@ -65,7 +65,7 @@ class TaskModel(FrozenAware):
     ):
         super().__init__(encoder, frozen)
         self.head_kind, self.pooling = head, pooling
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.head = new_head(encoder.arch.hidden_size, head, num_outputs)
 
     def features(self, input_ids, token_type_ids=None, attention_mask=None) -> torch.Tensor:
@@ -90,9 +90,9 @@ class MultiTaskModel(FrozenAware):
         )
 
     def forward(self, input_ids, token_type_ids=None, attention_mask=None, task: str = "") -> torch.Tensor:
-        head, _, pooling, dropout = self.tasks[task]
+        head, _, pooling, p = self.tasks[task]
         features = self.head_features(head, pooling, input_ids, token_type_ids, attention_mask)
-        return self.heads[task](F.dropout(features, dropout, self.training))
+        return self.heads[task](dropout(features, p, self.training))
 
 
 class HeadView:

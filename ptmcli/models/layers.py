@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ptmcli.models.dropout import Dropout, dropout
 from ptmcli.models.vocab_loss import VocabLoss, projected_cross_entropy, targeted_cross_entropies
 
 
@@ -20,6 +21,32 @@ def padding_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
     if attention_mask is None or bool(attention_mask.all()):
         return None
     return attention_mask.bool()[:, None, None, :]
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    dropout_p: float,
+    is_causal: bool,
+    scale: float | None,
+) -> torch.Tensor:
+    """`F.scaled_dot_product_attention` of (B, nh, T, hs) queries and (B, nh, S, hs) keys/values -> (B, nh, T, hs).
+    With dropout on a CPU, SDPA's own kernel is its reference computation drawing a slow mask, so the same
+    computation is written out here with the attention weights dropping through `dropout`'s cheap masks."""
+    if dropout_p == 0.0 or q.device.type != "cpu":
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale
+        )
+    scores = (q @ k.transpose(-2, -1)).mul_(q.shape[-1] ** -0.5 if scale is None else scale)  # (B, nh, T, S)
+    if is_causal:
+        mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+    if mask is not None and mask.dtype == torch.bool:
+        scores = scores.masked_fill_(~mask, float("-inf"))
+    elif mask is not None:
+        scores = scores + mask
+    return dropout(scores.softmax(-1), dropout_p) @ v
 
 
 class SelfAttention(nn.Module):
@@ -74,15 +101,7 @@ class SelfAttention(nn.Module):
             causal = False  # folded into the explicit mask
         if position_bias is not None:
             mask, causal = position_bias.to(q.dtype), False
-        y = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            dropout_p=self.dropout if self.training else 0.0,
-            is_causal=causal and mask is None,
-            scale=self.scale,
-        )
+        y = attention(q, k, v, mask, self.dropout if self.training else 0.0, causal and mask is None, self.scale)
         return self.out(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -110,14 +129,7 @@ class CrossAttention(nn.Module):
             k, v = (heads(t) for t in self.kv(memory).split(C, dim=2))
             if cache is not None:
                 cache["memory_k"], cache["memory_v"] = k, v
-        y = F.scaled_dot_product_attention(
-            heads(self.query(x)),
-            k,
-            v,
-            attn_mask=mask,
-            dropout_p=self.dropout if self.training else 0.0,
-            scale=self.scale,
-        )
+        y = attention(heads(self.query(x)), k, v, mask, self.dropout if self.training else 0.0, False, self.scale)
         return self.out(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -198,7 +210,7 @@ class EncoderLayer(nn.Module):
         self.attention_norm = nn.LayerNorm(hidden, eps=eps)
         self.ffn = FeedForward(hidden, intermediate, activation=activation)
         self.ffn_norm = nn.LayerNorm(hidden, eps=eps)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         x = self.attention_norm(x + self.dropout(self.attention(x, mask)))
@@ -241,7 +253,7 @@ class DecoderBlock(nn.Module):
         self.attention = SelfAttention(hidden, heads, attention_dropout)
         self.ffn_norm = nn.LayerNorm(hidden, eps=eps)
         self.ffn = FeedForward(hidden, intermediate, activation=activation)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, x: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
         x = x + self.dropout(self.attention(self.attention_norm(x), None, causal=True, cache=cache))

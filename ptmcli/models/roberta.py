@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ptmcli.architectures import RobertaArch
+from ptmcli.models.dropout import Dropout
 from ptmcli.models.layers import MaskedLMHead, init_normal, layer_stack, padding_mask
 
 
@@ -20,7 +21,7 @@ class Embeddings(nn.Module):
         # Hugging Face's RoBERTa keeps one segment row, added to every token
         self.token_type = nn.Embedding(arch.type_vocab_size, arch.hidden_size) if arch.type_vocab_size else None
         self.norm = nn.LayerNorm(arch.hidden_size, eps=arch.layer_norm_eps)
-        self.dropout = nn.Dropout(arch.dropout)
+        self.dropout = Dropout(arch.dropout)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids: (B, T) -> (B, T, C)"""

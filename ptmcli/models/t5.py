@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ptmcli.architectures import T5Arch
+from ptmcli.models.dropout import Dropout
 from ptmcli.models.layers import CrossAttention, EncoderDecoderLM, FeedForward, RMSNorm, SelfAttention
 
 
@@ -83,7 +84,7 @@ class Block(nn.Module):
         self.ffn = FeedForward(
             h, arch.intermediate_size, bias=False, activation="gelu-tanh" if gated else "relu", gated=gated
         )
-        self.dropout = nn.Dropout(arch.dropout)
+        self.dropout = Dropout(arch.dropout)
 
     def forward(self, x, bias, memory=None, memory_mask=None, cache=None):
         x = _clamp_fp16(x + self.dropout(self.attention(self.attention_norm(x), None, cache=cache, position_bias=bias)))
@@ -112,7 +113,7 @@ class T5(nn.Module):
         self.relative_bias = RelativeBias(arch, bidirectional=True)
         self.layers = nn.ModuleList(Block(arch, decoder=False) for _ in range(arch.num_layers))
         self.final_norm = RMSNorm(arch.hidden_size, arch.layer_norm_eps)
-        self.dropout = nn.Dropout(arch.dropout)
+        self.dropout = Dropout(arch.dropout)
 
     def forward(self, input_ids, token_type_ids=None, attention_mask=None) -> torch.Tensor:
         T = input_ids.shape[1]
@@ -131,7 +132,7 @@ class Decoder(nn.Module):
         self.relative_bias = RelativeBias(arch, bidirectional=False)
         self.layers = nn.ModuleList(Block(arch, decoder=True) for _ in range(arch.num_decoder_layers))
         self.final_norm = RMSNorm(arch.hidden_size, arch.layer_norm_eps)
-        self.dropout = nn.Dropout(arch.dropout)
+        self.dropout = Dropout(arch.dropout)
 
     def forward(self, x, memory, memory_mask, cache=None) -> torch.Tensor:
         """x: (B, T, C) embedded decoder inputs; `cache` (decoding): one dict per layer."""

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ptmcli.architectures import XlnetArch
+from ptmcli.models.dropout import Dropout, dropout
 from ptmcli.models.layers import FeedForward, SelfAttention, init_normal
 from ptmcli.models.vocab_loss import VocabLoss, projected_cross_entropy
 
@@ -69,7 +70,7 @@ class TwoStreamAttention(SelfAttention):
         scores = (scores / math.sqrt(hs)).masked_fill(~mask, float("-inf"))
         # a query with nothing to attend to (first in the order) gets zeros, not NaN
         probs = F.softmax(scores.float(), -1).nan_to_num(0.0).to(v.dtype)
-        probs = F.dropout(probs, self.dropout, self.training)
+        probs = dropout(probs, self.dropout, self.training)
         return (probs @ v).transpose(1, 2).reshape(B, T, nh * hs)
 
     def forward(self, h, g, content_mask, query_mask, sinusoid, different=None):
@@ -97,7 +98,7 @@ class Layer(nn.Module):
         self.attention_norm = nn.LayerNorm(arch.hidden_size, eps=arch.layer_norm_eps)
         self.ffn = FeedForward(arch.hidden_size, arch.intermediate_size)
         self.ffn_norm = nn.LayerNorm(arch.hidden_size, eps=arch.layer_norm_eps)
-        self.dropout = nn.Dropout(arch.dropout)
+        self.dropout = Dropout(arch.dropout)
 
     def _post(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
         x = self.attention_norm(x + self.dropout(attended))
@@ -113,7 +114,7 @@ class Embeddings(nn.Module):
         super().__init__()
         self.word = nn.Embedding(vocab_size, arch.hidden_size)
         self.query = nn.Parameter(torch.zeros(arch.hidden_size))  # the query stream's starting state
-        self.dropout = nn.Dropout(arch.dropout)
+        self.dropout = Dropout(arch.dropout)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.word(input_ids))
@@ -128,7 +129,7 @@ class Xlnet(nn.Module):
         self.vocab_size = vocab_size
         self.embeddings = Embeddings(arch, vocab_size)
         self.layers = nn.ModuleList(Layer(arch) for _ in range(arch.num_layers))
-        self.dropout = nn.Dropout(arch.dropout)
+        self.dropout = Dropout(arch.dropout)
 
     def _sinusoid(self, T: int, like: torch.Tensor) -> torch.Tensor:
         return self.dropout(relative_sinusoid(T, self.arch.hidden_size, like.device).to(like.dtype))

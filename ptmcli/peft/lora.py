@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ptmcli.models.dropout import Dropout
+
 
 def whole(tensor: torch.Tensor) -> torch.Tensor:
     """The full tensor of an FSDP-sharded one (gathered, and differentiable), else the tensor itself: AdaLoRA's
@@ -40,7 +42,7 @@ class LowRankLinear(nn.Module):
         self.slices = [(i * width, (i + 1) * width) for i in slices]
         self.slice_ids = list(slices)
         self.scale = alpha / r
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.lora_A = nn.ParameterList(nn.Parameter(torch.empty(r, base.in_features)) for _ in slices)  # (r, in)
         self.lora_B = nn.ParameterList(nn.Parameter(torch.zeros(width, r)) for _ in slices)  # (out, r)
         for a, b in zip(self.lora_A, self.lora_B):

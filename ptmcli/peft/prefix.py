@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ptmcli.models.dropout import Dropout
+
 
 class PrefixEncoder(nn.Module):
     def __init__(
@@ -23,7 +25,7 @@ class PrefixEncoder(nn.Module):
             nn.Tanh(),
             nn.Linear(projection_hidden, num_layers * 2 * hidden_size),
         )
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.register_buffer("frozen_states", None)
 
     def states(self) -> torch.Tensor:
