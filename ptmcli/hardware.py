@@ -68,6 +68,22 @@ GPU_PEAKS = {
 }
 
 
+def cpu_matmul_rate(seconds: float = 1.0) -> float:
+    """FLOP/s of fp32 2048-wide matrix products on this CPU with torch's threads, measured now for `seconds`."""
+    import time
+
+    # a generator of its own: drawing from torch's would shift every later dropout mask, so a run on a cold cache
+    # would differ from the same run on a warm one
+    generator = torch.Generator().manual_seed(0)
+    a, b = torch.randn(2048, 2048, generator=generator), torch.randn(2048, 2048, generator=generator)
+    a @ b
+    start, products = time.perf_counter(), 0
+    while time.perf_counter() - start < seconds:
+        a @ b
+        products += 1
+    return 2 * 2048**3 * products / (time.perf_counter() - start)
+
+
 def peak_flops(hw: Hardware) -> float | None:
     """The device's peak FLOP/s at the run's dtype: a table for known GPUs; on a CPU, a matrix-product rate
     measured once (1 s, all threads, 2048-wide products: smaller ones stay below the rate) and cached under PTM_CACHE.
@@ -91,16 +107,7 @@ def peak_flops(hw: Hardware) -> float | None:
         return float(json.loads(cache.read_text())["flops"])
     except (OSError, ValueError, KeyError):
         pass
-    # a generator of its own: drawing from torch's would shift every later dropout mask, so a run on a cold cache
-    # would differ from the same run on a warm one
-    generator = torch.Generator().manual_seed(0)
-    a, b = torch.randn(2048, 2048, generator=generator), torch.randn(2048, 2048, generator=generator)
-    a @ b
-    start, products = time.perf_counter(), 0
-    while time.perf_counter() - start < 1.0:
-        a @ b
-        products += 1
-    flops = 2 * 2048**3 * products / (time.perf_counter() - start)
+    flops = cpu_matmul_rate()
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps({"flops": flops, "threads": threads, "measured": time.strftime("%Y-%m-%d")}))

@@ -278,11 +278,12 @@ WIDTHS = (10, 11, 10, 7, 9, 8, 6, 9)
 
 
 def cpu_peak_gflops() -> float:
-    """This CPU's fp32 matmul rate (GFLOP/s, all threads), as ptm's MFU reads it (measured once, cached): the
-    ceiling 6 x parameters x tokens/s is read against."""
-    from ptmcli.hardware import Hardware, peak_flops
+    """This CPU's fp32 matmul rate (GFLOP/s, all threads), the ceiling 6 x parameters x tokens/s is read against:
+    measured afresh (3 s), not the value ptm's MFU caches, since the same machine runs faster or slower by up to
+    25 % from one hour to the next."""
+    from ptmcli.hardware import cpu_matmul_rate
 
-    return peak_flops(Hardware(device=torch.device("cpu"), dtype=torch.float32)) / 1e9
+    return cpu_matmul_rate(seconds=3.0) / 1e9
 
 
 def side_in_process(side: str, name: str, workdir: str, smoke: bool = False) -> dict:
