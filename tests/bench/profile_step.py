@@ -1,0 +1,77 @@
+"""Where one of `make bench`'s ptm steps spends its time: `torch.profiler` over two training steps of a family's bench
+model (the same overrides, batches and optimizer), after a few unprofiled ones.
+Run: python tests/bench/profile_step.py FAMILY  (bert roberta gpt t5 bart electra xlnet)
+Prints tokens/s over 6 steps, the ops by their own CPU time, and each matrix-product shape's GFLOP/s."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench  # noqa: E402  (the bench's own overrides)
+
+from ptmcli.compose import checked, parse  # noqa: E402
+from ptmcli.data.batches import BatchOrder, train_batches  # noqa: E402
+from ptmcli.distributed import Dist  # noqa: E402
+from ptmcli.models import PRETRAINING_MODELS  # noqa: E402
+from ptmcli.objectives import OBJECTIVES  # noqa: E402
+from ptmcli.optim import build_optimizer  # noqa: E402
+from ptmcli.pretrain import build_examples  # noqa: E402
+
+
+def product_flops(name: str, shapes: list) -> int | None:
+    """FLOPs of one mm / addmm / bmm call from its recorded input shapes."""
+    if name == "aten::bmm":
+        (b, n, k), (_, _, m) = shapes[0], shapes[1]
+        return 2 * b * n * k * m
+    a, w = (shapes[1], shapes[2]) if name == "aten::addmm" else (shapes[0], shapes[1])
+    return 2 * a[0] * a[1] * w[1] if len(a) == 2 and len(w) == 2 else None
+
+
+def main() -> None:
+    name = sys.argv[1] if len(sys.argv) > 1 else "bert"
+    torch.set_flush_denormal(True)  # as ptm's loop does on a CPU
+    _, cfg = checked(parse("pretrain", bench.overrides(name, False)))
+    tokenizer, train, _, _ = build_examples(cfg, Dist())
+    torch.manual_seed(cfg.trainer.seed)
+    model = PRETRAINING_MODELS[cfg.model.family](cfg.model, tokenizer.get_vocab_size(), cfg.objective).train()
+    objective = OBJECTIVES[cfg.objective.name](cfg.objective)
+    optimizer = build_optimizer(model, cfg.optimizer, torch.device("cpu"), None)
+    batches = train_batches(train, BatchOrder(len(train), cfg.trainer.batch_size, 1, 0, cfg.trainer.seed), 0)
+
+    def step() -> int:
+        batch = next(batches)
+        sums, _ = objective(model, batch)
+        (sum(sums.values()) / max(1, sum(batch["counts"].values()))).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return batch["num_tokens"]
+
+    for _ in range(2):
+        step()
+    start = time.perf_counter()
+    tokens = sum(step() for _ in range(6))
+    print(f"{name}: {tokens / (time.perf_counter() - start):,.0f} tokens/s over 6 steps")
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        for _ in range(2):
+            step()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+    rows = []
+    for event in prof.key_averages(group_by_input_shape=True):
+        if event.key in ("aten::mm", "aten::addmm", "aten::bmm") and event.self_cpu_time_total:
+            flops = product_flops(event.key, event.input_shapes)
+            seconds = event.self_cpu_time_total / 1e6
+            if flops:
+                rows.append((seconds, event.key, event.input_shapes, event.count, flops * event.count / seconds / 1e9))
+    for seconds, key, shapes, count, rate in sorted(rows, key=lambda r: r[0], reverse=True)[:20]:
+        print(f"{seconds:6.3f} s  {key:11} {shapes} x{count}  {rate:.0f} GFLOP/s")
+
+
+if __name__ == "__main__":
+    main()
