@@ -39,11 +39,11 @@ class _SeededDropout(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
         ctx.p, ctx.seed = p, seed
-        return x * kept_scale(x.shape, p, seed, x.dtype)
+        return kept_scale(x.shape, p, seed, x.dtype).mul_(x)  # into the mask's own buffer: one tensor less
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return grad * kept_scale(grad.shape, ctx.p, ctx.seed, grad.dtype), None, None
+        return kept_scale(grad.shape, ctx.p, ctx.seed, grad.dtype).mul_(grad), None, None
 
 
 def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
