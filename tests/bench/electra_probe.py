@@ -1,8 +1,9 @@
 """Why an ELECTRA discriminator stays at the all-original baseline in short runs: train ELECTRA-mini for a few
 hundred steps (batch 16, 128 tokens, AdamW lr 5e-4, linear warmup/decay, English news) and print, every 50
 steps, the generator's MLM loss, the part of the discriminator's loss explained beyond the base rate
-(gap = entropy of the replaced share - RTD loss, nats) and the mean cosine similarity between the
-discriminator's final token states (1 = every token has the same state: collapsed).
+(gap = entropy of the replaced share - RTD loss, nats), the discriminator's ROC AUC on the last batch (0.5 = it
+ranks replaced tokens no higher than originals, whatever its calibration) and the mean cosine similarity between
+the discriminator's final token states (1 = every token has the same state: collapsed).
 
 Run: python tests/bench/electra_probe.py [--zero-bias] [--unigram-generator] [--untied] [--steps=400] [KEY=VALUE ...]
   --zero-bias          the discriminator's output bias starts at 0 (the reference code) instead of the log-odds
@@ -13,6 +14,7 @@ Run: python tests/bench/electra_probe.py [--zero-bias] [--unigram-generator] [--
   --lr=X --warmup=N    the peak learning rate (5e-4) and the warm-up steps (60)
   --generator-lr=X     the peak learning rate of the generator's own weights (default: --lr; the embeddings it
                        shares with the discriminator follow --lr)
+  --generator-layers=N keep only the generator's first N layers (default: as many as the discriminator)
   KEY=VALUE            recipe overrides, e.g. objective.mask_prob=0.15
 """
 
@@ -44,6 +46,27 @@ def collapse(model, batch) -> float:
     return float((states @ states.t()).mean())
 
 
+def detection_auc(model, batch) -> float:
+    """ROC AUC of the discriminator's logits on a batch (dropout off): the chance that a replaced token scores
+    above an original one. The global random state is put back: the run goes on as without this measurement."""
+    model.eval()
+    random_state = torch.get_rng_state()
+    with torch.no_grad():
+        out = model(
+            *(batch[k] for k in ("input_ids", "token_type_ids", "attention_mask")),
+            batch["mlm_positions"],
+            batch["mlm_targets"],
+        )
+    torch.set_rng_state(random_state)
+    model.train()
+    real = batch["attention_mask"].bool()
+    logits, replaced = out["rtd_logits"][real], out["replaced"][real]
+    ranks = torch.empty_like(logits).scatter_(0, logits.argsort(), torch.arange(len(logits), dtype=logits.dtype))
+    positives = int(replaced.sum())
+    negatives = len(replaced) - positives
+    return float((ranks[replaced].sum() - positives * (positives - 1) / 2) / max(positives * negatives, 1))
+
+
 def main(args: list[str]) -> None:
     flags = {a for a in args if a.startswith("--")}
     overrides = [a for a in args if not a.startswith("--")]
@@ -69,6 +92,8 @@ def main(args: list[str]) -> None:
             np.add.at(counts, np.asarray(ids), 1)
         with torch.no_grad():
             model.mlm_head.bias.copy_(torch.from_numpy(np.log(counts / counts.sum())))
+    if flag("generator-layers", 0):
+        model.generator.layers = model.generator.layers[: flag("generator-layers", 0)]
     if "--untied" in flags:
         model.encoder.embeddings = copy.deepcopy(model.generator.embeddings)
     objective = OBJECTIVES["rtd"](cfg.objective)
@@ -104,7 +129,8 @@ def main(args: list[str]) -> None:
             mean = {k: v / 50 for k, v in window.items()}
             print(
                 f"step {step + 1:4d}  generator MLM {mean['mlm']:.3f}  RTD {mean['rtd']:.4f}  "
-                f"gap {mean['entropy'] - mean['rtd']:.4f}  token-state cosine {collapse(model, batch):.3f}",
+                f"gap {mean['entropy'] - mean['rtd']:.4f}  AUC {detection_auc(model, batch):.3f}  "
+                f"token-state cosine {collapse(model, batch):.3f}",
                 flush=True,
             )
             window = dict.fromkeys(window, 0.0)
