@@ -76,7 +76,7 @@ def main(args: list[str]) -> None:
         return next((type(default)(a.split("=", 1)[1]) for a in flags if a.startswith(f"--{name}=")), default)
 
     steps, warmup, lr = flag("steps", 400), flag("warmup", 60), flag("lr", 5e-4)
-    generator_lr = flag("generator-lr", lr)
+    generator_lr, generator_layers = flag("generator-lr", lr), flag("generator-layers", 0)
     batch_size = 16
     torch.set_flush_denormal(True)
     torch.set_num_threads(1)  # as measured (docs/results.md); results differ slightly with the thread count
@@ -92,8 +92,8 @@ def main(args: list[str]) -> None:
             np.add.at(counts, np.asarray(ids), 1)
         with torch.no_grad():
             model.mlm_head.bias.copy_(torch.from_numpy(np.log(counts / counts.sum())))
-    if flag("generator-layers", 0):
-        model.generator.layers = model.generator.layers[: flag("generator-layers", 0)]
+    if generator_layers:
+        model.generator.layers = model.generator.layers[:generator_layers]
     if "--untied" in flags:
         model.encoder.embeddings = copy.deepcopy(model.generator.embeddings)
     objective = OBJECTIVES["rtd"](cfg.objective)
