@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass
 
 import torch
@@ -70,8 +71,6 @@ GPU_PEAKS = {
 
 def cpu_matmul_rate(seconds: float = 1.0) -> float:
     """FLOP/s of fp32 2048-wide matrix products on this CPU with torch's threads, measured now for `seconds`."""
-    import time
-
     # a generator of its own: drawing from torch's would shift every later dropout mask, so a run on a cold cache
     # would differ from the same run on a warm one
     generator = torch.Generator().manual_seed(0)
@@ -98,7 +97,6 @@ def peak_flops(hw: Hardware) -> float | None:
         return None
     import json
     import os
-    import time
     from pathlib import Path
 
     threads = torch.get_num_threads()
