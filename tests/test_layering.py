@@ -84,7 +84,12 @@ def test_layers_import_downwards_only():
             other, other_rank = _layer(imported)
             if other != head and other_rank > rank:
                 problems.append(f"{module} imports {imported}")
-            shared = ("models.layers", "models.vocab_loss", "models.dropout")  # what every family builds from
+            shared = (
+                "models.layers",
+                "models.vocab_loss",
+                "models.dropout",
+                "models.recompute",
+            )  # what every family builds from
             if (
                 head == "models"
                 and other == "models"

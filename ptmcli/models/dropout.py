@@ -46,11 +46,44 @@ class _SeededDropout(torch.autograd.Function):
         return kept_scale(grad.shape, ctx.p, ctx.seed, grad.dtype).mul_(grad), None, None
 
 
+class _SeededDropoutMatmul(torch.autograd.Function):
+    """dropout(weights) @ values keeping `weights` (which the softmax producing them keeps anyway) and not the
+    dropped copy: the backward pass drops them again from the seed."""
+
+    @staticmethod
+    def forward(ctx, weights: torch.Tensor, values: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+        ctx.save_for_backward(weights, values)
+        ctx.p, ctx.seed = p, seed
+        return kept_scale(weights.shape, p, seed, weights.dtype).mul_(weights) @ values
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        weights, values = ctx.saved_tensors
+        kept = kept_scale(weights.shape, ctx.p, ctx.seed, weights.dtype)
+        grad_weights = grad_values = None
+        if ctx.needs_input_grad[0]:
+            grad_weights = (grad @ values.transpose(-2, -1)).mul_(kept)
+        if ctx.needs_input_grad[1]:
+            grad_values = kept.mul_(weights).transpose(-2, -1) @ grad  # the mask's buffer now holds the dropped weights
+        return grad_weights, grad_values, None, None
+
+
+def _cheap(x: torch.Tensor, p: float) -> bool:
+    return x.device.type == "cpu" and x.numel() >= SMALL and 0 < round(p * UNITS) < UNITS
+
+
+def dropout_matmul(weights: torch.Tensor, values: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
+    """`dropout(weights, p, training) @ values`; on a CPU without keeping the dropped weights for the backward."""
+    if not training or p == 0.0 or not _cheap(weights, p) or weights.shape[:-2] != values.shape[:-2]:
+        return dropout(weights, p, training) @ values
+    return _SeededDropoutMatmul.apply(weights, values, p, int(torch.randint(0, 2**62, (), dtype=torch.int64)))
+
+
 def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     """`F.dropout(x, p, training)`, with cheap masks on a CPU."""
     if not training or p == 0.0:
         return x
-    if x.device.type != "cpu" or x.numel() < SMALL or not 0 < round(p * UNITS) < UNITS:
+    if not _cheap(x, p):
         return F.dropout(x, p, training)
     seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
     return _SeededDropout.apply(x, p, seed)

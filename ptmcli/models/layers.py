@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ptmcli.models.dropout import Dropout, dropout
+from ptmcli.models.dropout import Dropout, dropout_matmul
+from ptmcli.models.recompute import GELU_APPROXIMATION, GeluThenLinear, rms_norm
 from ptmcli.models.vocab_loss import VocabLoss, projected_cross_entropy, targeted_cross_entropies
 
 
@@ -34,7 +35,8 @@ def attention(
 ) -> torch.Tensor:
     """`F.scaled_dot_product_attention` of (B, nh, T, hs) queries and (B, nh, S, hs) keys/values -> (B, nh, T, hs).
     With dropout on a CPU, SDPA's own kernel is its reference computation drawing a slow mask, so the same
-    computation is written out here with the attention weights dropping through `dropout`'s cheap masks."""
+    computation is written out here, the attention weights dropping through `dropout_matmul` (cheap masks, and
+    the dropped copy never kept)."""
     if dropout_p == 0.0 or q.device.type != "cpu":
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale
@@ -46,7 +48,7 @@ def attention(
         scores = scores.masked_fill_(~mask, float("-inf"))
     elif mask is not None:
         scores = scores + mask
-    return dropout(scores.softmax(-1), dropout_p) @ v
+    return dropout_matmul(scores.softmax(-1), v, dropout_p)
 
 
 class SelfAttention(nn.Module):
@@ -171,11 +173,13 @@ class FeedForward(nn.Module):
         self.up = nn.Linear(hidden_size, intermediate_size, bias=bias)
         self.gate = nn.Linear(hidden_size, intermediate_size, bias=bias) if gated else None
         self.down = nn.Linear(intermediate_size, hidden_size, bias=bias)
-        self.activation = ACTIVATIONS[activation]
+        self.activation, self.approximate = ACTIVATIONS[activation], GELU_APPROXIMATION.get(activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate is not None:
             return self.down(self.activation(self.gate(x)) * self.up(x))
+        if self.approximate is not None and isinstance(self.down, nn.Linear):  # not when LoRA or an adapter wraps it
+            return GeluThenLinear.apply(self.up(x), self.down.weight, self.down.bias, self.approximate)
         return self.down(self.activation(self.up(x)))
 
 
@@ -188,8 +192,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        variance = x.float().pow(2).mean(-1, keepdim=True)
-        return self.weight * (x.float() * torch.rsqrt(variance + self.eps)).to(self.weight.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class EncoderLayer(nn.Module):

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ptmcli.architectures import XlnetArch
-from ptmcli.models.dropout import Dropout, dropout
+from ptmcli.models.dropout import Dropout, dropout_matmul
 from ptmcli.models.layers import FeedForward, SelfAttention, init_normal
 from ptmcli.models.vocab_loss import VocabLoss, projected_cross_entropy
 
@@ -33,6 +33,18 @@ def relative_sinusoid(T: int, dim: int, device: torch.device) -> torch.Tensor:
     inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2.0, device=device) / dim))
     angles = distances[:, None] * inv_freq[None, :]
     return torch.cat([angles.sin(), angles.cos()], -1)
+
+
+def relative_shift(by_distance: torch.Tensor) -> torch.Tensor:
+    """(B, nh, T, 2T-1) scores by distance, column c for the distance T-1-c -> (B, nh, T, T) with [i, j] the score
+    for the distance i - j, i.e. column T-1-i+j of row i. Done with views (Transformer-XL's shift): that element
+    lies T-1 + i(2T-2) + j into the flattened rows, so a gather's copy and the input it keeps for its backward
+    are never made."""
+    B, nh, T, _ = by_distance.shape
+    if T == 1:
+        return by_distance
+    flat = by_distance.reshape(B, nh, T * (2 * T - 1))
+    return flat[..., T - 1 : T - 1 + T * (2 * T - 2)].view(B, nh, T, 2 * T - 2)[..., :T]
 
 
 class TwoStreamAttention(SelfAttention):
@@ -59,19 +71,18 @@ class TwoStreamAttention(SelfAttention):
         """q, k, v: (B, nh, T, hs); positions: (nh, 2T-1, hs); mask: (B, 1, T|1, T), True = may attend;
         different: (B, 1, T, T), True where two tokens lie in different segments, or None."""
         B, nh, T, hs = q.shape
-        content = (q + self.content_bias[:, None]) @ k.transpose(-1, -2)
+        scores = (q + self.content_bias[:, None]) @ k.transpose(-1, -2)
         by_distance = (q + self.position_bias[:, None]) @ positions.transpose(-1, -2)  # (B, nh, T, 2T-1)
-        i = torch.arange(T, device=q.device)
-        index = (T - 1) - (i[:, None] - i[None, :])  # column of distance i - j
-        scores = content + by_distance.gather(-1, index.expand(B, nh, T, T))
+        scores += relative_shift(by_distance)
         if different is not None:
             by_segment = torch.einsum("bnid,snd->bnis", q + self.segment_bias[:, None], self.segment_embed)
-            scores = scores + torch.where(different, by_segment[..., 1:], by_segment[..., :1])
-        scores = (scores / math.sqrt(hs)).masked_fill(~mask, float("-inf"))
-        # a query with nothing to attend to (first in the order) gets zeros, not NaN
-        probs = F.softmax(scores.float(), -1).nan_to_num(0.0).to(v.dtype)
-        probs = dropout(probs, self.dropout, self.training)
-        return (probs @ v).transpose(1, 2).reshape(B, T, nh * hs)
+            scores += torch.where(different, by_segment[..., 1:], by_segment[..., :1])
+        # in place, and a finite fill instead of -inf: a query with nothing to attend to (first in the order) gets a
+        # uniform row here instead of NaN, and zeros below; the softmax's output is the only (T x T) tensor kept
+        scores = scores.mul_(1 / math.sqrt(hs)).masked_fill_(~mask, torch.finfo(scores.dtype).min)
+        probs = F.softmax(scores, -1, dtype=torch.float32).to(v.dtype)
+        attended = dropout_matmul(probs, v, self.dropout, self.training).masked_fill(~mask.any(-1, keepdim=True), 0.0)
+        return attended.transpose(1, 2).reshape(B, T, nh * hs)
 
     def forward(self, h, g, content_mask, query_mask, sinusoid, different=None):
         """h, g: (B, T, C) content and query streams (g may be None); returns their attention outputs."""

@@ -1,12 +1,17 @@
 """Where one of `make bench`'s ptm steps spends its time: `torch.profiler` over two training steps of a family's bench
 model (the same overrides, batches and optimizer), after a few unprofiled ones.
-Run: python tests/bench/profile_step.py FAMILY  (bert roberta gpt t5 bart electra xlnet)
-Prints tokens/s over 6 steps, the ops by their own CPU time, and each matrix-product shape's GFLOP/s."""
+Run: python tests/bench/profile_step.py FAMILY [--kept]  (bert roberta gpt t5 bart electra xlnet)
+Prints tokens/s over 6 steps and the process's peak RSS, then the ops by their own CPU time and each
+matrix-product shape's GFLOP/s; with --kept instead, the tensors one forward pass keeps for the backward pass
+(distinct storages, parameters left out) summed by the line of ptm that made autograd keep them."""
 
 from __future__ import annotations
 
+import collections
+import resource
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -33,8 +38,29 @@ def product_flops(name: str, shapes: list) -> int | None:
     return 2 * a[0] * a[1] * w[1] if len(a) == 2 and len(w) == 2 else None
 
 
+def kept_for_backward(forward, parameters) -> None:
+    """Run `forward()` and print the MB autograd keeps for the backward pass, by the ptm line that kept it."""
+    skip = {p.untyped_storage().data_ptr() for p in parameters}
+    by_line: collections.Counter = collections.Counter()
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in skip:
+            skip.add(storage.data_ptr())
+            ours = [f for f in traceback.extract_stack() if "ptmcli" in f.filename]
+            where = f"{ours[-1].filename.split('ptmcli/')[-1]}:{ours[-1].lineno} {ours[-1].line}" if ours else "?"
+            by_line[where] += storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        forward()
+    print(f"kept for the backward pass: {sum(by_line.values()) / 2**20:,.0f} MB")
+    for where, size in by_line.most_common(15):
+        print(f"{size / 2**20:8.1f} MB  {where}")
+
+
 def main() -> None:
-    name = sys.argv[1] if len(sys.argv) > 1 else "bert"
+    name = next((a for a in sys.argv[1:] if not a.startswith("--")), "bert")
     torch.set_flush_denormal(True)  # as ptm's loop does on a CPU
     _, cfg = checked(parse("pretrain", bench.overrides(name, False)))
     tokenizer, train, _, _ = build_examples(cfg, Dist())
@@ -53,11 +79,15 @@ def main() -> None:
         optimizer.zero_grad(set_to_none=True)
         return batch["num_tokens"]
 
+    if "--kept" in sys.argv:
+        kept_for_backward(lambda: objective(model, next(batches)), list(model.parameters()))
+        return
     for _ in range(2):
         step()
     start = time.perf_counter()
     tokens = sum(step() for _ in range(6))
-    print(f"{name}: {tokens / (time.perf_counter() - start):,.0f} tokens/s over 6 steps")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"{name}: {tokens / (time.perf_counter() - start):,.0f} tokens/s over 6 steps, peak RSS {peak:,.0f} MB")
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         for _ in range(2):
             step()

@@ -1,0 +1,75 @@
+"""Layers that recompute a cheap elementwise result in the backward pass instead of keeping it until then.
+
+Left to autograd, down(gelu(up(x))) keeps two (tokens x intermediate) tensors per layer: the GELU's input for
+its own derivative and its output for the down projection's weight gradient. They are the largest tensors a
+layer keeps (4x the hidden width). `GeluThenLinear` keeps the input alone and recomputes the GELU in the
+backward pass, an elementwise op that costs far less than the products beside it. `rms_norm` (T5's norm) keeps
+its input and one number per token, where autograd keeps the input and the normalised copy.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# the activations whose input is worth keeping instead of their output, with F.gelu's name for each; not ReLU,
+# whose derivative needs only its output, which the down projection keeps anyway
+GELU_APPROXIMATION = {"gelu": "none", "gelu-tanh": "tanh"}
+
+
+class GeluThenLinear(torch.autograd.Function):
+    """F.linear(gelu(pre), weight, bias), keeping `pre` and not gelu(pre) for the backward pass.
+
+    Under autocast the product runs in the autocast dtype; the backward pass, which autocast does not cover,
+    computes in `pre`'s dtype and returns the weight's gradients in the weight's own dtype, as autograd through
+    autocast's cast would."""
+
+    @staticmethod
+    def forward(ctx, pre, weight, bias, approximate: str):
+        ctx.save_for_backward(pre, weight)
+        ctx.approximate, ctx.bias_dtype = approximate, None if bias is None else bias.dtype
+        return F.linear(F.gelu(pre, approximate=approximate), weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        pre, weight = ctx.saved_tensors
+        grad = grad.to(pre.dtype)
+        grad_pre = grad_weight = grad_bias = None
+        # one (tokens x intermediate) buffer serves as the recomputed activation and then as its gradient: a fresh
+        # 16 MB tensor per layer costs page faults comparable to the GELU itself
+        buffer = F.gelu(pre, approximate=ctx.approximate)
+        if ctx.needs_input_grad[1]:
+            grad_weight = (grad.flatten(0, -2).T @ buffer.flatten(0, -2)).to(weight.dtype)
+        if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
+            grad_bias = grad.flatten(0, -2).sum(0).to(ctx.bias_dtype)
+        if ctx.needs_input_grad[0]:
+            grad_act = torch.matmul(grad, weight.to(pre.dtype), out=buffer)
+            grad_pre = torch.ops.aten.gelu_backward.grad_input(
+                grad_act, pre, approximate=ctx.approximate, grad_input=buffer
+            )
+        return grad_pre, grad_weight, grad_bias, None
+
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps: float):
+        rstd = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)  # (..., 1), fp32
+        ctx.save_for_backward(x, weight, rstd)
+        return weight * (x.float() * rstd).to(weight.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, rstd = ctx.saved_tensors
+        normed = x.float() * rstd
+        grad_x = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_normed = (grad * weight).float()
+            grad_x = (rstd * (grad_normed - normed * (grad_normed * normed).mean(-1, keepdim=True))).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_weight = (grad * normed.to(weight.dtype)).flatten(0, -2).sum(0)
+        return grad_x, grad_weight, None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """weight * x / rms(x), the division in fp32 and the result in the weight's dtype (T5's layer norm)."""
+    return _RMSNorm.apply(x, weight, eps)
