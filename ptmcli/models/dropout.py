@@ -72,11 +72,16 @@ def _cheap(x: torch.Tensor, p: float) -> bool:
     return x.device.type == "cpu" and x.numel() >= SMALL and 0 < round(p * UNITS) < UNITS
 
 
+def _seed() -> int:
+    """One draw from torch's generator: what makes the masks follow `torch.manual_seed` and checkpointed RNG state."""
+    return int(torch.randint(0, 2**62, (), dtype=torch.int64))
+
+
 def dropout_matmul(weights: torch.Tensor, values: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     """`dropout(weights, p, training) @ values`; on a CPU without keeping the dropped weights for the backward."""
     if not training or p == 0.0 or not _cheap(weights, p) or weights.shape[:-2] != values.shape[:-2]:
         return dropout(weights, p, training) @ values
-    return _SeededDropoutMatmul.apply(weights, values, p, int(torch.randint(0, 2**62, (), dtype=torch.int64)))
+    return _SeededDropoutMatmul.apply(weights, values, p, _seed())
 
 
 def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
@@ -85,8 +90,7 @@ def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
         return x
     if not _cheap(x, p):
         return F.dropout(x, p, training)
-    seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
-    return _SeededDropout.apply(x, p, seed)
+    return _SeededDropout.apply(x, p, _seed())
 
 
 class Dropout(nn.Dropout):
