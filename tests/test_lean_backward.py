@@ -10,8 +10,8 @@ from ptmcli.models.recompute import rms_norm
 from ptmcli.models.xlnet import TwoStreamAttention, relative_shift, relative_sinusoid
 
 
-def kept_storages(fn, *args) -> tuple[object, list[torch.Tensor]]:
-    """fn(*args) and the distinct tensors autograd keeps for its backward pass (parameters and inputs included)."""
+def kept_storages(fn, *args) -> list[torch.Tensor]:
+    """The distinct tensors autograd keeps for the backward pass of fn(*args) (parameters and inputs included)."""
     kept: dict[int, torch.Tensor] = {}
 
     def pack(t):
@@ -19,8 +19,8 @@ def kept_storages(fn, *args) -> tuple[object, list[torch.Tensor]]:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn(*args)
-    return out, list(kept.values())
+        fn(*args)
+    return list(kept.values())
 
 
 def outputs_and_grads(fn, inputs, params) -> list[torch.Tensor]:
@@ -48,9 +48,9 @@ def test_feed_forward_keeps_one_wide_tensor_with_the_gradients_of_the_plain_comp
     for ours, ref in zip(run(ffn), run(plain)):
         assert ours.dtype == ref.dtype
         torch.testing.assert_close(ours, ref, atol=1e-6, rtol=1e-6)
-    wide = [t for t in kept_storages(ffn, x)[1] if t.numel() == 3 * 5 * 64]
+    wide = [t for t in kept_storages(ffn, x) if t.numel() == 3 * 5 * 64]
     assert len(wide) == 1  # the activation's input; the plain computation keeps its output too
-    assert len([t for t in kept_storages(plain, x)[1] if t.numel() == 3 * 5 * 64]) == 2
+    assert len([t for t in kept_storages(plain, x) if t.numel() == 3 * 5 * 64]) == 2
 
 
 def test_feed_forward_with_frozen_weights_still_passes_the_input_gradient():
@@ -70,7 +70,7 @@ def test_dropout_matmul_equals_dropout_then_product_and_keeps_no_dropped_copy():
         results.append(outputs_and_grads(fn, [weights, values], []))
     for ours, ref in zip(*results):
         torch.testing.assert_close(ours, ref, atol=1e-6, rtol=1e-6)
-    _, kept = kept_storages(lambda w, v: dropout_matmul(w, v, 0.1), weights, values)
+    kept = kept_storages(lambda w, v: dropout_matmul(w, v, 0.1), weights, values)
     assert {t.untyped_storage().data_ptr() for t in kept} == {
         weights.untyped_storage().data_ptr(),
         values.untyped_storage().data_ptr(),
@@ -110,9 +110,10 @@ def test_rms_norm_keeps_its_input_and_one_number_per_token_with_the_plain_gradie
     def plain(x, weight):
         return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
 
-    ours = outputs_and_grads(lambda x: rms_norm(x, weight, 1e-6), [x], [weight])
-    results = [ours, outputs_and_grads(lambda x: plain(x, weight), [x], [weight])]
+    results = [
+        outputs_and_grads(lambda x: fn(x, weight), [x], [weight]) for fn in (lambda x, w: rms_norm(x, w, 1e-6), plain)
+    ]
     for ours, ref in zip(*results):
         torch.testing.assert_close(ours, ref, atol=1e-6, rtol=1e-5)
-    _, kept = kept_storages(lambda x: rms_norm(x, weight, 1e-6), x)
+    kept = kept_storages(lambda x: rms_norm(x, weight, 1e-6), x)
     assert sorted(t.numel() for t in kept) == [15, 16, 3 * 5 * 16]  # 1 / rms per token, the weight, the input
