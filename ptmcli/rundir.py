@@ -35,6 +35,7 @@ def _run_info(run_dir: Path) -> dict:
 LOCK_FILE = ".lock"
 _held: dict[Path, int] = {}  # run directory -> descriptor of its locked lock file, for this process's run
 _started: set[Path] = set()  # run directories this process recorded a start in (every check had passed)
+_made: set[Path] = set()  # `<stamp>-N` directories this process made (release removes them if left empty)
 
 
 def _lock(run_dir: Path) -> str | None:
@@ -65,11 +66,21 @@ def _lock(run_dir: Path) -> str | None:
 
 def release() -> None:
     """Give up the run directory locks this process holds (the kernel would on exit; a test runs many runs)."""
-    for run_dir, fd in list(_held.items()):
-        (run_dir / LOCK_FILE).unlink(missing_ok=True)  # while still locked, so no one else locks the old file
-        os.close(fd)
-        del _held[run_dir]
-        _started.discard(run_dir)
+    for run_dir in list(_held):
+        release_one(run_dir)
+
+
+def release_one(run_dir: Path) -> None:
+    run_dir = run_dir.resolve()
+    (run_dir / LOCK_FILE).unlink(missing_ok=True)  # while still locked, so no one else locks the old file
+    os.close(_held.pop(run_dir))
+    _started.discard(run_dir)
+    if run_dir in _made:
+        _made.discard(run_dir)
+        try:
+            run_dir.rmdir()  # only if the run wrote nothing into it
+        except OSError:
+            pass
 
 
 def lock_holder(run_dir: Path) -> dict | None:
@@ -125,6 +136,28 @@ def lock(run_dir: Path, dist: Dist) -> None:
             f"one directory would overwrite each other's checkpoints and metrics: wait for it to finish, stop it, "
             f"or pick another hydra.run.dir; nothing was changed."
         )
+
+
+def _claim_stamped(run_dir: Path, dist: Dist) -> Path:
+    """Lock the stamped directory Hydra made for a fresh run; when a run started in the same second already has it
+    (seeds launched together), lock the first free `<stamp>-N` beside it instead, so each run gets its own."""
+    claimed = ""
+    if dist.is_main:
+        for n in range(1, 1000):
+            candidate = run_dir if n == 1 else run_dir.with_name(f"{run_dir.name}-{n}")
+            made = not candidate.exists()
+            if _lock(candidate) is not None:
+                continue
+            if _run_info(candidate):  # a run that started and ended within the same second
+                release_one(candidate)
+                continue
+            if made:
+                _made.add(candidate.resolve())
+            claimed = str(candidate)
+            break
+        else:
+            raise PtmError(f"No free run directory beside '{run_dir}' (tried 999): pick one with hydra.run.dir=DIR.")
+    return Path(broadcast_str(claimed) if dist.world_size > 1 else claimed)
 
 
 def _empty_or_hydra_only(run_dir: Path) -> bool:
@@ -188,7 +221,10 @@ def prepare(
             if dist.is_main and run_dir.exists() and _empty_or_hydra_only(run_dir):
                 shutil.rmtree(run_dir)  # the fresh, still empty directory Hydra made for this invocation
             run_dir = earlier[1]
-    lock(run_dir, dist)  # before looking at its checkpoints, so that two runs cannot both pass the checks below
+    if resume is None and not named:
+        run_dir = _claim_stamped(run_dir, dist)
+    else:
+        lock(run_dir, dist)  # before looking at its checkpoints, so that two runs cannot both pass the checks below
     existing = checkpoint.latest(run_dir / "checkpoints")
     if resume is None and existing is not None:
         raise PtmError(

@@ -127,6 +127,31 @@ def test_long_preparation_shows_counted_bars_and_checkpoint_sizes(monkeypatch):
     assert checkpoint.megabytes(model, optimizer) == pytest.approx((3 * 64_000 * 4 + 4) / 1e6)
 
 
+def test_runs_started_in_the_same_second_each_get_a_directory(tmp_path):
+    """Seeds launched together share Hydra's stamped directory name: the second run takes `<stamp>-2` (removed
+    again if it is refused before writing), a finished run's directory is never reused, and a directory the user
+    named (hydra.run.dir) is never swapped for another: the second run there stops."""
+    from ptmcli.distributed import Dist
+    from ptmcli.errors import PtmError
+
+    stamped = tmp_path / "bert-mini" / "2026-12-03_15-00-00"
+    stamped.mkdir(parents=True)  # as Hydra makes it
+    try:
+        first, _ = rundir.prepare(stamped, {"seed": 0}, "pretrain", "bert-mini", Dist())
+        second, _ = rundir.prepare(stamped, {"seed": 1}, "pretrain", "bert-mini", Dist())
+        assert first == stamped and second == stamped.with_name(stamped.name + "-2")
+        with pytest.raises(PtmError, match="is in use by process"):
+            rundir.prepare(stamped, {"seed": 2}, "pretrain", "bert-mini", Dist(), named=True)
+        rundir.release_one(second)
+        assert not second.exists()
+        rundir.record(first, {"seed": 0}, "pretrain", "bert-mini", Dist())
+        rundir.release()
+        third, _ = rundir.prepare(stamped, {"seed": 3}, "pretrain", "bert-mini", Dist())
+        assert third == second and json.loads((first / "run.json").read_text())["config_hash"]
+    finally:
+        rundir.release()
+
+
 def test_bad_runs_arguments_are_one_line_errors(tmp_path, capsys):
     for args, words in (
         (["runs", str(tmp_path / "nowhere")], "does not exist"),

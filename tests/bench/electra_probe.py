@@ -76,6 +76,8 @@ def main(args: list[str]) -> None:
         return next((type(default)(a.split("=", 1)[1]) for a in flags if a.startswith(f"--{name}=")), default)
 
     steps, warmup, lr = flag("steps", 400), flag("warmup", 60), flag("lr", 5e-4)
+    if not 0 < warmup < steps:
+        sys.exit(f"--warmup={warmup} must be above 0 and below --steps={steps} (the rate decays after it).")
     generator_lr, generator_layers = flag("generator-lr", lr), flag("generator-layers", 0)
     batch_size = 16
     torch.set_flush_denormal(True)
