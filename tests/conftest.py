@@ -8,10 +8,13 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
+
+from tests.forkserver import FORKS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -76,11 +79,22 @@ def _in_process(args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
+def _forked(args: list[str], env: dict, cwd: Path | None) -> subprocess.CompletedProcess | None:
+    """`ptm ARGS` in a process forked from one that has imported torch and ptm already (tests/forkserver.py)."""
+    with tempfile.TemporaryDirectory() as scratch:
+        out, err = Path(scratch) / "stdout", Path(scratch) / "stderr"
+        child = FORKS.start(args, env, cwd, out, err)
+        if child is None:
+            return None
+        code = child.wait(timeout=600)
+        return subprocess.CompletedProcess(args, code, out.read_text(), err.read_text())
+
+
 def run_ptm(args: list[str], env: dict, cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:
     if args and args[0] in IN_PROCESS and cwd is None:  # `env` is what the autouse fixture set here already
         proc = _in_process(args)
     else:
-        proc = subprocess.run(
+        proc = _forked(args, env, cwd) or subprocess.run(
             [sys.executable, "-m", "ptmcli", *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=600
         )
     if check and proc.returncode != 0:
@@ -132,7 +146,7 @@ def rewound(run: Path, dest: Path, last: int, back_to: int) -> Path:
 
 def kill_after_checkpoint(args: list[str], env: dict, checkpoint: Path) -> int:
     """Start ptm, SIGKILL it as soon as `checkpoint` is complete; returns its exit status."""
-    proc = subprocess.Popen(
+    proc = FORKS.start(args, env, None, Path(os.devnull), Path(os.devnull)) or subprocess.Popen(
         [sys.executable, "-m", "ptmcli", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     deadline = time.time() + 300
