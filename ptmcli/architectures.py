@@ -91,6 +91,9 @@ class ElectraArch:
     generator_hidden_size: int = _f(64, "generator width (the paper: 1/4 to 1/2 of the discriminator's)")
     generator_num_heads: int = _f(1, "generator attention heads (must divide generator_hidden_size)")
     generator_intermediate_size: int = _f(256, "generator feed-forward width")
+    share_embeddings: bool = _f(
+        True, "the generator reads and predicts with the discriminator's embeddings (the paper's); false: its own copy"
+    )
     max_positions: int = _f(512, "number of learned position embeddings")
     type_vocab_size: int = _f(2, "number of segment (token type) embeddings")
     dropout: float = _f(0.1, "dropout on embeddings and residual branches")

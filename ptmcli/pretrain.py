@@ -34,8 +34,8 @@ from ptmcli.schema import (
 )
 from ptmcli.weights import Pretrained, hf_directory, load_pretrained
 
-# ELECTRA's generator sizes, which a discriminator-only checkpoint does not give
-GENERATOR_FIELDS = ("generator_hidden_size", "generator_num_heads", "generator_intermediate_size")
+# ELECTRA's generator sizes and embedding sharing, which a discriminator-only checkpoint does not give
+GENERATOR_FIELDS = ("generator_hidden_size", "generator_num_heads", "generator_intermediate_size", "share_embeddings")
 # objective -> packing layout of its sequences (see data.pretraining.LAYOUTS)
 LAYOUT = {
     "mlm-nsp": "sentences",

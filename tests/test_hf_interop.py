@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from ptmcli import hf
+from ptmcli.architectures import ElectraArch
 from ptmcli.data.sources import load_documents, package_path
 from ptmcli.data.tokenizer import train_tokenizer
 from ptmcli.errors import PtmError
@@ -238,6 +239,51 @@ def test_import_export_and_round_trip_match_transformers(name, tokenizers, sente
     )
     assert set(original) == set(exported)
     assert all(torch.equal(original[k], exported[k]) for k in original)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_electra_generator_exports_with_its_embeddings_and_imports_back(shared, tokenizers, sentences, tmp_path):
+    """The generator goes to generator/ as an ElectraForMaskedLM that gives ptm's logits; its embeddings are the
+    discriminator's, or (model.share_embeddings=false) its own, and the import tells which from the weights."""
+    tok = tokenizers["wordpiece"]
+    V = tok.get_vocab_size()
+    arch = ElectraArch(
+        hidden_size=32,
+        num_layers=2,
+        num_heads=4,
+        intermediate_size=64,
+        embedding_size=16,
+        generator_hidden_size=16,
+        generator_num_heads=2,
+        generator_intermediate_size=32,
+        max_positions=64,
+        share_embeddings=shared,
+        dropout=0.0,
+        attention_dropout=0.0,
+    )
+    torch.manual_seed(0)
+    model = PRETRAINING_MODELS["electra"](arch, V, SimpleNamespace(name="rtd")).eval()
+    assert (model.generator.embeddings is model.encoder.embeddings) == shared
+    with torch.no_grad():  # a trained model's output bias is not zero; nor, untied, are its two copies equal
+        model.mlm_head.bias.normal_()
+        if not shared:
+            model.generator.embeddings.word.weight.normal_(std=0.02)
+    write_pretraining(model, arch, "rtd", tok, tmp_path / "out")
+    _fast(tok, "wordpiece").save_pretrained(tmp_path / "out" / "generator")
+    generator = transformers.ElectraForMaskedLM.from_pretrained(tmp_path / "out" / "generator").eval()
+    ids, mask, types = _batch(tok, sentences[:4])
+    with torch.no_grad():
+        ours = model.mlm_head(model.generator(ids, types, mask))
+        theirs = generator(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
+    assert (ours - theirs)[mask.bool()].abs().max() <= 1e-5
+
+    imported = hf.read_dir(tmp_path / "out")
+    assert imported.arch.share_embeddings == shared and imported.unused == []
+    again = PRETRAINING_MODELS["electra"](imported.arch, V, SimpleNamespace(name="rtd"))
+    fresh, unused = hf.load_into(again, imported.state, "init")
+    assert fresh == [] and unused == []
+    original = model.state_dict()
+    assert all(torch.equal(original[k], v) for k, v in again.state_dict().items())
 
 
 @pytest.mark.parametrize("kind", ["wordpiece", "byte-bpe", "unigram"])

@@ -8,6 +8,7 @@ directory never runs code from it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pickle
 import re
@@ -162,6 +163,8 @@ def read_arch(path: Path, what: str = "init") -> tuple[HfFamily, Any, dict | Non
     )
     try:
         arch = family.arch_from_config(config, generator) if generator else family.arch_from_config(config)
+        if generator and not _same_word_embeddings(path, generator_dir, family, what):
+            arch = dataclasses.replace(arch, share_embeddings=False)
     except UnsupportedConfig as err:
         raise PtmError(
             f"{what}: '{path / 'config.json'}' has {err}, which ptm's {family.family} model does not implement, "
@@ -170,6 +173,14 @@ def read_arch(path: Path, what: str = "init") -> tuple[HfFamily, Any, dict | Non
     except (KeyError, TypeError) as err:
         raise PtmError(f"{what}: '{path / 'config.json'}' lacks {err} for a {family.model_type} model.") from err
     return family, arch, generator
+
+
+def _same_word_embeddings(path: Path, generator_dir: Path, family: HfFamily, what: str) -> bool:
+    """Whether an ELECTRA generator holds the discriminator's word embeddings (trained shared, as the paper's) or
+    a matrix of its own (ptm's `model.share_embeddings=false`)."""
+    key = f"{family.prefix}embeddings.word_embeddings.weight"
+    ours, theirs = (_with_prefix(read_weights(d, what), family).get(key) for d in (path, generator_dir))
+    return ours is None or theirs is None or (ours.shape == theirs.shape and torch.equal(ours, theirs))
 
 
 def _fill_vocabulary(tokenizer: Tokenizer, rows: int, path: Path, what: str) -> Tokenizer:
@@ -201,9 +212,9 @@ def read_dir(path: Path, what: str = "init") -> Imported:
         gen_state, gen_unused = to_ours(
             _with_prefix(read_weights(generator_dir, what), family), electra.generator_rules(arch, tokens), counts
         )
-        # ptm's generator shares the discriminator's embeddings (as ELECTRA trains them); a generator whose own
-        # copy differs is named among the keys not taken
-        shared = {k for k in gen_state if k.startswith("generator.embeddings.")}
+        # a generator trained with shared embeddings (as ELECTRA's) reads the discriminator's; a shared one whose
+        # copy of the position or segment embeddings differs is named among the keys not taken
+        shared = {k for k in gen_state if k.startswith("generator.embeddings.") and arch.share_embeddings}
         differ = [k for k in shared if not torch.equal(gen_state[k], state[k.replace("generator.", "encoder.", 1)])]
         state.update({k: v for k, v in gen_state.items() if k not in shared})
         unused |= {f"generator/{k}" for k in gen_unused} | {f"generator/{k} (differs)" for k in differ}

@@ -2,7 +2,8 @@
 
 A small masked-LM generator fills the masked positions with samples; the discriminator (the model that is
 kept and fine-tuned) predicts for every token whether it was replaced. Both networks share the token,
-position and segment embeddings, which have their own width and are projected to each network's width.
+position and segment embeddings (unless `model.share_embeddings=false`), which have their own width and are
+projected to each network's width.
 """
 
 from __future__ import annotations
@@ -70,7 +71,8 @@ class Electra(nn.Module):
 
 
 class ElectraForPretraining(nn.Module):
-    """`encoder` is the discriminator (what fine-tuning loads); `generator` shares its embeddings.
+    """`encoder` is the discriminator (what fine-tuning loads); `generator` shares its embeddings unless
+    `arch.share_embeddings` is false.
 
     `replaced_prior` is the expected share of replaced tokens (the masking rate): the discriminator's output bias
     starts at its log-odds. From a zero bias, the first updates of every token's logit all point one way ("fewer
@@ -84,8 +86,9 @@ class ElectraForPretraining(nn.Module):
         super().__init__()
         self.sampling_temperature = sampling_temperature
         self.encoder = Electra(arch, vocab_size)
-        self.generator = Electra(arch, vocab_size, generator=True, embeddings=self.encoder.embeddings)
-        self.mlm_head = MaskedLMHead(arch.generator_hidden_size, self.encoder.embeddings.word, arch.layer_norm_eps)
+        shared = self.encoder.embeddings if arch.share_embeddings else None
+        self.generator = Electra(arch, vocab_size, generator=True, embeddings=shared)
+        self.mlm_head = MaskedLMHead(arch.generator_hidden_size, self.generator.embeddings.word, arch.layer_norm_eps)
         self.rtd_dense = nn.Linear(arch.hidden_size, arch.hidden_size)
         self.rtd_out = nn.Linear(arch.hidden_size, 1)
         init_normal(self, arch.init_std)
