@@ -152,7 +152,8 @@ def _with_prefix(state: dict[str, torch.Tensor], family: HfFamily) -> dict[str, 
 
 
 def read_arch(path: Path, what: str = "init") -> tuple[HfFamily, Any, dict | None]:
-    """(family, ptm architecture, ELECTRA generator's config.json) of a directory, from its config.json alone."""
+    """(family, ptm architecture, ELECTRA generator's config.json) of a directory, from its config.json (and, for
+    an ELECTRA directory with a generator/, whether the two share their word embeddings, from the weights)."""
     config = _read_json(path / "config.json", what)
     family = family_of(config, path, what)
     generator_dir = path / "generator"
