@@ -154,6 +154,14 @@ def _with_prefix(state: dict[str, torch.Tensor], family: HfFamily) -> dict[str, 
 def read_arch(path: Path, what: str = "init") -> tuple[HfFamily, Any, dict | None]:
     """(family, ptm architecture, ELECTRA generator's config.json) of a directory, from its config.json (and, for
     an ELECTRA directory with a generator/, whether the two share their word embeddings, from the weights)."""
+    family, arch, generator = _arch_from_configs(path, what)
+    if generator:
+        weights = (_with_prefix(read_weights(d, what), family) for d in (path, path / "generator"))
+        arch = _with_embedding_sharing(arch, family, *weights)
+    return family, arch, generator
+
+
+def _arch_from_configs(path: Path, what: str) -> tuple[HfFamily, Any, dict | None]:
     config = _read_json(path / "config.json", what)
     family = family_of(config, path, what)
     generator_dir = path / "generator"
@@ -164,8 +172,6 @@ def read_arch(path: Path, what: str = "init") -> tuple[HfFamily, Any, dict | Non
     )
     try:
         arch = family.arch_from_config(config, generator) if generator else family.arch_from_config(config)
-        if generator and not _same_word_embeddings(path, generator_dir, family, what):
-            arch = dataclasses.replace(arch, share_embeddings=False)
     except UnsupportedConfig as err:
         raise PtmError(
             f"{what}: '{path / 'config.json'}' has {err}, which ptm's {family.family} model does not implement, "
@@ -176,12 +182,13 @@ def read_arch(path: Path, what: str = "init") -> tuple[HfFamily, Any, dict | Non
     return family, arch, generator
 
 
-def _same_word_embeddings(path: Path, generator_dir: Path, family: HfFamily, what: str) -> bool:
-    """Whether an ELECTRA generator holds the discriminator's word embeddings (trained shared, as the paper's) or
-    a matrix of its own (ptm's `model.share_embeddings=false`)."""
+def _with_embedding_sharing(arch, family: HfFamily, weights: dict, generator_weights: dict):
+    """An ELECTRA generator holds the discriminator's word embeddings (trained shared, as the paper's) or a matrix
+    of its own (ptm's `model.share_embeddings=false`)."""
     key = f"{family.prefix}embeddings.word_embeddings.weight"
-    ours, theirs = (_with_prefix(read_weights(d, what), family).get(key) for d in (path, generator_dir))
-    return ours is None or theirs is None or (ours.shape == theirs.shape and torch.equal(ours, theirs))
+    ours, theirs = weights.get(key), generator_weights.get(key)
+    same = ours is None or theirs is None or (ours.shape == theirs.shape and torch.equal(ours, theirs))
+    return arch if same else dataclasses.replace(arch, share_embeddings=False)
 
 
 def _fill_vocabulary(tokenizer: Tokenizer, rows: int, path: Path, what: str) -> Tokenizer:
@@ -196,12 +203,14 @@ def _fill_vocabulary(tokenizer: Tokenizer, rows: int, path: Path, what: str) -> 
 
 
 def read_dir(path: Path, what: str = "init") -> Imported:
-    family, arch, generator = read_arch(path, what)
-    generator_dir = path / "generator"
+    family, arch, generator = _arch_from_configs(path, what)
     tokenizer = read_tokenizer(path, family.model_type, what)
     tokens = tokens_of(tokenizer)
     counts = family.layer_counts(arch)
     weights = family.complete(_with_prefix(read_weights(path, what), family), arch)
+    if generator:
+        generator_weights = _with_prefix(read_weights(path / "generator", what), family)
+        arch = _with_embedding_sharing(arch, family, weights, generator_weights)
     word = next(
         (r for r in family.rules(arch, tokens) if r.ours.endswith(("embeddings.word.weight", "embeddings.weight")))
     )
@@ -210,9 +219,7 @@ def read_dir(path: Path, what: str = "init") -> Imported:
         tokens = tokens_of(tokenizer)
     state, unused = to_ours(weights, family.rules(arch, tokens), counts)
     if generator:
-        gen_state, gen_unused = to_ours(
-            _with_prefix(read_weights(generator_dir, what), family), electra.generator_rules(arch, tokens), counts
-        )
+        gen_state, gen_unused = to_ours(generator_weights, electra.generator_rules(arch, tokens), counts)
         # a generator trained with shared embeddings (as ELECTRA's) reads the discriminator's; a shared one whose
         # copy of the position or segment embeddings differs is named among the keys not taken
         shared = {k for k in gen_state if k.startswith("generator.embeddings.") and arch.share_embeddings}
