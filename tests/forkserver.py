@@ -171,6 +171,10 @@ class ForkServer:
         """Fork a `ptm ARGS` run, or None where only a fresh interpreter would do."""
         if os.environ.get("PTM_TEST_FORK") == "0":  # to debug a test in a fresh interpreter
             return None
+        # the server imports ptm from this checkout: a run asking for another one (an installed wheel) gets its own
+        # interpreter, and does not become the server's environment by coming first
+        if env.get("PYTHONPATH") != os.environ.get("PYTHONPATH"):
+            return None
         server = self._started(env)
         if server is None or server.poll() is not None or not self._same(env):
             return None
