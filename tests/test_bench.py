@@ -28,3 +28,20 @@ def test_every_benchmark_entry_runs_both_sides(tmp_path, monkeypatch):
         for side, run in bench.SIDES.items():
             result = run(name, tmp_path, smoke=True)
             assert result["tokens_per_s"] > 0 and result["peak_rss_mb"] > 0, (name, side, result)
+
+
+def test_linear_probe_reads_what_the_features_hold():
+    """tests/bench/linear_probe.py (docs/results.md): separable features give a perfect probe, features that hold
+    nothing about the labels give chance. Synthetic vectors: the fit does not depend on where they come from."""
+    spec = importlib.util.spec_from_file_location("ptm_linear_probe", BENCH.parent / "linear_probe.py")
+    probe_module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe_module)
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    labels = {split: torch.arange(n) % 4 for split, n in (("train", 400), ("validation", 100), ("test", 200))}
+    centres = torch.randn(4, 16, generator=generator) * 3
+    separable = {s: centres[y] + torch.randn(len(y), 16, generator=generator) for s, y in labels.items()}
+    noise = {s: torch.randn(len(y), 16, generator=generator) for s, y in labels.items()}
+    assert probe_module.probe(separable, labels, 4)["test"] == 1.0
+    assert probe_module.probe(noise, labels, 4)["test"] < 0.4  # chance is 0.25
