@@ -68,7 +68,7 @@ class ObjectiveConfig:
     poisson_lambda: float = _f(3.0, "denoise: mean of the Poisson span lengths (a 0-length span inserts a mask)")
     permute_sentences: bool = _f(True, "denoise: shuffle the sentences of each sequence")
     temperature: float = _f(0.05, "simcse: softmax temperature over the cosine similarities (the paper's 0.05)")
-    pooling: Literal["cls", "mean"] = _f("cls", "simcse: sentence vector = first token's state, or mean of tokens")
+    pooling: Literal["cls", "mean"] = _f("mean", "simcse: sentence vector = mean of token states, or the first token's")
     projection: bool = _f(True, "simcse: a dense + tanh layer over the pooled state in training (not in ptm embed)")
 
 
