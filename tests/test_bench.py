@@ -11,8 +11,8 @@ import pytest
 BENCH = Path(__file__).resolve().parent / "bench" / "bench.py"
 
 
-def _bench_module():
-    spec = importlib.util.spec_from_file_location("ptm_bench", BENCH)
+def _bench_module(path: Path = BENCH, name: str = "ptm_bench"):
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
@@ -33,9 +33,7 @@ def test_every_benchmark_entry_runs_both_sides(tmp_path, monkeypatch):
 def test_linear_probe_reads_what_the_features_hold():
     """tests/bench/linear_probe.py (docs/results.md): separable features give a perfect probe, features that hold
     nothing about the labels give chance. Synthetic vectors: the fit does not depend on where they come from."""
-    spec = importlib.util.spec_from_file_location("ptm_linear_probe", BENCH.parent / "linear_probe.py")
-    probe_module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(probe_module)
+    probe_module = _bench_module(BENCH.parent / "linear_probe.py", "ptm_linear_probe")
     import torch
 
     generator = torch.Generator().manual_seed(0)

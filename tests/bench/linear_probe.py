@@ -13,6 +13,7 @@ validation split; prints validation and test accuracy.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 import torch
 import torch.nn.functional as F
@@ -79,11 +80,12 @@ def main() -> None:
     splits = load_splits(task.data, task.task.kind)
     names = sorted({r["label"] for r in splits["train"]})
     labels = {s: torch.tensor([names.index(r["label"]) for r in records]) for s, records in splits.items()}
+    texts = {split: [r["text"] for r in records] for split, records in splits.items()}
     for source in args.sources:
         row = [source]
+        loaded = embedder(source, "mean", args.seed)  # loaded (or drawn) once; only the pooling differs
         for pooling in ("mean", "cls"):
-            encoder = embedder(source, pooling, args.seed)
-            texts = {split: [r["text"] for r in records] for split, records in splits.items()}
+            encoder = dataclasses.replace(loaded, pooling=pooling)
             vectors = {split: torch.from_numpy(encoder.encode(t, show=False)) for split, t in texts.items()}
             best = probe(vectors, labels, len(names))
             row.append(f"{pooling}: validation {best['validation']:.3f} test {best['test']:.3f} (l2 {best['l2']:g})")
