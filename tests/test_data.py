@@ -8,7 +8,7 @@ import pytest
 from ptmcli.data.batches import BatchOrder
 from ptmcli.data.pretraining import PretrainingExamples, build_chunks, split_sentences
 from ptmcli.data.sources import load_documents, split_documents
-from ptmcli.data.tokenizer import SpecialIds, get_tokenizer, load_tokenizer
+from ptmcli.data.tokenizer import SPECIAL_TOKENS, SpecialIds, get_tokenizer, load_tokenizer, train_tokenizer
 from ptmcli.errors import PtmError
 from ptmcli.schema import DataConfig, ObjectiveConfig
 
@@ -48,6 +48,19 @@ def test_trained_tokenizer_is_bert_wordpiece(corpus):
     assert tokenizer.encode("北京欢迎你").tokens[1:-1] == [
         c if tokenizer.token_to_id(c) is not None else "[UNK]" for c in "北京欢迎你"
     ]  # CJK characters split apart
+
+
+def test_tokenizer_training_is_deterministic(corpus, tmp_path, monkeypatch):
+    """The same documents give the same vocabulary, ids included (the trainer alone varies from one call to the
+    next: huggingface/tokenizers#1794); and the pieces fixed up front are ordinary vocabulary, not special."""
+    _, train, *_ = corpus
+    monkeypatch.setenv("PTM_CACHE", str(tmp_path / "first"))
+    first = train_tokenizer(train, NEWS)
+    monkeypatch.setenv("PTM_CACHE", str(tmp_path / "second"))
+    assert train_tokenizer(train, NEWS).to_str() == first.to_str()
+    assert first.encode("the ##s").tokens == ["[CLS]", "the", "#", "#", "s", "[SEP]"]
+    assert first.token_to_id("##s") is not None
+    assert {t.content for t in first.get_added_tokens_decoder().values()} == set(SPECIAL_TOKENS)
 
 
 def test_vocab_txt_is_used_as_is(tmp_path):

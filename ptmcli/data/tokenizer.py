@@ -7,6 +7,7 @@ objectives, a mask token. `SpecialIds` finds them under BERT's, RoBERTa's or GPT
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,12 +151,35 @@ def load_tokenizer(spec: str, lowercase: bool = True) -> Tokenizer:
         raise PtmError(f"data.tokenizer='{spec}' could not be read as a tokenizer: {err}") from err
 
 
+def _continuation_pieces(tokenizer: Tokenizer, texts: datasets.Dataset) -> list[str]:
+    """"##c" for every character c that occurs inside a word of `texts`, sorted.
+
+    The WordPiece trainer numbers these pieces in the order its hash map of words happens to yield them, and
+    breaks ties between equally frequent merges by those numbers, so two trainings on the same text gave
+    different vocabularies (huggingface/tokenizers#1794). Handed to it up front, sorted, they get the same
+    numbers every time, and so does every merge."""
+    inside: set[str] = set()
+    for start in range(0, len(texts), 1000):
+        for text in texts[start : start + 1000]["text"]:
+            words = tokenizer.pre_tokenizer.pre_tokenize_str(tokenizer.normalizer.normalize_str(text or ""))
+            inside.update("".join([word[1:] for word, _ in words]))
+    return ["##" + c for c in sorted(inside)]
+
+
+def _unmark_special(tokenizer: Tokenizer, pieces: set[str]) -> Tokenizer:
+    """`tokenizer` with `pieces` kept in its vocabulary but no longer matched whole in raw text, as the trainer's
+    special tokens are."""
+    spec = json.loads(tokenizer.to_str())
+    spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] not in pieces]
+    return Tokenizer.from_str(json.dumps(spec))
+
+
 def train_tokenizer(texts: datasets.Dataset, cfg: DataConfig, show_progress: bool = False) -> Tokenizer:
     """Train a WordPiece or byte-level BPE tokenizer on the training documents, cached by corpus fingerprint and
     settings. Byte-level BPE never lower-cases: it is lossless by design. `show_progress`: the trainer's own bars
     (documents read, merges made) on the terminal."""
     kind = cfg.tokenizer_kind
-    key = f"{texts._fingerprint}:{cfg.vocab_size}:{cfg.lowercase}:{cfg.min_frequency}:{kind}-v1"
+    key = f"{texts._fingerprint}:{cfg.vocab_size}:{cfg.lowercase}:{cfg.min_frequency}:{kind}-v2"
     cached = cache_root() / "tokenizers" / (hashlib.sha1(key.encode()).hexdigest()[:16] + ".json")
     if cached.exists():
         return Tokenizer.from_file(str(cached))
@@ -187,13 +211,15 @@ def train_tokenizer(texts: datasets.Dataset, cfg: DataConfig, show_progress: boo
         _add_end_processor(tok, "<s>", "</s>")
     else:
         tok = _bert_pipeline(Tokenizer(models.WordPiece(unk_token="[UNK]")), cfg.lowercase)
+        continuations = _continuation_pieces(tok, texts)
         trainer = trainers.WordPieceTrainer(
             vocab_size=cfg.vocab_size,
             min_frequency=cfg.min_frequency,
-            special_tokens=SPECIAL_TOKENS,
+            special_tokens=SPECIAL_TOKENS + continuations,
             show_progress=show_progress,
         )
         tok.train_from_iterator(batches, trainer=trainer, length=len(texts))
+        tok = _unmark_special(tok, set(continuations))
         _add_post_processor(tok)
     cached.parent.mkdir(parents=True, exist_ok=True)
     tmp = cached.with_suffix(f".tmp{os.getpid()}")
