@@ -152,7 +152,7 @@ def load_tokenizer(spec: str, lowercase: bool = True) -> Tokenizer:
 
 
 def _continuation_pieces(tokenizer: Tokenizer, texts: datasets.Dataset) -> list[str]:
-    """"##c" for every character c that occurs inside a word of `texts`, sorted.
+    """The continuation piece "##c" of every character c that occurs inside a word of `texts`, sorted.
 
     The WordPiece trainer numbers these pieces in the order its hash map of words happens to yield them, and
     breaks ties between equally frequent merges by those numbers, so two trainings on the same text gave

@@ -1,16 +1,19 @@
 """Why an ELECTRA discriminator stays at the all-original baseline in short runs: train ELECTRA-mini for a few
-hundred steps (batch 16, 128 tokens, AdamW lr 5e-4, linear warmup/decay, English news) and print, every 50
-steps, the generator's MLM loss, the part of the discriminator's loss explained beyond the base rate
+hundred steps (batch 16 unless --batch, 128 tokens, AdamW lr 5e-4, linear warmup/decay, English news) and print,
+every 50 steps, the generator's MLM loss, the part of the discriminator's loss explained beyond the base rate
 (gap = entropy of the replaced share - RTD loss, nats), the discriminator's ROC AUC on the last batch (0.5 = it
 ranks replaced tokens no higher than originals, whatever its calibration) and the mean cosine similarity between
 the discriminator's final token states (1 = every token has the same state: collapsed).
 
-Run: python tests/bench/electra_probe.py [--zero-bias] [--unigram-generator] [--untied] [--steps=400] [KEY=VALUE ...]
+Run: python tests/bench/electra_probe.py [--zero-bias] [--unigram-generator] [--untied] [--steps=400] [--batch=16]
+       [KEY=VALUE ...]
   --zero-bias          the discriminator's output bias starts at 0 (the reference code) instead of the log-odds
                        of the masking rate (ptm's default)
   --unigram-generator  the generator's output bias starts at the corpus' log unigram frequencies
   --untied             the discriminator gets its own copy of the embeddings
   --steps=N            the length of the run, and of its learning-rate schedule (400)
+  --batch=N            sequences per step (16); the training sequences are read in order, from the start again
+                       when they run out
   --lr=X --warmup=N    the peak learning rate (5e-4) and the warm-up steps (60)
   --generator-lr=X     the peak learning rate of the generator's own weights (default: --lr; the embeddings it
                        shares with the discriminator follow --lr)
@@ -79,7 +82,7 @@ def main(args: list[str]) -> None:
     if not 0 < warmup < steps:
         sys.exit(f"--warmup={warmup} must be above 0 and below --steps={steps} (the rate decays after it).")
     generator_lr, generator_layers = flag("generator-lr", lr), flag("generator-layers", 0)
-    batch_size = 16
+    batch_size = flag("batch", 16)
     torch.set_flush_denormal(True)
     torch.set_num_threads(1)  # as measured (docs/results.md); results differ slightly with the thread count
     _, cfg = compose.checked(compose.parse("pretrain", ["conf=electra-mini", *overrides]))
@@ -114,7 +117,7 @@ def main(args: list[str]) -> None:
     optimizer = torch.optim.AdamW(groups, lr=lr, eps=1e-6)  # the paper's Adam epsilon
     window = {"mlm": 0.0, "rtd": 0.0, "entropy": 0.0}
     for step in range(steps):
-        batch = train.batch(list(range(step * batch_size, (step + 1) * batch_size)), 0)
+        batch = train.batch([i % len(train.chunks) for i in range(step * batch_size, (step + 1) * batch_size)], 0)
         sums, stats = objective(model, batch)
         loss = sums["mlm"] / batch["counts"]["mlm"] + cfg.objective.rtd_weight * sums["rtd"] / batch["counts"]["rtd"]
         for group in optimizer.param_groups:
