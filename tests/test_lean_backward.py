@@ -4,10 +4,12 @@ straightforward computation, with fewer or smaller tensors kept between the pass
 import pytest
 import torch
 
+from ptmcli.models import PRETRAINING_MODELS, layers
 from ptmcli.models.dropout import dropout, dropout_matmul
-from ptmcli.models.layers import FeedForward
+from ptmcli.models.layers import FeedForward, PackedRows
 from ptmcli.models.recompute import rms_norm
 from ptmcli.models.xlnet import TwoStreamAttention, relative_shift, relative_sinusoid
+from ptmcli.schema import BartArch, BertArch, ElectraArch, ObjectiveConfig, RobertaArch, T5Arch
 
 
 def kept_storages(fn, *args) -> list[torch.Tensor]:
@@ -117,3 +119,71 @@ def test_rms_norm_keeps_its_input_and_one_number_per_token_with_the_plain_gradie
         torch.testing.assert_close(ours, ref, atol=1e-6, rtol=1e-5)
     kept = kept_storages(lambda x: rms_norm(x, weight, 1e-6), x)
     assert sorted(t.numel() for t in kept) == [15, 16, 3 * 5 * 16]  # 1 / rms per token, the weight, the input
+
+
+SMALL = dict(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, dropout=0.0, attention_dropout=0.0)
+PADDED_FAMILIES = {
+    "bert": (BertArch(**SMALL, max_positions=40), "mlm"),
+    "roberta": (RobertaArch(**SMALL, max_positions=40), "mlm"),
+    "electra": (ElectraArch(**SMALL, embedding_size=16, generator_hidden_size=16, max_positions=40), "rtd"),
+    "bart": (BartArch(**SMALL, num_decoder_layers=2, max_positions=40), "denoise"),
+    "t5": (T5Arch(**SMALL, num_decoder_layers=2), "span-corruption"),
+}
+
+
+@pytest.mark.parametrize("family", PADDED_FAMILIES)
+def test_a_padded_batch_runs_its_layers_on_its_real_tokens_only_with_the_padded_results(family, monkeypatch):
+    """Packed rows (`PackedRows`): the feed-forward layers see the real tokens (and, in a decoder, the positions up
+    to the last target) and nothing else, and the states at real tokens, the loss and every gradient equal those of
+    the same batch run padded."""
+    arch, objective = PADDED_FAMILIES[family]
+    monkeypatch.setattr(layers, "ROW_BUCKET", 1)  # no rounding of the row count: a toy batch is below one bucket
+    torch.manual_seed(0)
+    model = PRETRAINING_MODELS[family](arch, 50, ObjectiveConfig(name=objective)).eval()
+    mask = torch.ones(3, 12, dtype=torch.long)
+    mask[0, 7:], mask[2, 10:] = 0, 0
+    ids = torch.randint(5, 50, (3, 12)) * mask
+    targets = torch.randint(5, 50, (3, 9))
+    targets[0, 8:], targets[1, 5:] = -100, -100
+    rows_seen: list[int] = []
+    for m in model.modules():
+        if isinstance(m, FeedForward):
+            m.register_forward_pre_hook(lambda _, args: rows_seen.append(args[0].shape[:-1].numel()))
+
+    def run():
+        model.zero_grad()
+        rows_seen.clear()
+        if family in ("bart", "t5"):
+            loss = model(ids, mask, targets.clamp(min=0), [targets])[0].loss
+            states = model.encode(ids, mask)
+        else:
+            states = model.encoder(ids, None, mask)
+            loss = (states * mask[..., None] * torch.linspace(-1, 1, states.shape[-1])).sum()  # real tokens only
+        loss.backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        return loss.detach(), states.detach(), grads, list(rows_seen)
+
+    packed = run()
+    monkeypatch.setattr(PackedRows, "of", staticmethod(lambda keep: None))  # every layer on the padded batch
+    padded = run()
+    real, decoder_rows = int(mask.sum()), 8 + 5 + 9
+    expected = [real] * 2 + ([decoder_rows] * 2 if family in ("bart", "t5") else [])
+    assert packed[3][: len(expected)] == expected
+    assert set(padded[3]) == {3 * 12, 3 * 9} - ({3 * 9} if family not in ("bart", "t5") else set())
+    torch.testing.assert_close(packed[0], padded[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(packed[1][mask.bool()], padded[1][mask.bool()], atol=1e-5, rtol=1e-5)
+    assert len(packed[2]) == len(padded[2])
+    for ours, ref in zip(packed[2], padded[2]):
+        torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_packed_rows_round_their_count_up_to_a_bucket_and_give_back_every_real_token():
+    torch.manual_seed(0)
+    keep = torch.rand(4, 100) < 0.6
+    rows = PackedRows.of(keep)
+    assert len(rows.index) % layers.ROW_BUCKET == 0 and len(rows.index) - int(keep.sum()) < layers.ROW_BUCKET
+    x = torch.randn(4, 100, 8)
+    back = rows.unpack(rows.pack(x))
+    assert torch.equal(back[keep], x[keep])
+    assert PackedRows.of(torch.ones(4, 100)) is None
+    assert PackedRows.of(torch.rand(2, 50) < 0.6) is None  # a bucket holds every position: nothing to gain

@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from ptmcli import checkpoint
 from tests.conftest import TINY, comparable, fails_with, kill_after_checkpoint, read_metrics, run_ptm
 
 SCHEDULE = [
@@ -67,7 +68,8 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(cache_env, tmp_path):
     run_ptm(["pretrain", *TINY, *SCHEDULE, f"hydra.run.dir={straight}"], cache_env)
     args = ["pretrain", *TINY, *SCHEDULE, f"hydra.run.dir={killed}"]
     assert kill_after_checkpoint(args, cache_env, killed / "checkpoints" / "step-10") == -signal.SIGKILL
-    last = json.loads((killed / "checkpoints" / "latest" / "trainer_state.json").read_text())["step"]
+    # the newest complete checkpoint, as resume=auto finds it: the kill may land before `latest` points at it
+    last = json.loads((checkpoint.latest(killed / "checkpoints") / "trainer_state.json").read_text())["step"]
     assert 10 <= last < 40
     run_ptm([*args, "resume=auto"], cache_env)
     assert comparable(read_metrics(killed)) == comparable(read_metrics(straight))

@@ -17,10 +17,12 @@ from ptmcli.models.layers import (
     CrossAttention,
     EncoderDecoderLM,
     FeedForward,
+    PackedRows,
     SelfAttention,
     init_normal,
     layer_stack,
     padding_mask,
+    run_encoder_layers,
 )
 
 
@@ -50,11 +52,8 @@ class Bart(nn.Module):
         self.layers = layer_stack(arch)
 
     def forward(self, input_ids, token_type_ids=None, attention_mask=None) -> torch.Tensor:
-        mask = padding_mask(attention_mask)
         x = self.embeddings(input_ids)
-        for layer in self.layers:
-            x = layer(x, mask)
-        return x
+        return run_encoder_layers(self.layers, x, attention_mask)
 
 
 class DecoderLayer(nn.Module):
@@ -71,9 +70,9 @@ class DecoderLayer(nn.Module):
         self.ffn_norm = nn.LayerNorm(h, eps=eps)
         self.dropout = Dropout(arch.dropout)
 
-    def forward(self, x, memory, memory_mask, cache=None):
-        x = self.attention_norm(x + self.dropout(self.attention(x, None, causal=True, cache=cache)))
-        x = self.cross_norm(x + self.dropout(self.cross(x, memory, memory_mask, cache)))
+    def forward(self, x, memory, memory_mask, cache=None, rows=None):
+        x = self.attention_norm(x + self.dropout(self.attention(x, None, causal=True, cache=cache, rows=rows)))
+        x = self.cross_norm(x + self.dropout(self.cross(x, memory, memory_mask, cache, rows=rows)))
         return self.ffn_norm(x + self.dropout(self.ffn(x)))
 
 
@@ -86,13 +85,16 @@ class Decoder(nn.Module):
         self.dropout = Dropout(arch.dropout)
         self.layers = nn.ModuleList(DecoderLayer(arch) for _ in range(arch.num_decoder_layers))
 
-    def forward(self, words, memory, memory_mask, cache=None) -> torch.Tensor:
-        """words: (B, T, C) word embeddings of the decoder inputs."""
+    def forward(self, words, memory, memory_mask, cache=None, keep=None) -> torch.Tensor:
+        """words: (B, T, C) word embeddings of the decoder inputs; `keep`: (B, T) the positions whose states are
+        needed (the others, trailing, mean nothing)."""
         start = self.offset + (cache[0]["k"].shape[2] if cache and "k" in cache[0] else 0)
         x = self.dropout(self.norm(words + self.position.weight[start : start + words.shape[1]]))
+        rows = PackedRows.of(keep)
+        x = x if rows is None else rows.pack(x)
         for i, layer in enumerate(self.layers):
-            x = layer(x, memory, memory_mask, cache[i] if cache is not None else None)
-        return x
+            x = layer(x, memory, memory_mask, cache[i] if cache is not None else None, rows=rows)
+        return x if rows is None else rows.unpack(x)
 
 
 class BartForConditionalGeneration(EncoderDecoderLM):
@@ -106,9 +108,10 @@ class BartForConditionalGeneration(EncoderDecoderLM):
     def encode(self, input_ids, attention_mask) -> torch.Tensor:
         return self.encoder(input_ids, None, attention_mask)
 
-    def decoder_states(self, decoder_ids, memory, attention_mask, cache=None) -> torch.Tensor:
-        """(B, T) decoder ids -> (B, T, C), what the output projection reads."""
-        return self.decoder(self.encoder.embeddings.word(decoder_ids), memory, padding_mask(attention_mask), cache)
+    def decoder_states(self, decoder_ids, memory, attention_mask, cache=None, keep=None) -> torch.Tensor:
+        """(B, T) decoder ids -> (B, T, C), what the output projection reads (see `EncoderDecoderLM`)."""
+        words = self.encoder.embeddings.word(decoder_ids)
+        return self.decoder(words, memory, padding_mask(attention_mask), cache, keep)
 
     @property
     def output_weight(self) -> torch.Tensor:

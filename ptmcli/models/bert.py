@@ -11,7 +11,7 @@ from torch import nn
 
 from ptmcli.architectures import BertArch
 from ptmcli.models.dropout import Dropout
-from ptmcli.models.layers import MaskedLMHead, init_normal, layer_stack, padding_mask
+from ptmcli.models.layers import MaskedLMHead, init_normal, layer_stack, run_encoder_layers
 
 
 class Embeddings(nn.Module):
@@ -49,11 +49,8 @@ class Bert(nn.Module):
         attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """input_ids, token_type_ids, attention_mask (1 = real token): (B, T). Returns (B, T, C)."""
-        mask = padding_mask(attention_mask)
         x = self.embeddings(input_ids, token_type_ids)
-        for layer in self.layers:
-            x = layer(x, mask)
-        return x
+        return run_encoder_layers(self.layers, x, attention_mask)
 
     def pool(self, hidden: torch.Tensor) -> torch.Tensor:
         """(B, T, C) -> (B, C): tanh(dense(first token)), as BERT's pooler."""

@@ -16,7 +16,7 @@ from torch import nn
 
 from ptmcli.architectures import ElectraArch
 from ptmcli.models.dropout import Dropout
-from ptmcli.models.layers import EncoderLayer, MaskedLMHead, init_normal, padding_mask
+from ptmcli.models.layers import EncoderLayer, MaskedLMHead, init_normal, run_encoder_layers
 
 
 class Embeddings(nn.Module):
@@ -61,13 +61,10 @@ class Electra(nn.Module):
         token_type_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        mask = padding_mask(attention_mask)
         x = self.embeddings(input_ids, token_type_ids)
         if self.projection is not None:
             x = self.projection(x)
-        for layer in self.layers:
-            x = layer(x, mask)
-        return x
+        return run_encoder_layers(self.layers, x, attention_mask)
 
 
 class ElectraForPretraining(nn.Module):

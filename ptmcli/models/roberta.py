@@ -9,7 +9,7 @@ from torch import nn
 
 from ptmcli.architectures import RobertaArch
 from ptmcli.models.dropout import Dropout
-from ptmcli.models.layers import MaskedLMHead, init_normal, layer_stack, padding_mask
+from ptmcli.models.layers import MaskedLMHead, init_normal, layer_stack, run_encoder_layers
 
 
 class Embeddings(nn.Module):
@@ -50,11 +50,8 @@ class Roberta(nn.Module):
         token_type_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        mask = padding_mask(attention_mask)
         x = self.embeddings(input_ids)
-        for layer in self.layers:
-            x = layer(x, mask)
-        return x
+        return run_encoder_layers(self.layers, x, attention_mask)
 
 
 class RobertaForMaskedLM(nn.Module):

@@ -15,7 +15,7 @@ from torch import nn
 
 from ptmcli.architectures import T5Arch
 from ptmcli.models.dropout import Dropout
-from ptmcli.models.layers import CrossAttention, EncoderDecoderLM, FeedForward, RMSNorm, SelfAttention
+from ptmcli.models.layers import CrossAttention, EncoderDecoderLM, FeedForward, PackedRows, RMSNorm, SelfAttention
 
 
 def relative_position_bucket(relative: torch.Tensor, bidirectional: bool, buckets: int, max_distance: int):
@@ -86,10 +86,11 @@ class Block(nn.Module):
         )
         self.dropout = Dropout(arch.dropout)
 
-    def forward(self, x, bias, memory=None, memory_mask=None, cache=None):
-        x = _clamp_fp16(x + self.dropout(self.attention(self.attention_norm(x), None, cache=cache, position_bias=bias)))
+    def forward(self, x, bias, memory=None, memory_mask=None, cache=None, rows=None):
+        attended = self.attention(self.attention_norm(x), None, cache=cache, position_bias=bias, rows=rows)
+        x = _clamp_fp16(x + self.dropout(attended))
         if memory is not None:
-            x = _clamp_fp16(x + self.dropout(self.cross(self.cross_norm(x), memory, memory_mask, cache)))
+            x = _clamp_fp16(x + self.dropout(self.cross(self.cross_norm(x), memory, memory_mask, cache, rows=rows)))
         h = self.ffn_norm(x)
         if _fp16_autocast(h):  # the feed-forward output overflows fp16: run it in fp32
             with torch.autocast("cuda", enabled=False):
@@ -119,10 +120,13 @@ class T5(nn.Module):
         T = input_ids.shape[1]
         allowed = attention_mask.bool()[:, None, None, :] if attention_mask is not None else None
         bias = _mask_bias(self.relative_bias(T, T, 0, input_ids.device), allowed)
+        rows = PackedRows.of(attention_mask)
         x = self.dropout(self.embeddings(input_ids))
+        x = x if rows is None else rows.pack(x)
         for layer in self.layers:
-            x = layer(x, bias)
-        return self.dropout(self.final_norm(x))
+            x = layer(x, bias, rows=rows)
+        x = self.dropout(self.final_norm(x))
+        return x if rows is None else rows.unpack(x)
 
 
 class Decoder(nn.Module):
@@ -134,16 +138,19 @@ class Decoder(nn.Module):
         self.final_norm = RMSNorm(arch.hidden_size, arch.layer_norm_eps)
         self.dropout = Dropout(arch.dropout)
 
-    def forward(self, x, memory, memory_mask, cache=None) -> torch.Tensor:
-        """x: (B, T, C) embedded decoder inputs; `cache` (decoding): one dict per layer."""
+    def forward(self, x, memory, memory_mask, cache=None, keep=None) -> torch.Tensor:
+        """x: (B, T, C) embedded decoder inputs; `cache` (decoding): one dict per layer; `keep`: (B, T) the
+        positions whose states are needed (the others, trailing, mean nothing)."""
         T = x.shape[1]
         past = cache[0]["k"].shape[2] if cache and "k" in cache[0] else 0
         causal = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)
         bias = _mask_bias(self.relative_bias(T, past + T, past, x.device), causal[None, None])
-        x = self.dropout(x)
+        rows = PackedRows.of(keep)
+        x = self.dropout(x if rows is None else rows.pack(x))
         for i, layer in enumerate(self.layers):
-            x = layer(x, bias, memory, memory_mask, cache[i] if cache is not None else None)
-        return self.dropout(self.final_norm(x))
+            x = layer(x, bias, memory, memory_mask, cache[i] if cache is not None else None, rows=rows)
+        x = self.dropout(self.final_norm(x))
+        return x if rows is None else rows.unpack(x)
 
 
 class T5ForConditionalGeneration(EncoderDecoderLM):
@@ -161,10 +168,10 @@ class T5ForConditionalGeneration(EncoderDecoderLM):
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         return self.encoder(input_ids, None, attention_mask)
 
-    def decoder_states(self, decoder_ids, memory, attention_mask, cache=None) -> torch.Tensor:
+    def decoder_states(self, decoder_ids, memory, attention_mask, cache=None, keep=None) -> torch.Tensor:
         """(B, T) decoder ids -> (B, T, C), what the output projection reads (rescaled when it is tied)."""
         memory_mask = attention_mask.bool()[:, None, None, :] if attention_mask is not None else None
-        hidden = self.decoder(self.encoder.embeddings(decoder_ids), memory, memory_mask, cache)
+        hidden = self.decoder(self.encoder.embeddings(decoder_ids), memory, memory_mask, cache, keep)
         return hidden if self.lm_head is not None else hidden * self.encoder.arch.hidden_size**-0.5
 
     @property
