@@ -9,7 +9,7 @@ from ptmcli.models.dropout import dropout, dropout_matmul
 from ptmcli.models.layers import FeedForward, PackedRows
 from ptmcli.models.recompute import rms_norm
 from ptmcli.models.xlnet import TwoStreamAttention, relative_shift, relative_sinusoid
-from ptmcli.schema import BartArch, BertArch, ElectraArch, ObjectiveConfig, RobertaArch, T5Arch
+from ptmcli.schema import BartArch, BertArch, ElectraArch, GptArch, ObjectiveConfig, RobertaArch, T5Arch
 
 
 def kept_storages(fn, *args) -> list[torch.Tensor]:
@@ -126,6 +126,7 @@ PADDED_FAMILIES = {
     "bert": (BertArch(**SMALL, max_positions=40), "mlm"),
     "roberta": (RobertaArch(**SMALL, max_positions=40), "mlm"),
     "electra": (ElectraArch(**SMALL, embedding_size=16, generator_hidden_size=16, max_positions=40), "rtd"),
+    "gpt": (GptArch(**SMALL, max_positions=40), "clm"),
     "bart": (BartArch(**SMALL, num_decoder_layers=2, max_positions=40), "denoise"),
     "t5": (T5Arch(**SMALL, num_decoder_layers=2), "span-corruption"),
 }

@@ -15,7 +15,7 @@ from torch import nn
 
 from ptmcli.architectures import GptArch
 from ptmcli.models.dropout import Dropout
-from ptmcli.models.layers import DecoderBlock, init_normal, layer_stack
+from ptmcli.models.layers import DecoderBlock, PackedRows, init_normal, layer_stack
 from ptmcli.models.vocab_loss import VocabLoss, projected_cross_entropy
 
 
@@ -35,8 +35,8 @@ class Embeddings(nn.Module):
 class Gpt(nn.Module):
     """The decoder stack: (B, T) ids -> (B, T, C) hidden states after the final LayerNorm.
 
-    Attention is causal, so right padding never reaches a real token and `attention_mask` is not needed
-    here; heads use it to find each row's last real token."""
+    Attention is causal, so right padding never reaches a real token: `attention_mask` only lets a right-padded
+    batch run its layers on its real tokens (`PackedRows`), and heads use it to find each row's last real token."""
 
     summary = "last"  # the token whose state summarises a text for sequence heads
 
@@ -63,9 +63,17 @@ class Gpt(nn.Module):
                 f"positions"
             )
         x = self.embeddings(input_ids, start)
+        rows = PackedRows.of(attention_mask) if cache is None and _right_padded(attention_mask) else None
+        x = x if rows is None else rows.pack(x)  # a padded batch runs on its real tokens
         for i, layer in enumerate(self.layers):
-            x = layer(x, cache[i] if cache is not None else None)
-        return self.final_norm(x)
+            x = layer(x, cache[i] if cache is not None else None, rows=rows)
+        x = self.final_norm(x)
+        return x if rows is None else rows.unpack(x)
+
+
+def _right_padded(attention_mask: torch.Tensor | None) -> bool:
+    """Whether every row's padding comes after its tokens: then leaving it out changes nothing a real token sees."""
+    return attention_mask is not None and bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
 
 
 def init_gpt(module: nn.Module, arch: GptArch) -> None:

@@ -329,8 +329,8 @@ class DecoderBlock(nn.Module):
         self.ffn = FeedForward(hidden, intermediate, activation=activation)
         self.dropout = Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
-        x = x + self.dropout(self.attention(self.attention_norm(x), None, causal=True, cache=cache))
+    def forward(self, x: torch.Tensor, cache: dict | None = None, rows: PackedRows | None = None) -> torch.Tensor:
+        x = x + self.dropout(self.attention(self.attention_norm(x), None, causal=True, cache=cache, rows=rows))
         return x + self.dropout(self.ffn(self.ffn_norm(x)))
 
 
