@@ -188,3 +188,14 @@ def test_packed_rows_round_their_count_up_to_a_bucket_and_give_back_every_real_t
     assert torch.equal(back[keep], x[keep])
     assert PackedRows.of(torch.ones(4, 100)) is None
     assert PackedRows.of(torch.rand(2, 50) < 0.6) is None  # a bucket holds every position: nothing to gain
+
+
+def test_unpacking_rows_keeps_only_their_index_and_passes_the_gradients_back():
+    keep = torch.rand(4, 100, generator=torch.Generator().manual_seed(0)) < 0.3
+    rows = PackedRows.of(keep)
+    x = torch.randn(len(rows.index), 8, requires_grad=True)
+    kept = kept_storages(rows.unpack, x)
+    assert [tuple(t.shape) for t in kept] == [tuple(rows.index.shape)]  # torch's index_copy keeps x as well
+    weights = torch.randn(4, 100, 8)
+    (rows.unpack(x) * weights).sum().backward()
+    torch.testing.assert_close(x.grad, weights.reshape(-1, 8)[rows.index])

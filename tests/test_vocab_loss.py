@@ -53,6 +53,17 @@ def test_loss_gradients_and_statistics_equal_the_full_computation():
     _compare(out.loss, reference, [hidden, weight, bias])
 
 
+def test_the_logits_buffer_kept_between_calls_on_a_cpu_leaves_no_trace_in_the_next_loss():
+    torch.manual_seed(0)
+    hidden, weight, targets = torch.randn(40, 24), torch.randn(V, 24), torch.randint(0, V, (40,))
+    first = projected_cross_entropy(hidden, weight, None, targets).loss
+    # a larger call in between: the kept buffer grows and is left full of its logits
+    projected_cross_entropy(torch.randn(300, 24), torch.randn(3 * V, 24), None, torch.randint(0, 3 * V, (300,)))
+    kept = vocab_loss._KEPT_BUFFERS[torch.device("cpu")]
+    assert torch.equal(projected_cross_entropy(hidden, weight, None, targets).loss, first)
+    assert vocab_loss._KEPT_BUFFERS[torch.device("cpu")] is kept  # reused, not allocated again
+
+
 def test_evaluation_computes_no_gradient_and_sampling_follows_the_softmax():
     torch.manual_seed(0)
     hidden, weight = torch.randn(4000, 8), torch.randn(V, 8, requires_grad=True)
