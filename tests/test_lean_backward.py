@@ -9,7 +9,7 @@ from ptmcli.models.dropout import dropout, dropout_matmul
 from ptmcli.models.layers import FeedForward, PackedRows
 from ptmcli.models.recompute import rms_norm
 from ptmcli.models.xlnet import TwoStreamAttention, relative_shift, relative_sinusoid
-from ptmcli.schema import BartArch, BertArch, ElectraArch, GptArch, ObjectiveConfig, RobertaArch, T5Arch
+from ptmcli.schema import BartArch, BertArch, ElectraArch, GptArch, ObjectiveConfig, RobertaArch, T5Arch, XlnetArch
 
 
 def kept_storages(fn, *args) -> list[torch.Tensor]:
@@ -175,6 +175,43 @@ def test_a_padded_batch_runs_its_layers_on_its_real_tokens_only_with_the_padded_
     torch.testing.assert_close(packed[1][mask.bool()], padded[1][mask.bool()], atol=1e-5, rtol=1e-5)
     assert len(packed[2]) == len(padded[2])
     for ours, ref in zip(packed[2], padded[2]):
+        torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_xlnet_runs_its_query_stream_at_the_targets_only_with_the_full_streams_results(monkeypatch):
+    """Permutation LM reads the query stream at the targets (1/K of the tokens) only, and no query state depends on
+    another position's, so the query stream's layers see the target rows and nothing else: the loss and every
+    gradient equal those of both streams run at every position."""
+    monkeypatch.setattr(layers, "ROW_BUCKET", 1)
+    torch.manual_seed(0)
+    model = PRETRAINING_MODELS["xlnet"](XlnetArch(**SMALL), 50, ObjectiveConfig(name="plm")).train()
+    B, T = 3, 12
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[2, 9:] = 0
+    ids = torch.randint(5, 50, (B, T)) * mask
+    rank = torch.stack([torch.randperm(T) for _ in range(B)])
+    target_mask = (rank >= T - 3) & mask.bool()  # the last 3 of each order (those still real)
+    rows_seen: list[int] = []
+    for m in model.modules():
+        if isinstance(m, FeedForward):
+            m.register_forward_pre_hook(lambda _, args: rows_seen.append(args[0].shape[:-1].numel()))
+
+    def run():
+        model.zero_grad()
+        rows_seen.clear()
+        loss = model(ids, mask, rank, target_mask, ids[target_mask]).loss
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None], list(rows_seen)
+
+    targets_only = run()
+    monkeypatch.setattr(PackedRows, "of", staticmethod(lambda keep: None))
+    full = run()
+    n = int(target_mask.sum())
+    assert targets_only[2] == [B * T, n, B * T, n]  # per layer: the content stream, then the query stream
+    assert full[2] == [B * T] * 4
+    torch.testing.assert_close(targets_only[0], full[0], atol=1e-5, rtol=1e-5)
+    assert len(targets_only[1]) == len(full[1])
+    for ours, ref in zip(targets_only[1], full[1]):
         torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
 
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from ptmcli.architectures import XlnetArch
 from ptmcli.models.dropout import Dropout, dropout_matmul
-from ptmcli.models.layers import FeedForward, SelfAttention, init_normal
+from ptmcli.models.layers import FeedForward, PackedRows, SelfAttention, init_normal
 from ptmcli.models.vocab_loss import VocabLoss, projected_cross_entropy
 
 
@@ -43,7 +43,7 @@ def relative_shift(by_distance: torch.Tensor) -> torch.Tensor:
     B, nh, T, _ = by_distance.shape
     if T == 1:
         return by_distance
-    flat = by_distance.reshape(B, nh, T * (2 * T - 1))
+    flat = by_distance.reshape(B, nh, T * (2 * T - 1))  # a view while each (T, 2T-1) block is contiguous
     return flat[..., T - 1 : T - 1 + T * (2 * T - 2)].view(B, nh, T, 2 * T - 2)[..., :T]
 
 
@@ -68,11 +68,14 @@ class TwoStreamAttention(SelfAttention):
         return x.view(B, T, self.num_heads, C // self.num_heads).transpose(1, 2)
 
     def _attend(self, q, k, v, positions: torch.Tensor, mask: torch.Tensor, different) -> torch.Tensor:
-        """q, k, v: (B, nh, T, hs); positions: (nh, 2T-1, hs); mask: (B, 1, T|1, T), True = may attend;
-        different: (B, 1, T, T), True where two tokens lie in different segments, or None."""
+        """q: (B, nh, T, hs); k, v: (B, nh, T, hs), contiguous; positions: (nh, 2T-1, hs); mask: (B, 1, T|1, T),
+        True = may attend; different: (B, 1, T, T), True where two tokens lie in different segments, or None."""
         B, nh, T, hs = q.shape
         scores = (q + self.content_bias[:, None]) @ k.transpose(-1, -2)
-        by_distance = (q + self.position_bias[:, None]) @ positions.transpose(-1, -2)  # (B, nh, T, 2T-1)
+        # one product per head over every query of the batch: `positions` broadcast over the batch would be copied
+        # B times into the product's input, and the copy kept for the backward pass (8 MB a call at the bench shapes)
+        by_head = (q.transpose(0, 1) + self.position_bias[:, None, None]).reshape(nh, B * T, hs)
+        by_distance = (by_head @ positions.transpose(-1, -2)).view(nh, B, T, -1).transpose(0, 1)  # (B, nh, T, 2T-1)
         scores += relative_shift(by_distance)
         if different is not None:
             by_segment = torch.einsum("bnid,snd->bnis", q + self.segment_bias[:, None], self.segment_embed)
@@ -84,18 +87,23 @@ class TwoStreamAttention(SelfAttention):
         attended = dropout_matmul(probs, v, self.dropout, self.training).masked_fill(~mask.any(-1, keepdim=True), 0.0)
         return attended.transpose(1, 2).reshape(B, T, nh * hs)
 
-    def forward(self, h, g, content_mask, query_mask, sinusoid, different=None):
-        """h, g: (B, T, C) content and query streams (g may be None); returns their attention outputs."""
+    def forward(self, h, g, content_mask, query_mask, sinusoid, different=None, rows: PackedRows | None = None):
+        """h: (B, T, C) content stream; g: (B, T, C) query stream, or with `rows` its states at those positions
+        only (N, C), or None. Returns their attention outputs, each shaped like its stream."""
         if self.prefix is not None:
             raise ValueError("prefix tuning is not supported by XLNet's two-stream attention")
         C = h.shape[-1]
         q, k, v = (self._heads(t) for t in self.qkv(h).split(C, dim=2))
+        # both streams' products take k and v as (B * nh, T, hs) blocks: made once here, not copied (and kept) twice
+        k, v = k.contiguous(), v.contiguous()
         positions = self.position(sinusoid).view(-1, self.num_heads, C // self.num_heads).transpose(0, 1)
         h_out = self.out(self._attend(q, k, v, positions, content_mask, different))
         if g is None:
             return h_out, None
-        query = self._heads(self.qkv(g)[..., :C])  # the query stream asks with its own state, never its content
-        return h_out, self.out(self._attend(query, k, v, positions, query_mask, different))
+        query = self.qkv(g)[..., :C]  # the query stream asks with its own state, never its content
+        query = self._heads(query if rows is None else rows.unpack(query))
+        attended = self._attend(query, k, v, positions, query_mask, different)
+        return h_out, self.out(attended if rows is None else rows.pack(attended))
 
 
 class Layer(nn.Module):
@@ -115,8 +123,8 @@ class Layer(nn.Module):
         x = self.attention_norm(x + self.dropout(attended))
         return self.ffn_norm(x + self.dropout(self.ffn(x)))
 
-    def forward(self, h, g, content_mask, query_mask, sinusoid, different=None):
-        h_att, g_att = self.attention(h, g, content_mask, query_mask, sinusoid, different)
+    def forward(self, h, g, content_mask, query_mask, sinusoid, different=None, rows=None):
+        h_att, g_att = self.attention(h, g, content_mask, query_mask, sinusoid, different, rows)
         return self._post(h, h_att), (self._post(g, g_att) if g is not None else None)
 
 
@@ -166,20 +174,32 @@ class Xlnet(nn.Module):
         return h
 
     def two_stream(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, rank: torch.Tensor
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        rank: torch.Tensor,
+        read: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Both streams under the factorisation order given by `rank` (B, T). Returns (h, g), each (B, T, C)."""
+        """Both streams under the factorisation order given by `rank` (B, T). Returns (h, g): h (B, T, C); g
+        (B, T, C), or with `read` (B, T) bool the query states of those positions in `read`'s row-major order
+        (N, C). A query state depends on no other position's query state, so the query stream then runs at the
+        read positions only (the targets, 1/K of the tokens): its projections and feed-forward layers were
+        nearly half of a pretraining step's work."""
         B, T = input_ids.shape
         real = attention_mask.bool()[:, None, :]
         earlier_or_same = rank[:, None, :] <= rank[:, :, None]  # [b, i, j]: j comes no later than i
         content_mask = (earlier_or_same & real)[:, None]
         query_mask = (earlier_or_same & (rank[:, None, :] != rank[:, :, None]) & real)[:, None]
         h = self.embeddings(input_ids)
-        g = self.embeddings.dropout(self.embeddings.query.to(h.dtype).expand(B, T, -1))
+        rows = PackedRows.of(read)
+        start = self.embeddings.query.to(h.dtype)
+        g = self.embeddings.dropout(start.expand(B, T, -1) if rows is None else start.expand(len(rows.index), -1))
         sinusoid = self._sinusoid(T, h)
         for layer in self.layers:
-            h, g = layer(h, g, content_mask, query_mask, sinusoid)
-        return h, g
+            h, g = layer(h, g, content_mask, query_mask, sinusoid, rows=rows)
+        if read is None:
+            return h, g
+        return h, (g[read] if rows is None else g[read.reshape(-1)[rows.index]])
 
 
 class XlnetForPermutationLM(nn.Module):
@@ -201,11 +221,11 @@ class XlnetForPermutationLM(nn.Module):
     ) -> torch.Tensor | VocabLoss:
         """Logits (N, V) of the N target positions, read from the query stream, tied to the word embeddings.
         With `targets` (N,): their summed cross-entropy instead, the logits never held whole."""
-        _, g = self.encoder.two_stream(input_ids, attention_mask, rank)
+        _, g = self.encoder.two_stream(input_ids, attention_mask, rank, read=target_mask)
         weight = self.encoder.embeddings.word.weight
         if targets is not None:
-            return projected_cross_entropy(g[target_mask], weight, self.lm_bias, targets, predict)
-        return F.linear(g[target_mask], weight, self.lm_bias)
+            return projected_cross_entropy(g, weight, self.lm_bias, targets, predict)
+        return F.linear(g, weight, self.lm_bias)
 
 
 def build_pretraining(arch: XlnetArch, vocab_size: int, objective) -> XlnetForPermutationLM:
