@@ -3,6 +3,7 @@ straightforward computation, with fewer or smaller tensors kept between the pass
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from ptmcli.models import PRETRAINING_MODELS, layers
 from ptmcli.models.dropout import dropout, dropout_matmul
@@ -178,11 +179,10 @@ def test_a_padded_batch_runs_its_layers_on_its_real_tokens_only_with_the_padded_
         torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
 
 
-def test_xlnet_runs_its_query_stream_at_the_targets_only_with_the_full_streams_results(monkeypatch):
+def test_xlnet_runs_its_query_stream_at_the_targets_only_with_the_full_streams_results():
     """Permutation LM reads the query stream at the targets (1/K of the tokens) only, and no query state depends on
-    another position's, so the query stream's layers see the target rows and nothing else: the loss and every
-    gradient equal those of both streams run at every position."""
-    monkeypatch.setattr(layers, "ROW_BUCKET", 1)
+    another position's, so the query stream runs at the target positions gathered into (B, M) (M the most targets
+    of a row) and nowhere else: the loss and every gradient equal those of both streams run at every position."""
     torch.manual_seed(0)
     model = PRETRAINING_MODELS["xlnet"](XlnetArch(**SMALL), 50, ObjectiveConfig(name="plm")).train()
     B, T = 3, 12
@@ -190,24 +190,28 @@ def test_xlnet_runs_its_query_stream_at_the_targets_only_with_the_full_streams_r
     mask[2, 9:] = 0
     ids = torch.randint(5, 50, (B, T)) * mask
     rank = torch.stack([torch.randperm(T) for _ in range(B)])
-    target_mask = (rank >= T - 3) & mask.bool()  # the last 3 of each order (those still real)
+    target_mask = (rank >= T - 3) & mask.bool()  # the last 3 of each order (fewer in the padded row)
+    assert target_mask.sum(1).tolist()[:2] == [3, 3] and target_mask[2].sum() < 3
     rows_seen: list[int] = []
     for m in model.modules():
         if isinstance(m, FeedForward):
             m.register_forward_pre_hook(lambda _, args: rows_seen.append(args[0].shape[:-1].numel()))
 
-    def run():
+    def run(loss_fn):
         model.zero_grad()
         rows_seen.clear()
-        loss = model(ids, mask, rank, target_mask, ids[target_mask]).loss
+        loss = loss_fn()
         loss.backward()
         return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None], list(rows_seen)
 
-    targets_only = run()
-    monkeypatch.setattr(PackedRows, "of", staticmethod(lambda keep: None))
-    full = run()
-    n = int(target_mask.sum())
-    assert targets_only[2] == [B * T, n, B * T, n]  # per layer: the content stream, then the query stream
+    def full_streams():
+        _, g = model.encoder.two_stream(ids, mask, rank)
+        weight = model.encoder.embeddings.word.weight
+        return F.cross_entropy(F.linear(g[target_mask], weight, model.lm_bias), ids[target_mask], reduction="sum")
+
+    targets_only = run(lambda: model(ids, mask, rank, target_mask, ids[target_mask]).loss)
+    full = run(full_streams)
+    assert targets_only[2] == [B * T, B * 3] * 2  # per layer: the content stream, then the query stream
     assert full[2] == [B * T] * 4
     torch.testing.assert_close(targets_only[0], full[0], atol=1e-5, rtol=1e-5)
     assert len(targets_only[1]) == len(full[1])

@@ -23,7 +23,7 @@ from torch import nn
 
 from ptmcli.architectures import XlnetArch
 from ptmcli.models.dropout import Dropout, dropout_matmul
-from ptmcli.models.layers import FeedForward, PackedRows, SelfAttention, init_normal
+from ptmcli.models.layers import FeedForward, SelfAttention, init_normal
 from ptmcli.models.vocab_loss import VocabLoss, projected_cross_entropy
 
 
@@ -67,16 +67,22 @@ class TwoStreamAttention(SelfAttention):
         B, T, C = x.shape
         return x.view(B, T, self.num_heads, C // self.num_heads).transpose(1, 2)
 
-    def _attend(self, q, k, v, positions: torch.Tensor, mask: torch.Tensor, different) -> torch.Tensor:
-        """q: (B, nh, T, hs); k, v: (B, nh, T, hs), contiguous; positions: (nh, 2T-1, hs); mask: (B, 1, T|1, T),
-        True = may attend; different: (B, 1, T, T), True where two tokens lie in different segments, or None."""
-        B, nh, T, hs = q.shape
+    def _attend(self, q, k, v, positions, mask, different, query_at=None) -> torch.Tensor:
+        """q: (B, nh, M, hs) queries at positions 0..T-1 (M = T), or at `query_at` (B, M); k, v: (B, nh, T, hs),
+        contiguous; positions: (nh, 2T-1, hs); mask: (B, 1, M|1, T), True = may attend; different: (B, 1, T, T),
+        True where two tokens lie in different segments, or None. Returns (B, M, C)."""
+        B, nh, M, hs = q.shape
+        T = k.shape[2]
         scores = (q + self.content_bias[:, None]) @ k.transpose(-1, -2)
         # one product per head over every query of the batch: `positions` broadcast over the batch would be copied
         # B times into the product's input, and the copy kept for the backward pass (8 MB a call at the bench shapes)
-        by_head = (q.transpose(0, 1) + self.position_bias[:, None, None]).reshape(nh, B * T, hs)
-        by_distance = (by_head @ positions.transpose(-1, -2)).view(nh, B, T, -1).transpose(0, 1)  # (B, nh, T, 2T-1)
-        scores += relative_shift(by_distance)
+        by_head = (q.transpose(0, 1) + self.position_bias[:, None, None]).reshape(nh, B * M, hs)
+        by_distance = (by_head @ positions.transpose(-1, -2)).view(nh, B, M, -1).transpose(0, 1)  # (B, nh, M, 2T-1)
+        if query_at is None:
+            scores += relative_shift(by_distance)
+        else:  # query m at position p reads the distance p - j from column T-1-p+j
+            column = (T - 1) - query_at[:, None, :, None] + torch.arange(T, device=q.device)
+            scores += by_distance.gather(-1, column.expand(B, nh, M, T))
         if different is not None:
             by_segment = torch.einsum("bnid,snd->bnis", q + self.segment_bias[:, None], self.segment_embed)
             scores += torch.where(different, by_segment[..., 1:], by_segment[..., :1])
@@ -85,11 +91,11 @@ class TwoStreamAttention(SelfAttention):
         scores = scores.mul_(1 / math.sqrt(hs)).masked_fill_(~mask, torch.finfo(scores.dtype).min)
         probs = F.softmax(scores, -1, dtype=torch.float32).to(v.dtype)
         attended = dropout_matmul(probs, v, self.dropout, self.training).masked_fill(~mask.any(-1, keepdim=True), 0.0)
-        return attended.transpose(1, 2).reshape(B, T, nh * hs)
+        return attended.transpose(1, 2).reshape(B, M, nh * hs)
 
-    def forward(self, h, g, content_mask, query_mask, sinusoid, different=None, rows: PackedRows | None = None):
-        """h: (B, T, C) content stream; g: (B, T, C) query stream, or with `rows` its states at those positions
-        only (N, C), or None. Returns their attention outputs, each shaped like its stream."""
+    def forward(self, h, g, content_mask, query_mask, sinusoid, different=None, query_at=None):
+        """h: (B, T, C) content stream; g: (B, T, C) query stream, or (B, M, C) at the positions `query_at` (B, M)
+        only, or None. Returns their attention outputs, each shaped like its stream."""
         if self.prefix is not None:
             raise ValueError("prefix tuning is not supported by XLNet's two-stream attention")
         C = h.shape[-1]
@@ -100,10 +106,8 @@ class TwoStreamAttention(SelfAttention):
         h_out = self.out(self._attend(q, k, v, positions, content_mask, different))
         if g is None:
             return h_out, None
-        query = self.qkv(g)[..., :C]  # the query stream asks with its own state, never its content
-        query = self._heads(query if rows is None else rows.unpack(query))
-        attended = self._attend(query, k, v, positions, query_mask, different)
-        return h_out, self.out(attended if rows is None else rows.pack(attended))
+        query = self._heads(self.qkv(g)[..., :C])  # the query stream asks with its own state, never its content
+        return h_out, self.out(self._attend(query, k, v, positions, query_mask, different, query_at))
 
 
 class Layer(nn.Module):
@@ -123,8 +127,8 @@ class Layer(nn.Module):
         x = self.attention_norm(x + self.dropout(attended))
         return self.ffn_norm(x + self.dropout(self.ffn(x)))
 
-    def forward(self, h, g, content_mask, query_mask, sinusoid, different=None, rows=None):
-        h_att, g_att = self.attention(h, g, content_mask, query_mask, sinusoid, different, rows)
+    def forward(self, h, g, content_mask, query_mask, sinusoid, different=None, query_at=None):
+        h_att, g_att = self.attention(h, g, content_mask, query_mask, sinusoid, different, query_at)
         return self._post(h, h_att), (self._post(g, g_att) if g is not None else None)
 
 
@@ -183,23 +187,28 @@ class Xlnet(nn.Module):
         """Both streams under the factorisation order given by `rank` (B, T). Returns (h, g): h (B, T, C); g
         (B, T, C), or with `read` (B, T) bool the query states of those positions in `read`'s row-major order
         (N, C). A query state depends on no other position's query state, so the query stream then runs at the
-        read positions only (the targets, 1/K of the tokens): its projections and feed-forward layers were
-        nearly half of a pretraining step's work."""
+        read positions only (the targets, 1/K of the tokens), gathered into (B, M, C) with M the most any row
+        reads: its projections, feed-forward layers and attention were nearly half of a pretraining step's work."""
         B, T = input_ids.shape
         real = attention_mask.bool()[:, None, :]
         earlier_or_same = rank[:, None, :] <= rank[:, :, None]  # [b, i, j]: j comes no later than i
         content_mask = (earlier_or_same & real)[:, None]
         query_mask = (earlier_or_same & (rank[:, None, :] != rank[:, :, None]) & real)[:, None]
+        query_at = valid = None
+        if read is not None:
+            counts = read.sum(1)
+            # each row's read positions in ascending order, then padding entries (position 0, dropped at the end)
+            query_at = torch.sort((~read).to(torch.uint8), dim=1, stable=True).indices[:, : int(counts.max())]
+            valid = torch.arange(query_at.shape[1], device=read.device) < counts[:, None]
+            query_at = query_at * valid
+            query_mask = query_mask.gather(2, query_at[:, None, :, None].expand(B, 1, query_at.shape[1], T))
         h = self.embeddings(input_ids)
-        rows = PackedRows.of(read)
-        start = self.embeddings.query.to(h.dtype)
-        g = self.embeddings.dropout(start.expand(B, T, -1) if rows is None else start.expand(len(rows.index), -1))
+        g = self.embeddings.query.to(h.dtype).expand(B, T if read is None else query_at.shape[1], -1)
+        g = self.embeddings.dropout(g)
         sinusoid = self._sinusoid(T, h)
         for layer in self.layers:
-            h, g = layer(h, g, content_mask, query_mask, sinusoid, rows=rows)
-        if read is None:
-            return h, g
-        return h, (g[read] if rows is None else g[read.reshape(-1)[rows.index]])
+            h, g = layer(h, g, content_mask, query_mask, sinusoid, query_at=query_at)
+        return h, (g if read is None else g[valid])
 
 
 class XlnetForPermutationLM(nn.Module):
