@@ -38,8 +38,8 @@ _KEPT_BUFFERS: dict[torch.device, torch.Tensor] = {}
 def _logits_buffer(rows: int, vocab: int, device: torch.device) -> torch.Tensor:
     """A (rows, vocab) fp32 buffer whose rows start 256-byte aligned. On a CPU one buffer is kept from call to call:
     a fresh one of this size (tens of MB) is memory-mapped anew by the allocator at every step and page-faults in as
-    the product writes it (a 2048 x 256 x 8192 product ran at 124 GFLOP/s into a fresh buffer, 169 into a kept one).
-    A GPU's caching allocator already hands back the same memory."""
+    the product writes it (`tests/bench/profile_step.py bart`: the logits' product ran at 134 GFLOP/s into a fresh
+    buffer, the step's other products at 130-190). A GPU's caching allocator already hands back the same memory."""
     aligned = -(-vocab // ROW_ALIGN) * ROW_ALIGN
     if device.type != "cpu":
         return torch.empty(rows, aligned, device=device)[:, :vocab]

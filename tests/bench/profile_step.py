@@ -1,9 +1,10 @@
 """Where one of `make bench`'s ptm steps spends its time: `torch.profiler` over two training steps of a family's bench
 model (the same overrides, batches and optimizer), after a few unprofiled ones.
-Run: python tests/bench/profile_step.py FAMILY [--kept]  (bert roberta gpt t5 bart electra xlnet)
+Run: python tests/bench/profile_step.py FAMILY [--kept | --rss]  (bert roberta gpt t5 bart electra xlnet)
 Prints tokens/s over 6 steps and the process's peak RSS, then the ops by their own CPU time and each
 matrix-product shape's GFLOP/s; with --kept instead, the tensors one forward pass keeps for the backward pass
-(distinct storages, parameters left out) summed by the line of ptm that made autograd keep them."""
+(distinct storages, parameters left out) summed by the line of ptm that made autograd keep them; with --rss, the
+process's resident memory after each stage (torch and ptm imported, data, model and optimizer, then 8 steps)."""
 
 from __future__ import annotations
 
@@ -59,11 +60,19 @@ def kept_for_backward(forward, parameters) -> None:
         print(f"{size / 2**20:8.1f} MB  {where}")
 
 
+def resident_mb(stage: str) -> None:
+    current = int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize() / 2**20
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"{stage:24} resident {current:6,.0f} MB, peak {peak:6,.0f} MB", flush=True)
+
+
 def main() -> None:
+    resident_mb("torch and ptm imported")
     name = next((a for a in sys.argv[1:] if not a.startswith("--")), "bert")
     torch.set_flush_denormal(True)  # as ptm's loop does on a CPU
     _, cfg = checked(parse("pretrain", bench.overrides(name, False)))
     tokenizer, train, _, _ = build_examples(cfg, Dist())
+    resident_mb("data")
     torch.manual_seed(cfg.trainer.seed)
     model = PRETRAINING_MODELS[cfg.model.family](cfg.model, tokenizer.get_vocab_size(), cfg.objective).train()
     objective = OBJECTIVES[cfg.objective.name](cfg.objective)
@@ -79,6 +88,12 @@ def main() -> None:
         optimizer.zero_grad(set_to_none=True)
         return batch["num_tokens"]
 
+    if "--rss" in sys.argv:
+        resident_mb("model and optimizer")
+        for i in range(8):
+            step()
+            resident_mb(f"after step {i + 1}")
+        return
     if "--kept" in sys.argv:
         kept_for_backward(lambda: objective(model, next(batches)), list(model.parameters()))
         return
