@@ -134,7 +134,7 @@ class OptimizerConfig:
     warmup_steps: Optional[int] = _f(None, "linear warmup steps (overrides warmup_ratio)")
     warmup_ratio: float = _f(0.06, "warmup as a fraction of trainer.max_steps")
     min_lr_ratio: float = _f(0.0, "floor of the decay, as a fraction of lr")
-    fused: Literal["auto", "on", "off"] = _f("auto", "fused AdamW kernel (auto: on CUDA only)")
+    fused: Literal["auto", "on", "off"] = _f("auto", "fused AdamW kernel (auto: on CUDA and CPU)")
 
 
 @dataclass
