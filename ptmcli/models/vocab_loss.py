@@ -16,9 +16,12 @@ import torch
 import torch.nn.functional as F
 
 IGNORE = -100  # a target that counts for nothing (padding), as in F.cross_entropy
-# logits per chunk (64 MiB in fp32): on 2 CPU cores 2^23..2^25 are equally fast, 2^21 twice as slow (each chunk
-# adds into the whole weight gradient)
+# logits per chunk (64 MiB in fp32), up to twice that to reach EFFICIENT_ROWS: on 2 CPU cores the products run
+# slower on fewer rows (`python tests/bench/vocab_loss.py --rows 333 512 1024`, GPT-2's 50,257 tokens, where 2^24
+# elements are 333 rows: 2.14 / 1.92 / 1.86 s), and 2^21 elements twice as slow (each chunk adds into the whole
+# weight gradient)
 CHUNK_ELEMENTS = 1 << 24
+EFFICIENT_ROWS = 512
 ROW_ALIGN = 64  # floats
 
 
@@ -29,7 +32,7 @@ class VocabLoss(NamedTuple):
 
 
 def chunk_rows(vocab_size: int) -> int:
-    return max(16, CHUNK_ELEMENTS // vocab_size)
+    return max(16, min(max(EFFICIENT_ROWS, CHUNK_ELEMENTS // vocab_size), 2 * CHUNK_ELEMENTS // vocab_size))
 
 
 _KEPT_BUFFERS: dict[torch.device, torch.Tensor] = {}

@@ -1,15 +1,29 @@
 """The output layer alone: cross-entropy of 4,064 targets over GPT-2's 50,257-token vocabulary from 256-wide
 hidden states, forward + backward, the straightforward way (all logits at once) against ptm's chunked loss.
-Run: python tests/bench/vocab_loss.py  (best of 4 interleaved repeats, seconds per call)."""
+Run: python tests/bench/vocab_loss.py [--rows R ...]  (best of 4 interleaved repeats, seconds per call); with --rows,
+ptm's loss at each of those rows per chunk instead (its default: `vocab_loss.chunk_rows`)."""
 
 from __future__ import annotations
 
+import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
+from ptmcli.models import vocab_loss
 from ptmcli.models.vocab_loss import projected_cross_entropy
+
+
+def at_rows(rows: int):
+    def loss(hidden, weight, targets):
+        default, vocab_loss.chunk_rows = vocab_loss.chunk_rows, lambda vocab_size: rows
+        try:
+            return projected_cross_entropy(hidden, weight, None, targets).loss
+        finally:
+            vocab_loss.chunk_rows = default
+
+    return loss
 
 
 def main() -> None:
@@ -18,19 +32,24 @@ def main() -> None:
     hidden = torch.randn(rows, width, requires_grad=True)
     weight = (torch.randn(vocab, width) * 0.02).requires_grad_()
     targets = torch.randint(0, vocab, (rows,))
-    ways = {
-        "all logits at once": lambda: F.cross_entropy(F.linear(hidden, weight), targets, reduction="sum"),
-        "ptm, chunked": lambda: projected_cross_entropy(hidden, weight, None, targets).loss,
-    }
+    if "--rows" in sys.argv:
+        ways = {f"ptm, {r} rows a chunk": at_rows(int(r)) for r in sys.argv[sys.argv.index("--rows") + 1 :]}
+    else:
+        ways = {
+            "all logits at once": lambda h, w, t: F.cross_entropy(F.linear(h, w), t, reduction="sum"),
+            f"ptm, chunked ({vocab_loss.chunk_rows(vocab)} rows)": lambda h, w, t: (
+                projected_cross_entropy(h, w, None, t).loss
+            ),
+        }
     best = dict.fromkeys(ways, float("inf"))
     for _ in range(4):
         for name, loss in ways.items():
             start = time.perf_counter()
-            loss().backward()
+            loss(hidden, weight, targets).backward()
             best[name] = min(best[name], time.perf_counter() - start)
     floor = 3 * 2 * rows * width * vocab
     for name, seconds in best.items():
-        print(f"{name:20} {seconds:.2f} s  ({floor / seconds / 1e9:.0f} GFLOP/s in the three matrix products)")
+        print(f"{name:26} {seconds:.2f} s  ({floor / seconds / 1e9:.0f} GFLOP/s in the three matrix products)")
 
 
 if __name__ == "__main__":
