@@ -1,11 +1,15 @@
-"""Learning-rate schedules, weight-decay groups and the Adafactor lr caution, against hand-computed values."""
+"""Learning-rate schedules, weight-decay groups and the Adafactor lr caution, against hand-computed values; the fused
+AdamW a CPU run steps with."""
 
 from __future__ import annotations
 
+from copy import deepcopy
+
 import pytest
+import torch
 from torch import nn
 
-from ptmcli.optim import lr_caution, lr_factor, param_groups
+from ptmcli.optim import build_optimizer, lr_caution, lr_factor, param_groups
 from ptmcli.schema import OptimizerConfig
 
 
@@ -64,3 +68,27 @@ def test_layer_decay_scales_each_layer_and_puts_electras_embedding_projection_wi
     assert lr_of[id(named["encoder.layers.0.attention.qkv.weight"])] == 0.5**3
     assert lr_of[id(named["encoder.layers.2.attention.qkv.weight"])] == 0.5
     assert {lr_of[id(p)] for n, p in named.items() if not n.startswith("encoder.")} == {1.0}  # the head
+
+
+def test_adamw_is_fused_on_a_cpu_and_takes_up_a_state_saved_by_the_foreach_path():
+    """`fused: auto` steps with torch's fused kernel on a CPU too; runs saved before it did (the foreach path's
+    state) resume under it exactly as the foreach path would have continued them."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 4), nn.LayerNorm(4), nn.Linear(4, 3))
+    inputs = torch.randint(0, 10, (6,))
+    saved = build_optimizer(model, OptimizerConfig(fused="off"), torch.device("cpu"))
+    model(inputs).square().sum().backward()
+    saved.step()
+    continued = {}
+    for fused in ("off", "auto"):
+        replica = deepcopy(model)
+        optimizer = build_optimizer(replica, OptimizerConfig(fused=fused), torch.device("cpu"))
+        optimizer.load_state_dict(deepcopy(saved.state_dict()))
+        assert optimizer.defaults["fused"] is (True if fused == "auto" else None)
+        for _ in range(3):
+            optimizer.zero_grad()
+            replica(inputs).square().sum().backward()
+            optimizer.step()
+        continued[fused] = torch.cat([p.detach().flatten() for p in replica.parameters()])
+    torch.testing.assert_close(continued["auto"], continued["off"], rtol=0, atol=1e-6)
+    assert not torch.equal(continued["auto"], torch.cat([p.detach().flatten() for p in model.parameters()]))
