@@ -188,13 +188,19 @@ class ElectraPair(torch.nn.Module):
             sampled = torch.multinomial(generated.logits[masked].float().softmax(-1), 1).squeeze(1)
         corrupted = original.clone()
         corrupted[masked] = sampled
+        replaced = corrupted != original
         judged = self.discriminator(
-            input_ids=corrupted,
-            attention_mask=attention_mask,
-            token_type_ids=token_type_ids,
-            labels=(corrupted != original).long(),
+            input_ids=corrupted, attention_mask=attention_mask, token_type_ids=token_type_ids, labels=replaced.long()
         )
-        return {"loss": generated.loss + self.rtd_weight * judged.loss}
+        return {
+            "loss": generated.loss + self.rtd_weight * judged.loss,
+            # the parts, for tests/bench/electra_probe.py --hf
+            "mlm": generated.loss.detach(),
+            "rtd": judged.loss.detach(),
+            "rtd_logits": judged.logits.detach(),
+            "replaced": replaced,
+            "corrupted": corrupted,
+        }
 
 
 def hf_model(name: str, exported: Path, rtd_weight: float) -> torch.nn.Module:

@@ -5,8 +5,11 @@ every 50 steps, the generator's MLM loss, the part of the discriminator's loss e
 ranks replaced tokens no higher than originals, whatever its calibration) and the mean cosine similarity between
 the discriminator's final token states (1 = every token has the same state: collapsed).
 
-Run: python tests/bench/electra_probe.py [--zero-bias] [--unigram-generator] [--untied] [--steps=400] [--batch=16]
-       [KEY=VALUE ...]
+Run: python tests/bench/electra_probe.py [--hf] [--zero-bias] [--unigram-generator] [--untied] [--steps=400]
+       [--batch=16] [KEY=VALUE ...]
+  --hf                 train Hugging Face's ElectraForMaskedLM and ElectraForPreTraining instead, from the very same
+                       initial weights (ptm's, exported), embeddings shared, on the same batches with the same
+                       optimizer: the reference implementation's forward and backward under the same run
   --zero-bias          the discriminator's output bias starts at 0 (the reference code) instead of the log-odds
                        of the masking rate (ptm's default)
   --unigram-generator  the generator's output bias starts at the corpus' log unigram frequencies
@@ -26,6 +29,8 @@ from __future__ import annotations
 import copy
 import math
 import sys
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -33,35 +38,90 @@ import torch.nn.functional as F
 
 from ptmcli import compose
 from ptmcli.distributed import init_from_env
+from ptmcli.export import write_pretraining
 from ptmcli.models import PRETRAINING_MODELS
 from ptmcli.objectives import OBJECTIVES
 from ptmcli.pretrain import build_examples
 
+INPUTS = ("input_ids", "token_type_ids", "attention_mask")
 
-def collapse(model, batch) -> float:
-    """Mean cosine similarity between the discriminator's final states of 500 real tokens of a batch."""
-    model.eval()
-    with torch.no_grad():
+
+class PtmSide:
+    """ptm's ELECTRA model and objective: the step's loss and its parts, the discriminator's judgement and states."""
+
+    def __init__(self, model, cfg):
+        self.model, self.objective, self.rtd_weight = model, OBJECTIVES["rtd"](cfg.objective), cfg.objective.rtd_weight
+        shared = {id(p) for p in model.encoder.parameters()}
+        self.generator_own = {id(p) for m in (model.generator, model.mlm_head) for p in m.parameters()} - shared
+
+    def step(self, batch) -> tuple[torch.Tensor, float, float, float]:
+        """The loss to step on, the generator's MLM loss, the discriminator's loss and the replaced share."""
+        sums, stats = self.objective(self.model, batch)
+        mlm, rtd = sums["mlm"] / batch["counts"]["mlm"], sums["rtd"] / batch["counts"]["rtd"]
+        return mlm + self.rtd_weight * rtd, mlm.item(), rtd.item(), float(stats["replaced"]) / batch["counts"]["rtd"]
+
+    def judged(self, batch) -> dict:
+        out = self.model(*(batch[k] for k in INPUTS), batch["mlm_positions"], batch["mlm_targets"])
+        return {"rtd_logits": out["rtd_logits"], "replaced": out["replaced"]}
+
+    def states(self, batch) -> torch.Tensor:
+        return self.model.encoder(*(batch[k] for k in INPUTS))
+
+
+class HuggingFaceSide:
+    """The same initial weights as Hugging Face's generator and discriminator (tests/bench/bench.py's ElectraPair:
+    shared embeddings, multinomial samples, 50 x the discriminator's mean loss plus the generator's)."""
+
+    def __init__(self, model, cfg, tokenizer):
+        from bench import INPUTS as HF_INPUTS
+        from bench import hf_model
+
+        exported = Path(tempfile.mkdtemp(prefix="electra-probe-hf-"))
+        write_pretraining(model, cfg.model, cfg.objective.name, tokenizer, exported)
+        self.model, self.convert = hf_model("electra", exported, cfg.objective.rtd_weight), HF_INPUTS["electra"]
+        shared = {id(p) for p in self.model.discriminator.parameters()}
+        self.generator_own = {id(p) for p in self.model.generator.parameters()} - shared
+
+    def step(self, batch) -> tuple[torch.Tensor, float, float, float]:
+        out = self.model(**self.convert(batch))
         real = batch["attention_mask"].bool()
-        states = model.encoder(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])[real]
-        states = F.normalize(states[torch.randperm(states.shape[0])[:500]], dim=-1)
-    model.train()
+        return out["loss"], out["mlm"].item(), out["rtd"].item(), float(out["replaced"][real].float().mean())
+
+    def judged(self, batch) -> dict:
+        return self.model(**self.convert(batch))
+
+    def states(self, batch) -> torch.Tensor:
+        corrupted = self.model(**self.convert(batch))["corrupted"]
+        mask, types = batch["attention_mask"], batch["token_type_ids"]
+        return self.model.discriminator.electra(corrupted, mask, types).last_hidden_state
+
+
+def evaluated(side, batch, what: str):
+    """side.judged or side.states on a batch with dropout off; the global random state is put back, so the run goes
+    on as without this measurement."""
+    side.model.eval()
+    random_state = torch.get_rng_state()
+    with torch.no_grad():
+        out = getattr(side, what)(batch)
+    torch.set_rng_state(random_state)
+    side.model.train()
+    return out
+
+
+def collapse(side, batch) -> float:
+    """Mean cosine similarity between the discriminator's final states of 500 real tokens of a batch."""
+    real = batch["attention_mask"].bool()
+    states = evaluated(side, batch, "states")[real]
+    states = F.normalize(
+        states[torch.randperm(states.shape[0], generator=torch.Generator().manual_seed(0))[:500]], dim=-1
+    )
     return float((states @ states.t()).mean())
 
 
-def detection_auc(model, batch) -> float:
+def detection_auc(side, batch) -> float:
     """ROC AUC of the discriminator's logits on a batch (dropout off): the chance that a replaced token scores
-    above an original one. The global random state is put back: the run goes on as without this measurement."""
-    model.eval()
-    random_state = torch.get_rng_state()
-    with torch.no_grad():
-        out = model(
-            *(batch[k] for k in ("input_ids", "token_type_ids", "attention_mask")),
-            batch["mlm_positions"],
-            batch["mlm_targets"],
-        )
-    torch.set_rng_state(random_state)
-    model.train()
+    above an original one."""
+    out = evaluated(side, batch, "judged")
     real = batch["attention_mask"].bool()
     logits, replaced = out["rtd_logits"][real], out["replaced"][real]
     ranks = torch.empty_like(logits).scatter_(0, logits.argsort(), torch.arange(len(logits), dtype=logits.dtype))
@@ -101,10 +161,9 @@ def main(args: list[str]) -> None:
         model.generator.layers = model.generator.layers[:generator_layers]
     if "--untied" in flags:
         model.encoder.embeddings = copy.deepcopy(model.generator.embeddings)
-    objective = OBJECTIVES["rtd"](cfg.objective)
-    shared = {id(p) for p in model.encoder.parameters()}
-    generator_own = {id(p) for m in (model.generator, model.mlm_head) for p in m.parameters()} - shared
-    split = {own: [p for p in model.parameters() if (id(p) in generator_own) == own] for own in (False, True)}
+    side = HuggingFaceSide(model, cfg, tokenizer) if "--hf" in flags else PtmSide(model, cfg)
+    model = side.model
+    split = {own: [p for p in model.parameters() if (id(p) in side.generator_own) == own] for own in (False, True)}
     groups = [
         {
             "params": [p for p in params if (p.ndim > 1) == matrices],
@@ -118,24 +177,22 @@ def main(args: list[str]) -> None:
     window = {"mlm": 0.0, "rtd": 0.0, "entropy": 0.0}
     for step in range(steps):
         batch = train.batch([i % len(train.chunks) for i in range(step * batch_size, (step + 1) * batch_size)], 0)
-        sums, stats = objective(model, batch)
-        loss = sums["mlm"] / batch["counts"]["mlm"] + cfg.objective.rtd_weight * sums["rtd"] / batch["counts"]["rtd"]
+        loss, mlm, rtd, share = side.step(batch)
         for group in optimizer.param_groups:
             group["lr"] = group["peak_lr"] * min((step + 1) / warmup, (steps - step) / (steps - warmup))
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        share = float(stats["replaced"]) / batch["counts"]["rtd"]
-        window["mlm"] += sums["mlm"].item() / batch["counts"]["mlm"]
-        window["rtd"] += sums["rtd"].item() / batch["counts"]["rtd"]
+        window["mlm"] += mlm
+        window["rtd"] += rtd
         window["entropy"] -= share * math.log(share) + (1 - share) * math.log(1 - share)
         if (step + 1) % 50 == 0:
             mean = {k: v / 50 for k, v in window.items()}
             print(
                 f"step {step + 1:4d}  generator MLM {mean['mlm']:.3f}  RTD {mean['rtd']:.4f}  "
-                f"gap {mean['entropy'] - mean['rtd']:.4f}  AUC {detection_auc(model, batch):.3f}  "
-                f"token-state cosine {collapse(model, batch):.3f}",
+                f"gap {mean['entropy'] - mean['rtd']:.4f}  AUC {detection_auc(side, batch):.3f}  "
+                f"token-state cosine {collapse(side, batch):.3f}",
                 flush=True,
             )
             window = dict.fromkeys(window, 0.0)
