@@ -94,6 +94,11 @@ class ElectraArch:
     share_embeddings: bool = _f(
         True, "the generator reads and predicts with the discriminator's embeddings (the paper's); false: its own copy"
     )
+    share_all_weights: bool = _f(
+        False,
+        "the generator is the discriminator itself with an MLM head (the paper's tying of all weights, section 3.2): "
+        "its own sizes are not used, and the MLM loss trains the discriminator's layers too",
+    )
     max_positions: int = _f(512, "number of learned position embeddings")
     type_vocab_size: int = _f(2, "number of segment (token type) embeddings")
     dropout: float = _f(0.1, "dropout on embeddings and residual branches")

@@ -35,7 +35,13 @@ from ptmcli.schema import (
 from ptmcli.weights import Pretrained, hf_directory, load_pretrained
 
 # ELECTRA's generator sizes and embedding sharing, which a discriminator-only checkpoint does not give
-GENERATOR_FIELDS = ("generator_hidden_size", "generator_num_heads", "generator_intermediate_size", "share_embeddings")
+GENERATOR_FIELDS = (
+    "generator_hidden_size",
+    "generator_num_heads",
+    "generator_intermediate_size",
+    "share_embeddings",
+    "share_all_weights",
+)
 # objective -> packing layout of its sequences (see data.pretraining.LAYOUTS)
 LAYOUT = {
     "mlm-nsp": "sentences",

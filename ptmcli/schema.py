@@ -418,6 +418,11 @@ def check_consistency(cfg: PretrainConfig) -> None:
             f"model.generator_hidden_size={m.generator_hidden_size} is not divisible by "
             f"model.generator_num_heads={m.generator_num_heads}."
         )
+    if m.family == "electra" and m.share_all_weights and not m.share_embeddings:
+        raise PtmError(
+            "model.share_all_weights=true makes the generator the discriminator itself, embeddings included, and "
+            "model.share_embeddings=false asks for embeddings of its own; drop one of the two."
+        )
     if not 0 < o.noise_density < 1 or o.mean_span_length < 1 or not 0 < o.mask_ratio < 1:
         raise PtmError(
             "objective.noise_density and objective.mask_ratio must lie in (0, 1), objective.mean_span_length >= 1."

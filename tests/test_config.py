@@ -144,6 +144,12 @@ def test_wrong_types_and_values_fail(key, value, expected):
         check_pretrain(cfg)
 
 
+def test_electra_sharing_all_weights_but_not_the_embeddings_fails():
+    cfg = _compose("electra-mini", ["model.share_all_weights=true", "model.share_embeddings=false"])
+    with pytest.raises(PtmError, match="drop one of the two"):
+        check_pretrain(cfg)
+
+
 def test_cli_errors_are_one_paragraph_with_exit_status_2(cache_env, tmp_path):
     proc = run_ptm(["pretrain", "trainer.max_stpes=5", f"hydra.run.dir={tmp_path / 'run'}"], cache_env, check=False)
     assert proc.returncode == 2

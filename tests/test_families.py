@@ -156,6 +156,25 @@ def test_electra_shares_embeddings_and_flags_only_sampled_replacements():
     assert torch.sigmoid(model.rtd_out.bias).item() == pytest.approx(ObjectiveConfig(name="rtd").mask_prob)
 
 
+def test_electra_with_all_weights_shared_trains_the_discriminator_by_the_generators_loss_too():
+    """model.share_all_weights: the generator is the discriminator with an MLM head (the paper's section 3.2), so the
+    masked-LM loss alone reaches every discriminator layer, and the model holds no second encoder."""
+    import dataclasses
+
+    torch.manual_seed(0)
+    arch = dataclasses.replace(ARCHS["electra"], share_all_weights=True)
+    model = PRETRAINING_MODELS["electra"](arch, V, ObjectiveConfig(name="rtd"))
+    assert model.generator is model.encoder
+    owners = {name.split(".")[0] for name, _ in model.named_parameters()}  # each shared weight is named once
+    assert owners == {"encoder", "mlm_head", "rtd_dense", "rtd_out"}
+    ids = torch.randint(5, V, (2, 12))
+    positions = torch.zeros_like(ids, dtype=torch.bool)
+    positions[:, [2, 5, 9]] = True
+    targets, inputs = ids[positions], ids.masked_fill(positions, 4)
+    model(inputs, None, None, positions, targets)["mlm_loss"].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.encoder.layers.parameters())
+
+
 def test_filter_logits_top_k_and_top_p():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     keep = lambda out: torch.isfinite(out)[0].tolist()  # noqa: E731

@@ -116,17 +116,25 @@ def test_pretraining_loss_drops_and_the_checkpoint_fine_tunes(family, pretrained
 # ELECTRA (torch-sampled replacements) stays in the default suite; XLNet and T5 run in `make test-slow` to keep
 # `make test` under 10 minutes (BERT's SIGKILL test and the Ctrl-C test in test_hardening.py stay default too).
 @pytest.mark.parametrize(
-    "family", [pytest.param("xlnet", marks=pytest.mark.slow), "electra", pytest.param("t5", marks=pytest.mark.slow)]
+    "family",
+    [
+        pytest.param("xlnet", marks=pytest.mark.slow),
+        "electra",
+        pytest.param("electra-tied", marks=pytest.mark.slow),
+        pytest.param("t5", marks=pytest.mark.slow),
+    ],
 )
 def test_sigkill_then_resume_matches_an_uninterrupted_run(family, cache_env, tmp_path):
-    """XLNet draws orders per example, ELECTRA samples replacements from torch's generator, T5 draws spans
-    (and which examples target the whole block, a second loss term): all must resume exactly."""
+    """XLNet draws orders per example, ELECTRA samples replacements from torch's generator (electra-tied: its
+    generator is the discriminator, every weight saved once under two names), T5 draws spans (and which examples
+    target the whole block, a second loss term): all must resume exactly."""
     schedule = ["trainer.max_steps=30", "trainer.log_every=1", "trainer.eval_every=10", "trainer.save_every=10"]
     if family == "t5":
         schedule.append("objective.full_target_fraction=0.3")
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    run_ptm(["pretrain", *FAMILIES[family], *schedule, f"hydra.run.dir={straight}"], cache_env)
-    args = ["pretrain", *FAMILIES[family], *schedule, f"hydra.run.dir={killed}"]
+    config = FAMILIES.get(family) or [*FAMILIES["electra"], "model.share_all_weights=true"]
+    run_ptm(["pretrain", *config, *schedule, f"hydra.run.dir={straight}"], cache_env)
+    args = ["pretrain", *config, *schedule, f"hydra.run.dir={killed}"]
     assert kill_after_checkpoint(args, cache_env, killed / "checkpoints" / "step-10") == -signal.SIGKILL
     run_ptm([*args, "resume=auto"], cache_env)
     rows = read_metrics(straight)

@@ -241,10 +241,12 @@ def test_import_export_and_round_trip_match_transformers(name, tokenizers, sente
     assert all(torch.equal(original[k], exported[k]) for k in original)
 
 
-@pytest.mark.parametrize("shared", [True, False])
-def test_electra_generator_exports_with_its_embeddings_and_imports_back(shared, tokenizers, sentences, tmp_path):
+@pytest.mark.parametrize("sharing", ["embeddings", "none", "all"])
+def test_electra_generator_exports_with_its_embeddings_and_imports_back(sharing, tokenizers, sentences, tmp_path):
     """The generator goes to generator/ as an ElectraForMaskedLM that gives ptm's logits; its embeddings are the
-    discriminator's, or (model.share_embeddings=false) its own, and the import tells which from the weights."""
+    discriminator's, or (model.share_embeddings=false) its own, or it is the discriminator itself
+    (model.share_all_weights=true); the import tells which from the weights."""
+    shared = sharing != "none"
     tok = tokenizers["wordpiece"]
     V = tok.get_vocab_size()
     arch = ElectraArch(
@@ -258,12 +260,14 @@ def test_electra_generator_exports_with_its_embeddings_and_imports_back(shared, 
         generator_intermediate_size=32,
         max_positions=64,
         share_embeddings=shared,
+        share_all_weights=sharing == "all",
         dropout=0.0,
         attention_dropout=0.0,
     )
     torch.manual_seed(0)
     model = PRETRAINING_MODELS["electra"](arch, V, SimpleNamespace(name="rtd")).eval()
     assert (model.generator.embeddings is model.encoder.embeddings) == shared
+    assert (model.generator is model.encoder) == (sharing == "all")
     with torch.no_grad():  # a trained model's output bias is not zero; nor, untied, are its two copies equal
         model.mlm_head.bias.normal_()
         if not shared:
@@ -279,6 +283,7 @@ def test_electra_generator_exports_with_its_embeddings_and_imports_back(shared, 
 
     imported = hf.read_dir(tmp_path / "out")
     assert imported.arch.share_embeddings == shared and imported.unused == []
+    assert imported.arch.share_all_weights == (sharing == "all")
     again = PRETRAINING_MODELS["electra"](imported.arch, V, SimpleNamespace(name="rtd"))
     fresh, unused = hf.load_into(again, imported.state, "init")
     assert fresh == [] and unused == []

@@ -153,11 +153,12 @@ def _with_prefix(state: dict[str, torch.Tensor], family: HfFamily) -> dict[str, 
 
 def read_arch(path: Path, what: str = "init") -> tuple[HfFamily, Any, dict | None]:
     """(family, ptm architecture, ELECTRA generator's config.json) of a directory, from its config.json (and, for
-    an ELECTRA directory with a generator/, whether the two share their word embeddings, from the weights)."""
+    an ELECTRA directory with a generator/, whether the two share their word embeddings or all weights, from the
+    weights)."""
     family, arch, generator = _arch_from_configs(path, what)
     if generator:
         weights = (_with_prefix(read_weights(d, what), family) for d in (path, path / "generator"))
-        arch = _with_embedding_sharing(arch, family, *weights)
+        arch = _with_generator_sharing(arch, family, *weights)
     return family, arch, generator
 
 
@@ -182,13 +183,22 @@ def _arch_from_configs(path: Path, what: str) -> tuple[HfFamily, Any, dict | Non
     return family, arch, generator
 
 
-def _with_embedding_sharing(arch, family: HfFamily, weights: dict, generator_weights: dict):
+def _with_generator_sharing(arch, family: HfFamily, weights: dict, generator_weights: dict):
     """An ELECTRA generator holds the discriminator's word embeddings (trained shared, as the paper's) or a matrix
-    of its own (ptm's `model.share_embeddings=false`)."""
-    key = f"{family.prefix}embeddings.word_embeddings.weight"
-    ours, theirs = weights.get(key), generator_weights.get(key)
-    same = ours is None or theirs is None or (ours.shape == theirs.shape and torch.equal(ours, theirs))
-    return arch if same else dataclasses.replace(arch, share_embeddings=False)
+    of its own (ptm's `model.share_embeddings=false`); one whose every encoder weight equals the discriminator's was
+    the discriminator itself (`model.share_all_weights=true`)."""
+
+    def same(key: str) -> bool:
+        ours, theirs = weights.get(key), generator_weights.get(key)
+        return ours is None or theirs is None or (ours.shape == theirs.shape and torch.equal(ours, theirs))
+
+    if not same(f"{family.prefix}embeddings.word_embeddings.weight"):
+        return dataclasses.replace(arch, share_embeddings=False)
+    layers = (f"{family.prefix}encoder.", f"{family.prefix}embeddings_project.")
+    encoder = [k for k in generator_weights if k.startswith(layers)]
+    if encoder and all(k in weights and same(k) for k in encoder):
+        return dataclasses.replace(arch, share_all_weights=True)
+    return arch
 
 
 def _fill_vocabulary(tokenizer: Tokenizer, rows: int, path: Path, what: str) -> Tokenizer:
@@ -210,7 +220,7 @@ def read_dir(path: Path, what: str = "init") -> Imported:
     weights = family.complete(_with_prefix(read_weights(path, what), family), arch)
     if generator:
         generator_weights = _with_prefix(read_weights(path / "generator", what), family)
-        arch = _with_embedding_sharing(arch, family, weights, generator_weights)
+        arch = _with_generator_sharing(arch, family, weights, generator_weights)
     word = next(
         (r for r in family.rules(arch, tokens) if r.ours.endswith(("embeddings.word.weight", "embeddings.weight")))
     )
@@ -222,7 +232,8 @@ def read_dir(path: Path, what: str = "init") -> Imported:
         gen_state, gen_unused = to_ours(generator_weights, electra.generator_rules(arch, tokens), counts)
         # a generator trained with shared embeddings (as ELECTRA's) reads the discriminator's; a shared one whose
         # copy of the position or segment embeddings differs is named among the keys not taken
-        shared = {k for k in gen_state if k.startswith("generator.embeddings.") and arch.share_embeddings}
+        tied = "generator." if arch.share_all_weights else "generator.embeddings."
+        shared = {k for k in gen_state if k.startswith(tied) and arch.share_embeddings}
         differ = [k for k in shared if not torch.equal(gen_state[k], state[k.replace("generator.", "encoder.", 1)])]
         state.update({k: v for k, v in gen_state.items() if k not in shared})
         unused |= {f"generator/{k}" for k in gen_unused} | {f"generator/{k} (differs)" for k in differ}

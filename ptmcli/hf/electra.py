@@ -33,9 +33,24 @@ def rules(arch: ElectraArch, tokens: Tokens) -> list:
     ]
 
 
+def generator_sizes(arch: ElectraArch) -> dict:
+    """The generator's width, heads and feed-forward width: the discriminator's when it is the discriminator."""
+    if arch.share_all_weights:
+        return {
+            "hidden_size": arch.hidden_size,
+            "num_heads": arch.num_heads,
+            "intermediate_size": arch.intermediate_size,
+        }
+    return {
+        "hidden_size": arch.generator_hidden_size,
+        "num_heads": arch.generator_num_heads,
+        "intermediate_size": arch.generator_intermediate_size,
+    }
+
+
 def generator_rules(arch: ElectraArch, tokens: Tokens) -> list:
     return [
-        *encoder("generator.", "electra.", arch.embedding_size != arch.generator_hidden_size),
+        *encoder("generator.", "electra.", arch.embedding_size != generator_sizes(arch)["hidden_size"]),
         *renamed("mlm_head.", "generator_predictions.", {"dense": "dense", "norm": "LayerNorm"}),
         rule("mlm_head.bias", "generator_lm_head.bias"),
     ]
@@ -79,10 +94,11 @@ def config_from_arch(arch: ElectraArch, tokens: Tokens, generator: bool = False)
         "type_vocab_size": arch.type_vocab_size,
     }
     if generator:
+        sizes = generator_sizes(arch)
         config.update(
-            hidden_size=arch.generator_hidden_size,
-            num_attention_heads=arch.generator_num_heads,
-            intermediate_size=arch.generator_intermediate_size,
+            hidden_size=sizes["hidden_size"],
+            num_attention_heads=sizes["num_heads"],
+            intermediate_size=sizes["intermediate_size"],
         )
     return config
 

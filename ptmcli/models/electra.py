@@ -69,7 +69,7 @@ class Electra(nn.Module):
 
 class ElectraForPretraining(nn.Module):
     """`encoder` is the discriminator (what fine-tuning loads); `generator` shares its embeddings unless
-    `arch.share_embeddings` is false.
+    `arch.share_embeddings` is false, and is the discriminator itself with `arch.share_all_weights`.
 
     `replaced_prior` is the expected share of replaced tokens (the masking rate): the discriminator's output bias
     starts at its log-odds. From a zero bias, the first updates of every token's logit all point one way ("fewer
@@ -83,9 +83,13 @@ class ElectraForPretraining(nn.Module):
         super().__init__()
         self.sampling_temperature = sampling_temperature
         self.encoder = Electra(arch, vocab_size)
-        shared = self.encoder.embeddings if arch.share_embeddings else None
-        self.generator = Electra(arch, vocab_size, generator=True, embeddings=shared)
-        self.mlm_head = MaskedLMHead(arch.generator_hidden_size, self.generator.embeddings.word, arch.layer_norm_eps)
+        if arch.share_all_weights:
+            self.generator = self.encoder
+        else:
+            shared = self.encoder.embeddings if arch.share_embeddings else None
+            self.generator = Electra(arch, vocab_size, generator=True, embeddings=shared)
+        width = arch.hidden_size if arch.share_all_weights else arch.generator_hidden_size
+        self.mlm_head = MaskedLMHead(width, self.generator.embeddings.word, arch.layer_norm_eps)
         self.rtd_dense = nn.Linear(arch.hidden_size, arch.hidden_size)
         self.rtd_out = nn.Linear(arch.hidden_size, 1)
         init_normal(self, arch.init_std)
