@@ -48,6 +48,7 @@ class Electra(nn.Module):
         intermediate = arch.generator_intermediate_size if generator else arch.intermediate_size
         self.arch = arch
         self.vocab_size = vocab_size
+        self.hidden_size = hidden
         self.embeddings = embeddings if embeddings is not None else Embeddings(arch, vocab_size)
         self.projection = nn.Linear(arch.embedding_size, hidden) if arch.embedding_size != hidden else None
         self.layers = nn.ModuleList(
@@ -88,8 +89,7 @@ class ElectraForPretraining(nn.Module):
         else:
             shared = self.encoder.embeddings if arch.share_embeddings else None
             self.generator = Electra(arch, vocab_size, generator=True, embeddings=shared)
-        width = arch.hidden_size if arch.share_all_weights else arch.generator_hidden_size
-        self.mlm_head = MaskedLMHead(width, self.generator.embeddings.word, arch.layer_norm_eps)
+        self.mlm_head = MaskedLMHead(self.generator.hidden_size, self.generator.embeddings.word, arch.layer_norm_eps)
         self.rtd_dense = nn.Linear(arch.hidden_size, arch.hidden_size)
         self.rtd_out = nn.Linear(arch.hidden_size, 1)
         init_normal(self, arch.init_std)

@@ -199,7 +199,6 @@ class ElectraPair(torch.nn.Module):
             "rtd": judged.loss.detach(),
             "rtd_logits": judged.logits.detach(),
             "replaced": replaced,
-            "corrupted": corrupted,
         }
 
 

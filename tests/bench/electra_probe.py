@@ -65,6 +65,7 @@ class PtmSide:
         return {"rtd_logits": out["rtd_logits"], "replaced": out["replaced"]}
 
     def states(self, batch) -> torch.Tensor:
+        """The discriminator's final states of the batch as it comes (masked, not yet filled by the generator)."""
         return self.model.encoder(*(batch[k] for k in INPUTS))
 
 
@@ -91,9 +92,8 @@ class HuggingFaceSide:
         return self.model(**self.convert(batch))
 
     def states(self, batch) -> torch.Tensor:
-        corrupted = self.model(**self.convert(batch))["corrupted"]
-        mask, types = batch["attention_mask"], batch["token_type_ids"]
-        return self.model.discriminator.electra(corrupted, mask, types).last_hidden_state
+        inputs = (batch[k] for k in ("input_ids", "attention_mask", "token_type_ids"))
+        return self.model.discriminator.electra(*inputs).last_hidden_state
 
 
 def evaluated(side, batch, what: str):
