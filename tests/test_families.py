@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -159,8 +161,6 @@ def test_electra_shares_embeddings_and_flags_only_sampled_replacements():
 def test_electra_with_all_weights_shared_trains_the_discriminator_by_the_generators_loss_too():
     """model.share_all_weights: the generator is the discriminator with an MLM head (the paper's section 3.2), so the
     masked-LM loss alone reaches every discriminator layer, and the model holds no second encoder."""
-    import dataclasses
-
     torch.manual_seed(0)
     arch = dataclasses.replace(ARCHS["electra"], share_all_weights=True)
     model = PRETRAINING_MODELS["electra"](arch, V, ObjectiveConfig(name="rtd"))
