@@ -7,6 +7,7 @@ import codecs
 import errno
 import importlib.util
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,11 @@ _BOMS = (
     (codecs.BOM_UTF16_LE, "utf-16"),
     (codecs.BOM_UTF16_BE, "utf-16"),
 )
+
+
+def cache_root() -> Path:
+    """Where ptm keeps what it derives from inputs (tokenizers, extracted archives): $PTM_CACHE or ~/.cache/ptm."""
+    return Path(os.environ.get("PTM_CACHE", Path.home() / ".cache" / "ptm"))
 
 
 def package_path(uri: str, key: str = "data.source") -> Path:

@@ -6,7 +6,6 @@ import dataclasses
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import datasets
 import torch
 from tokenizers import Tokenizer
 
@@ -15,7 +14,6 @@ from ptmcli.data import token_dir
 from ptmcli.data.lm_examples import CausalExamples, PermutationExamples, SentenceExamples
 from ptmcli.data.pretraining import PretrainingExamples, build_chunks
 from ptmcli.data.seq2seq_examples import DenoisingExamples, SpanCorruptionExamples
-from ptmcli.data.sources import load_documents, split_documents
 from ptmcli.data.tokenizer import get_tokenizer, load_tokenizer
 from ptmcli.distributed import Dist, init_from_env
 from ptmcli.errors import PtmError
@@ -84,6 +82,13 @@ def prepare_chunks(cfg: PretrainConfig, dist: Dist, tokenizer=None) -> Corpus:
     first process of each other node (whose datasets cache may be its own disk, or the shared one rank 0 filled),
     then the rest, so no two processes write one cache at once. `tokenizer` is init's; without one,
     data.tokenizer is loaded or a tokenizer is trained."""
+    # datasets (with pandas and pyarrow, ~100 MB and 0.6 s) is loaded here, where a corpus is read and packed, so a
+    # run from a token directory (data.tokens) does without it
+    import datasets
+
+    from ptmcli.data.sources import load_documents, split_documents
+
+    datasets.disable_progress_bars()  # one summary line says what preparation produced
     first_on_node = dist.local_rank == 0 and not dist.is_main
     if not dist.is_main:
         dist.barrier()
@@ -284,7 +289,6 @@ def pretrain(
 ) -> dict[str, float]:
     """`named_dir`: the user named the run directory; `hydra_files`: Hydra's record of the invocation (see rundir)."""
     cfg = check_pretrain(raw_cfg)
-    datasets.disable_progress_bars()  # one summary line says what preparation produced
     dist = init_from_env()
     hw = hardware.resolve(cfg.hardware, dist)
     run_dir, resume_from = rundir.prepare(run_dir, raw_cfg, "pretrain", recipe, dist, named_dir)

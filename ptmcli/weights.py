@@ -15,8 +15,8 @@ import torch
 from tokenizers import Tokenizer
 
 from ptmcli import checkpoint, hf, runfiles
-from ptmcli.data.sources import package_path
 from ptmcli.errors import PtmError
+from ptmcli.files import package_path
 from ptmcli.schema import MODEL_SCHEMAS, arch_from_spec
 
 

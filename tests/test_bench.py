@@ -28,6 +28,8 @@ def test_every_benchmark_entry_runs_both_sides(tmp_path, monkeypatch):
         for side, run in bench.SIDES.items():
             result = run(name, tmp_path, smoke=True)
             assert result["tokens_per_s"] > 0 and result["peak_rss_mb"] > 0, (name, side, result)
+    tokens = bench.prepare_tokens("bart", tmp_path, smoke=True)  # `bench.py --tokens`: ptm from `ptm prepare`'s output
+    assert bench.run_ptm("bart", tmp_path, smoke=True, tokens=tokens)["tokens_per_s"] > 0
 
 
 def test_linear_probe_reads_what_the_features_hold():

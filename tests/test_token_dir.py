@@ -75,17 +75,22 @@ def test_a_token_directory_serves_the_batches_of_the_in_memory_path(args, tmp_pa
                 assert _same(memory.batch(indices, epoch), disk.batch(indices, epoch))
 
 
-def _peak_rss_mb(args: list[str], env: dict) -> float:
-    """Peak resident memory of a training process, in MB."""
+HEAVY = ("datasets", "pandas", "pyarrow")  # what only reading and packing a corpus needs (~100 MB, 0.6 s)
+
+
+def _peak_rss_mb(args: list[str], env: dict) -> tuple[float, list[str]]:
+    """Peak resident memory of a training process, in MB, and which of HEAVY it loaded."""
     code = (
         "import resource, sys\nfrom ptmcli.cli import main\n"
         "try:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
-        "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
+        "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n"
+        f"print('LOADED', *[m for m in {HEAVY} if m in sys.modules])"
     )
     proc = subprocess.run(
         [sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=300, check=True
     )
-    return float(proc.stdout.rsplit("PEAK", 1)[1])
+    peak, loaded = proc.stdout.rsplit("PEAK", 1)[1].split("LOADED")
+    return float(peak), loaded.split()
 
 
 def _refused(args: list[str], capsys, expected: str) -> None:
@@ -96,8 +101,8 @@ def _refused(args: list[str], capsys, expected: str) -> None:
 
 
 def test_prepare_then_train_from_the_tokens_with_flat_memory_and_refusals(cache_env, tmp_path, capsys):
-    """`ptm prepare` writes the directory; a run trains from it (and learns); the same run from a directory with
-    the corpus 8 times over peaks at the same memory; a directory for another length, objective or tokenizer is
+    """`ptm prepare` writes the directory; a run trains from it (and learns) without loading datasets, pandas or
+    pyarrow; the same run from a directory with the corpus 8 times over peaks at the same memory; a directory for another length, objective or tokenizer is
     refused in one sentence, as is writing over one."""
     tokens = tmp_path / "tokens"
     main(["prepare", *GPT, f"output={tokens}"])
@@ -135,8 +140,9 @@ def test_prepare_then_train_from_the_tokens_with_flat_memory_and_refusals(cache_
         "trainer.curves=false",
     ]
     hardware.peak_flops(hardware.resolve(_config(GPT).hardware, Dist()))  # measured once, before either run
-    small_peak = _peak_rss_mb([*run, f"data.tokens={tokens}", f"hydra.run.dir={tmp_path / 'r1'}"], cache_env)
-    big_peak = _peak_rss_mb([*run, f"data.tokens={big}", f"hydra.run.dir={tmp_path / 'r8'}"], cache_env)
+    small_peak, loaded = _peak_rss_mb([*run, f"data.tokens={tokens}", f"hydra.run.dir={tmp_path / 'r1'}"], cache_env)
+    big_peak, _ = _peak_rss_mb([*run, f"data.tokens={big}", f"hydra.run.dir={tmp_path / 'r8'}"], cache_env)
+    assert loaded == [], f"a run from a token directory loaded {loaded}"
     assert (big / "train" / "ids.bin").stat().st_size == 8 * (tokens / "train" / "ids.bin").stat().st_size
     assert big_peak < 1.1 * small_peak, (small_peak, big_peak)
     print("peak RSS MB", small_peak, big_peak)

@@ -7,15 +7,18 @@ however many processes train and whether or not the run was resumed.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import datasets
 import numpy as np
 import torch
 from tokenizers import Tokenizer
 
+from ptmcli.data.padding import pad
 from ptmcli.data.tokenizer import SpecialIds
 from ptmcli.schema import ObjectiveConfig
-from ptmcli.tasks.common import pad
+
+if TYPE_CHECKING:  # a training process reading a token directory never loads datasets (pandas, pyarrow)
+    import datasets
 
 
 @dataclass

@@ -15,8 +15,8 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import datasets
 import numpy as np
 import torch
 from tokenizers import Tokenizer
@@ -24,16 +24,11 @@ from tokenizers import Tokenizer
 from ptmcli.data.tokenizer import SpecialIds, tokenizer_digest
 from ptmcli.schema import ObjectiveConfig
 
+if TYPE_CHECKING:
+    import datasets
+
 _LINE_BREAK = re.compile(r"\s*\n\s*")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'“‘(\[]?[A-Z0-9])|(?<=[。！？])")
-_FEATURES = datasets.Features(
-    {
-        "ids": datasets.Sequence(datasets.Value("int32")),
-        "sent_lens": datasets.Sequence(datasets.Value("int32")),
-        "starts": datasets.Sequence(datasets.Value("int8")),
-        "doc": datasets.Value("int64"),
-    }
-)
 # sentences of one document (NSP) | a stream cut into blocks wrapped in [CLS] .. [SEP] | bare blocks (causal LM)
 LAYOUTS = ("sentences", "blocks-cls-sep", "blocks")
 
@@ -128,6 +123,8 @@ def build_chunks(
 ) -> datasets.Dataset:
     """Tokenize and pack `docs` in `layout` (one of LAYOUTS), cached by datasets under fingerprints of input,
     tokenizer and settings."""
+    import datasets  # here, not at the top: a run training from a token directory never loads it
+
     tok_key = f"{docs._fingerprint}:{tokenizer_digest(tokenizer)}:{segmenter}:v2"
     tok_fp = hashlib.sha1(tok_key.encode()).hexdigest()[:16]
     tokenized = docs.map(
@@ -155,7 +152,14 @@ def build_chunks(
         with_indices=True,
         fn_kwargs=kwargs,
         remove_columns=tokenized.column_names,
-        features=_FEATURES,
+        features=datasets.Features(
+            {
+                "ids": datasets.Sequence(datasets.Value("int32")),
+                "sent_lens": datasets.Sequence(datasets.Value("int32")),
+                "starts": datasets.Sequence(datasets.Value("int8")),
+                "doc": datasets.Value("int64"),
+            }
+        ),
         new_fingerprint=chunk_fp,
         desc="packing",
     )

@@ -14,15 +14,18 @@ block, as in the paper's BERT-style variants, so the decoder also learns to copy
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import datasets
 import numpy as np
 import torch
 from tokenizers import Tokenizer
 
+from ptmcli.data.padding import pad
 from ptmcli.data.tokenizer import SpecialIds, sentinel_ids
 from ptmcli.schema import ObjectiveConfig
-from ptmcli.tasks.common import pad
+
+if TYPE_CHECKING:  # a training process reading a token directory never loads datasets (pandas, pyarrow)
+    import datasets
 
 
 def random_segmentation(n_items: int, n_segments: int, rng: np.random.Generator) -> np.ndarray:

@@ -18,7 +18,7 @@ import datasets
 
 from ptmcli.data.chinese import pickle_columns
 from ptmcli.errors import PtmError
-from ptmcli.files import decode, decoding_failure, file_encoding, package_path  # noqa: F401 (re-exported)
+from ptmcli.files import cache_root, decode, decoding_failure, file_encoding, package_path  # noqa: F401 (re-exported)
 from ptmcli.schema import DataConfig
 
 FORMATS = {
@@ -32,10 +32,6 @@ FORMATS = {
     ".pkl": "pickle",
     ".pickle": "pickle",
 }
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("PTM_CACHE", Path.home() / ".cache" / "ptm"))
 
 
 def extract_zip(path: Path) -> Path:

@@ -23,13 +23,16 @@ import os
 import shutil
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import datasets
 import numpy as np
 from tokenizers import Tokenizer
 
 from ptmcli.data.tokenizer import tokenizer_digest
 from ptmcli.errors import PtmError
+
+if TYPE_CHECKING:  # training from a token directory never loads datasets (nor pandas, pyarrow)
+    import datasets
 
 FORMAT = "ptm-tokens"
 VERSION = 1

@@ -11,13 +11,16 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import datasets
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from ptmcli.data.sources import cache_root, package_path
 from ptmcli.errors import PtmError
+from ptmcli.files import cache_root, package_path
 from ptmcli.schema import DataConfig
+
+if TYPE_CHECKING:
+    import datasets
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 BYTE_BPE_SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]

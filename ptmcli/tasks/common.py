@@ -6,8 +6,9 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
-import torch
 from tokenizers import Tokenizer
+
+from ptmcli.data.padding import pad
 
 
 def task_tokenizer(tokenizer: Tokenizer, max_len: int, stride: int = 0, strategy: str = "longest_first") -> Tokenizer:
@@ -16,13 +17,6 @@ def task_tokenizer(tokenizer: Tokenizer, max_len: int, stride: int = 0, strategy
     tok.no_padding()
     tok.enable_truncation(max_length=max_len, stride=stride, strategy=strategy)
     return tok
-
-
-def pad(rows: list[np.ndarray], value: int) -> torch.Tensor:
-    out = torch.full((len(rows), max(len(r) for r in rows)), value, dtype=torch.long)
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = torch.as_tensor(r, dtype=torch.long)
-    return out
 
 
 def encoder_inputs(features: list[dict], pad_id: int) -> dict:

@@ -15,11 +15,12 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer
 from torch import nn
 
+from ptmcli.data.padding import pad
 from ptmcli.data.tokenizer import SpecialIds
 from ptmcli.errors import PtmError
 from ptmcli.objectives.contrastive import gathered
 from ptmcli.schema import TaskConfig
-from ptmcli.tasks.common import EncodedExamples, pad, task_tokenizer
+from ptmcli.tasks.common import EncodedExamples, task_tokenizer
 
 
 class SentencePairs:

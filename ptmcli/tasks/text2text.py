@@ -14,11 +14,12 @@ import torch
 from tokenizers import Tokenizer
 from torch import nn
 
+from ptmcli.data.padding import pad
 from ptmcli.data.tokenizer import SpecialIds
 from ptmcli.generation import Sampling, beam_search, generate
 from ptmcli.models.vocab_loss import correct
 from ptmcli.schema import TaskConfig
-from ptmcli.tasks.common import EncodedExamples, pad, task_tokenizer
+from ptmcli.tasks.common import EncodedExamples, task_tokenizer
 from ptmcli.tasks.rouge import rouge
 
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL")

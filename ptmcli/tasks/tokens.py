@@ -9,9 +9,10 @@ from tokenizers import Tokenizer
 from torch import nn
 
 from ptmcli.data.labeled import entity_spans
+from ptmcli.data.padding import pad
 from ptmcli.data.tokenizer import SpecialIds
 from ptmcli.schema import TaskConfig
-from ptmcli.tasks.common import EncodedExamples, encoder_inputs, pad, task_tokenizer
+from ptmcli.tasks.common import EncodedExamples, encoder_inputs, task_tokenizer
 
 
 def align_words(word_ids: list[int | None], num_words: int) -> np.ndarray:

@@ -8,6 +8,9 @@ which has no pretraining class with a generator, the generator and discriminator
 ELECTRA paper does). Each side runs in its own process so its peak RSS is its own; repeats alternate the sides.
 tokens/s counts the real tokens of the batches timed (after the warm-up steps), the same batches on both sides.
 
+With `--tokens`, ptm's side trains from a token directory that `ptm prepare` wrote beforehand (untimed, in a process
+of its own), as a run on a corpus of any size does; its process then never loads datasets, pandas or pyarrow.
+
 Prints a table and one `BENCH {json}` line per family. Not a test: run it, read it. A default test runs every
 entry for two steps at toy sizes (`run_side(..., smoke=True)`), so a changed signature fails CI.
 """
@@ -87,12 +90,24 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_ptm(name: str, workdir: Path, smoke: bool = False) -> dict:
+def prepare_tokens(name: str, workdir: Path, smoke: bool = False) -> Path:
+    """The family's bench corpus as a token directory (`ptm prepare`), for `run_ptm(..., tokens=...)`."""
+    output = Path(workdir) / f"tokens-{name}"
+    subprocess.run(
+        [sys.executable, "-m", "ptmcli", "prepare", *overrides(name, smoke), f"output={output}"],
+        check=True,
+        capture_output=True,
+    )
+    return output
+
+
+def run_ptm(name: str, workdir: Path, smoke: bool = False, tokens: Path | None = None) -> dict:
     from ptmcli.cli import main
 
     run = Path(tempfile.mkdtemp(prefix=f"ptm-{name}-", dir=workdir))  # a fresh run per repeat
+    data = [f"data.tokens={tokens}"] if tokens else []
     try:
-        main(["pretrain", *overrides(name, smoke), f"hydra.run.dir={run}"])
+        main(["pretrain", *overrides(name, smoke), *data, f"hydra.run.dir={run}"])
     except SystemExit as exit_:  # hydra exits after the job
         if exit_.code:
             raise
@@ -213,7 +228,8 @@ def hf_model(name: str, exported: Path, rtd_weight: float) -> torch.nn.Module:
     return model
 
 
-def run_hf(name: str, workdir: Path, smoke: bool = False) -> dict:
+def run_hf(name: str, workdir: Path, smoke: bool = False, tokens: Path | None = None) -> dict:
+    """`tokens` is ignored: this side is handed ptm's batches built in its own process."""
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from ptmcli.compose import checked, parse
@@ -291,9 +307,10 @@ def cpu_peak_gflops() -> float:
     return cpu_matmul_rate(seconds=3.0) / 1e9
 
 
-def side_in_process(side: str, name: str, workdir: str, smoke: bool = False) -> dict:
+def side_in_process(side: str, name: str, workdir: str, smoke: bool = False, tokens: Path | None = None) -> dict:
+    flags = [*(["--smoke"] if smoke else []), *(["--tokens", str(tokens)] if tokens else [])]
     proc = subprocess.run(
-        [sys.executable, __file__, "--worker", side, name, workdir, *(["--smoke"] if smoke else [])],
+        [sys.executable, __file__, "--worker", side, name, workdir, *flags],
         capture_output=True,
         text=True,
         env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
@@ -305,12 +322,15 @@ def side_in_process(side: str, name: str, workdir: str, smoke: bool = False) -> 
 
 
 def main() -> None:
-    if sys.argv[1:2] == ["--worker"]:  # python bench.py --worker {ptm,hf} FAMILY WORKDIR [--smoke]
-        side, name, workdir = sys.argv[2:5]
-        print("RESULT " + json.dumps(SIDES[side](name, Path(workdir), "--smoke" in sys.argv)))
+    args = sys.argv[1:]
+    if args[:1] == ["--worker"]:  # python bench.py --worker {ptm,hf} FAMILY WORKDIR [--smoke] [--tokens DIR]
+        side, name, workdir = args[1:4]
+        tokens = Path(args[args.index("--tokens") + 1]) if "--tokens" in args else None
+        print("RESULT " + json.dumps(SIDES[side](name, Path(workdir), "--smoke" in args, tokens)))
         return
-    smoke = "--smoke" in sys.argv  # toy sizes: tests this script, measures nothing
-    names = [a for a in sys.argv[1:] if a != "--smoke"] or list(FAMILIES)
+    smoke = "--smoke" in args  # toy sizes: tests this script, measures nothing
+    from_tokens = "--tokens" in args
+    names = [a for a in args if a not in ("--smoke", "--tokens")] or list(FAMILIES)
     unknown = [n for n in names if n not in FAMILIES]
     if unknown:
         sys.exit(f"unknown family {unknown[0]!r}: choose from {', '.join(FAMILIES)} (make bench FAMILY=gpt)")
@@ -319,6 +339,7 @@ def main() -> None:
     print(
         f"seq {FULL['seq']}, batch {FULL['batch']}, {FULL['steps']} steps ({FULL['warmup']} warm-up), fp32, "
         f"{os.cpu_count()} CPU cores (fp32 matmul ceiling measured {peak:.0f} GFLOP/s), {repeats} interleaved repeats"
+        + (", ptm from a token directory (--tokens)" if from_tokens else "")
     )
     print(
         f"{'family':10}{'ptm tok/s':>11}{'HF tok/s':>10}{'ratio':>7}{'ptm RSS':>9}{'HF RSS':>8}{'RSS':>6}{'ceiling':>9}"
@@ -326,15 +347,17 @@ def main() -> None:
     for name in names:
         runs: dict[str, list[dict]] = {"ptm": [], "hf": []}
         with tempfile.TemporaryDirectory() as workdir:
+            tokens = prepare_tokens(name, Path(workdir), smoke) if from_tokens else None
             for _ in range(repeats):
                 for side in runs:
-                    runs[side].append(side_in_process(side, name, workdir, smoke))
+                    runs[side].append(side_in_process(side, name, workdir, smoke, tokens))
         mean = {s: sum(r["tokens_per_s"] for r in rs) / len(rs) for s, rs in runs.items()}
         rss = {s: max(r["peak_rss_mb"] for r in rs) for s, rs in runs.items()}
         params = runs["hf"][0]["params"]
         share = 6 * params * mean["ptm"] / (peak * 1e9)
         result = {
             "family": name,
+            "ptm_data": "tokens" if from_tokens else "source",
             "ptm_tokens_per_s": round(mean["ptm"], 1),
             "hf_tokens_per_s": round(mean["hf"], 1),
             "ratio": round(mean["ptm"] / mean["hf"], 3),
