@@ -10,7 +10,7 @@ import torch
 from tokenizers import Tokenizer
 
 from ptmcli import checkpoint, hardware, hf, rundir, runfiles
-from ptmcli.data import token_dir
+from ptmcli.data import corpus_cache, token_dir
 from ptmcli.data.lm_examples import CausalExamples, PermutationExamples, SentenceExamples
 from ptmcli.data.pretraining import PretrainingExamples, build_chunks
 from ptmcli.data.seq2seq_examples import DenoisingExamples, SpanCorruptionExamples
@@ -124,9 +124,9 @@ def prepare_chunks(cfg: PretrainConfig, dist: Dist, tokenizer=None) -> Corpus:
     return Corpus(tokenizer, chunks, {"train": len(train_docs), "val": len(val_docs)}, docs._fingerprint)
 
 
-def token_chunks(cfg: PretrainConfig, tokenizer=None) -> Corpus:
-    """The packed corpus in the token directory data.tokens, after checking it fits the run."""
-    directory = Path(cfg.data.tokens).expanduser()
+def token_chunks(cfg: PretrainConfig, tokenizer=None, directory: Path | None = None) -> Corpus:
+    """The packed corpus in the token directory data.tokens (or `directory`), after checking it fits the run."""
+    directory = directory or Path(cfg.data.tokens).expanduser()
     manifest = token_dir.read_manifest(directory)
     token_dir.check(directory, manifest, LAYOUT[cfg.objective.name], cfg.data.max_seq_len, cfg.objective.name)
     stored, chunks = token_dir.open_splits(directory, manifest)
@@ -146,9 +146,29 @@ def token_chunks(cfg: PretrainConfig, tokenizer=None) -> Corpus:
     return Corpus(tokenizer, chunks, documents, manifest["source"].get("fingerprint", ""))
 
 
+def kept_or_prepared_chunks(cfg: PretrainConfig, dist: Dist, tokenizer=None) -> Corpus:
+    """The packed corpus from data.source: from ptm's cache when an earlier run with the same data settings kept it
+    there (see corpus_cache), else prepared, and kept for the next run. Only a single process keeps and reuses
+    corpora: the processes of a distributed run must all take the same path, and their caches may be on different
+    disks (they share a `ptm prepare` directory instead, docs/distributed.md)."""
+    layout = LAYOUT[cfg.objective.name]
+    kept = corpus_cache.directory(cfg.data, cfg.objective.name, layout, tokenizer) if dist.world_size == 1 else None
+    if kept is not None and kept.exists():
+        try:
+            return token_chunks(cfg, tokenizer, kept)
+        except PtmError:  # damaged: prepare it again
+            corpus_cache.discard(kept)
+    corpus = prepare_chunks(cfg, dist, tokenizer)
+    if kept is not None:
+        corpus_cache.keep(
+            kept, corpus.tokenizer, corpus.chunks, corpus.documents, layout, cfg.data.max_seq_len, corpus.fingerprint
+        )
+    return corpus
+
+
 def build_examples(cfg: PretrainConfig, dist: Dist, tokenizer=None) -> tuple:
     """(tokenizer, train examples, validation examples, (train documents, validation documents))."""
-    corpus = token_chunks(cfg, tokenizer) if cfg.data.tokens else prepare_chunks(cfg, dist, tokenizer)
+    corpus = token_chunks(cfg, tokenizer) if cfg.data.tokens else kept_or_prepared_chunks(cfg, dist, tokenizer)
     return (
         corpus.tokenizer,
         *(make_examples(cfg, corpus.chunks[s], corpus.tokenizer) for s in ("train", "val")),

