@@ -22,7 +22,10 @@ def _bench_module(path: Path = BENCH, name: str = "ptm_bench"):
 def test_every_benchmark_entry_runs_both_sides(tmp_path, monkeypatch):
     pytest.importorskip("transformers")
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    monkeypatch.setenv("PTM_CACHE", str(tmp_path / "cache"))
     bench = _bench_module()
+    bench.keep_corpus("t5", tmp_path, smoke=True)  # what `bench.py` does before timing a family
+    assert len(list((tmp_path / "cache" / "corpora").iterdir())) == 1
     assert set(bench.FAMILIES) == {"bert", "roberta", "gpt", "t5", "bart", "electra", "xlnet"}
     for name in bench.FAMILIES:
         for side, run in bench.SIDES.items():

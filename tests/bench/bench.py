@@ -8,8 +8,11 @@ which has no pretraining class with a generator, the generator and discriminator
 ELECTRA paper does). Each side runs in its own process so its peak RSS is its own; repeats alternate the sides.
 tokens/s counts the real tokens of the batches timed (after the warm-up steps), the same batches on both sides.
 
-With `--tokens`, ptm's side trains from a token directory that `ptm prepare` wrote beforehand (untimed, in a process
-of its own), as a run on a corpus of any size does; its process then never loads datasets, pandas or pyarrow.
+Each family's corpus is packed once beforehand, untimed, in a process of its own, into a cache of the bench's own
+(PTM_CACHE): ptm's side then trains from the corpus it kept, as every run after a recipe's first does, and its process
+never loads datasets, pandas or pyarrow. With `--tokens`, it trains from a token directory that `ptm prepare` wrote
+instead (`data.tokens`, as a run on a corpus of any size does); with `--cold`, nothing is packed beforehand, so the
+first repeat of ptm's side prepares the corpus (and its peak RSS counts datasets' ~100 MB).
 
 Prints a table and one `BENCH {json}` line per family. Not a test: run it, read it. A default test runs every
 entry for two steps at toy sizes (`run_side(..., smoke=True)`), so a changed signature fails CI.
@@ -99,6 +102,15 @@ def prepare_tokens(name: str, workdir: Path, smoke: bool = False) -> Path:
         capture_output=True,
     )
     return output
+
+
+def keep_corpus(name: str, workdir: Path, smoke: bool = False) -> None:
+    """Pack the family's bench corpus into PTM_CACHE, as the first run of its recipe does, so the runs timed after
+    it train from the kept corpus."""
+    flags = ["--smoke"] if smoke else []
+    subprocess.run(
+        [sys.executable, __file__, "--worker", "keep", name, str(workdir), *flags], check=True, capture_output=True
+    )
 
 
 def run_ptm(name: str, workdir: Path, smoke: bool = False, tokens: Path | None = None) -> dict:
@@ -323,14 +335,21 @@ def side_in_process(side: str, name: str, workdir: str, smoke: bool = False, tok
 
 def main() -> None:
     args = sys.argv[1:]
-    if args[:1] == ["--worker"]:  # python bench.py --worker {ptm,hf} FAMILY WORKDIR [--smoke] [--tokens DIR]
+    if args[:1] == ["--worker"]:  # python bench.py --worker {ptm,hf,keep} FAMILY WORKDIR [--smoke] [--tokens DIR]
         side, name, workdir = args[1:4]
+        if side == "keep":
+            from ptmcli.compose import checked, parse
+            from ptmcli.distributed import Dist
+            from ptmcli.pretrain import build_examples
+
+            build_examples(checked(parse("pretrain", overrides(name, "--smoke" in args)))[1], Dist())
+            return
         tokens = Path(args[args.index("--tokens") + 1]) if "--tokens" in args else None
         print("RESULT " + json.dumps(SIDES[side](name, Path(workdir), "--smoke" in args, tokens)))
         return
     smoke = "--smoke" in args  # toy sizes: tests this script, measures nothing
-    from_tokens = "--tokens" in args
-    names = [a for a in args if a not in ("--smoke", "--tokens")] or list(FAMILIES)
+    from_tokens, cold = "--tokens" in args, "--cold" in args
+    names = [a for a in args if a not in ("--smoke", "--tokens", "--cold")] or list(FAMILIES)
     unknown = [n for n in names if n not in FAMILIES]
     if unknown:
         sys.exit(f"unknown family {unknown[0]!r}: choose from {', '.join(FAMILIES)} (make bench FAMILY=gpt)")
@@ -339,7 +358,7 @@ def main() -> None:
     print(
         f"seq {FULL['seq']}, batch {FULL['batch']}, {FULL['steps']} steps ({FULL['warmup']} warm-up), fp32, "
         f"{os.cpu_count()} CPU cores (fp32 matmul ceiling measured {peak:.0f} GFLOP/s), {repeats} interleaved repeats"
-        + (", ptm from a token directory (--tokens)" if from_tokens else "")
+        + (", ptm from a token directory (--tokens)" if from_tokens else ", ptm preparing its corpus" if cold else "")
     )
     print(
         f"{'family':10}{'ptm tok/s':>11}{'HF tok/s':>10}{'ratio':>7}{'ptm RSS':>9}{'HF RSS':>8}{'RSS':>6}{'ceiling':>9}"
@@ -347,7 +366,10 @@ def main() -> None:
     for name in names:
         runs: dict[str, list[dict]] = {"ptm": [], "hf": []}
         with tempfile.TemporaryDirectory() as workdir:
+            os.environ["PTM_CACHE"] = str(Path(workdir) / "cache")  # the bench's own: nothing kept from elsewhere
             tokens = prepare_tokens(name, Path(workdir), smoke) if from_tokens else None
+            if not (from_tokens or cold):
+                keep_corpus(name, Path(workdir), smoke)
             for _ in range(repeats):
                 for side in runs:
                     runs[side].append(side_in_process(side, name, workdir, smoke, tokens))
@@ -357,7 +379,7 @@ def main() -> None:
         share = 6 * params * mean["ptm"] / (peak * 1e9)
         result = {
             "family": name,
-            "ptm_data": "tokens" if from_tokens else "source",
+            "ptm_data": "tokens" if from_tokens else "source" if cold else "kept",
             "ptm_tokens_per_s": round(mean["ptm"], 1),
             "hf_tokens_per_s": round(mean["hf"], 1),
             "ratio": round(mean["ptm"] / mean["hf"], 3),
