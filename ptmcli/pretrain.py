@@ -155,7 +155,9 @@ def kept_or_prepared_chunks(cfg: PretrainConfig, dist: Dist, tokenizer=None) -> 
     kept = corpus_cache.directory(cfg.data, cfg.objective.name, layout, tokenizer) if dist.world_size == 1 else None
     if kept is not None and kept.exists():
         try:
-            return token_chunks(cfg, tokenizer, kept)
+            corpus = token_chunks(cfg, tokenizer, kept)
+            console.print(f"data: the packed corpus an earlier run with these settings kept in {kept}")
+            return corpus
         except PtmError:  # damaged: prepare it again
             corpus_cache.discard(kept)
     corpus = prepare_chunks(cfg, dist, tokenizer)

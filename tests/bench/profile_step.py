@@ -1,16 +1,21 @@
 """Where one of `make bench`'s ptm steps spends its time: `torch.profiler` over two training steps of a family's bench
 model (the same overrides, batches and optimizer), after a few unprofiled ones.
-Run: python tests/bench/profile_step.py FAMILY [--kept | --rss]  (bert roberta gpt t5 bart electra xlnet)
+Run: python tests/bench/profile_step.py FAMILY [--kept | --rss | --heap]  (bert roberta gpt t5 bart electra xlnet)
 Prints tokens/s over 6 steps and the process's peak RSS, then the ops by their own CPU time and each
 matrix-product shape's GFLOP/s; with --kept instead, the tensors one forward pass keeps for the backward pass
 (distinct storages, parameters left out) summed by the line of ptm that made autograd keep them; with --rss, the
-process's resident memory after each stage (torch and ptm imported, data, model and optimizer, then 8 steps)."""
+process's resident memory after each stage (torch and ptm imported, data, model and optimizer, then 8 steps); with
+--heap, what C's allocator (glibc malloc, where torch's CPU tensors live) holds over 8 steps, sampled every 2 ms:
+the most bytes in live blocks at once against the most it held from the system, whose difference is memory freed
+inside the heap but not reusable for the next request (fragmentation), and the peak RSS beside them."""
 
 from __future__ import annotations
 
 import collections
+import ctypes
 import resource
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -66,6 +71,39 @@ def resident_mb(stage: str) -> None:
     print(f"{stage:24} resident {current:6,.0f} MB, peak {peak:6,.0f} MB", flush=True)
 
 
+class MallInfo2(ctypes.Structure):
+    """glibc's `struct mallinfo2` (glibc >= 2.33), in bytes."""
+
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost"
+    )]  # fmt: skip
+
+
+def heap_over(steps) -> None:
+    """Run `steps()` while a thread samples glibc's heap; print the peaks (see the module's docstring)."""
+    mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
+    mallinfo2.restype = MallInfo2
+    peaks = {"live": 0, "held": 0}
+    running = True
+
+    def sample() -> None:
+        while running:
+            info = mallinfo2()
+            live, held = info.uordblks + info.hblkhd, info.arena + info.hblkhd  # mmapped blocks are live and held
+            peaks["live"], peaks["held"] = max(peaks["live"], live), max(peaks["held"], held)
+            time.sleep(0.002)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    steps()
+    running = False
+    sampler.join()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    live, held = peaks["live"] / 2**20, peaks["held"] / 2**20
+    print(f"malloc: at most {live:,.0f} MB live, {held:,.0f} MB held ({held - live:,.0f} MB more than was ever "
+          f"in use at once); peak RSS {peak:,.0f} MB")  # fmt: skip
+
+
 def main() -> None:
     resident_mb("torch and ptm imported")
     name = next((a for a in sys.argv[1:] if not a.startswith("--")), "bert")
@@ -93,6 +131,9 @@ def main() -> None:
         for i in range(8):
             step()
             resident_mb(f"after step {i + 1}")
+        return
+    if "--heap" in sys.argv:
+        heap_over(lambda: [step() for _ in range(8)])
         return
     if "--kept" in sys.argv:
         kept_for_backward(lambda: objective(model, next(batches)), list(model.parameters()))
