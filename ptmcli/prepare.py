@@ -42,7 +42,7 @@ def prepare(args: list[str]) -> None:
 
         tokenizer = load_pretrained(cfg.init).tokenizer
     corpus = prepare_chunks(cfg, Dist(), tokenizer)
-    data = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k not in ("tokens", "num_proc")}
+    data = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k not in ("tokens", "num_proc", "keep_corpus")}
     layout = LAYOUT[cfg.objective.name]
     with console.status(f"[bold]writing {output}[/]…"):
         manifest = token_dir.write(

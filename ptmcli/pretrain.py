@@ -148,11 +148,12 @@ def token_chunks(cfg: PretrainConfig, tokenizer=None, directory: Path | None = N
 
 def kept_or_prepared_chunks(cfg: PretrainConfig, dist: Dist, tokenizer=None) -> Corpus:
     """The packed corpus from data.source: from ptm's cache when an earlier run with the same data settings kept it
-    there (see corpus_cache), else prepared, and kept for the next run. Only a single process keeps and reuses
-    corpora: the processes of a distributed run must all take the same path, and their caches may be on different
-    disks (they share a `ptm prepare` directory instead, docs/distributed.md)."""
+    there (see corpus_cache), else prepared, and kept for the next run; neither with data.keep_corpus=false. Only a
+    single process keeps and reuses corpora: the processes of a distributed run must all take the same path, and
+    their caches may be on different disks (they share a `ptm prepare` directory instead, docs/distributed.md)."""
     layout = LAYOUT[cfg.objective.name]
-    kept = corpus_cache.directory(cfg.data, cfg.objective.name, layout, tokenizer) if dist.world_size == 1 else None
+    keeps = cfg.data.keep_corpus and dist.world_size == 1
+    kept = corpus_cache.directory(cfg.data, cfg.objective.name, layout, tokenizer) if keeps else None
     if kept is not None and kept.exists():
         try:
             corpus = token_chunks(cfg, tokenizer, kept)

