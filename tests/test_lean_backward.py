@@ -179,6 +179,42 @@ def test_a_padded_batch_runs_its_layers_on_its_real_tokens_only_with_the_padded_
         torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+def test_xlnet_attention_keeps_no_scores_by_distance_with_the_plain_gradients(monkeypatch, autocast):
+    """The position product keeps q + u (which the content product keeps too) instead of a q + v of its own, and the
+    query stream's column gather keeps its index instead of the (B, nh, M, 2T-1) scores it reads: the same outputs
+    and gradients as plain torch ops (bf16 under autocast: no dtype is lost on the way back)."""
+    from ptmcli.models import xlnet
+
+    torch.manual_seed(0)
+    B, T, C, nh, M = 3, 12, 32, 4, 5
+    attention = TwoStreamAttention(C, nh, 0.0).train()
+    for p in attention.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    h, g = torch.randn(B, T, C, requires_grad=True), torch.randn(B, M, C, requires_grad=True)
+    query_at = torch.stack([torch.randperm(T)[:M] for _ in range(B)])
+    content_mask, query_mask = torch.rand(B, 1, T, T) > 0.3, torch.rand(B, 1, M, T) > 0.3
+    sinusoid = relative_sinusoid(T, C, h.device)
+
+    def both_streams(h, g):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            h_out, g_out = attention(h, g, content_mask, query_mask, sinusoid, query_at=query_at)
+        return torch.cat([h_out, g_out], 1)
+
+    params = list(attention.parameters())
+    ours = outputs_and_grads(both_streams, (h, g), params)
+    by_distance_shape = (B, nh, M, 2 * T - 1)
+    assert by_distance_shape not in [tuple(t.shape) for t in kept_storages(both_streams, h, g)]
+    plain_position_product = lambda q_u, v_minus_u, positions: (q_u + v_minus_u[:, None]) @ positions.transpose(-1, -2)  # noqa: E731
+    monkeypatch.setattr(xlnet._ByDistance, "apply", plain_position_product)
+    monkeypatch.setattr(xlnet._GatherColumns, "apply", lambda x, index: x.gather(-1, index))
+    assert by_distance_shape in [tuple(t.shape) for t in kept_storages(both_streams, h, g)]
+    plain = outputs_and_grads(both_streams, (h, g), params)
+    for a, b in zip(ours, plain):  # bf16 products sum in another order: within 1 % of the tensor's largest value
+        tolerance = {"atol": 1e-2 * float(b.abs().max()), "rtol": 0} if autocast else {"atol": 1e-5, "rtol": 1e-5}
+        torch.testing.assert_close(a, b, **tolerance)
+
+
 def test_xlnet_runs_its_query_stream_at_the_targets_only_with_the_full_streams_results():
     """Permutation LM reads the query stream at the targets (1/K of the tokens) only, and no query state depends on
     another position's, so the query stream runs at the target positions gathered into (B, M) (M the most targets

@@ -47,6 +47,51 @@ def relative_shift(by_distance: torch.Tensor) -> torch.Tensor:
     return flat[..., T - 1 : T - 1 + T * (2 * T - 2)].view(B, nh, T, 2 * T - 2)[..., :T]
 
 
+class _GatherColumns(torch.autograd.Function):
+    """`x.gather(-1, index)` that keeps only the index for its backward pass: torch's gather keeps its whole input,
+    though the gradient needs only its shape (the query stream's (B, nh, M, 2T-1) scores by distance, 13 MB over
+    the bench XLNet's layers: `tests/bench/profile_step.py xlnet --kept`)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(index)
+        ctx.input_shape = x.shape
+        return x.gather(-1, index)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (index,) = ctx.saved_tensors
+        return grad.new_zeros(ctx.input_shape).scatter_add_(-1, index, grad), None
+
+
+class _ByDistance(torch.autograd.Function):
+    """Scores by distance, (q + v) . R for every head, query and distance: (B, nh, M, hs) queries, (nh, D, hs)
+    positions -> (B, nh, M, D). One product per head over every query of the batch (`positions` broadcast over the
+    batch would be copied B times into the product's input). For its backward it keeps `q + u`, which the content
+    product keeps anyway, and `positions`: q + v = (q + u) + (v - u) is remade there, where the plain product would
+    keep a copy of q + v of its own (19 MB over the bench XLNet's layers)."""
+
+    @staticmethod
+    def forward(ctx, q_u: torch.Tensor, v_minus_u: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        B, nh, M, hs = q_u.shape
+        q_v = (q_u.transpose(0, 1) + v_minus_u[:, None, None]).reshape(nh, B * M, hs)
+        ctx.save_for_backward(q_u, v_minus_u, positions)
+        return (q_v @ positions.transpose(-1, -2)).view(nh, B, M, -1).transpose(0, 1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        q_u, v_minus_u, positions = ctx.saved_tensors
+        B, nh, M, hs = q_u.shape
+        by_head = grad.transpose(0, 1).reshape(nh, B * M, -1)  # (nh, B*M, D), in the product's (autocast) dtype
+        grad_q_v = (by_head @ positions.to(grad.dtype)).view(nh, B, M, hs).transpose(0, 1).to(q_u.dtype)
+        grad_positions = None
+        if ctx.needs_input_grad[2]:
+            q_v = (q_u.transpose(0, 1) + v_minus_u[:, None, None]).reshape(nh, B * M, hs)
+            grad_positions = (by_head.transpose(-1, -2) @ q_v.to(grad.dtype)).to(positions.dtype)
+        grad_bias = grad_q_v.sum((0, 2)).to(v_minus_u.dtype) if ctx.needs_input_grad[1] else None
+        return grad_q_v, grad_bias, grad_positions
+
+
 class TwoStreamAttention(SelfAttention):
     """Relative multi-head attention for both streams. It subclasses `SelfAttention` for its `qkv`/`out`
     projections, so LoRA and adapters find it like any other attention layer."""
@@ -73,16 +118,15 @@ class TwoStreamAttention(SelfAttention):
         True where two tokens lie in different segments, or None. Returns (B, M, C)."""
         B, nh, M, hs = q.shape
         T = k.shape[2]
-        scores = (q + self.content_bias[:, None]) @ k.transpose(-1, -2)
-        # one product per head over every query of the batch: `positions` broadcast over the batch would be copied
-        # B times into the product's input, and the copy kept for the backward pass (8 MB a call at the bench shapes)
-        by_head = (q.transpose(0, 1) + self.position_bias[:, None, None]).reshape(nh, B * M, hs)
-        by_distance = (by_head @ positions.transpose(-1, -2)).view(nh, B, M, -1).transpose(0, 1)  # (B, nh, M, 2T-1)
+        q_u = q + self.content_bias[:, None]
+        scores = q_u @ k.transpose(-1, -2)
+        # (B, nh, M, 2T-1); v enters as v - u so that the product can keep q + u instead of a q + v of its own
+        by_distance = _ByDistance.apply(q_u, self.position_bias - self.content_bias, positions)
         if query_at is None:
             scores += relative_shift(by_distance)
         else:  # query m at position p reads the distance p - j from column T-1-p+j
             column = (T - 1) - query_at[:, None, :, None] + torch.arange(T, device=q.device)
-            scores += by_distance.gather(-1, column.expand(B, nh, M, T))
+            scores += _GatherColumns.apply(by_distance, column.expand(B, nh, M, T))
         if different is not None:
             by_segment = torch.einsum("bnid,snd->bnis", q + self.segment_bias[:, None], self.segment_embed)
             scores += torch.where(different, by_segment[..., 1:], by_segment[..., :1])
