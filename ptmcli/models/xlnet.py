@@ -118,7 +118,8 @@ class TwoStreamAttention(SelfAttention):
         True where two tokens lie in different segments, or None. Returns (B, M, C)."""
         B, nh, M, hs = q.shape
         T = k.shape[2]
-        q_u = q + self.content_bias[:, None]
+        # contiguous, so that the product below keeps q_u itself (not a copy of its own) and _ByDistance the same
+        q_u = (q + self.content_bias[:, None]).contiguous()
         scores = q_u @ k.transpose(-1, -2)
         # (B, nh, M, 2T-1); v enters as v - u so that the product can keep q + u instead of a q + v of its own
         by_distance = _ByDistance.apply(q_u, self.position_bias - self.content_bias, positions)
