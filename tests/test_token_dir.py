@@ -162,6 +162,8 @@ def test_prepare_then_train_from_the_tokens_with_flat_memory_and_refusals(cache_
     tokenizer.save(str(other))
     _refused([*refused, f"data.tokens={tokens}", f"data.tokenizer={other}"], capsys, "another tokenizer")
     _refused([*refused, f"data.tokens={tmp_path}"], capsys, "is not a token directory")
+    (big / "val" / "doc.bin").unlink()
+    _refused([*refused, f"data.tokens={big}"], capsys, "is damaged")
     assert not (tmp_path / "refused").exists()
     main(["validate", *run[1:], f"data.tokens={tokens}"])
     assert "train / validation sequences" in capsys.readouterr().err

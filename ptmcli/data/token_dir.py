@@ -217,4 +217,8 @@ def open_splits(directory: Path, manifest: dict) -> tuple[Tokenizer, dict[str, T
         tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
     except Exception as err:
         raise PtmError(f"data.tokens='{directory}': tokenizer.json could not be read ({err}).") from err
-    return tokenizer, {s: TokenBlocks(directory / s, manifest["ids_dtype"], manifest["layout"]) for s in SPLITS}
+    try:
+        splits = {s: TokenBlocks(directory / s, manifest["ids_dtype"], manifest["layout"]) for s in SPLITS}
+    except (OSError, ValueError) as err:  # a missing array, or one cut short of a whole element
+        raise PtmError(f"data.tokens='{directory}' is damaged ({err}); prepare it again.") from err
+    return tokenizer, splits
