@@ -30,7 +30,7 @@ def prepare(args: list[str]) -> None:
 
     import datasets
 
-    from ptmcli.data import token_dir
+    from ptmcli.data import corpus_cache, token_dir
     from ptmcli.distributed import Dist
     from ptmcli.pretrain import LAYOUT, prepare_chunks
 
@@ -42,7 +42,7 @@ def prepare(args: list[str]) -> None:
 
         tokenizer = load_pretrained(cfg.init).tokenizer
     corpus = prepare_chunks(cfg, Dist(), tokenizer)
-    data = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k not in ("tokens", "num_proc", "keep_corpus")}
+    data = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k not in corpus_cache.RUN_ONLY}
     layout = LAYOUT[cfg.objective.name]
     with console.status(f"[bold]writing {output}[/]…"):
         manifest = token_dir.write(

@@ -25,7 +25,8 @@ from ptmcli.files import cache_root, package_path
 from ptmcli.schema import DataConfig
 
 VERSION = 1  # of the key and of what is kept: raise it when packing changes what a setting gives
-UNKEYED = ("name", "tokens", "num_proc", "keep_corpus")  # settings that change nothing in the packed sequences
+RUN_ONLY = ("tokens", "num_proc", "keep_corpus")  # how a run gets its packed corpus, not what the corpus is
+UNKEYED = ("name", *RUN_ONLY)  # settings that change nothing in the packed sequences
 
 
 def source_files(cfg: DataConfig) -> list[Path] | None:
