@@ -80,6 +80,24 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
+def refuse_zero_gradients(norm: float, compiled: bool) -> None:
+    """A first step whose gradients are all exactly zero means nothing would ever learn: stop, saying why."""
+    if norm != 0.0:
+        return
+    if compiled:
+        raise PtmError(
+            "Every gradient of the first training step is zero, so the run would not learn. This is what "
+            "hardware.compile=true gave on CUDA with torch 2.11 (an H200, bf16 and fp16: the compiled model's loss "
+            "right, its gradients zero; the same model eager, or compiled on a CPU, was fine; docs/distributed.md). "
+            "Run with hardware.compile=false, or try another torch version."
+        )
+    raise PtmError(
+        "Every gradient of the first training step is zero, so the run would not learn: no weight it trains "
+        "reaches the loss. Check which weights the transfer method leaves trainable (transfer=...) and that the "
+        "objective's targets are not all ignored."
+    )
+
+
 @torch.no_grad()
 def evaluate(
     objective: Any, model: nn.Module, examples: Examples, batch_size: int, max_batches: int, hw: Hardware, dist: Dist
@@ -229,6 +247,11 @@ def train(
         )
     if caution := lr_caution(optim_cfg):
         log.note(f"[yellow]note[/] {caution}")
+    if scale.compile and hw.device.type == "cuda":
+        log.note(
+            "[yellow]note[/] hardware.compile=true on CUDA: with torch 2.11 on an H200 a compiled model computed the "
+            "right loss but did not learn (docs/distributed.md); watch that the train loss falls"
+        )
     # examples of several tasks bring their own order (a mixture of the tasks' orders)
     order = getattr(job.train, "order", lambda *args: BatchOrder(len(job.train), *args))
     batches = train_batches(job.train, order(cfg.batch_size, dist.world_size, dist.rank, cfg.seed), consumed)
@@ -287,6 +310,7 @@ def train(
         if dist.is_main and cfg.curves:  # before the trackers close, so that MLflow keeps the picture as an artifact
             closing.callback(lambda: draw_curves(run_dir, cfg.metric, log))
         step_times: list[float] = []  # the first two steps' seconds, under torch.compile: the first one compiles
+        first_step = True
         while step < cfg.max_steps:
             step_started = time.perf_counter()
             micro = [to_device(next(batches), hw.device) for _ in range(cfg.grad_accum)]
@@ -314,7 +338,12 @@ def train(
                 step_sums += torch.stack([sums[t].detach() for t in terms]).to(stat_dtype)
             if cfg.max_grad_norm is not None:
                 scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            if first_step:  # one host sync, once: a run whose gradients are all zero stops before it writes
+                if cfg.max_grad_norm is None:
+                    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
+                refuse_zero_gradients(float(norm), scale.compile)
+                first_step = False
             scaler.step(optimizer)
             scaler.update()
             if job.method is not None:

@@ -48,3 +48,27 @@ def test_linear_probe_reads_what_the_features_hold():
     noise = {s: torch.randn(len(y), 16, generator=generator) for s, y in labels.items()}
     assert probe_module.probe(separable, labels, 4)["test"] == 1.0
     assert probe_module.probe(noise, labels, 4)["test"] < 0.4  # chance is 0.25
+
+
+def test_the_electra_against_bert_comparison_composes_and_reads_its_runs(tmp_path):
+    """tests/bench/electra_vs_bert.py (issue 22's bar; minutes on a GPU, hours here, so not run): every run it
+    would start is a valid ptm config, and its curve reads the discriminator's gap over the base rate."""
+    import json
+
+    from ptmcli import compose
+
+    evb = _bench_module(BENCH.with_name("electra_vs_bert.py"), "ptm_electra_vs_bert")
+    opts, overrides = evb.options(["--steps=1500", "--seeds=0,1", "hardware.precision=fp32"])
+    assert opts["steps"] == "1500" and overrides == ["hardware.precision=fp32"]
+    for arm in evb.ARMS:
+        args = evb.pretrain_args(arm, 1500, 128, overrides, False, tmp_path / arm)
+        _, cfg = compose.checked(compose.parse("pretrain", [a for a in args[1:] if not a.startswith("hydra.")]))
+        assert (cfg.trainer.max_steps, cfg.trainer.batch_size, cfg.data.max_seq_len) == (1500, 128, evb.SEQ_LEN)
+    compose.checked(compose.parse("finetune", ["task=news-cls", "trainer.seed=1"]))
+    run = tmp_path / "electra"
+    run.mkdir()
+    row = {"step": 250, "split": "val", "mlm_loss": 6.8, "rtd_loss": 0.5, "replaced_fraction": 0.25}
+    row.update(rtd_accuracy=0.76, rtd_recall=0.03)
+    (run / "metrics.jsonl").write_text(json.dumps(row) + "\n")
+    (point,) = evb.curve(run)
+    assert point["rtd_gap"] == pytest.approx(evb.replaced_entropy(0.25) - 0.5, abs=1e-4) and point["step"] == 250

