@@ -36,9 +36,14 @@ def outputs_and_grads(fn, inputs, params) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("activation", ["gelu", "gelu-tanh"])
 @pytest.mark.parametrize("autocast", [False, True])
-def test_feed_forward_keeps_one_wide_tensor_with_the_gradients_of_the_plain_computation(activation, autocast):
+@pytest.mark.parametrize("recompute_up", [False, True])
+def test_feed_forward_keeps_one_wide_tensor_with_the_gradients_of_the_plain_computation(
+    activation, autocast, recompute_up
+):
+    """GELU's input alone is kept (its output is recomputed); with recompute_up (XLNet) not even that: the up
+    projection runs again in backward from the kept x."""
     torch.manual_seed(0)
-    ffn = FeedForward(16, 64, activation=activation)
+    ffn = FeedForward(16, 64, activation=activation, recompute_up=recompute_up)
     x = torch.randn(3, 5, 16, requires_grad=True)
 
     def plain(x):
@@ -52,12 +57,13 @@ def test_feed_forward_keeps_one_wide_tensor_with_the_gradients_of_the_plain_comp
         assert ours.dtype == ref.dtype
         torch.testing.assert_close(ours, ref, atol=1e-6, rtol=1e-6)
     wide = [t for t in kept_storages(ffn, x) if t.numel() == 3 * 5 * 64]
-    assert len(wide) == 1  # the activation's input; the plain computation keeps its output too
+    assert len(wide) == (0 if recompute_up else 1)  # the activation's input; the plain computation keeps its output too
     assert len([t for t in kept_storages(plain, x) if t.numel() == 3 * 5 * 64]) == 2
 
 
-def test_feed_forward_with_frozen_weights_still_passes_the_input_gradient():
-    ffn = FeedForward(16, 64).requires_grad_(False)
+@pytest.mark.parametrize("recompute_up", [False, True])
+def test_feed_forward_with_frozen_weights_still_passes_the_input_gradient(recompute_up):
+    ffn = FeedForward(16, 64, recompute_up=recompute_up).requires_grad_(False)
     x = torch.randn(2, 3, 16, requires_grad=True)
     ffn(x).sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()

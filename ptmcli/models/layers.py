@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ptmcli.models.dropout import Dropout, dropout_matmul
-from ptmcli.models.recompute import GELU_APPROXIMATION, GeluThenLinear, rms_norm
+from ptmcli.models.recompute import GELU_APPROXIMATION, GeluThenLinear, UpGeluDown, rms_norm
 from ptmcli.models.vocab_loss import IGNORE, VocabLoss, projected_cross_entropy, targeted_cross_entropies
 
 
@@ -240,12 +240,20 @@ ACTIVATIONS = {"gelu": F.gelu, "gelu-tanh": gelu_tanh, "relu": F.relu}
 
 
 class FeedForward(nn.Module):
-    """down(act(up(x))), or with `gated` (T5 v1.1's gated-GELU) down(act(gate(x)) * up(x))."""
+    """down(act(up(x))), or with `gated` (T5 v1.1's gated-GELU) down(act(gate(x)) * up(x)). `recompute_up`: keep
+    only x for the backward pass and compute up(x) again there (GELU activations; XLNet)."""
 
     def __init__(
-        self, hidden_size: int, intermediate_size: int, bias: bool = True, activation: str = "gelu", gated: bool = False
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        bias: bool = True,
+        activation: str = "gelu",
+        gated: bool = False,
+        recompute_up: bool = False,
     ):
         super().__init__()
+        self.recompute_up = recompute_up
         self.up = nn.Linear(hidden_size, intermediate_size, bias=bias)
         self.gate = nn.Linear(hidden_size, intermediate_size, bias=bias) if gated else None
         self.down = nn.Linear(intermediate_size, hidden_size, bias=bias)
@@ -254,7 +262,11 @@ class FeedForward(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate is not None:
             return self.down(self.activation(self.gate(x)) * self.up(x))
-        if self.approximate is not None and isinstance(self.down, nn.Linear):  # not when LoRA or an adapter wraps it
+        plain = isinstance(self.down, nn.Linear)  # not when LoRA or an adapter wraps it
+        if self.approximate is not None and plain and self.recompute_up and isinstance(self.up, nn.Linear):
+            up, down = self.up, self.down
+            return UpGeluDown.apply(x, up.weight, up.bias, down.weight, down.bias, self.approximate)
+        if self.approximate is not None and plain:
             return GeluThenLinear.apply(self.up(x), self.down.weight, self.down.bias, self.approximate)
         return self.down(self.activation(self.up(x)))
 

@@ -50,6 +50,51 @@ class GeluThenLinear(torch.autograd.Function):
         return grad_pre, grad_weight, grad_bias, None
 
 
+class UpGeluDown(torch.autograd.Function):
+    """F.linear(gelu(F.linear(x, up_weight, up_bias)), down_weight, down_bias), keeping only `x` (which the up
+    projection's weight gradient needs anyway): the up projection is recomputed in the backward pass, one product
+    more of the feed-forward's six, and no (tokens x intermediate) tensor is kept at all. For XLNet, whose two
+    streams run the feed-forward twice per layer.
+
+    Under autocast both products run in the autocast dtype; the backward pass recomputes in the dtype the forward
+    computed in (the same product on the same inputs) and returns each gradient in its tensor's own dtype."""
+
+    @staticmethod
+    def forward(ctx, x, up_weight, up_bias, down_weight, down_bias, approximate: str):
+        pre = F.linear(x, up_weight, up_bias)
+        ctx.save_for_backward(x, up_weight, up_bias, down_weight)
+        ctx.approximate, ctx.compute = approximate, pre.dtype
+        ctx.down_bias_dtype = None if down_bias is None else down_bias.dtype
+        return F.linear(F.gelu(pre, approximate=approximate), down_weight, down_bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, up_weight, up_bias, down_weight = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        compute = ctx.compute
+        grad, x_c, up_c = grad.to(compute), x.to(compute), up_weight.to(compute)
+        pre = F.linear(x_c, up_c, None if up_bias is None else up_bias.to(compute))
+        buffer = F.gelu(pre, approximate=ctx.approximate)  # the activation, then its gradient, as GeluThenLinear
+        rows = grad.flatten(0, -2)
+        grads = [None] * 6
+        if need[3]:
+            grads[3] = (rows.T @ buffer.flatten(0, -2)).to(down_weight.dtype)
+        if ctx.down_bias_dtype is not None and need[4]:
+            grads[4] = rows.sum(0).to(ctx.down_bias_dtype)
+        if any(need[:3]):
+            grad_act = torch.matmul(grad, down_weight.to(compute), out=buffer)
+            grad_pre = torch.ops.aten.gelu_backward.grad_input(
+                grad_act, pre, approximate=ctx.approximate, grad_input=buffer
+            )
+            if need[0]:
+                grads[0] = (grad_pre @ up_c).to(x.dtype)
+            if need[1]:
+                grads[1] = (grad_pre.flatten(0, -2).T @ x_c.flatten(0, -2)).to(up_weight.dtype)
+            if up_bias is not None and need[2]:
+                grads[2] = grad_pre.flatten(0, -2).sum(0).to(up_bias.dtype)
+        return tuple(grads)
+
+
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps: float):

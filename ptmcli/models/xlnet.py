@@ -164,7 +164,8 @@ class Layer(nn.Module):
             arch.hidden_size, arch.num_heads, arch.attention_dropout, segments=arch.segment_encoding
         )
         self.attention_norm = nn.LayerNorm(arch.hidden_size, eps=arch.layer_norm_eps)
-        self.ffn = FeedForward(arch.hidden_size, arch.intermediate_size)
+        # both streams run it: keeping x alone halves what the layer keeps (docs/results.md, stop 44)
+        self.ffn = FeedForward(arch.hidden_size, arch.intermediate_size, recompute_up=True)
         self.ffn_norm = nn.LayerNorm(arch.hidden_size, eps=arch.layer_norm_eps)
         self.dropout = Dropout(arch.dropout)
 
