@@ -89,7 +89,7 @@ def refuse_zero_gradients(norm: float, compiled: bool) -> None:
             "Every gradient of the first training step is zero, so the run would not learn. This is what "
             "hardware.compile=true gave on CUDA with torch 2.11 (an H200, bf16 and fp16: the compiled model's loss "
             "right, its gradients zero; the same model eager, or compiled on a CPU, was fine; docs/distributed.md). "
-            "Run with hardware.compile=false, or try another torch version."
+            "Run with hardware.compile=false, or try another torch version (and tell us which one learnt)."
         )
     raise PtmError(
         "Every gradient of the first training step is zero, so the run would not learn: no weight it trains "
@@ -250,7 +250,8 @@ def train(
     if scale.compile and hw.device.type == "cuda":
         log.note(
             "[yellow]note[/] hardware.compile=true on CUDA: with torch 2.11 on an H200 a compiled model computed the "
-            "right loss but did not learn (docs/distributed.md); watch that the train loss falls"
+            "right loss but did not learn (docs/distributed.md); inductor's mix-order reduction, a known source of "
+            "wrong gradients, is off for this run as a precaution; watch that the train loss falls"
         )
     # examples of several tasks bring their own order (a mixture of the tasks' orders)
     order = getattr(job.train, "order", lambda *args: BatchOrder(len(job.train), *args))

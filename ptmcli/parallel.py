@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 
 import torch
 from torch import nn
@@ -100,6 +101,8 @@ def wrap(
     if strategy == "fsdp" and dist.world_size > 1:
         model = shard(model, hw, dist)
     if compile:
+        if hw.device.type == "cuda" and "TORCHINDUCTOR_MIX_ORDER_REDUCTION" not in os.environ:
+            without_mix_order_reduction()
         model = torch.compile(model)
     if strategy == "ddp" and dist.world_size > 1:
         model = DistributedDataParallel(
@@ -108,6 +111,18 @@ def wrap(
             find_unused_parameters=getattr(model, "has_unused_parameters", False),
         )
     return model
+
+
+def without_mix_order_reduction() -> None:
+    """Inductor's mix-order reduction (CUDA only, on by default since torch 2.10: one kernel reduces a gradient
+    over rows and over columns) has computed wrong gradients without a word (pytorch/pytorch#193061, #190796),
+    and compiled ptm models on an H200 with torch 2.11 did not learn (docs/distributed.md). It is turned off as a
+    precaution; whether it was that run's cause is not measured yet (`tests/bench/compile_probe.py` compares both).
+    Setting TORCHINDUCTOR_MIX_ORDER_REDUCTION yourself keeps your choice."""
+    from torch._inductor import config
+
+    if hasattr(config.triton, "mix_order_reduction"):
+        config.triton.mix_order_reduction = False
 
 
 def gradient_sync(model: nn.Module, enabled: bool):

@@ -104,3 +104,25 @@ def test_a_compiled_run_trains_like_an_eager_one_and_resumes(cache_env, tmp_path
         assert abs(x["loss"] - y["loss"]) < 1e-5, (x, y)
     out = run_ptm(["generate", f"run={compiled}", "prompt=The government said", "max_new_tokens=5"], cache_env)
     assert out.stdout.strip()
+
+
+def test_compiling_for_cuda_turns_inductor_mix_order_reduction_off(monkeypatch):
+    """A precaution against inductor's silent wrong gradients (pytorch/pytorch#193061): off when ptm compiles for
+    CUDA, unless TORCHINDUCTOR_MIX_ORDER_REDUCTION says otherwise; a CPU run leaves it alone (it is CUDA-only)."""
+    from torch._inductor import config
+
+    from ptmcli.hardware import Hardware
+
+    def compiled_for(device: str) -> bool:
+        monkeypatch.setattr(config.triton, "mix_order_reduction", True)
+        wrapped = parallel.wrap(
+            torch.nn.Linear(2, 2), Hardware(torch.device(device), torch.float32), Dist(), "ddp", True, False
+        )
+        assert hasattr(wrapped, "_orig_mod")  # compiled (lazily: nothing runs here)
+        return config.triton.mix_order_reduction
+
+    monkeypatch.delenv("TORCHINDUCTOR_MIX_ORDER_REDUCTION", raising=False)
+    assert compiled_for("cuda") is False
+    assert compiled_for("cpu") is True
+    monkeypatch.setenv("TORCHINDUCTOR_MIX_ORDER_REDUCTION", "1")
+    assert compiled_for("cuda") is True

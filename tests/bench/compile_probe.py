@@ -1,7 +1,8 @@
 """Does a torch.compile'd model get the gradients of the eager one on this device? One batch through tiny GPT
-(causal LM) and BERT (MLM) models, eager and compiled (and compiled with ptm's own autograd Functions kept out
-of the graph), under the device's autocast; prints the loss, how many parameters got no gradient, and the
-largest gradient difference from eager relative to the largest eager gradient.
+(causal LM) and BERT (MLM) models, eager and compiled (plain; with inductor's mix-order reduction off, as ptm
+compiles on CUDA; with ptm's own autograd Functions kept out of the graph), under the device's autocast; prints
+the loss before and after one AdamW step, how many parameters got no gradient, and the largest gradient
+difference from eager relative to the largest eager gradient.
 
 Run: python tests/bench/compile_probe.py [--bf16]   # CUDA when visible (bf16 autocast), else the CPU in fp32
                                                     # (--bf16: in bf16 autocast)
@@ -59,6 +60,9 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" or "--bf16" in sys.argv else torch.float32
     print(f"torch {torch.__version__} on {device} ({dtype})", flush=True)
+    from torch._inductor import config as inductor
+
+    mix_order_default = inductor.triton.mix_order_reduction
     for family, recipe in FAMILIES.items():
         _, cfg = compose.checked(compose.parse("pretrain", [*recipe, *TOY, *DATA, *NO_DROPOUT]))
         tokenizer, train, _, _ = build_examples(cfg, init_from_env())
@@ -69,9 +73,11 @@ def main() -> None:
         eager_loss, eager = gradients(copy.deepcopy(base), objective, batch, device, dtype)
         top = max(g.abs().max().item() for g in eager.values() if g is not None)
         print(f"{family}: eager loss {eager_loss}, {sum(g is None for g in eager.values())} params without grad")
-        for mode in ("compiled", "compiled, vocab loss eager", "compiled, all ptm Functions eager"):
+        modes = ("compiled", "compiled, mix-order reduction off (as ptm does on CUDA)")
+        for mode in (*modes, "compiled, vocab loss eager", "compiled, all ptm Functions eager"):
             torch._dynamo.reset()
             saved = kept_out(FUNCTIONS["vocab loss" if "vocab" in mode else "all"]) if "eager" in mode else {}
+            inductor.triton.mix_order_reduction = "mix-order" not in mode and mix_order_default
             try:
                 model = torch.compile(copy.deepcopy(base))
                 loss, grads = gradients(model, objective, batch, device, dtype)
