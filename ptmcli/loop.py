@@ -251,7 +251,8 @@ def train(
         log.note(
             "[yellow]note[/] hardware.compile=true on CUDA: with torch 2.11 on an H200 a compiled model computed the "
             "right loss but did not learn (docs/distributed.md); inductor's mix-order reduction, a known source of "
-            "wrong gradients, is off for this run as a precaution; watch that the train loss falls"
+            "wrong gradients, is off as a precaution unless TORCHINDUCTOR_MIX_ORDER_REDUCTION is set; watch that "
+            "the train loss falls"
         )
     # examples of several tasks bring their own order (a mixture of the tasks' orders)
     order = getattr(job.train, "order", lambda *args: BatchOrder(len(job.train), *args))

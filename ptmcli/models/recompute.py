@@ -33,21 +33,26 @@ class GeluThenLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         pre, weight = ctx.saved_tensors
-        grad = grad.to(pre.dtype)
-        grad_pre = grad_weight = grad_bias = None
-        # one (tokens x intermediate) buffer serves as the recomputed activation and then as its gradient: a fresh
-        # 16 MB tensor per layer costs page faults comparable to the GELU itself
-        buffer = F.gelu(pre, approximate=ctx.approximate)
-        if ctx.needs_input_grad[1]:
-            grad_weight = (grad.flatten(0, -2).T @ buffer.flatten(0, -2)).to(weight.dtype)
-        if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
-            grad_bias = grad.flatten(0, -2).sum(0).to(ctx.bias_dtype)
-        if ctx.needs_input_grad[0]:
-            grad_act = torch.matmul(grad, weight.to(pre.dtype), out=buffer)
-            grad_pre = torch.ops.aten.gelu_backward.grad_input(
-                grad_act, pre, approximate=ctx.approximate, grad_input=buffer
-            )
-        return grad_pre, grad_weight, grad_bias, None
+        need = ctx.needs_input_grad
+        return (*_gelu_then_linear_backward(grad, pre, weight, ctx.bias_dtype, ctx.approximate, need[:3]), None)
+
+
+def _gelu_then_linear_backward(grad, pre, weight, bias_dtype, approximate: str, need) -> tuple:
+    """The gradients of F.linear(gelu(pre), weight, bias) with respect to (pre, weight, bias) where `need` asks,
+    computed in `pre`'s dtype, the GELU recomputed from `pre`."""
+    grad = grad.to(pre.dtype)
+    grad_pre = grad_weight = grad_bias = None
+    # one (tokens x intermediate) buffer serves as the recomputed activation and then as its gradient: a fresh
+    # 16 MB tensor per layer costs page faults comparable to the GELU itself
+    buffer = F.gelu(pre, approximate=approximate)
+    if need[1]:
+        grad_weight = (grad.flatten(0, -2).T @ buffer.flatten(0, -2)).to(weight.dtype)
+    if bias_dtype is not None and need[2]:
+        grad_bias = grad.flatten(0, -2).sum(0).to(bias_dtype)
+    if need[0]:
+        grad_act = torch.matmul(grad, weight.to(pre.dtype), out=buffer)
+        grad_pre = torch.ops.aten.gelu_backward.grad_input(grad_act, pre, approximate=approximate, grad_input=buffer)
+    return grad_pre, grad_weight, grad_bias
 
 
 class UpGeluDown(torch.autograd.Function):
@@ -71,28 +76,19 @@ class UpGeluDown(torch.autograd.Function):
     def backward(ctx, grad):
         x, up_weight, up_bias, down_weight = ctx.saved_tensors
         need = ctx.needs_input_grad
-        compute = ctx.compute
-        grad, x_c, up_c = grad.to(compute), x.to(compute), up_weight.to(compute)
-        pre = F.linear(x_c, up_c, None if up_bias is None else up_bias.to(compute))
-        buffer = F.gelu(pre, approximate=ctx.approximate)  # the activation, then its gradient, as GeluThenLinear
-        rows = grad.flatten(0, -2)
-        grads = [None] * 6
-        if need[3]:
-            grads[3] = (rows.T @ buffer.flatten(0, -2)).to(down_weight.dtype)
-        if ctx.down_bias_dtype is not None and need[4]:
-            grads[4] = rows.sum(0).to(ctx.down_bias_dtype)
-        if any(need[:3]):
-            grad_act = torch.matmul(grad, down_weight.to(compute), out=buffer)
-            grad_pre = torch.ops.aten.gelu_backward.grad_input(
-                grad_act, pre, approximate=ctx.approximate, grad_input=buffer
-            )
-            if need[0]:
-                grads[0] = (grad_pre @ up_c).to(x.dtype)
-            if need[1]:
-                grads[1] = (grad_pre.flatten(0, -2).T @ x_c.flatten(0, -2)).to(up_weight.dtype)
-            if up_bias is not None and need[2]:
-                grads[2] = grad_pre.flatten(0, -2).sum(0).to(up_bias.dtype)
-        return tuple(grads)
+        x_c, up_c = x.to(ctx.compute), up_weight.to(ctx.compute)
+        pre = F.linear(x_c, up_c, None if up_bias is None else up_bias.to(ctx.compute))
+        grad_pre, grad_down, grad_down_bias = _gelu_then_linear_backward(
+            grad, pre, down_weight, ctx.down_bias_dtype, ctx.approximate, (any(need[:3]), *need[3:5])
+        )
+        grad_x = grad_up = grad_up_bias = None
+        if need[0]:
+            grad_x = (grad_pre @ up_c).to(x.dtype)
+        if need[1]:
+            grad_up = (grad_pre.flatten(0, -2).T @ x_c.flatten(0, -2)).to(up_weight.dtype)
+        if up_bias is not None and need[2]:
+            grad_up_bias = grad_pre.flatten(0, -2).sum(0).to(up_bias.dtype)
+        return grad_x, grad_up, grad_up_bias, grad_down, grad_down_bias, None
 
 
 class _RMSNorm(torch.autograd.Function):
