@@ -87,7 +87,7 @@ def refuse_zero_gradients(norm: float, compiled: bool) -> None:
     if compiled:
         raise PtmError(
             "Every gradient of the first training step is zero, so the run would not learn. This is what "
-            "hardware.compile=true gave on CUDA with torch 2.11 (an H200, bf16 and fp16: the compiled model's loss "
+            "hardware.compile=true gave on CUDA with torch 2.11 (an H200, bf16: the compiled model's loss "
             "right, its gradients zero; the same model eager, or compiled on a CPU, was fine; docs/distributed.md). "
             "Run with hardware.compile=false, or try another torch version (and tell us which one learnt)."
         )

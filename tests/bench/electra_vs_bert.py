@@ -136,9 +136,8 @@ def main() -> None:
         # tokens/s of the later windows (the first holds the warm-up); the slowest arm sets the pace
         rates = {a: [r["tokens_per_s"] for r in rows(dirs[a], "train")][1:] or [1.0] for a in arms}
         slowest = min(sum(v) / len(v) for v in rates.values()) / (batch * SEQ_LEN)
-        steps = (
-            8 if smoke else max(1500, min(int(opts["max-steps"]), int(float(opts["budget-s"]) * slowest) // 500 * 500))
-        )
+        fits = int(float(opts["budget-s"]) * slowest) // 500 * 500
+        steps = 8 if smoke else max(1500, min(int(opts["max-steps"]), fits))
         print(f"  slowest arm {slowest:.1f} steps/s side by side -> {steps} steps each", flush=True)
     steps = int(steps)
 
@@ -153,9 +152,7 @@ def main() -> None:
         args = ["finetune", "task=news-cls", f"init={out / f'probe-{arms[-1]}'}", "trainer.epochs=0.05"]
         args += ["trainer.eval_every=2", *(["hardware=cpu"] if smoke else []), f"hydra.run.dir={check}"]
         checked = launch(args, Path(f"{check}.log"), out)
-        if not wait_all({"fine-tuning check": checked}, {"fine-tuning check": Path(f"{check}.log")})[
-            "fine-tuning check"
-        ]:
+        if not wait_all({"check": checked}, {"check": Path(f"{check}.log")})["check"]:
             for proc in procs.values():
                 proc.terminate()
             sys.exit(1)
