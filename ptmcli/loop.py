@@ -84,18 +84,15 @@ def refuse_zero_gradients(norm: float, compiled: bool) -> None:
     """A first step whose gradients are all exactly zero means nothing would ever learn: stop, saying why."""
     if norm != 0.0:
         return
-    if compiled:
-        raise PtmError(
-            "Every gradient of the first training step is zero, so the run would not learn. This is what "
-            "hardware.compile=true gave on CUDA with torch 2.11 (an H200, bf16: the compiled model's loss "
-            "right, its gradients zero; the same model eager, or compiled on a CPU, was fine; docs/distributed.md). "
-            "Run with hardware.compile=false, or try another torch version (and tell us which one learnt)."
-        )
-    raise PtmError(
-        "Every gradient of the first training step is zero, so the run would not learn: no weight it trains "
-        "reaches the loss. Check which weights the transfer method leaves trainable (transfer=...) and that the "
-        "objective's targets are not all ignored."
+    why = (
+        ". This is what hardware.compile=true gave on CUDA with torch 2.11 (an H200, bf16: the compiled model's loss "
+        "right, its gradients zero; the same model eager, or compiled on a CPU, was fine; docs/distributed.md). "
+        "Run with hardware.compile=false, or try another torch version (and tell us which one learnt)."
+        if compiled
+        else ": no weight it trains reaches the loss. Check which weights the transfer method leaves trainable "
+        "(transfer=...) and that the objective's targets are not all ignored."
     )
+    raise PtmError(f"Every gradient of the first training step is zero, so the run would not learn{why}")
 
 
 @torch.no_grad()

@@ -32,7 +32,8 @@ FUNCTIONS = {
 }
 
 
-def gradients(model, objective, batch, device, dtype) -> tuple[float, dict]:
+def gradients(model, objective, batch, device, dtype) -> tuple[str, dict]:
+    """The loss before and after one AdamW step (as text), and every parameter's gradient."""
     model.zero_grad(set_to_none=True)
     with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
         sums, _ = objective(model, batch)
@@ -70,9 +71,9 @@ def main() -> None:
         base = PRETRAINING_MODELS[family](cfg.model, tokenizer.get_vocab_size(), cfg.objective).to(device)
         objective = OBJECTIVES[cfg.objective.name](cfg.objective)
         batch = to_device(train.batch(list(range(8)), 0), device)
-        eager_loss, eager = gradients(copy.deepcopy(base), objective, batch, device, dtype)
+        eager_losses, eager = gradients(copy.deepcopy(base), objective, batch, device, dtype)
         top = max(g.abs().max().item() for g in eager.values() if g is not None)
-        print(f"{family}: eager loss {eager_loss}, {sum(g is None for g in eager.values())} params without grad")
+        print(f"{family}: eager loss {eager_losses}, {sum(g is None for g in eager.values())} params without grad")
         modes = ("compiled", "compiled, mix-order reduction off (as ptm does on CUDA)")
         for mode in (*modes, "compiled, vocab loss eager", "compiled, all ptm Functions eager"):
             torch._dynamo.reset()
