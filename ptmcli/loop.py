@@ -85,9 +85,10 @@ def refuse_zero_gradients(norm: float, compiled: bool) -> None:
     if norm != 0.0:
         return
     why = (
-        ". This is what hardware.compile=true gave on CUDA with torch 2.11 (an H200, bf16: the compiled model's loss "
-        "right, its gradients zero; the same model eager, or compiled on a CPU, was fine; docs/distributed.md). "
-        "Run with hardware.compile=false, or try another torch version (and tell us which one learnt)."
+        ". torch.compile has done this before: traced under CUDA bf16 autocast (torch 2.11), ptm's vocabulary "
+        "loss gave zero gradients with the right loss value (docs/distributed.md); ptm keeps that loss out of the "
+        "graph since, so some other part of the model may be hitting the same. Run with hardware.compile=false, "
+        "and tell us the torch version and model."
         if compiled
         else ": no weight it trains reaches the loss. Check which weights the transfer method leaves trainable "
         "(transfer=...) and that the objective's targets are not all ignored."
@@ -244,13 +245,6 @@ def train(
         )
     if caution := lr_caution(optim_cfg):
         log.note(f"[yellow]note[/] {caution}")
-    if scale.compile and hw.device.type == "cuda":
-        log.note(
-            "[yellow]note[/] hardware.compile=true on CUDA: with torch 2.11 on an H200 a compiled model computed the "
-            "right loss but did not learn (docs/distributed.md); inductor's mix-order reduction, a known source of "
-            "wrong gradients, is off as a precaution unless TORCHINDUCTOR_MIX_ORDER_REDUCTION is set; watch that "
-            "the train loss falls"
-        )
     # examples of several tasks bring their own order (a mixture of the tasks' orders)
     order = getattr(job.train, "order", lambda *args: BatchOrder(len(job.train), *args))
     batches = train_batches(job.train, order(cfg.batch_size, dist.world_size, dist.rank, cfg.seed), consumed)

@@ -115,10 +115,11 @@ def wrap(
 
 def without_mix_order_reduction() -> None:
     """Inductor's mix-order reduction (CUDA only, on by default since torch 2.10: one kernel reduces a gradient
-    over rows and over columns) has computed wrong gradients without a word (pytorch/pytorch#193061, #190796),
-    and compiled ptm models on an H200 with torch 2.11 did not learn (docs/distributed.md). It is turned off as a
-    precaution; whether it was that run's cause is not measured yet (`tests/bench/compile_probe.py` compares both).
-    Setting TORCHINDUCTOR_MIX_ORDER_REDUCTION yourself keeps your choice."""
+    over rows and over columns) has computed wrong gradients without a word (pytorch/pytorch#193061, #190796).
+    It was not what stopped compiled ptm models learning on an H200 (that was the vocabulary loss traced by dynamo,
+    `models/vocab_loss.py`), and on that GPU ptm's models get the same gradients with it on or off
+    (`tests/bench/compile_probe.py`); it stays off as a precaution against those reports. Setting
+    TORCHINDUCTOR_MIX_ORDER_REDUCTION yourself keeps your choice."""
     from torch._inductor import config
 
     if hasattr(config.triton, "mix_order_reduction"):

@@ -135,6 +135,11 @@ class _ProjectedCrossEntropy(torch.autograd.Function):
         return (*grads, None, None, None)
 
 
+# Kept out of torch.compile's graph: traced by dynamo (any backend, even "eager") under CUDA bf16 autocast, this
+# Function's gradients came out all zero with torch 2.11 on an H200 while its loss was right, and every ptm model
+# stopped learning; outside the graph they equal eager's (tests/bench/compile_probe.py). The loss is chunked
+# matrix products, which compiling has nothing to fuse in.
+@torch.compiler.disable
 def projected_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
