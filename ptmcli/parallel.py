@@ -16,6 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ptmcli.distributed import Dist
 from ptmcli.hardware import Hardware
+from ptmcli.models import vocab_loss
 
 
 def blocks(model: nn.Module) -> list[nn.Module]:
@@ -101,6 +102,7 @@ def wrap(
     if strategy == "fsdp" and dist.world_size > 1:
         model = shard(model, hw, dist)
     if compile:
+        vocab_loss.keep_out_of_compiled_graphs()
         if hw.device.type == "cuda" and "TORCHINDUCTOR_MIX_ORDER_REDUCTION" not in os.environ:
             without_mix_order_reduction()
         model = torch.compile(model)

@@ -131,10 +131,14 @@ def test_compiling_for_cuda_turns_inductor_mix_order_reduction_off(monkeypatch):
 def test_the_vocabulary_loss_runs_outside_a_compiled_graph_with_eager_gradients():
     """Traced by dynamo under CUDA bf16 autocast (torch 2.11, an H200), the chunked vocabulary loss gave all-zero
     gradients with the right loss value, so no compiled ptm model learnt there (tests/bench/compile_probe.py); ptm
-    runs it outside the graph. Checked by what the compiled graphs hold (the layer before it, not the Function) and
-    by the gradients, which equal eager's."""
+    runs it outside the graph once it compiles a model. Checked by what the compiled graphs hold (the layer before
+    it, not the Function) and by the gradients, which equal eager's."""
+    from ptmcli.hardware import Hardware
+    from ptmcli.models import vocab_loss
     from ptmcli.models.vocab_loss import projected_cross_entropy
 
+    parallel.wrap(torch.nn.Linear(2, 2), Hardware(torch.device("cpu"), torch.float32), Dist(), "ddp", True, False)
+    assert vocab_loss._projected is not vocab_loss._projected_cross_entropy  # compiling a model keeps the loss out
     ops: list[str] = []
 
     def recording(graph_module, example_inputs):

@@ -135,11 +135,6 @@ class _ProjectedCrossEntropy(torch.autograd.Function):
         return (*grads, None, None, None)
 
 
-# Kept out of torch.compile's graph: traced by dynamo (any backend, even "eager") under CUDA bf16 autocast, this
-# Function's gradients came out all zero with torch 2.11 on an H200 while its loss was right, and every ptm model
-# stopped learning; outside the graph they equal eager's (tests/bench/compile_probe.py). The loss is chunked
-# matrix products, which compiling has nothing to fuse in.
-@torch.compiler.disable
 def projected_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -152,6 +147,10 @@ def projected_cross_entropy(
 
     hidden: (N, C); weight: (V, C); bias: (V,) or None; targets: (N,). `predict` also returns each row's argmax,
     `sample` > 0 a token drawn from each row's softmax at that temperature (not differentiated)."""
+    return _projected(hidden, weight, bias, targets, predict, sample)
+
+
+def _projected_cross_entropy(hidden, weight, bias, targets, predict: bool, sample: float) -> VocabLoss:
     hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
     inputs = (hidden, weight, bias)
     if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs):
@@ -159,6 +158,20 @@ def projected_cross_entropy(
     else:  # evaluation: no gradient is computed at all
         loss, predicted, sampled, _ = _chunked(hidden, weight, bias, targets, predict, sample, (False, False, False))
     return VocabLoss(loss, predicted if predict else None, sampled if sample else None)
+
+
+_projected = _projected_cross_entropy
+
+
+def keep_out_of_compiled_graphs() -> None:
+    """Run the loss outside torch.compile's graphs from now on (called before a model is compiled). Traced by
+    dynamo (any backend, even "eager") under CUDA bf16 autocast, its Function's gradients came out all zero with
+    torch 2.11 on an H200 while the loss was right, and no compiled ptm model learnt; outside the graph they equal
+    eager's (tests/bench/compile_probe.py). The loss is chunked matrix products: nothing for a compiler to fuse.
+    Not done at import: `torch.compiler.disable` imports torch._dynamo (~70 MB, ~1 s) into every ptm process."""
+    global _projected
+    if _projected is _projected_cross_entropy:
+        _projected = torch.compiler.disable(_projected_cross_entropy)
 
 
 def targeted_cross_entropies(

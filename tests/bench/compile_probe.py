@@ -3,8 +3,11 @@
 after one AdamW step, how many parameters got no gradient or an all-zero one, the compiled gradients' norm over
 eager's, and the largest gradient difference from eager relative to the largest eager gradient.
 
-Modes, to tell where a wrong gradient comes from: inductor as torch.compile defaults to; inductor with its
-mix-order reduction off (as ptm compiles on CUDA); with ptm's own autograd Functions kept out of the graph;
+Modes, to tell where a wrong gradient comes from, every one with ptm's vocabulary loss outside the graph as ptm
+compiles (`vocab_loss.keep_out_of_compiled_graphs`) but one: inductor as torch.compile defaults to; inductor with
+its mix-order reduction off (as ptm compiles on CUDA); with the vocabulary loss traced (which gave all-zero
+gradients on CUDA in bf16 with torch 2.11: this says whether a torch version still does); with ptm's own autograd
+Functions kept out of the graph;
 `backend="aot_eager"` (dynamo and AOTAutograd, no inductor: the graph runs as eager ops) and `backend="eager"`
 (dynamo alone); and a reference model of torch's own modules only (embedding, nn.TransformerEncoderLayer,
 F.cross_entropy), compiled with inductor, which says whether compiling is wrong on this device for any model.
@@ -18,6 +21,7 @@ from __future__ import annotations
 import copy
 import math
 import sys
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -35,14 +39,25 @@ DATA = ["data.max_train_samples=200", "data.vocab_size=2000", "data.max_seq_len=
 NO_DROPOUT = ["model.dropout=0", "model.attention_dropout=0"]  # eager and compiled code draw masks differently
 FAMILIES = {"gpt": ["conf=gpt-mini"], "bert": ["conf=bert-mini", "objective=mlm"]}
 FUNCTIONS = [vocab_loss._ProjectedCrossEntropy, recompute.GeluThenLinear, recompute._RMSNorm, layers._ScatterRows]
-# name: (backend, mix-order reduction off, ptm's Functions kept out of the graph)
+
+
+class Mode(NamedTuple):
+    backend: str = "inductor"
+    mix_order_off: bool = False
+    functions_out: bool = False  # every ptm autograd Function's apply run outside the graph
+    loss_traced: bool = False  # the vocabulary loss traced into the graph (ptm keeps it out since stop 45)
+
+
 MODES = {
-    "compiled": ("inductor", False, False),
-    "compiled, mix-order reduction off (as ptm does on CUDA)": ("inductor", True, False),
-    "compiled, all ptm Functions eager": ("inductor", False, True),
-    "compiled, aot_eager backend (no inductor)": ("aot_eager", False, False),
-    "compiled, eager backend (dynamo alone)": ("eager", False, False),
+    "compiled": Mode(),
+    "compiled, mix-order reduction off (as ptm does on CUDA)": Mode(mix_order_off=True),
+    "compiled, vocabulary loss traced (what gave zero gradients on CUDA in bf16)": Mode(loss_traced=True),
+    "compiled, all ptm Functions eager": Mode(functions_out=True),
+    "compiled, aot_eager backend (no inductor)": Mode("aot_eager"),
+    "compiled, eager backend (dynamo alone)": Mode("eager"),
 }
+# what the second family and the torch-only reference run
+SHORT = ("compiled", "compiled, mix-order reduction off (as ptm does on CUDA)")
 
 
 class Reference(nn.Module):
@@ -114,27 +129,33 @@ def probe(name: str, base: nn.Module, loss_of, modes: dict, device, dtype) -> No
     mix_order_default = getattr(inductor.triton, "mix_order_reduction", False)
     eager_losses, eager = gradients(copy.deepcopy(base), loss_of, device, dtype)
     print(f"{name}: eager loss {eager_losses}, {sum(g is None for g in eager.values())} params without grad")
-    for mode, (backend, mix_order_off, functions_out) in modes.items():
+    kept_out_loss = vocab_loss._projected  # as ptm compiles: outside the graph
+    for name in modes:
+        mode = MODES[name]
         torch._dynamo.reset()
-        saved = kept_out(FUNCTIONS) if functions_out else {}
+        saved = kept_out(FUNCTIONS) if mode.functions_out else {}
+        if mode.loss_traced:
+            vocab_loss._projected = vocab_loss._projected_cross_entropy
         if hasattr(inductor.triton, "mix_order_reduction"):
-            inductor.triton.mix_order_reduction = mix_order_default and not mix_order_off
+            inductor.triton.mix_order_reduction = mix_order_default and not mode.mix_order_off
         try:
-            loss, grads = gradients(torch.compile(copy.deepcopy(base), backend=backend), loss_of, device, dtype)
+            loss, grads = gradients(torch.compile(copy.deepcopy(base), backend=mode.backend), loss_of, device, dtype)
         except Exception as e:  # noqa: BLE001 - a probe reports every failure and goes on
-            print(f"  {mode}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+            print(f"  {name}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
             continue
         finally:
             put_back(saved)
+            vocab_loss._projected = kept_out_loss
             if hasattr(inductor.triton, "mix_order_reduction"):
                 inductor.triton.mix_order_reduction = mix_order_default
-        print(f"  {mode}: loss {loss}, {compared(grads, eager)}", flush=True)
+        print(f"  {name}: loss {loss}, {compared(grads, eager)}", flush=True)
 
 
 def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" or "--bf16" in sys.argv else torch.float32
     print(f"torch {torch.__version__} on {device} ({dtype})", flush=True)
+    vocab_loss.keep_out_of_compiled_graphs()  # as parallel.wrap does before it compiles a model
     for family, recipe in FAMILIES.items():
         _, cfg = compose.checked(compose.parse("pretrain", [*recipe, *TOY, *DATA, *NO_DROPOUT]))
         tokenizer, train, _, _ = build_examples(cfg, init_from_env())
@@ -147,19 +168,13 @@ def main() -> None:
             sums, _ = objective(model, batch)
             return sum(sums[t] / batch["counts"][t] for t in objective.terms)
 
-        # every mode for the first family; the second repeats the two inductor modes that ptm's runs hit
-        modes = (
-            MODES
-            if family == "gpt"
-            else {m: v for m, v in MODES.items() if m.startswith("compiled") and v[0] == "inductor" and not v[2]}
-        )
-        probe(family, base, loss_of, modes, device, dtype)
+        # every mode for the first family; the second and the torch-only reference run the two that ptm's runs hit
+        probe(family, base, loss_of, MODES if family == "gpt" else SHORT, device, dtype)
         if family == "gpt":
             torch.manual_seed(0)
             reference = Reference(tokenizer.get_vocab_size()).to(device)
             ids = batch["input_ids"]
-            modes = {m: v for m, v in MODES.items() if not v[2] and v[0] == "inductor"}
-            probe("torch-only reference", reference, lambda model: model(ids), modes, device, dtype)
+            probe("torch-only reference", reference, lambda model: model(ids), SHORT, device, dtype)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,13 @@
 """Where one of `make bench`'s ptm steps spends its time: `torch.profiler` over two training steps of a family's bench
 model (the same overrides, batches and optimizer), after a few unprofiled ones.
 Run: python tests/bench/profile_step.py FAMILY [--kept | --rss | --heap]  (bert roberta gpt t5 bart electra xlnet)
-Prints tokens/s over 6 steps and the process's peak RSS, then the ops by their own CPU time and each
-matrix-product shape's GFLOP/s; with --kept instead, the tensors one forward pass keeps for the backward pass
-(distinct storages, parameters left out) summed by the line of ptm that made autograd keep them; with --rss, the
-process's resident memory after each stage (torch and ptm imported, data, model and optimizer, then 8 steps); with
---heap, what C's allocator (glibc malloc, where torch's CPU tensors live) holds over 8 steps, sampled every 2 ms:
-the most bytes in live blocks at once against the most it held from the system, whose difference is memory freed
-inside the heap but not reusable for the next request (fragmentation), and the peak RSS beside them."""
+Prints tokens/s over 6 steps and the process's peak RSS, then the ops by their own CPU time, each matrix-product
+shape's GFLOP/s and the other ops by input shape; with --kept instead, the tensors one forward pass keeps for the
+backward pass (distinct storages, parameters left out) summed by the line of ptm that made autograd keep them; with
+--rss, the process's resident memory after each stage (torch and ptm imported, data, model and optimizer, then 8
+steps); with --heap, what C's allocator (glibc malloc, where torch's CPU tensors live) holds over 8 steps, sampled
+every 2 ms: the most bytes in live blocks at once against the most it held from the system, whose difference is
+memory freed inside the heap but not reusable for the next request (fragmentation), and the peak RSS beside them."""
 
 from __future__ import annotations
 
@@ -157,6 +157,14 @@ def main() -> None:
                 rows.append((seconds, event.key, event.input_shapes, event.count, flops * event.count / seconds / 1e9))
     for seconds, key, shapes, count, rate in sorted(rows, key=lambda r: r[0], reverse=True)[:20]:
         print(f"{seconds:6.3f} s  {key:11} {shapes} x{count}  {rate:.0f} GFLOP/s")
+    print("\nthe other ops by input shape:")
+    others = [e for e in prof.key_averages(group_by_input_shape=True) if e.key.startswith("aten::") and not rows_of(e)]
+    for event in sorted(others, key=lambda e: e.self_cpu_time_total, reverse=True)[:15]:
+        print(f"{event.self_cpu_time_total / 1e6:6.3f} s  {event.key:24} {event.input_shapes} x{event.count}")
+
+
+def rows_of(event) -> bool:
+    return event.key in ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm")
 
 
 if __name__ == "__main__":
