@@ -129,9 +129,9 @@ def versus_hf() -> dict:
 
 
 def compile_probe() -> dict:
-    """compile_probe.py: one batch's gradients, compiled as ptm compiles (mix-order reduction off on CUDA) against
-    eager, for tiny GPT and BERT models and a torch-only reference; ok when they agree to 5 % of the largest
-    gradient (bf16 autocast)."""
+    """compile_probe.py: one batch's gradients, compiled as ptm compiles (the vocabulary loss outside the graph,
+    mix-order reduction off on CUDA) against eager, for tiny GPT and BERT models and a torch-only reference; ok
+    when they agree to 5 % of the largest gradient (bf16 autocast)."""
     probe = Path(__file__).with_name("compile_probe.py")
     proc = subprocess.run([sys.executable, str(probe)], capture_output=True, text=True, timeout=300, check=False)
     print(proc.stdout, flush=True)  # every mode's line: where a wrong gradient comes from
