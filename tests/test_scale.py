@@ -106,19 +106,25 @@ def test_a_compiled_run_trains_like_an_eager_one_and_resumes(cache_env, tmp_path
     assert out.stdout.strip()
 
 
+def _compiled_by_ptm(device: str) -> torch.nn.Module:
+    """A tiny model as ptm's loop wraps it with hardware.compile=true (compiled lazily: nothing runs here)."""
+    from ptmcli.hardware import Hardware
+
+    wrapped = parallel.wrap(
+        torch.nn.Linear(2, 2), Hardware(torch.device(device), torch.float32), Dist(), "ddp", True, False
+    )
+    assert hasattr(wrapped, "_orig_mod")
+    return wrapped
+
+
 def test_compiling_for_cuda_turns_inductor_mix_order_reduction_off(monkeypatch):
     """A precaution against inductor's silent wrong gradients (pytorch/pytorch#193061): off when ptm compiles for
     CUDA, unless TORCHINDUCTOR_MIX_ORDER_REDUCTION says otherwise; a CPU run leaves it alone (it is CUDA-only)."""
     from torch._inductor import config
 
-    from ptmcli.hardware import Hardware
-
     def compiled_for(device: str) -> bool:
         monkeypatch.setattr(config.triton, "mix_order_reduction", True)
-        wrapped = parallel.wrap(
-            torch.nn.Linear(2, 2), Hardware(torch.device(device), torch.float32), Dist(), "ddp", True, False
-        )
-        assert hasattr(wrapped, "_orig_mod")  # compiled (lazily: nothing runs here)
+        _compiled_by_ptm(device)
         return config.triton.mix_order_reduction
 
     monkeypatch.delenv("TORCHINDUCTOR_MIX_ORDER_REDUCTION", raising=False)
@@ -133,11 +139,10 @@ def test_the_vocabulary_loss_runs_outside_a_compiled_graph_with_eager_gradients(
     gradients with the right loss value, so no compiled ptm model learnt there (tests/bench/compile_probe.py); ptm
     runs it outside the graph once it compiles a model. Checked by what the compiled graphs hold (the layer before
     it, not the Function) and by the gradients, which equal eager's."""
-    from ptmcli.hardware import Hardware
     from ptmcli.models import vocab_loss
     from ptmcli.models.vocab_loss import projected_cross_entropy
 
-    parallel.wrap(torch.nn.Linear(2, 2), Hardware(torch.device("cpu"), torch.float32), Dist(), "ddp", True, False)
+    _compiled_by_ptm("cpu")
     assert vocab_loss._projected is not vocab_loss._projected_cross_entropy  # compiling a model keeps the loss out
     ops: list[str] = []
 

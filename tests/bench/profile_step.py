@@ -34,13 +34,15 @@ from ptmcli.objectives import OBJECTIVES  # noqa: E402
 from ptmcli.optim import build_optimizer  # noqa: E402
 from ptmcli.pretrain import build_examples  # noqa: E402
 
+PRODUCTS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm")
+
 
 def product_flops(name: str, shapes: list) -> int | None:
-    """FLOPs of one mm / addmm / bmm call from its recorded input shapes."""
+    """FLOPs of one mm / addmm / addmm_ / bmm call from its recorded input shapes."""
     if name == "aten::bmm":
         (b, n, k), (_, _, m) = shapes[0], shapes[1]
         return 2 * b * n * k * m
-    a, w = (shapes[1], shapes[2]) if name == "aten::addmm" else (shapes[0], shapes[1])
+    a, w = (shapes[1], shapes[2]) if name.startswith("aten::addmm") else (shapes[0], shapes[1])
     return 2 * a[0] * a[1] * w[1] if len(a) == 2 and len(w) == 2 else None
 
 
@@ -150,7 +152,7 @@ def main() -> None:
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
     rows = []
     for event in prof.key_averages(group_by_input_shape=True):
-        if event.key in ("aten::mm", "aten::addmm", "aten::bmm") and event.self_cpu_time_total:
+        if event.key in PRODUCTS and event.self_cpu_time_total:
             flops = product_flops(event.key, event.input_shapes)
             seconds = event.self_cpu_time_total / 1e6
             if flops:
@@ -158,13 +160,10 @@ def main() -> None:
     for seconds, key, shapes, count, rate in sorted(rows, key=lambda r: r[0], reverse=True)[:20]:
         print(f"{seconds:6.3f} s  {key:11} {shapes} x{count}  {rate:.0f} GFLOP/s")
     print("\nthe other ops by input shape:")
-    others = [e for e in prof.key_averages(group_by_input_shape=True) if e.key.startswith("aten::") and not rows_of(e)]
+    others = [e for e in prof.key_averages(group_by_input_shape=True) if e.key.startswith("aten::")]
+    others = [e for e in others if e.key not in PRODUCTS]
     for event in sorted(others, key=lambda e: e.self_cpu_time_total, reverse=True)[:15]:
         print(f"{event.self_cpu_time_total / 1e6:6.3f} s  {event.key:24} {event.input_shapes} x{event.count}")
-
-
-def rows_of(event) -> bool:
-    return event.key in ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm")
 
 
 if __name__ == "__main__":
