@@ -1,3 +1,3 @@
-from ptmcli.cli import main
+from ptmcli.cli import run
 
-main()
+run()

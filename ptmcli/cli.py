@@ -11,6 +11,7 @@ import dataclasses
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 
 from ptmcli.compose import (
@@ -391,6 +392,25 @@ def _completion(argv: list[str]) -> list[str] | None:
         os.environ["COMP_LINE"] = " ".join([words[0], searchpath, *words[2:]]) + (" " if line.endswith(" ") else "")
         return [words[1], *argv]
     return None
+
+
+def run() -> None:
+    """The `ptm` command and `python -m ptmcli`: `main`, then its exit status -- in a torchrun worker without the
+    interpreter's teardown (see `distributed.end_worker`)."""
+    try:
+        main()
+    except SystemExit as stop:
+        status = stop.code
+    except BaseException:  # a bug: its traceback, as the interpreter prints it, and status 1
+        traceback.print_exc()
+        status = 1
+    else:
+        status = 0
+    if "torch.distributed" in sys.modules:  # never import torch for a command that did not
+        from ptmcli.distributed import end_worker
+
+        end_worker(status)
+    sys.exit(status)
 
 
 def main(argv: list[str] | None = None) -> None:
