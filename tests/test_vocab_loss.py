@@ -1,6 +1,7 @@
 """The chunked vocabulary loss: the same loss and gradients as projecting everything at once and taking
 F.cross_entropy, for the function itself and for every objective that uses it (fp32, 1e-5), with the chunks
-forced small so that several are taken; the softmax in fp32 under autocast; statistics only in evaluation."""
+forced small so that several are taken, and several blocks of rows in each; the softmax in fp32 under autocast;
+statistics only in evaluation."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ SMALL = dict(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, dr
 @pytest.fixture(autouse=True)
 def small_chunks(monkeypatch):
     monkeypatch.setattr(vocab_loss, "CHUNK_ELEMENTS", 5 * V)  # 16 rows per chunk (the floor): several chunks
+    monkeypatch.setattr(vocab_loss, "CACHE_BLOCK_ELEMENTS", 3 * V)  # 3 rows per block of the softmax: a ragged last
 
 
 def _compare(ours: torch.Tensor, reference: torch.Tensor, params) -> None:

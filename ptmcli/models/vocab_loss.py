@@ -23,6 +23,7 @@ IGNORE = -100  # a target that counts for nothing (padding), as in F.cross_entro
 CHUNK_ELEMENTS = 1 << 24
 EFFICIENT_ROWS = 512
 ROW_ALIGN = 64  # floats
+CACHE_BLOCK_ELEMENTS = 1 << 18  # 1 MiB of fp32 logits: half a core's 2 MB L2 on the benchmark CPU
 
 
 class VocabLoss(NamedTuple):
@@ -82,9 +83,7 @@ def _chunked(hidden, weight, bias, targets, predict: bool, sample: float, need: 
         if predict:
             predicted[start : start + step] = x.argmax(-1)
         # log p(target) = (x_t - max) - log(sum(exp(x - max))), with the exponentials kept for the gradient
-        x.sub_(x.amax(-1, keepdim=True))
-        shifted_target = x.gather(1, safe[:, None]).squeeze(1)
-        total = x.exp_().sum(-1)
+        shifted_target, total = _exponentiate(x, safe)
         loss -= ((shifted_target - total.log()) * valid).sum()
         if not (sample or any(need)):
             continue
@@ -114,6 +113,23 @@ def _chunked(hidden, weight, bias, targets, predict: bool, sample: float, need: 
             grad_bias += (scale.to(compute) @ e).float()
             grad_bias.index_add_(0, safe, -keep)
     return loss, predicted, sampled, (grad_hidden, grad_weight, grad_bias)
+
+
+def _exponentiate(x: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x <- exp(x - its row's max), in place; returns each row's (x[target] - max) and sum of the exponentials.
+    On a CPU a few rows at a time: a block's passes (max, subtract, exponentiate, sum) then run in the core's cache,
+    where over a whole chunk each pass went through memory. 512 rows of GPT-2's 50,257 logits: 25 ms whole, 14 ms
+    in blocks of 4-16 rows, beside 51 ms for their product; the output layer's forward + backward 1.41 -> 1.33 s
+    (`python tests/bench/vocab_loss.py --block-rows 5 8 16 512`). On a GPU a block is a kernel launch: one block."""
+    rows = max(1, CACHE_BLOCK_ELEMENTS // x.shape[1]) if x.device.type == "cpu" else x.shape[0]
+    shifted_target = torch.empty(x.shape[0], dtype=x.dtype, device=x.device)
+    total = torch.empty_like(shifted_target)
+    for start in range(0, x.shape[0], rows):
+        block = x[start : start + rows]
+        block.sub_(block.amax(-1, keepdim=True))
+        torch.gather(block, 1, targets[start : start + rows, None], out=shifted_target[start : start + rows, None])
+        torch.sum(block.exp_(), -1, out=total[start : start + rows])
+    return shifted_target, total
 
 
 class _ProjectedCrossEntropy(torch.autograd.Function):

@@ -1,7 +1,9 @@
 """The output layer alone: cross-entropy of 4,064 targets over GPT-2's 50,257-token vocabulary from 256-wide
 hidden states, forward + backward, the straightforward way (all logits at once) against ptm's chunked loss.
-Run: python tests/bench/vocab_loss.py [--rows R ...]  (best of 4 interleaved repeats, seconds per call); with --rows,
-ptm's loss at each of those rows per chunk instead (its default: `vocab_loss.chunk_rows`)."""
+Run: python tests/bench/vocab_loss.py [--rows R ... | --block-rows R ...]  (best of 4 interleaved repeats, seconds
+per call); with --rows, ptm's loss at each of those rows per chunk instead (its default: `vocab_loss.chunk_rows`);
+with --block-rows, at each of those rows per block of its softmax passes (its default: `CACHE_BLOCK_ELEMENTS`
+over the vocabulary; a chunk's rows, 512 here, for the whole chunk at once)."""
 
 from __future__ import annotations
 
@@ -26,6 +28,17 @@ def at_rows(rows: int):
     return loss
 
 
+def at_block_rows(rows: int, vocab: int):
+    def loss(hidden, weight, targets):
+        default, vocab_loss.CACHE_BLOCK_ELEMENTS = vocab_loss.CACHE_BLOCK_ELEMENTS, rows * vocab
+        try:
+            return projected_cross_entropy(hidden, weight, None, targets).loss
+        finally:
+            vocab_loss.CACHE_BLOCK_ELEMENTS = default
+
+    return loss
+
+
 def main() -> None:
     torch.manual_seed(0)
     rows, width, vocab = 32 * 127, 256, 50257
@@ -34,6 +47,11 @@ def main() -> None:
     targets = torch.randint(0, vocab, (rows,))
     if "--rows" in sys.argv:
         ways = {f"ptm, {r} rows a chunk": at_rows(int(r)) for r in sys.argv[sys.argv.index("--rows") + 1 :]}
+    elif "--block-rows" in sys.argv:
+        ways = {
+            f"ptm, {r} rows a block": at_block_rows(int(r), vocab)
+            for r in sys.argv[sys.argv.index("--block-rows") + 1 :]
+        }
     else:
         ways = {
             "all logits at once": lambda h, w, t: F.cross_entropy(F.linear(h, w), t, reduction="sum"),
