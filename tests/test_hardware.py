@@ -1,5 +1,11 @@
-"""What `hardware.py` measures must not disturb the run it measures for."""
+"""What `hardware.py` measures must not disturb the run it measures for; what it sets up for a CPU holds."""
 
+import json
+import platform
+import subprocess
+import sys
+
+import pytest
 import torch
 
 from ptmcli.hardware import Hardware, peak_flops
@@ -13,3 +19,30 @@ def test_measuring_the_cpu_peak_leaves_the_random_stream_alone(tmp_path, monkeyp
     assert peak_flops(Hardware(device=torch.device("cpu"), dtype=torch.float32)) > 0
     assert (tmp_path / f"cpu-peak-{torch.get_num_threads()}-threads.json").exists()
     assert torch.equal(torch.get_rng_state(), state)
+
+
+FRESH_BLOCK_FAULTS = """
+import json, resource, torch
+from ptmcli import hardware
+from ptmcli.distributed import Dist
+from ptmcli.schema import HardwareConfig
+
+def faults():  # page faults while a 64 MB tensor is allocated and written (and then freed)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.ones(16 << 20)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+default = [faults() for _ in range(2)]
+hardware.resolve(HardwareConfig(device="cpu"), Dist())
+print(json.dumps([default, [faults() for _ in range(2)]]))
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
+def test_on_a_cpu_a_freed_block_comes_back_without_page_faults():
+    """By default glibc maps a 64 MB block afresh at every allocation (16,384 page faults each time); once ptm has
+    set up a CPU run, the second allocation reuses the first's pages (in a fresh interpreter: this one may have
+    set up a run already)."""
+    out = subprocess.run([sys.executable, "-c", FRESH_BLOCK_FAULTS], capture_output=True, text=True, check=True)
+    default, kept = json.loads(out.stdout)
+    assert min(default) > 10_000 and kept[1] < 100, out.stdout
