@@ -62,8 +62,8 @@ def keep_freed_memory() -> None:
     """Let glibc's malloc keep freed memory for the next step instead of handing it back to the system. By default
     a block of tens of MB (a gradient of a 50k-token embedding, 51 MB) is mapped afresh at every allocation and
     each of its pages faults in as it is first written: 1.3 million page faults in 45 GPT-mini steps, 0.3 million
-    with blocks up to 512 MB taken from the heap and up to 1 GB of freed memory kept there, and 1.9 % more tokens/s
-    for 50 MB more peak memory (`bench.py --worker ptm gpt`, measured in results.md, stop 46). Without glibc
+    with blocks up to 512 MB taken from the heap and up to 1 GB of freed memory kept there, and 1.8 % more tokens/s
+    for ~60 MB more peak memory (`bench.py --worker ptm gpt`, measured in results.md, stop 46). Without glibc
     (macOS, musl) nothing is done."""
     try:
         libc = ctypes.CDLL("libc.so.6")
