@@ -17,24 +17,16 @@ from ptmcli.models import vocab_loss
 from ptmcli.models.vocab_loss import projected_cross_entropy
 
 
-def at_rows(rows: int):
+def with_setting(name: str, value):
+    """ptm's loss with `vocab_loss.<name>` set to `value` for the call."""
+
     def loss(hidden, weight, targets):
-        default, vocab_loss.chunk_rows = vocab_loss.chunk_rows, lambda vocab_size: rows
+        default = getattr(vocab_loss, name)
+        setattr(vocab_loss, name, value)
         try:
             return projected_cross_entropy(hidden, weight, None, targets).loss
         finally:
-            vocab_loss.chunk_rows = default
-
-    return loss
-
-
-def at_block_rows(rows: int, vocab: int):
-    def loss(hidden, weight, targets):
-        default, vocab_loss.CACHE_BLOCK_ELEMENTS = vocab_loss.CACHE_BLOCK_ELEMENTS, rows * vocab
-        try:
-            return projected_cross_entropy(hidden, weight, None, targets).loss
-        finally:
-            vocab_loss.CACHE_BLOCK_ELEMENTS = default
+            setattr(vocab_loss, name, default)
 
     return loss
 
@@ -46,10 +38,13 @@ def main() -> None:
     weight = (torch.randn(vocab, width) * 0.02).requires_grad_()
     targets = torch.randint(0, vocab, (rows,))
     if "--rows" in sys.argv:
-        ways = {f"ptm, {r} rows a chunk": at_rows(int(r)) for r in sys.argv[sys.argv.index("--rows") + 1 :]}
+        ways = {
+            f"ptm, {r} rows a chunk": with_setting("chunk_rows", lambda vocab_size, r=int(r): r)
+            for r in sys.argv[sys.argv.index("--rows") + 1 :]
+        }
     elif "--block-rows" in sys.argv:
         ways = {
-            f"ptm, {r} rows a block": at_block_rows(int(r), vocab)
+            f"ptm, {r} rows a block": with_setting("CACHE_BLOCK_ELEMENTS", int(r) * vocab)
             for r in sys.argv[sys.argv.index("--block-rows") + 1 :]
         }
     else:
