@@ -261,6 +261,62 @@ def test_xlnet_runs_its_query_stream_at_the_targets_only_with_the_full_streams_r
         torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
 
 
+MASKED_LM = {
+    "bert": (PADDED_FAMILIES["bert"][0], "mlm"),
+    "bert-nsp": (PADDED_FAMILIES["bert"][0], "mlm-nsp"),
+    "roberta": PADDED_FAMILIES["roberta"],
+    "electra": PADDED_FAMILIES["electra"],
+}
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("name", MASKED_LM)
+def test_the_last_encoder_layer_runs_at_the_masked_positions_only_with_the_full_layers_results(
+    name, padded, monkeypatch
+):
+    """Masked LM reads the last layer's states at the masked positions (and BERT's next-sentence head at the first
+    token) only, so that layer's queries, feed-forward and norms run there alone (`QueryRows`), every token still
+    a key and value: the loss and every gradient equal those of the last layer run at every position."""
+    arch, objective = MASKED_LM[name]
+    monkeypatch.setattr(layers, "ROW_BUCKET", 1)
+    torch.manual_seed(0)
+    model = PRETRAINING_MODELS[name.split("-")[0]](arch, 50, ObjectiveConfig(name=objective)).train()
+    B, T = 3, 12
+    mask = torch.ones(B, T, dtype=torch.long)
+    if padded:
+        mask[0, 7:], mask[2, 10:] = 0, 0
+    ids = torch.randint(5, 50, (B, T)) * mask
+    positions = torch.zeros(B, T, dtype=torch.bool)
+    positions[0, [0, 5]], positions[1, [1, 3, 4, 11]], positions[2, 6] = True, True, True  # row 0's first too
+    targets = torch.randint(5, 50, (int(positions.sum()),))
+    last_ffn = (model.generator if name == "electra" else model.encoder).layers[-1].ffn
+    rows_seen: list[int] = []
+    last_ffn.register_forward_pre_hook(lambda _, args: rows_seen.append(args[0].shape[:-1].numel()))
+
+    def run():
+        model.zero_grad()
+        rows_seen.clear()
+        torch.manual_seed(1)  # ELECTRA samples its replacements
+        out = model(ids, None, mask, positions, targets)
+        if name == "electra":
+            loss = out["mlm_loss"] + (out["rtd_logits"] * torch.linspace(-1, 1, T)).sum()
+        else:
+            loss = out["mlm"].loss + (out["nsp_logits"].sum() if "nsp_logits" in out else 0)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None], list(rows_seen)
+
+    masked = run()
+    monkeypatch.setattr(layers.QueryRows, "of", staticmethod(lambda wanted, rows: None))  # the full last layer
+    full = run()
+    wanted = 7 + (2 if name == "bert-nsp" else 0)  # and the first token of the rows where it is not masked
+    assert masked[2][0] == wanted
+    assert full[2][0] == (int(mask.sum()) if padded else B * T)
+    torch.testing.assert_close(masked[0], full[0], atol=1e-5, rtol=1e-5)
+    assert len(masked[1]) == len(full[1])
+    for ours, ref in zip(masked[1], full[1]):
+        torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+
+
 def test_packed_rows_round_their_count_up_to_a_bucket_and_give_back_every_real_token():
     torch.manual_seed(0)
     keep = torch.rand(4, 100) < 0.6

@@ -47,10 +47,12 @@ class Bert(nn.Module):
         input_ids: torch.Tensor,
         token_type_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        outputs: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """input_ids, token_type_ids, attention_mask (1 = real token): (B, T). Returns (B, T, C)."""
+        """input_ids, token_type_ids, attention_mask (1 = real token): (B, T). Returns (B, T, C), or with `outputs`
+        ((B, T) bool) only the states there, (N, C) (`run_encoder_layers`)."""
         x = self.embeddings(input_ids, token_type_ids)
-        return run_encoder_layers(self.layers, x, attention_mask)
+        return run_encoder_layers(self.layers, x, attention_mask, outputs)
 
     def pool(self, hidden: torch.Tensor) -> torch.Tensor:
         """(B, T, C) -> (B, C): tanh(dense(first token)), as BERT's pooler."""
@@ -79,17 +81,26 @@ class BertForPretraining(nn.Module):
         predict: bool = False,
     ) -> dict:
         """mlm_positions: (B, T) bool, the positions to predict. The vocabulary projection runs only there,
-        which is most of the speed of a lean MLM step. Returns mlm_logits (N, V), or with `mlm_targets` (N,) their
-        summed cross-entropy as `mlm` (a VocabLoss, computed without the logits; argmax with `predict`), and
-        nsp_logits (B, 2)."""
-        hidden = self.encoder(input_ids, token_type_ids, attention_mask)  # (B, T, C)
-        selected = hidden[mlm_positions] if mlm_positions is not None else hidden.flatten(0, 1)  # (N, C)
+        which is most of the speed of a lean MLM step, and so does the last layer after its keys and values
+        (`QueryRows`). Returns mlm_logits (N, V), or with `mlm_targets` (N,) their summed cross-entropy as `mlm` (a
+        VocabLoss, computed without the logits; argmax with `predict`), and nsp_logits (B, 2)."""
+        wanted = mlm_positions
+        if wanted is not None and self.nsp_head is not None:  # the next-sentence head reads the first token
+            wanted = wanted.clone()
+            wanted[:, 0] = True
+        states = self.encoder(input_ids, token_type_ids, attention_mask, wanted)  # (N, C), or (B, T, C)
+        if wanted is None:
+            selected, first = states.flatten(0, 1), states[:, 0]
+        else:
+            selected = states[mlm_positions[wanted]] if self.nsp_head is not None else states
+            per_row = wanted.sum(1)
+            first = states[per_row.cumsum(0) - per_row]  # each row's first wanted state: position 0's
         if mlm_targets is None:
             out = {"mlm_logits": self.mlm_head(selected)}
         else:
             out = {"mlm": self.mlm_head.loss(selected, mlm_targets, predict)}
         if self.nsp_head is not None:
-            out["nsp_logits"] = self.nsp_head(self.encoder.pool(hidden))
+            out["nsp_logits"] = self.nsp_head(self.encoder.pool(first[:, None]))
         return out
 
 

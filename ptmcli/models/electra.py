@@ -61,11 +61,13 @@ class Electra(nn.Module):
         input_ids: torch.Tensor,
         token_type_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        outputs: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """(B, T, hidden), or with `outputs` ((B, T) bool) only the states there, (N, hidden)."""
         x = self.embeddings(input_ids, token_type_ids)
         if self.projection is not None:
             x = self.projection(x)
-        return run_encoder_layers(self.layers, x, attention_mask)
+        return run_encoder_layers(self.layers, x, attention_mask, outputs)
 
 
 class ElectraForPretraining(nn.Module):
@@ -112,7 +114,7 @@ class ElectraForPretraining(nn.Module):
         One forward does both, so data-parallel training syncs the gradients of both networks. The generator's
         logits are taken a chunk of positions at a time, with the samples drawn from each chunk's softmax (they
         are not differentiated: the generator is trained by its MLM loss only)."""
-        generator_states = self.generator(input_ids, token_type_ids, attention_mask)[mlm_positions]
+        generator_states = self.generator(input_ids, token_type_ids, attention_mask, mlm_positions)
         generated = self.mlm_head.loss(generator_states, mlm_targets, predict, sample=self.sampling_temperature)
         original = input_ids.clone()
         original[mlm_positions] = mlm_targets

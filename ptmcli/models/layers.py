@@ -83,6 +83,47 @@ class _ScatterRows(torch.autograd.Function):
         return grad.index_select(0, index), None, None
 
 
+class QueryRows:
+    """The positions whose final states a pretraining head reads (an MLM batch's masked tokens, ~15 %), for the
+    encoder's last layer: everything after its keys and values (the queries' attention, the output projection, the
+    feed-forward layer, both norms) runs at these rows only, since no later layer reads the other positions. The
+    states there equal the full computation's; at 15 % masked, two thirds of the last layer's work is skipped.
+
+    Attention sees the queries as (B, M) slots, M = the most wanted positions in a row; a row's unused slots attend
+    like any query and are never read. `wanted` must mark real tokens (of `rows`, when the batch is packed)."""
+
+    def __init__(self, wanted: torch.Tensor, rows: PackedRows | None):
+        B, T = wanted.shape
+        positions = wanted.reshape(-1).nonzero().squeeze(1)  # (N,) in the flattened (B * T), row-major
+        if rows is not None:  # the layer's rows are the packed real tokens: position -> packed row
+            packed = torch.full((B * T,), -1, dtype=torch.long, device=wanted.device)
+            packed[rows.index] = torch.arange(len(rows.index), device=wanted.device)
+            self.index = packed[positions]
+        else:
+            self.index = positions
+        rank = (wanted.cumsum(1) - 1)[wanted]  # each wanted position's place among its row's
+        self.slots_per_row = int(wanted.sum(1).max())
+        self.slot = positions // T * self.slots_per_row + rank  # (N,) into the (B * M) slots
+        # each slot's source row; unused slots repeat the first wanted one (attended, never read)
+        self.source = self.index[:1].repeat(B * self.slots_per_row).index_copy_(0, self.slot, self.index)
+
+    @staticmethod
+    def of(wanted: torch.Tensor | None, rows: PackedRows | None) -> QueryRows | None:
+        return QueryRows(wanted, rows) if wanted is not None and bool(wanted.any()) else None
+
+    def take(self, x: torch.Tensor) -> torch.Tensor:
+        """A layer's input rows ((B, T, C) or packed (N, C)) at the wanted positions: (N_wanted, C)."""
+        return x.reshape(-1, x.shape[-1]).index_select(0, self.index)
+
+    def slotted(self, x: torch.Tensor, batch: int) -> torch.Tensor:
+        """The same rows as (B, M, C) attention slots."""
+        return x.reshape(-1, x.shape[-1]).index_select(0, self.source).view(batch, self.slots_per_row, -1)
+
+    def unslotted(self, y: torch.Tensor) -> torch.Tensor:
+        """(B, M, C) slots -> (N_wanted, C), in the order of `take`."""
+        return y.reshape(-1, y.shape[-1]).index_select(0, self.slot)
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -136,20 +177,25 @@ class SelfAttention(nn.Module):
         cache: dict | None = None,
         position_bias: torch.Tensor | None = None,
         rows: PackedRows | None = None,
+        queries: QueryRows | None = None,
     ) -> torch.Tensor:
         """x: (B, T, C), or with `rows` a padded batch's real tokens (N, C); mask: (B, 1, 1|T, T) boolean,
-        True = may attend. Returns what x is shaped like.
+        True = may attend. Returns what x is shaped like, or with `queries` the (N_wanted, C) outputs at those rows
+        alone (every position still serves as a key and value).
 
         `cache` (decoding): a dict holding this layer's keys/values of earlier positions; the new ones are
         appended, and the T new queries attend to everything cached plus, causally, to each other.
         `position_bias` (T5): (1|B, nh, T, S) added to the scores; it must already hold -inf where `mask` and
         causality forbid, since both are folded into it."""
-        qkv = self.qkv(x) if rows is None else rows.unpack(self.qkv(x))
+        projected = self.qkv(x)
+        qkv = projected if rows is None else rows.unpack(projected)
         B, T, C = *qkv.shape[:2], qkv.shape[2] // 3
         q, k, v = qkv.split(C, dim=2)
+        if queries is not None:
+            q = queries.slotted(projected[..., :C], B)  # (B, M, C)
         q, k, v = (
-            t.view(B, T, self.num_heads, C // self.num_heads).transpose(1, 2) for t in (q, k, v)
-        )  # (B, nh, T, hs)
+            t.view(B, t.shape[1], self.num_heads, C // self.num_heads).transpose(1, 2) for t in (q, k, v)
+        )  # (B, nh, T|M, hs)
         if cache is not None:
             if "k" in cache:
                 k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
@@ -161,11 +207,13 @@ class SelfAttention(nn.Module):
         if self.prefix is not None:
             pk, pv = self.prefix(B)  # (B, nh, P, hs) each
             k, v = torch.cat([pk, k], 2), torch.cat([pv, v], 2)
-            mask = prefix_mask(mask, B, T, pk.shape[2], causal, x.device)
+            mask = prefix_mask(mask, B, q.shape[2], pk.shape[2], causal, x.device)
             causal = False  # folded into the explicit mask
         if position_bias is not None:
             mask, causal = position_bias.to(q.dtype), False
         y = attention(q, k, v, mask, self.dropout if self.training else 0.0, causal and mask is None, self.scale)
+        if queries is not None:
+            return self.out(queries.unslotted(_merge_heads(y, None)))
         return self.out(_merge_heads(y, rows))
 
 
@@ -303,20 +351,36 @@ class EncoderLayer(nn.Module):
         self.ffn_norm = nn.LayerNorm(hidden, eps=eps)
         self.dropout = Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, rows: PackedRows | None = None) -> torch.Tensor:
-        x = self.attention_norm(x + self.dropout(self.attention(x, mask, rows=rows)))
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None,
+        rows: PackedRows | None = None,
+        queries: QueryRows | None = None,
+    ) -> torch.Tensor:
+        """x: (B, T, C) or packed (N, C) -> the same, or with `queries` (N_wanted, C) at those rows only."""
+        attended = self.attention(x, mask, rows=rows, queries=queries)
+        x = self.attention_norm((x if queries is None else queries.take(x)) + self.dropout(attended))
         return self.ffn_norm(x + self.dropout(self.ffn(x)))
 
 
-def run_encoder_layers(layers: nn.ModuleList, x: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+def run_encoder_layers(
+    layers: nn.ModuleList, x: torch.Tensor, attention_mask: torch.Tensor | None, outputs: torch.Tensor | None = None
+) -> torch.Tensor:
     """(B, T, C) through `EncoderLayer`s; a padded batch runs on its real tokens (`PackedRows`), and the states at
-    its padding positions mean nothing."""
+    its padding positions mean nothing. With `outputs`, a (B, T) bool mask of real tokens, returns only the
+    states there, (N, C) in row-major order (`hidden[outputs]`), and the last layer computes no others
+    (`QueryRows`)."""
     mask = padding_mask(attention_mask)
     rows = PackedRows.of(attention_mask) if mask is not None else None
+    queries = QueryRows.of(outputs, rows)
     x = x if rows is None else rows.pack(x)
-    for layer in layers:
-        x = layer(x, mask, rows=rows)
-    return x if rows is None else rows.unpack(x)
+    for i, layer in enumerate(layers):
+        x = layer(x, mask, rows=rows, queries=queries if i == len(layers) - 1 else None)
+    if queries is not None and len(layers):
+        return x
+    x = x if rows is None else rows.unpack(x)
+    return x if outputs is None else x[outputs]
 
 
 def layer_stack(arch, layer: type[nn.Module] | None = None, activation: str = "gelu") -> nn.ModuleList:

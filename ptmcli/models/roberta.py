@@ -49,9 +49,11 @@ class Roberta(nn.Module):
         input_ids: torch.Tensor,
         token_type_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        outputs: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """(B, T, C), or with `outputs` ((B, T) bool) only the states there, (N, C) (`run_encoder_layers`)."""
         x = self.embeddings(input_ids)
-        return run_encoder_layers(self.layers, x, attention_mask)
+        return run_encoder_layers(self.layers, x, attention_mask, outputs)
 
 
 class RobertaForMaskedLM(nn.Module):
@@ -72,8 +74,7 @@ class RobertaForMaskedLM(nn.Module):
     ) -> dict:
         """Returns mlm_logits (N, V) at `mlm_positions` (B, T) bool, or at every position; with `mlm_targets` (N,)
         their summed cross-entropy as `mlm` instead (a VocabLoss, as BertForPretraining)."""
-        hidden = self.encoder(input_ids, None, attention_mask)
-        selected = hidden[mlm_positions] if mlm_positions is not None else hidden.flatten(0, 1)
+        selected = self.encoder(input_ids, None, attention_mask, mlm_positions).flatten(0, -2)  # (N, C)
         if mlm_targets is None:
             return {"mlm_logits": self.mlm_head(selected)}
         return {"mlm": self.mlm_head.loss(selected, mlm_targets, predict)}
