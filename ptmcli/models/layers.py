@@ -92,7 +92,7 @@ class QueryRows:
     Attention sees the queries as (B, M) slots, M = the most wanted positions in a row; a row's unused slots attend
     like any query and are never read. `wanted` must mark real tokens (of `rows`, when the batch is packed)."""
 
-    def __init__(self, wanted: torch.Tensor, rows: PackedRows | None):
+    def __init__(self, wanted: torch.Tensor, rows: PackedRows | None, slots_per_row: int):
         B, T = wanted.shape
         positions = wanted.reshape(-1).nonzero().squeeze(1)  # (N,) in the flattened (B * T), row-major
         if rows is not None:  # the layer's rows are the packed real tokens: position -> packed row
@@ -102,14 +102,16 @@ class QueryRows:
         else:
             self.index = positions
         rank = (wanted.cumsum(1) - 1)[wanted]  # each wanted position's place among its row's
-        self.slots_per_row = int(wanted.sum(1).max())
+        self.slots_per_row = slots_per_row
         self.slot = positions // T * self.slots_per_row + rank  # (N,) into the (B * M) slots
         # each slot's source row; unused slots repeat the first wanted one (attended, never read)
         self.source = self.index[:1].repeat(B * self.slots_per_row).index_copy_(0, self.slot, self.index)
 
     @staticmethod
     def of(wanted: torch.Tensor | None, rows: PackedRows | None) -> QueryRows | None:
-        return QueryRows(wanted, rows) if wanted is not None and bool(wanted.any()) else None
+        """None when nothing is wanted; the most wanted positions of a row is read once (a host sync on a GPU)."""
+        most = 0 if wanted is None else int(wanted.sum(1).max())
+        return QueryRows(wanted, rows, most) if most else None
 
     def take(self, x: torch.Tensor) -> torch.Tensor:
         """A layer's input rows ((B, T, C) or packed (N, C)) at the wanted positions: (N_wanted, C)."""
