@@ -89,6 +89,7 @@ def test_layers_import_downwards_only():
                 "models.vocab_loss",
                 "models.dropout",
                 "models.recompute",
+                "models.rows",
             )  # what every family builds from
             if (
                 head == "models"

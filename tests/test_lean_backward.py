@@ -5,10 +5,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ptmcli.models import PRETRAINING_MODELS, layers
+from ptmcli.models import PRETRAINING_MODELS
+from ptmcli.models import rows as row_sets
 from ptmcli.models.dropout import dropout, dropout_matmul
-from ptmcli.models.layers import FeedForward, PackedRows
+from ptmcli.models.layers import FeedForward
 from ptmcli.models.recompute import rms_norm
+from ptmcli.models.rows import PackedRows, QueryRows
 from ptmcli.models.xlnet import TwoStreamAttention, relative_shift, relative_sinusoid
 from ptmcli.schema import BartArch, BertArch, ElectraArch, GptArch, ObjectiveConfig, RobertaArch, T5Arch, XlnetArch
 
@@ -145,7 +147,7 @@ def test_a_padded_batch_runs_its_layers_on_its_real_tokens_only_with_the_padded_
     to the last target) and nothing else, and the states at real tokens, the loss and every gradient equal those of
     the same batch run padded."""
     arch, objective = PADDED_FAMILIES[family]
-    monkeypatch.setattr(layers, "ROW_BUCKET", 1)  # no rounding of the row count: a toy batch is below one bucket
+    monkeypatch.setattr(row_sets, "ROW_BUCKET", 1)  # no rounding of the row count: a toy batch is below one bucket
     torch.manual_seed(0)
     model = PRETRAINING_MODELS[family](arch, 50, ObjectiveConfig(name=objective)).eval()
     mask = torch.ones(3, 12, dtype=torch.long)
@@ -278,7 +280,7 @@ def test_the_last_encoder_layer_runs_at_the_masked_positions_only_with_the_full_
     token) only, so that layer's queries, feed-forward and norms run there alone (`QueryRows`), every token still
     a key and value: the loss and every gradient equal those of the last layer run at every position."""
     arch, objective = MASKED_LM[name]
-    monkeypatch.setattr(layers, "ROW_BUCKET", 1)
+    monkeypatch.setattr(row_sets, "ROW_BUCKET", 1)
     torch.manual_seed(0)
     model = PRETRAINING_MODELS[name.split("-")[0]](arch, 50, ObjectiveConfig(name=objective)).train()
     B, T = 3, 12
@@ -306,7 +308,7 @@ def test_the_last_encoder_layer_runs_at_the_masked_positions_only_with_the_full_
         return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None], list(rows_seen)
 
     masked = run()
-    monkeypatch.setattr(layers.QueryRows, "of", staticmethod(lambda wanted, rows: None))  # the full last layer
+    monkeypatch.setattr(QueryRows, "of", staticmethod(lambda wanted, rows: None))  # the full last layer
     full = run()
     wanted = 7 + (2 if name == "bert-nsp" else 0)  # and the first token of the rows where it is not masked
     assert masked[2][0] == wanted
@@ -321,7 +323,7 @@ def test_packed_rows_round_their_count_up_to_a_bucket_and_give_back_every_real_t
     torch.manual_seed(0)
     keep = torch.rand(4, 100) < 0.6
     rows = PackedRows.of(keep)
-    assert len(rows.index) % layers.ROW_BUCKET == 0 and len(rows.index) - int(keep.sum()) < layers.ROW_BUCKET
+    assert len(rows.index) % row_sets.ROW_BUCKET == 0 and len(rows.index) - int(keep.sum()) < row_sets.ROW_BUCKET
     x = torch.randn(4, 100, 8)
     back = rows.unpack(rows.pack(x))
     assert torch.equal(back[keep], x[keep])

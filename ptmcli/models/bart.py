@@ -17,13 +17,13 @@ from ptmcli.models.layers import (
     CrossAttention,
     EncoderDecoderLM,
     FeedForward,
-    PackedRows,
     SelfAttention,
     init_normal,
     layer_stack,
     padding_mask,
     run_encoder_layers,
 )
+from ptmcli.models.rows import PackedRows
 
 
 class Embeddings(nn.Module):

@@ -15,7 +15,8 @@ from torch import nn
 
 from ptmcli.architectures import GptArch
 from ptmcli.models.dropout import Dropout
-from ptmcli.models.layers import DecoderBlock, PackedRows, init_normal, layer_stack
+from ptmcli.models.layers import DecoderBlock, init_normal, layer_stack
+from ptmcli.models.rows import PackedRows
 from ptmcli.models.vocab_loss import VocabLoss, projected_cross_entropy
 
 

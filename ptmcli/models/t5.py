@@ -15,7 +15,8 @@ from torch import nn
 
 from ptmcli.architectures import T5Arch
 from ptmcli.models.dropout import Dropout
-from ptmcli.models.layers import CrossAttention, EncoderDecoderLM, FeedForward, PackedRows, RMSNorm, SelfAttention
+from ptmcli.models.layers import CrossAttention, EncoderDecoderLM, FeedForward, RMSNorm, SelfAttention
+from ptmcli.models.rows import PackedRows
 
 
 def relative_position_bucket(relative: torch.Tensor, bidirectional: bool, buckets: int, max_distance: int):

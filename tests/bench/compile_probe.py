@@ -30,7 +30,7 @@ from torch import nn
 from ptmcli import compose
 from ptmcli.distributed import init_from_env
 from ptmcli.loop import to_device
-from ptmcli.models import PRETRAINING_MODELS, layers, recompute, vocab_loss
+from ptmcli.models import PRETRAINING_MODELS, recompute, rows, vocab_loss
 from ptmcli.objectives import OBJECTIVES
 from ptmcli.pretrain import build_examples
 
@@ -38,7 +38,7 @@ TOY = ["model.hidden_size=64", "model.num_heads=2", "model.intermediate_size=128
 DATA = ["data.max_train_samples=200", "data.vocab_size=2000", "data.max_seq_len=64"]
 NO_DROPOUT = ["model.dropout=0", "model.attention_dropout=0"]  # eager and compiled code draw masks differently
 FAMILIES = {"gpt": ["conf=gpt-mini"], "bert": ["conf=bert-mini", "objective=mlm"]}
-FUNCTIONS = [vocab_loss._ProjectedCrossEntropy, recompute.GeluThenLinear, recompute._RMSNorm, layers._ScatterRows]
+FUNCTIONS = [vocab_loss._ProjectedCrossEntropy, recompute.GeluThenLinear, recompute._RMSNorm, rows._ScatterRows]
 
 
 class Mode(NamedTuple):
