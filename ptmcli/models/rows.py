@@ -91,7 +91,7 @@ class QueryRows:
 
     @staticmethod
     def of(wanted: torch.Tensor | None, rows: PackedRows | None) -> QueryRows | None:
-        """None when nothing is wanted; the most wanted positions of a row is read once (a host sync on a GPU)."""
+        """None when nothing is wanted. The most positions wanted in a row is read once (a host sync on a GPU)."""
         most = 0 if wanted is None else int(wanted.sum(1).max())
         return QueryRows(wanted, rows, most) if most else None
 
