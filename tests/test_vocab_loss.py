@@ -22,7 +22,7 @@ SMALL = dict(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, dr
 
 @pytest.fixture(autouse=True)
 def small_chunks(monkeypatch):
-    monkeypatch.setattr(vocab_loss, "CHUNK_ELEMENTS", 5 * V)  # 16 rows per chunk (the floor): several chunks
+    monkeypatch.setattr(vocab_loss, "MAX_CHUNK_ELEMENTS", 5 * V)  # 16 rows per chunk (the floor): several chunks
     monkeypatch.setattr(vocab_loss, "CACHE_BLOCK_ELEMENTS", 3 * V)  # 3 rows per block of the softmax: a ragged last
 
 

@@ -16,11 +16,12 @@ import torch
 import torch.nn.functional as F
 
 IGNORE = -100  # a target that counts for nothing (padding), as in F.cross_entropy
-# logits per chunk (64 MiB in fp32), up to twice that to reach EFFICIENT_ROWS: on 2 CPU cores the products run
-# slower on fewer rows (`python tests/bench/vocab_loss.py --rows 333 512 1024`, GPT-2's 50,257 tokens, where 2^24
-# elements are 333 rows: 2.14 / 1.92 / 1.86 s), and 2^21 elements twice as slow (each chunk adds into the whole
-# weight gradient)
-CHUNK_ELEMENTS = 1 << 24
+# At most EFFICIENT_ROWS rows a chunk, fewer only where their logits pass MAX_CHUNK_ELEMENTS (128 MiB in fp32). On 2
+# CPU cores the products run slower on fewer rows (`python tests/bench/vocab_loss.py --rows 333 512 1024`, GPT-2's
+# 50,257 tokens: 2.14 / 1.92 / 1.86 s; each chunk adds into the whole weight gradient), and no faster on more
+# where the vocabulary is small (`--vocab 8192 --rows 512 1024 2048`: 276 / 274 / 267 GFLOP/s), while each row
+# more is a row of the logits buffer kept from step to step (BART's 8k vocabulary: 2,048 rows were 64 MiB)
+MAX_CHUNK_ELEMENTS = 1 << 25
 EFFICIENT_ROWS = 512
 ROW_ALIGN = 64  # floats
 CACHE_BLOCK_ELEMENTS = 1 << 18  # 1 MiB of fp32 logits: half a core's 2 MB L2 on the benchmark CPU
@@ -33,7 +34,7 @@ class VocabLoss(NamedTuple):
 
 
 def chunk_rows(vocab_size: int) -> int:
-    return max(16, min(max(EFFICIENT_ROWS, CHUNK_ELEMENTS // vocab_size), 2 * CHUNK_ELEMENTS // vocab_size))
+    return max(16, min(EFFICIENT_ROWS, MAX_CHUNK_ELEMENTS // vocab_size))
 
 
 _KEPT_BUFFERS: dict[torch.device, torch.Tensor] = {}

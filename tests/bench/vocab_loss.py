@@ -1,9 +1,10 @@
 """The output layer alone: cross-entropy of 4,064 targets over GPT-2's 50,257-token vocabulary from 256-wide
 hidden states, forward + backward, the straightforward way (all logits at once) against ptm's chunked loss.
-Run: python tests/bench/vocab_loss.py [--rows R ... | --block-rows R ...]  (best of 4 interleaved repeats, seconds
-per call); with --rows, ptm's loss at each of those rows per chunk instead (its default: `vocab_loss.chunk_rows`);
-with --block-rows, at each of those rows per block of its softmax passes (its default: `CACHE_BLOCK_ELEMENTS`
-over the vocabulary; a chunk's rows, 512 here, for the whole chunk at once)."""
+Run: python tests/bench/vocab_loss.py [--vocab V] [--rows R ... | --block-rows R ...]  (best of 4 interleaved
+repeats, seconds per call); with --vocab, a vocabulary of V tokens instead (before --rows / --block-rows); with
+--rows, ptm's loss at each of those rows per chunk instead (its default: `vocab_loss.chunk_rows`); with
+--block-rows, at each of those rows per block of its softmax passes (its default: `CACHE_BLOCK_ELEMENTS` over the
+vocabulary; a chunk's rows, 512 here, for the whole chunk at once)."""
 
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ def with_setting(name: str, value):
 
 def main() -> None:
     torch.manual_seed(0)
-    rows, width, vocab = 32 * 127, 256, 50257
+    rows, width = 32 * 127, 256
+    vocab = int(sys.argv[sys.argv.index("--vocab") + 1]) if "--vocab" in sys.argv else 50257
     hidden = torch.randn(rows, width, requires_grad=True)
     weight = (torch.randn(vocab, width) * 0.02).requires_grad_()
     targets = torch.randint(0, vocab, (rows,))
