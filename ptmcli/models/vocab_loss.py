@@ -16,12 +16,14 @@ import torch
 import torch.nn.functional as F
 
 IGNORE = -100  # a target that counts for nothing (padding), as in F.cross_entropy
-# At most EFFICIENT_ROWS rows a chunk, fewer only where their logits pass MAX_CHUNK_ELEMENTS (128 MiB in fp32). On 2
-# CPU cores the products run slower on fewer rows (`python tests/bench/vocab_loss.py --rows 333 512 1024`, GPT-2's
-# 50,257 tokens: 2.14 / 1.92 / 1.86 s; each chunk adds into the whole weight gradient), and no faster on more
-# where the vocabulary is small (`--vocab 8192 --rows 512 1024 2048`: 276 / 274 / 267 GFLOP/s), while each row
-# more is a row of the logits buffer kept from step to step (BART's 8k vocabulary: 2,048 rows were 64 MiB)
+# On a CPU at most EFFICIENT_ROWS rows a chunk, fewer only where their logits pass MAX_CHUNK_ELEMENTS (128 MiB in
+# fp32). On 2 CPU cores the products run slower on fewer rows (`python tests/bench/vocab_loss.py --rows 333 512 1024`,
+# GPT-2's 50,257 tokens: 2.14 / 1.92 / 1.86 s; each chunk adds into the whole weight gradient), and no faster on more
+# where the vocabulary is small (`--vocab 8192 --rows 512 1024 2048`: 276 / 274 / 267 GFLOP/s), while each row more
+# is a row of the logits buffer kept from step to step (BART's 8k vocabulary: 2,048 rows were 64 MiB). A GPU takes
+# as many rows as fit GPU_CHUNK_ELEMENTS: fewer, larger kernels, and its caching allocator reuses the memory.
 MAX_CHUNK_ELEMENTS = 1 << 25
+GPU_CHUNK_ELEMENTS = 1 << 24
 EFFICIENT_ROWS = 512
 ROW_ALIGN = 64  # floats
 CACHE_BLOCK_ELEMENTS = 1 << 18  # 1 MiB of fp32 logits: half a core's 2 MB L2 on the benchmark CPU
@@ -33,8 +35,9 @@ class VocabLoss(NamedTuple):
     sampled: torch.Tensor | None  # (N,) one token drawn from each row's softmax, when asked for (ELECTRA)
 
 
-def chunk_rows(vocab_size: int) -> int:
-    return max(16, min(EFFICIENT_ROWS, MAX_CHUNK_ELEMENTS // vocab_size))
+def chunk_rows(vocab_size: int, device_type: str = "cpu") -> int:
+    wanted = EFFICIENT_ROWS if device_type == "cpu" else max(EFFICIENT_ROWS, GPU_CHUNK_ELEMENTS // vocab_size)
+    return max(16, min(wanted, MAX_CHUNK_ELEMENTS // vocab_size))
 
 
 _KEPT_BUFFERS: dict[torch.device, torch.Tensor] = {}
@@ -64,7 +67,7 @@ def _chunked(hidden, weight, bias, targets, predict: bool, sample: float, need: 
     loss = torch.zeros((), dtype=torch.float32, device=device)
     predicted = torch.empty(rows if predict else 0, dtype=torch.long, device=device)
     sampled = torch.empty(rows if sample else 0, dtype=torch.long, device=device)
-    step = chunk_rows(weight.shape[0])
+    step = chunk_rows(weight.shape[0], device.type)
     autocast = torch.is_autocast_enabled(device.type)
     compute = torch.get_autocast_dtype(device.type) if autocast else hidden.dtype
     # fp32: every chunk's logits land in one buffer, written in place from there on. A fresh (rows, V) tensor per

@@ -41,7 +41,7 @@ def main() -> None:
     targets = torch.randint(0, vocab, (rows,))
     if "--rows" in sys.argv:
         ways = {
-            f"ptm, {r} rows a chunk": with_setting("chunk_rows", lambda vocab_size, r=int(r): r)
+            f"ptm, {r} rows a chunk": with_setting("chunk_rows", lambda *_, r=int(r): r)
             for r in sys.argv[sys.argv.index("--rows") + 1 :]
         }
     elif "--block-rows" in sys.argv:
