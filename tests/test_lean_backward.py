@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from ptmcli.models import PRETRAINING_MODELS
 from ptmcli.models import rows as row_sets
 from ptmcli.models.dropout import dropout, dropout_matmul
-from ptmcli.models.layers import FeedForward
+from ptmcli.models.layers import FeedForward, attention
 from ptmcli.models.recompute import rms_norm
 from ptmcli.models.rows import PackedRows, QueryRows
 from ptmcli.models.xlnet import TwoStreamAttention, relative_shift, relative_sinusoid
@@ -94,6 +94,25 @@ def test_relative_shift_picks_the_score_for_each_distance(T):
     i = torch.arange(T)
     column = (T - 1) - (i[:, None] - i[None, :])  # the column of distance i - j
     torch.testing.assert_close(relative_shift(by_distance), by_distance.gather(-1, column.expand(2, 3, T, T)))
+
+
+@pytest.mark.parametrize("scale", [1.0, None])
+def test_attention_with_a_bias_that_needs_a_gradient_gives_sdpas_outputs_and_gradients_on_a_cpu(scale):
+    """T5's position bias, masked at padded keys: ptm writes out the computation SDPA runs as its reference there."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(3, 2, 5, 8, requires_grad=True) for _ in range(3))
+    relative = torch.randn(1, 2, 5, 5, requires_grad=True)
+    allowed = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0]]).bool()[:, None, None, :]
+    grad = torch.randn(3, 2, 5, 8)
+    results = []
+    for way in (attention, lambda *a: F.scaled_dot_product_attention(*a[:3], attn_mask=a[3], scale=a[6])):
+        out = way(q, k, v, relative.masked_fill(~allowed, float("-inf")), 0.0, False, scale)
+        out.backward(grad)
+        results.append([out.detach(), *(t.grad.clone() for t in (q, k, v, relative))])
+        for t in (q, k, v, relative):
+            t.grad = None
+    for ours, reference in zip(*results):
+        torch.testing.assert_close(ours, reference, rtol=1e-6, atol=1e-6)
 
 
 def test_a_query_with_nothing_to_see_gets_zeros_and_finite_gradients():
