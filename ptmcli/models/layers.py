@@ -40,7 +40,7 @@ def attention(
     out here, faster: the attention weights drop through `dropout_matmul` (cheap masks, the dropped copy never kept),
     and an fp32 bias is added in place, with no scaling pass at a scale of 1 (T5's encoder attention, forward +
     backward at its bench shapes: 13.3-13.8 ms against SDPA's 15.7, `python tests/bench/attention_bias.py`)."""
-    # in fp32 only: in bf16 SDPA's reference computes in fp32 (twice as close to fp64 as a bf16 softmax)
+    # in fp32 only: in bf16 SDPA's reference computes its softmax in fp32, closer to fp64 than a bf16 softmax
     bias_with_grad = mask is not None and mask.dtype != torch.bool and mask.requires_grad and q.dtype == torch.float32
     if q.device.type != "cpu" or (dropout_p == 0.0 and not bias_with_grad):
         return F.scaled_dot_product_attention(
