@@ -92,11 +92,16 @@ class UpGeluDown(torch.autograd.Function):
 
 
 class _RMSNorm(torch.autograd.Function):
+    """Few passes over the (tokens x width) tensors: the forward's sum of squares and the backward's dot product are
+    one `vecdot` each, with no squared or multiplied copy (forward + backward at T5's 3,712 x 256: 2.1-2.3 ms, 3.2 with
+    pow / mean and a product for the dot, 4.5-5.2 left to autograd: `python tests/bench/rms_norm.py`)."""
+
     @staticmethod
     def forward(ctx, x, weight, eps: float):
-        rstd = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)  # (..., 1), fp32
+        wide = x.float()
+        rstd = torch.linalg.vecdot(wide, wide, dim=-1).unsqueeze(-1).div_(x.shape[-1]).add_(eps).rsqrt_()  # fp32
         ctx.save_for_backward(x, weight, rstd)
-        return weight * (x.float() * rstd).to(weight.dtype)
+        return (wide * rstd).to(weight.dtype).mul_(weight)
 
     @staticmethod
     def backward(ctx, grad):
@@ -105,9 +110,11 @@ class _RMSNorm(torch.autograd.Function):
         grad_x = grad_weight = None
         if ctx.needs_input_grad[0]:
             grad_normed = (grad * weight).float()
-            grad_x = (rstd * (grad_normed - normed * (grad_normed * normed).mean(-1, keepdim=True))).to(x.dtype)
+            dot = torch.linalg.vecdot(grad_normed, normed, dim=-1).unsqueeze(-1)
+            # rstd * (grad_normed - normed * mean(grad_normed * normed))
+            grad_x = torch.addcmul(grad_normed, normed, dot, value=-1.0 / x.shape[-1]).mul_(rstd).to(x.dtype)
         if ctx.needs_input_grad[1]:
-            grad_weight = (grad * normed.to(weight.dtype)).flatten(0, -2).sum(0)
+            grad_weight = normed.mul_(grad).flatten(0, -2).sum(0).to(weight.dtype)  # normed is not read after this
         return grad_x, grad_weight, None
 
 
