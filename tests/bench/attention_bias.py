@@ -6,10 +6,9 @@ Run: python tests/bench/attention_bias.py"""
 
 from __future__ import annotations
 
-import time
-
 import torch
 import torch.nn.functional as F
+from backward_timing import time_backward
 
 from ptmcli.models.layers import attention
 
@@ -27,23 +26,18 @@ def main() -> None:
     def heads():
         return [t.view(B, T, HEADS, HEAD_SIZE).transpose(1, 2) for t in qkv.split(HEADS * HEAD_SIZE, 2)]
 
+    def biased() -> torch.Tensor:
+        return relative.masked_fill(~allowed, float("-inf"))
+
     ways = {
-        "torch SDPA": lambda q, k, v, bias: F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0),
-        "ptm attention": lambda q, k, v, bias: attention(q, k, v, bias, 0.0, False, 1.0),
+        "torch SDPA": lambda: F.scaled_dot_product_attention(*heads(), attn_mask=biased(), scale=1.0),
+        "ptm attention": lambda: attention(*heads(), biased(), 0.0, False, 1.0),
     }
-    times: dict[str, list[float]] = {name: [] for name in ways}
-    grads = {}
-    for _ in range(23):
-        for name, way in ways.items():
-            qkv.grad = relative.grad = None
-            start = time.perf_counter()
-            way(*heads(), relative.masked_fill(~allowed, float("-inf"))).backward(grad)
-            times[name].append(time.perf_counter() - start)
-            grads[name] = (qkv.grad, relative.grad)
-    for name, seconds in times.items():
-        print(f"{name:14} {sorted(seconds[3:])[10] * 1e3:5.1f} ms")
-    (a, b), (c, d) = grads.values()
-    print(f"largest gradient difference: {max((a - c).abs().max().item(), (b - d).abs().max().item()):.1e}")
+    results = time_backward(ways, grad, [qkv, relative], repeats=20, warmup=3)
+    for name, (seconds, _) in results.items():
+        print(f"{name:14} {seconds * 1e3:5.1f} ms")
+    (_, theirs), (_, ours) = results.values()
+    print(f"largest gradient difference: {max((a - b).abs().max().item() for a, b in zip(ours, theirs)):.1e}")
 
 
 if __name__ == "__main__":

@@ -5,9 +5,8 @@ Run: python tests/bench/rms_norm.py"""
 
 from __future__ import annotations
 
-import time
-
 import torch
+from backward_timing import time_backward
 
 from ptmcli.models.recompute import rms_norm
 
@@ -23,20 +22,12 @@ def main() -> None:
     x = torch.randn(ROWS, WIDTH, requires_grad=True)
     weight = (1 + 0.1 * torch.randn(WIDTH)).requires_grad_()
     grad = torch.randn(ROWS, WIDTH)
-    ways = {"plain autograd": plain, "ptm rms_norm": lambda x, w: rms_norm(x, w, EPS)}
-    times: dict[str, list[float]] = {name: [] for name in ways}
-    grads = {}
-    for _ in range(45):
-        for name, way in ways.items():
-            x.grad = weight.grad = None
-            start = time.perf_counter()
-            way(x, weight).backward(grad)
-            times[name].append(time.perf_counter() - start)
-            grads[name] = (x.grad, weight.grad)
-    for name, seconds in times.items():
-        print(f"{name:15} {sorted(seconds[5:])[20] * 1e3:5.2f} ms")
-    (a, b), (c, d) = grads.values()
-    differences = [(ours - plain).abs().max().item() for ours, plain in ((c, a), (d, b))]
+    ways = {"plain autograd": lambda: plain(x, weight), "ptm rms_norm": lambda: rms_norm(x, weight, EPS)}
+    results = time_backward(ways, grad, [x, weight], repeats=40, warmup=5)
+    for name, (seconds, _) in results.items():
+        print(f"{name:15} {seconds * 1e3:5.2f} ms")
+    (_, theirs), (_, ours) = results.values()
+    differences = [(a - b).abs().max().item() for a, b in zip(ours, theirs)]
     print("largest gradient difference: {:.1e} (x), {:.1e} (weight)".format(*differences))
 
 
