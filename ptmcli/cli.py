@@ -28,6 +28,7 @@ from ptmcli.errors import Interrupted, PtmError
 from ptmcli.files import os_error, read_text
 from ptmcli.finetune_checks import check_finetune
 from ptmcli.loggers import check as check_loggers
+from ptmcli.malloc import restart_tuned
 from ptmcli.preflight import check_paths
 from ptmcli.schema import (
     MODEL_SCHEMAS,
@@ -396,7 +397,10 @@ def _completion(argv: list[str]) -> list[str] | None:
 
 def run() -> None:
     """The `ptm` command and `python -m ptmcli`: `main`, then its exit status -- in a torchrun worker without the
-    interpreter's teardown (see `distributed.end_worker`)."""
+    interpreter's teardown (see `distributed.end_worker`). A command that runs a model starts again at once with
+    glibc's malloc set up for training (`malloc.restart_tuned`), before torch is imported."""
+    if len(sys.argv) > 1 and (sys.argv[1] in COMMANDS or sys.argv[1] in RUN_COMMANDS):
+        restart_tuned()
     try:
         main()
     except SystemExit as stop:

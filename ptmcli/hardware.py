@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import time
 from dataclasses import dataclass
 
@@ -11,6 +10,7 @@ import torch
 
 from ptmcli.distributed import Dist
 from ptmcli.errors import PtmError
+from ptmcli.malloc import keep_freed_memory
 from ptmcli.schema import HardwareConfig
 
 
@@ -53,24 +53,6 @@ def resolve(cfg: HardwareConfig, dist: Dist) -> Hardware:
         raise PtmError("hardware.precision=fp16 needs a GPU; on CPU use fp32 (or bf16).")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     return Hardware(device=device, dtype=dtype)
-
-
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
-
-
-def keep_freed_memory() -> None:
-    """Let glibc's malloc keep freed memory for the next step instead of handing it back to the system. By default
-    a block of tens of MB (a gradient of a 50k-token embedding, 51 MB) is mapped afresh at every allocation and
-    each of its pages faults in as it is first written: 1.3 million page faults in 45 GPT-mini steps, 0.3 million
-    with blocks up to 512 MB taken from the heap and up to 1 GB of freed memory kept there, and 1.8 % more tokens/s
-    for ~60 MB more peak memory (`bench.py --worker ptm gpt`, measured in results.md, stop 46). Without glibc
-    (macOS, musl) nothing is done."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    libc.mallopt(M_MMAP_THRESHOLD, 512 << 20)
-    libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
 
 
 # Dense peak FLOP/s of known accelerators by (name fragment, dtype), from the vendors' data sheets (no sparsity;

@@ -18,6 +18,7 @@ LAYERS = {
     "architectures": 0,
     "transfers": 0,
     "models": 1,
+    "malloc": 0,
     "hardware": 1,
     "optim": 1,
     "distributed": 1,

@@ -337,6 +337,10 @@ def main() -> None:
     args = sys.argv[1:]
     if args[:1] == ["--worker"]:  # python bench.py --worker {ptm,hf,keep} FAMILY WORKDIR [--smoke] [--tokens DIR]
         side, name, workdir = args[1:4]
+        if side == "ptm":  # as the `ptm` command starts: again, with glibc's malloc set up for training
+            from ptmcli.malloc import restart_tuned
+
+            restart_tuned()
         if side == "keep":
             from ptmcli.compose import checked, parse
             from ptmcli.distributed import Dist

@@ -7,7 +7,9 @@ backward pass (distinct storages, parameters left out) summed by the line of ptm
 --rss, the process's resident memory after each stage (torch and ptm imported, data, model and optimizer, then 8
 steps); with --heap, what C's allocator (glibc malloc, where torch's CPU tensors live) holds over 8 steps, sampled
 every 2 ms: the most bytes in live blocks at once against the most it held from the system, whose difference is
-memory freed inside the heap but not reusable for the next request (fragmentation), and the peak RSS beside them."""
+memory freed inside the heap but not reusable for the next request (fragmentation), and the peak RSS beside them,
+then the memory free in the heap after the last step and in how many pieces. glibc's malloc is set up as `ptm` sets it
+(ptmcli/malloc.py); `GLIBC_TUNABLES=glibc.malloc.tcache_count=7` keeps glibc's default tcache instead."""
 
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ import bench  # noqa: E402  (the bench's own overrides)
 from ptmcli.compose import checked, parse  # noqa: E402
 from ptmcli.data.batches import BatchOrder, train_batches  # noqa: E402
 from ptmcli.distributed import Dist  # noqa: E402
+from ptmcli.malloc import keep_freed_memory, restart_tuned  # noqa: E402
 from ptmcli.models import PRETRAINING_MODELS  # noqa: E402
 from ptmcli.objectives import OBJECTIVES  # noqa: E402
 from ptmcli.optim import build_optimizer  # noqa: E402
@@ -104,12 +107,16 @@ def heap_over(steps) -> None:
     live, held = peaks["live"] / 2**20, peaks["held"] / 2**20
     print(f"malloc: at most {live:,.0f} MB live, {held:,.0f} MB held ({held - live:,.0f} MB more than was ever "
           f"in use at once); peak RSS {peak:,.0f} MB")  # fmt: skip
+    info = mallinfo2()  # between steps: what the activations were freed from, in how many pieces
+    print(f"after the last step: {info.fordblks / 2**20:,.0f} MB free in the heap, in {info.ordblks:,} pieces")
 
 
 def main() -> None:
+    restart_tuned()  # as the `ptm` command starts
     resident_mb("torch and ptm imported")
     name = next((a for a in sys.argv[1:] if not a.startswith("--")), "bert")
     torch.set_flush_denormal(True)  # as ptm's loop does on a CPU
+    keep_freed_memory()
     _, cfg = checked(parse("pretrain", bench.overrides(name, False)))
     tokenizer, train, _, _ = build_examples(cfg, Dist())
     resident_mb("data")
