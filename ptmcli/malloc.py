@@ -4,6 +4,7 @@ per-thread cache of small blocks to split the heap. Without glibc (macOS, Window
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import sys
 
@@ -54,8 +55,34 @@ def keep_freed_memory() -> None:
     each of its pages faults in as it is first written: 1.3 million page faults in 45 GPT-mini steps, 0.3 million
     with blocks up to 512 MB taken from the heap and up to 1 GB of freed memory kept there, and 1.8 % more tokens/s
     for ~60 MB more peak memory (`bench.py --worker ptm gpt`, measured in results.md, stop 46)."""
-    if not glibc():
+    libc = _libc()
+    if libc is None:
         return
-    libc = ctypes.CDLL("libc.so.6")
     libc.mallopt(M_MMAP_THRESHOLD, 512 << 20)
     libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
+
+
+class MallInfo2(ctypes.Structure):
+    """glibc's `struct mallinfo2`, in bytes: `arena` held from the system, `uordblks` in use (freed blocks the tcache
+    holds count as in use), `fordblks` free in `ordblks` pieces, `hblkhd` in blocks mapped on their own."""
+
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost"
+    )]  # fmt: skip
+
+
+def heap_info() -> MallInfo2 | None:
+    """glibc's figures for its heap now (tools and tests read them), or None without glibc >= 2.33."""
+    libc = _libc()
+    return libc.mallinfo2() if libc is not None and hasattr(libc, "mallinfo2") else None
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    """glibc, opened once (each opening allocates in the heap it would measure), or None."""
+    if not glibc():
+        return None
+    libc = ctypes.CDLL("libc.so.6")
+    if hasattr(libc, "mallinfo2"):
+        libc.mallinfo2.restype = MallInfo2
+    return libc

@@ -3,7 +3,6 @@ GLIBC_TUNABLES setting wins, and nothing changes without glibc."""
 
 from __future__ import annotations
 
-import ctypes
 import os
 import subprocess
 import sys
@@ -14,9 +13,7 @@ from ptmcli import cli, malloc
 
 needs_glibc = pytest.mark.skipif(not malloc.glibc(), reason="glibc's malloc only")
 # mallinfo2 (glibc >= 2.33) reports freed blocks the tcache holds as in use
-needs_mallinfo2 = pytest.mark.skipif(
-    not malloc.glibc() or not hasattr(ctypes.CDLL("libc.so.6"), "mallinfo2"), reason="glibc >= 2.33 only"
-)
+needs_mallinfo2 = pytest.mark.skipif(malloc.heap_info() is None, reason="glibc >= 2.33 only")
 
 
 @needs_glibc
@@ -37,19 +34,17 @@ def test_a_users_own_tcache_setting_or_another_libc_changes_nothing(monkeypatch)
 # them as in use (its tcache holds up to 7 freed blocks of a size).
 RESTARTED = """
 import ctypes, os
-from ptmcli.malloc import restart_tuned
+from ptmcli.malloc import heap_info, restart_tuned
 print("started", os.environ.get("GLIBC_TUNABLES"), flush=True)
 restart_tuned()
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
-fields = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
-                                               "uordblks", "fordblks", "keepcost")]
-libc.mallinfo2.restype = type("MallInfo2", (ctypes.Structure,), {"_fields_": fields})
+heap_info()  # opens glibc once, before the measured blocks
 blocks = [libc.malloc(200) for _ in range(8)]
-in_use = libc.mallinfo2().uordblks
+in_use = heap_info().uordblks
 for block in blocks:
     libc.free(block)
-taken_back = in_use - libc.mallinfo2().uordblks >= 8 * 200
+taken_back = in_use - heap_info().uordblks >= 8 * 200
 print("running", os.getpid(), os.environ["GLIBC_TUNABLES"], "taken back" if taken_back else "freed blocks kept")
 """
 

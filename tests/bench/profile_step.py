@@ -14,7 +14,6 @@ then the memory free in the heap after the last step and in how many pieces. gli
 from __future__ import annotations
 
 import collections
-import ctypes
 import resource
 import sys
 import threading
@@ -31,7 +30,7 @@ import bench  # noqa: E402  (the bench's own overrides)
 from ptmcli.compose import checked, parse  # noqa: E402
 from ptmcli.data.batches import BatchOrder, train_batches  # noqa: E402
 from ptmcli.distributed import Dist  # noqa: E402
-from ptmcli.malloc import keep_freed_memory, restart_tuned  # noqa: E402
+from ptmcli.malloc import heap_info, keep_freed_memory, restart_tuned  # noqa: E402
 from ptmcli.models import PRETRAINING_MODELS  # noqa: E402
 from ptmcli.objectives import OBJECTIVES  # noqa: E402
 from ptmcli.optim import build_optimizer  # noqa: E402
@@ -76,24 +75,14 @@ def resident_mb(stage: str) -> None:
     print(f"{stage:24} resident {current:6,.0f} MB, peak {peak:6,.0f} MB", flush=True)
 
 
-class MallInfo2(ctypes.Structure):
-    """glibc's `struct mallinfo2` (glibc >= 2.33), in bytes."""
-
-    _fields_ = [(name, ctypes.c_size_t) for name in (
-        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost"
-    )]  # fmt: skip
-
-
 def heap_over(steps) -> None:
     """Run `steps()` while a thread samples glibc's heap; print the peaks (see the module's docstring)."""
-    mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
-    mallinfo2.restype = MallInfo2
     peaks = {"live": 0, "held": 0}
     running = True
 
     def sample() -> None:
         while running:
-            info = mallinfo2()
+            info = heap_info()
             live, held = info.uordblks + info.hblkhd, info.arena + info.hblkhd  # mmapped blocks are live and held
             peaks["live"], peaks["held"] = max(peaks["live"], live), max(peaks["held"], held)
             time.sleep(0.002)
@@ -107,7 +96,7 @@ def heap_over(steps) -> None:
     live, held = peaks["live"] / 2**20, peaks["held"] / 2**20
     print(f"malloc: at most {live:,.0f} MB live, {held:,.0f} MB held ({held - live:,.0f} MB more than was ever "
           f"in use at once); peak RSS {peak:,.0f} MB")  # fmt: skip
-    info = mallinfo2()  # between steps: what the activations were freed from, in how many pieces
+    info = heap_info()  # between steps: what the activations were freed from, in how many pieces
     print(f"after the last step: {info.fordblks / 2**20:,.0f} MB free in the heap, in {info.ordblks:,} pieces")
 
 
