@@ -24,6 +24,7 @@ from ptmcli.data.batches import BatchOrder, Examples, eval_batches, train_batche
 from ptmcli.distributed import Dist
 from ptmcli.errors import Interrupted, PtmError
 from ptmcli.hardware import Hardware, peak_flops
+from ptmcli.malloc import release_freed_memory
 from ptmcli.optim import build_optimizer, build_schedule, lr_caution
 from ptmcli.runlog import RunLog, truncate_metrics
 from ptmcli.schema import HardwareConfig, OptimizerConfig, TrainerConfig
@@ -302,6 +303,7 @@ def train(
             closing.callback(lambda: sinks.close(finished=ended[0]))
         if dist.is_main and cfg.curves:  # before the trackers close, so that MLflow keeps the picture as an artifact
             closing.callback(lambda: draw_curves(run_dir, cfg.metric, log))
+        closing.callback(release_freed_memory)  # first when the steps end, whichever way
         step_times: list[float] = []  # the first two steps' seconds, under torch.compile: the first one compiles
         first_step = True
         while step < cfg.max_steps:

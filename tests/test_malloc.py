@@ -46,13 +46,16 @@ for block in blocks:
     libc.free(block)
 taken_back = in_use - heap_info().uordblks >= 8 * 200
 print("running", os.getpid(), os.environ["GLIBC_TUNABLES"], "taken back" if taken_back else "freed blocks kept")
+print("MKL_DISABLE_FAST_MM", os.environ.get("MKL_DISABLE_FAST_MM"))
 """
 
 
-def run_restarted(tunables: str | None) -> tuple[list[str], int]:
-    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+def run_restarted(tunables: str | None, mkl_memory: str | None = None) -> tuple[list[str], int]:
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "MKL_DISABLE_FAST_MM")}
     if tunables:
         env["GLIBC_TUNABLES"] = tunables
+    if mkl_memory:
+        env["MKL_DISABLE_FAST_MM"] = mkl_memory
     proc = subprocess.Popen([sys.executable, "-c", RESTARTED], env=env, stdout=subprocess.PIPE, text=True)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0
@@ -66,12 +69,17 @@ def test_the_restart_runs_the_command_once_more_in_the_same_process_with_the_tca
         "started None",  # the first start
         "started glibc.malloc.tcache_count=0",  # the same command again, tuned
         f"running {pid} glibc.malloc.tcache_count=0 taken back",  # in place (the launcher's pid), no tcache
+        "MKL_DISABLE_FAST_MM 1",  # and MKL's memory manager off
     ]
-    lines, pid = run_restarted("glibc.malloc.tcache_count=7")  # glibc's default, set by the user: kept, no restart
+    # glibc's default, set by the user: kept, and no restart; a value of MKL_DISABLE_FAST_MM is not overwritten
+    lines, pid = run_restarted("glibc.malloc.tcache_count=7", mkl_memory="0")
     assert lines == [
         "started glibc.malloc.tcache_count=7",
         f"running {pid} glibc.malloc.tcache_count=7 freed blocks kept",
+        "MKL_DISABLE_FAST_MM 0",
     ]
+    lines, _ = run_restarted("glibc.malloc.tcache_count=7")  # no restart: MKL's manager is off all the same
+    assert lines[-1] == "MKL_DISABLE_FAST_MM 1"
 
 
 @pytest.mark.parametrize("command, restarts", [("pretrain", True), ("predict", True), ("ls", False), ("--help", False)])
@@ -83,3 +91,50 @@ def test_commands_that_run_a_model_restart_tuned(monkeypatch, command, restarts)
     with pytest.raises(SystemExit):
         cli.run()
     assert calls == ([True] if restarts else [])
+
+
+# Run in a fresh interpreter: 64 MB freed inside the heap stay resident while training keeps freed memory for its next
+# step, and go back to the system when `release_freed_memory` is called.
+RELEASED = """
+import ctypes
+from ptmcli.malloc import keep_freed_memory, release_freed_memory
+def resident_mb():
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmRSS")) / 1024
+keep_freed_memory()
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
+block = libc.malloc(64 << 20)
+ctypes.memset(block, 1, 64 << 20)
+before = resident_mb()
+libc.free(block)
+kept = resident_mb()
+release_freed_memory()
+print(round(before - kept), round(kept - resident_mb()))
+"""
+
+
+@needs_glibc
+def test_memory_freed_in_the_heap_goes_back_to_the_system_when_released():
+    freed, released = map(int, subprocess.check_output([sys.executable, "-c", RELEASED], text=True, timeout=60).split())
+    assert freed < 8 and released > 56  # kept resident while freed, returned when released
+
+
+def test_a_run_releases_freed_memory_when_its_steps_end_before_it_draws_curves(monkeypatch, tmp_path):
+    """The curves (matplotlib, ~25 MB) come after the last step: drawn while the heap still holds the steps' memory,
+    they added to the run's peak RSS."""
+    import torch
+
+    from ptmcli import loop
+    from ptmcli.distributed import Dist
+    from ptmcli.hardware import Hardware
+    from ptmcli.schema import HardwareConfig, OptimizerConfig, TrainerConfig
+    from tests.test_hardening import _Numbers, _Regression
+
+    calls = []
+    monkeypatch.setattr(loop, "release_freed_memory", lambda: calls.append("released"))
+    monkeypatch.setattr(loop, "draw_curves", lambda *args: calls.append("curves"))
+    job = loop.Job(torch.nn.Linear(4, 1), _Regression(1.0), _Numbers(), _Numbers(), {"family": "test"})
+    trainer = TrainerConfig(max_steps=2, batch_size=4, eval_every=0, save_every=0, curves=True)
+    hw = Hardware(torch.device("cpu"), torch.float32)
+    loop.train(job, trainer, OptimizerConfig(), hw, Dist(), tmp_path, None, HardwareConfig())
+    assert calls == ["released", "curves"]
