@@ -303,7 +303,7 @@ def train(
             closing.callback(lambda: sinks.close(finished=ended[0]))
         if dist.is_main and cfg.curves:  # before the trackers close, so that MLflow keeps the picture as an artifact
             closing.callback(lambda: draw_curves(run_dir, cfg.metric, log))
-        closing.callback(release_freed_memory)  # first when the steps end, whichever way
+        closing.callback(release_freed_memory)  # the last registered runs first: before the curves, however steps end
         step_times: list[float] = []  # the first two steps' seconds, under torch.compile: the first one compiles
         first_step = True
         while step < cfg.max_steps:

@@ -19,7 +19,7 @@ TUNABLE = "glibc.malloc.tcache_count"
 TUNED = f"{TUNABLE}=0"
 
 # MKL keeps the buffers it packs matrices into for its next products, in a manager of its own that hands nothing back.
-# Off, T5-mini's bench run peaked 34-44 MB lower and XLNet-mini's 16-19 MB, the other families within their noise, at
+# Off, T5-mini's bench run peaked 34-44 MB lower and XLNet-mini's 16-18 MB, the other families within their noise, at
 # the same speed (results.md, stop 50). MKL reads it at its first product, and any value turns the manager off.
 MKL_MEMORY = {"MKL_DISABLE_FAST_MM": "1"}
 
