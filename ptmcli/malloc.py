@@ -1,6 +1,6 @@
 """glibc's malloc, where torch's CPU tensors live, set up for training: freed memory kept for the next step, and no
-per-thread cache of small blocks to split the heap. Without glibc (macOS, Windows, musl) nothing changes. Also MKL's
-memory manager, which holds the buffers of torch's matrix products on x86 CPUs, turned off."""
+per-thread cache of small blocks to split the heap; without glibc (macOS, Windows, musl) the heap is left as it is.
+Also MKL's memory manager, which holds the buffers of torch's matrix products on x86 CPUs, turned off."""
 
 from __future__ import annotations
 
