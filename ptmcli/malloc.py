@@ -88,6 +88,14 @@ class MallInfo2(ctypes.Structure):
         "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost"
     )]  # fmt: skip
 
+    @property
+    def in_use(self) -> int:
+        return self.uordblks + self.hblkhd  # blocks mapped on their own are in use and held alike
+
+    @property
+    def held(self) -> int:
+        return self.arena + self.hblkhd
+
 
 def heap_info() -> MallInfo2 | None:
     """glibc's figures for its heap now (tools and tests read them), or None without glibc >= 2.33."""

@@ -37,7 +37,7 @@ def main() -> None:
     def sample() -> None:
         while True:
             heap = heap_info()
-            now = [resident_mb(), (heap.uordblks + heap.hblkhd) >> 20, (heap.arena + heap.hblkhd) >> 20]
+            now = [resident_mb(), heap.in_use >> 20, heap.held >> 20]
             slot = int((time.perf_counter() - started) * 2)
             rows[slot] = [max(a, b) for a, b in zip(rows.get(slot, now), now)]
             time.sleep(0.003)

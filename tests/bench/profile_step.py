@@ -83,7 +83,7 @@ def heap_over(steps) -> None:
     def sample() -> None:
         while running:
             info = heap_info()
-            live, held = info.uordblks + info.hblkhd, info.arena + info.hblkhd  # mmapped blocks are live and held
+            live, held = info.in_use, info.held
             peaks["live"], peaks["held"] = max(peaks["live"], live), max(peaks["held"], held)
             time.sleep(0.002)
 
