@@ -138,3 +138,38 @@ def test_a_run_releases_freed_memory_when_its_steps_end_before_it_draws_curves(m
     hw = Hardware(torch.device("cpu"), torch.float32)
     loop.train(job, trainer, OptimizerConfig(), hw, Dist(), tmp_path, None, HardwareConfig())
     assert calls == ["released", "curves"]
+
+
+def test_a_steps_loss_and_its_graph_are_freed_before_the_next_forward_pass(tmp_path):
+    """Kept to the next step, the loss's autograd graph (thousands of small blocks on a real model) pins the heap
+    between the blocks the step freed, which the next step's tensors of the same sizes then cannot use: T5's bench
+    peak was ~110 MB higher (docs/results.md, stop 51)."""
+    import weakref
+
+    import torch
+
+    from ptmcli import loop
+    from ptmcli.distributed import Dist
+    from ptmcli.hardware import Hardware
+    from ptmcli.schema import OptimizerConfig, TrainerConfig
+    from tests.test_hardening import _Numbers, _Regression
+
+    class Watched(_Regression):
+        def __init__(self):
+            super().__init__(1.0)
+            self.previous, self.alive = None, []
+
+        def __call__(self, model, batch):
+            training = torch.is_grad_enabled()  # evaluation builds no graph
+            if training:
+                self.alive.append(self.previous is not None and self.previous() is not None)
+            sums, stats = super().__call__(model, batch)
+            if training:
+                self.previous = weakref.ref(sums["mse"])
+            return sums, stats
+
+    objective = Watched()
+    job = loop.Job(torch.nn.Linear(4, 1), objective, _Numbers(), _Numbers(), {"family": "test"})
+    trainer = TrainerConfig(max_steps=3, batch_size=4, grad_accum=2, eval_every=0, save_every=0, curves=False)
+    loop.train(job, trainer, OptimizerConfig(), Hardware(torch.device("cpu"), torch.float32), Dist(), tmp_path, None)
+    assert objective.alive == [False] * 6  # 3 steps of 2 micro-batches

@@ -21,6 +21,7 @@ from ptmcli.models.layers import (
     init_normal,
     layer_stack,
     padding_mask,
+    residual,
     run_encoder_layers,
 )
 from ptmcli.models.rows import PackedRows
@@ -71,9 +72,9 @@ class DecoderLayer(nn.Module):
         self.dropout = Dropout(arch.dropout)
 
     def forward(self, x, memory, memory_mask, cache=None, rows=None):
-        x = self.attention_norm(x + self.dropout(self.attention(x, None, causal=True, cache=cache, rows=rows)))
-        x = self.cross_norm(x + self.dropout(self.cross(x, memory, memory_mask, cache, rows=rows)))
-        return self.ffn_norm(x + self.dropout(self.ffn(x)))
+        x = self.attention_norm(residual(x, self.dropout(self.attention(x, None, causal=True, cache=cache, rows=rows))))
+        x = self.cross_norm(residual(x, self.dropout(self.cross(x, memory, memory_mask, cache, rows=rows))))
+        return self.ffn_norm(residual(x, self.dropout(self.ffn(x))))
 
 
 class Decoder(nn.Module):

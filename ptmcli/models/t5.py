@@ -15,7 +15,7 @@ from torch import nn
 
 from ptmcli.architectures import T5Arch
 from ptmcli.models.dropout import Dropout
-from ptmcli.models.layers import CrossAttention, EncoderDecoderLM, FeedForward, RMSNorm, SelfAttention
+from ptmcli.models.layers import CrossAttention, EncoderDecoderLM, FeedForward, RMSNorm, SelfAttention, residual
 from ptmcli.models.rows import PackedRows
 
 
@@ -89,14 +89,16 @@ class Block(nn.Module):
 
     def forward(self, x, bias, memory=None, memory_mask=None, cache=None, rows=None):
         attended = self.attention(self.attention_norm(x), None, cache=cache, position_bias=bias, rows=rows)
-        x = _clamp_fp16(x + self.dropout(attended))
+        x = _clamp_fp16(residual(x, self.dropout(attended)))
         if memory is not None:
-            x = _clamp_fp16(x + self.dropout(self.cross(self.cross_norm(x), memory, memory_mask, cache, rows=rows)))
+            x = _clamp_fp16(
+                residual(x, self.dropout(self.cross(self.cross_norm(x), memory, memory_mask, cache, rows=rows)))
+            )
         h = self.ffn_norm(x)
         if _fp16_autocast(h):  # the feed-forward output overflows fp16: run it in fp32
             with torch.autocast("cuda", enabled=False):
                 return _clamp_fp16(x + self.dropout(self.ffn(h.float())).to(x.dtype))
-        return _clamp_fp16(x + self.dropout(self.ffn(h)))
+        return _clamp_fp16(residual(x, self.dropout(self.ffn(h))))
 
 
 def _mask_bias(bias: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:

@@ -23,7 +23,7 @@ from torch import nn
 
 from ptmcli.architectures import XlnetArch
 from ptmcli.models.dropout import Dropout, dropout_matmul
-from ptmcli.models.layers import FeedForward, SelfAttention, init_normal
+from ptmcli.models.layers import FeedForward, SelfAttention, init_normal, residual
 from ptmcli.models.vocab_loss import VocabLoss, projected_cross_entropy
 
 
@@ -170,8 +170,8 @@ class Layer(nn.Module):
         self.dropout = Dropout(arch.dropout)
 
     def _post(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
-        x = self.attention_norm(x + self.dropout(attended))
-        return self.ffn_norm(x + self.dropout(self.ffn(x)))
+        x = self.attention_norm(residual(x, self.dropout(attended)))
+        return self.ffn_norm(residual(x, self.dropout(self.ffn(x))))
 
     def forward(self, h, g, content_mask, query_mask, sinusoid, different=None, query_at=None):
         h_att, g_att = self.attention(h, g, content_mask, query_mask, sinusoid, different, query_at)
