@@ -331,11 +331,10 @@ def train(
                         loss = loss + penalty  # the same on every process, so DDP's average keeps it as is
                     scaler.scale(loss).backward()
                 step_sums += torch.stack([sums[t].detach() for t in terms]).to(stat_dtype)
-                # The loss holds the step's autograd graph: thousands of small nodes, freed by the backward pass of
-                # their buffers but not of themselves. Kept to the next forward pass, they pin the heap between the
-                # blocks it freed, and the next step's tensors of the same sizes no longer fit there (glibc before
-                # 2.38 needs a little more than the size for torch's 64-byte-aligned blocks): T5's bench peak
-                # was ~110 MB higher (docs/results.md, stop 51).
+                # The backward pass freed the graph's buffers, not its nodes: thousands of small blocks that `loss`
+                # would keep to the next forward pass, walling in the memory the step freed, where the next step's
+                # tensors of the same sizes then no longer fit (glibc before 2.38 wants a little more than the size
+                # for torch's 64-byte-aligned blocks): T5's bench peak was ~95 MB higher (docs/results.md, stop 51).
                 del sums, loss
             if cfg.max_grad_norm is not None:
                 scaler.unscale_(optimizer)

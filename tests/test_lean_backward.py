@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from ptmcli.models import PRETRAINING_MODELS
 from ptmcli.models import rows as row_sets
 from ptmcli.models.dropout import dropout, dropout_matmul
-from ptmcli.models.layers import FeedForward, attention
+from ptmcli.models.layers import FeedForward, attention, residual
 from ptmcli.models.recompute import rms_norm
 from ptmcli.models.rows import PackedRows, QueryRows
 from ptmcli.models.xlnet import TwoStreamAttention, relative_shift, relative_sinusoid
@@ -359,3 +359,27 @@ def test_unpacking_rows_keeps_only_their_index_and_passes_the_gradients_back():
     weights = torch.randn(4, 100, 8)
     (rows.unpack(x) * weights).sum().backward()
     torch.testing.assert_close(x.grad, weights.reshape(-1, 8)[rows.index])
+
+
+def test_a_residual_sum_written_into_the_sublayers_output_is_the_plain_sum_with_the_plain_gradients():
+    """Written into a fresh output, the sum and every gradient are x + update's bit for bit; a view (a biased
+    projection of a 3-D input) or another dtype (autocast) gets a new tensor, as x + update makes it."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 6, 8, requires_grad=True)
+    up, down = torch.nn.Linear(8, 16, bias=False), torch.nn.Linear(16, 8, bias=False)
+    ffn = lambda t: down(F.relu(up(t), inplace=True))  # noqa: E731  (T5's feed-forward, ReLU in place)
+    grad = torch.randn(4, 6, 8)
+    plain = x + down(F.relu(up(x)))
+    parameters = [x, up.weight, down.weight]
+    expected = torch.autograd.grad(plain, parameters, grad)
+    update = ffn(x)
+    summed = residual(x, update)
+    assert summed.data_ptr() == update.data_ptr() and torch.equal(summed, plain)
+    for got, want in zip(torch.autograd.grad(summed, parameters, grad), expected):
+        assert torch.equal(got, want)
+
+    biased = torch.nn.Linear(8, 8)(x)  # 3-D input with a bias: a view of the product
+    assert biased._is_view() and residual(x, biased).data_ptr() != biased.data_ptr()
+    half = torch.randn(4, 6, 8, dtype=torch.bfloat16)
+    mixed = residual(x, half)
+    assert mixed.dtype == torch.float32 and torch.equal(mixed, x + half)

@@ -143,7 +143,7 @@ def test_a_run_releases_freed_memory_when_its_steps_end_before_it_draws_curves(m
 def test_a_steps_loss_and_its_graph_are_freed_before_the_next_forward_pass(tmp_path):
     """Kept to the next step, the loss's autograd graph (thousands of small blocks on a real model) pins the heap
     between the blocks the step freed, which the next step's tensors of the same sizes then cannot use: T5's bench
-    peak was ~110 MB higher (docs/results.md, stop 51)."""
+    peak was ~95 MB higher (docs/results.md, stop 51)."""
     import weakref
 
     import torch
