@@ -19,11 +19,7 @@ restart_tuned()  # before torch is imported, as the `ptm` command starts
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench  # noqa: E402  (the bench's own overrides)
-
-
-def resident_mb() -> int:
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS")) // 1024
+from profile_step import current_rss_mb  # noqa: E402
 
 
 def main() -> None:
@@ -37,7 +33,7 @@ def main() -> None:
     def sample() -> None:
         while True:
             heap = heap_info()
-            now = [resident_mb(), heap.in_use >> 20, heap.held >> 20]
+            now = [int(current_rss_mb()), heap.in_use >> 20, heap.held >> 20]
             slot = int((time.perf_counter() - started) * 2)
             rows[slot] = [max(a, b) for a, b in zip(rows.get(slot, now), now)]
             time.sleep(0.003)

@@ -69,8 +69,13 @@ def kept_for_backward(forward, parameters) -> None:
         print(f"{size / 2**20:8.1f} MB  {where}")
 
 
+def current_rss_mb() -> float:
+    """The process's resident memory now (Linux's /proc; getrusage gives only the peak)."""
+    return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize() / 2**20
+
+
 def resident_mb(stage: str) -> None:
-    current = int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize() / 2**20
+    current = current_rss_mb()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"{stage:24} resident {current:6,.0f} MB, peak {peak:6,.0f} MB", flush=True)
 
