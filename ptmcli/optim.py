@@ -29,6 +29,45 @@ def param_groups(model: nn.Module, cfg: OptimizerConfig, lr_scale: Callable[[str
     return list(groups.values())
 
 
+class _Undecorated:
+    """A torch optimizer's own methods, called without the wrappers that keep torch's compiler out of them: each
+    wrapper imports `torch._dynamo` on its first call (with sympy, torch.distributed and more: 71 MB resident, 9 % of
+    T5-mini's bench peak) to run eager code that ptm never compiles. The methods underneath are torch's, unchanged
+    (the wrappers' `__wrapped__`); where a torch version has no such attribute, the wrapper is called as before."""
+
+    def add_param_group(self, param_group: dict) -> None:
+        _unwrapped(torch.optim.Optimizer.add_param_group)(self, param_group)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        _unwrapped(torch.optim.Optimizer.zero_grad)(self, set_to_none)
+
+    def state_dict(self) -> dict:
+        return _unwrapped(torch.optim.Optimizer.state_dict)(self)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        _unwrapped(torch.optim.Optimizer.load_state_dict)(self, state_dict)
+
+    def step(self, closure=None):
+        wrapped = super().step  # the optimizer's step, under a wrapper that turns gradients off (and imports)
+        step = getattr(wrapped, "__wrapped__", None)
+        if step is None:
+            return wrapped(closure)
+        with torch.set_grad_enabled(self.defaults.get("differentiable", False)):
+            return step(self, closure)
+
+
+def _unwrapped(method: Callable) -> Callable:
+    return getattr(method, "__wrapped__", method)
+
+
+class AdamW(_Undecorated, torch.optim.AdamW):
+    pass
+
+
+class Adafactor(_Undecorated, getattr(torch.optim, "Adafactor", torch.optim.Optimizer)):  # torch >= 2.5
+    pass
+
+
 FUSED_ADAMW_DEVICES = ("cuda", "cpu")  # where torch (>= 2.4) has a fused AdamW kernel and `fused: auto` uses it
 
 
@@ -44,11 +83,11 @@ def build_optimizer(
                 f"optimizer.name=adafactor needs torch >= 2.5 (this is {torch.__version__}); upgrade torch, or use "
                 "optimizer=adamw with an absolute learning rate such as optimizer.lr=1e-3."
             )
-        return torch.optim.Adafactor(param_groups(model, cfg, lr_scale), lr=cfg.lr)
+        return Adafactor(param_groups(model, cfg, lr_scale), lr=cfg.lr)
     # torch's fused kernel takes one pass over each tensor, where the foreach path makes temporaries as large as all
     # the weights: on a CPU, AdamW's step on XLNet-mini took 35 ms, fused 7 (`python tests/bench/profile_step.py xlnet`)
     fused = cfg.fused == "on" or (cfg.fused == "auto" and device.type in FUSED_ADAMW_DEVICES)
-    return torch.optim.AdamW(
+    return AdamW(
         param_groups(model, cfg, lr_scale), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None
     )
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import sys
 
 import torch
 from torch import nn
@@ -66,9 +67,10 @@ def shard(model: nn.Module, hw: Hardware, dist: Dist) -> nn.Module:
 
 
 def is_sharded(model: nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
+    # only `shard` makes an FSDPModule, and it imports FSDP: where nothing has, the answer is known without importing
+    # it (with sympy and the rest of torch.distributed, ~50 MB resident)
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    return fsdp is not None and isinstance(model, fsdp.FSDPModule)
 
 
 @contextlib.contextmanager

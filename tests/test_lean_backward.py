@@ -5,11 +5,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ptmcli.models import PRETRAINING_MODELS
+from ptmcli.models import PRETRAINING_MODELS, layers
 from ptmcli.models import rows as row_sets
 from ptmcli.models.dropout import dropout, dropout_matmul
-from ptmcli.models.layers import FeedForward, attention, residual
-from ptmcli.models.recompute import rms_norm
+from ptmcli.models.layers import CrossAttention, FeedForward, attention, residual
+from ptmcli.models.recompute import BiasedAttention, RMSNormThenLinear, rms_norm
 from ptmcli.models.rows import PackedRows, QueryRows
 from ptmcli.models.xlnet import TwoStreamAttention, relative_shift, relative_sinusoid
 from ptmcli.schema import BartArch, BertArch, ElectraArch, GptArch, ObjectiveConfig, RobertaArch, T5Arch, XlnetArch
@@ -383,3 +383,105 @@ def test_a_residual_sum_written_into_the_sublayers_output_is_the_plain_sum_with_
     half = torch.randn(4, 6, 8, dtype=torch.bfloat16)
     mixed = residual(x, half)
     assert mixed.dtype == torch.float32 and torch.equal(mixed, x + half)
+
+
+def test_a_norm_fused_with_the_projection_after_it_keeps_no_normalised_copy_with_the_plain_results():
+    """`RMSNormThenLinear` (T5's norms, each before one projection): the output and every gradient bit for bit those
+    of rms_norm then F.linear, keeping the input, one number per token and the weights."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    norm_weight, weight = (1 + 0.1 * torch.randn(16)).requires_grad_(), torch.randn(24, 16, requires_grad=True)
+    for bias in (None, torch.randn(24, requires_grad=True)):
+        params = [norm_weight, weight] + ([bias] if bias is not None else [])
+        fused = lambda x: RMSNormThenLinear.apply(x, norm_weight, 1e-6, weight, bias)  # noqa: E731
+        plain = lambda x: F.linear(rms_norm(x, norm_weight, 1e-6), weight, bias)  # noqa: E731
+        for ours, ref in zip(*(outputs_and_grads(fn, [x], params) for fn in (fused, plain))):
+            assert torch.equal(ours, ref)
+        kept = sorted(t.numel() for t in kept_storages(fused, x))
+        assert kept == [15, 16, 3 * 5 * 16, 24 * 16]  # 1 / rms per token, the norm's weight, the input, the weight
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.125])
+def test_biased_self_attention_rebuilds_its_weights_with_the_plain_outputs_and_gradients(scale):
+    """`BiasedAttention` (T5's self-attention in fp32 without dropout) from a fused projection, with masked keys:
+    SDPA's outputs and gradients, keeping q, k and v (the projection's size), the bias and one number per query,
+    and no (T x T) attention weights."""
+    torch.manual_seed(0)
+    B, T, nh, hs = 3, 5, 2, 8
+    qkv = torch.randn(B, T, 3 * nh * hs, requires_grad=True)
+    relative = torch.randn(1, nh, T, T, requires_grad=True)
+    allowed = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0]]).bool()[:, None, None, :]
+    biased = lambda: relative.masked_fill(~allowed, float("-inf"))  # noqa: E731
+
+    def plain(qkv):
+        q, k, v = (t.view(B, T, nh, hs).transpose(1, 2) for t in qkv.split(nh * hs, 2))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=biased(), scale=scale)
+        return y.transpose(1, 2).reshape(B, T, nh * hs)
+
+    ours = lambda qkv: BiasedAttention.apply(qkv, biased(), nh, scale)  # noqa: E731
+    for got, want in zip(*(outputs_and_grads(fn, [qkv], [relative]) for fn in (ours, plain))):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    kept = sorted(t.numel() for t in kept_storages(ours, qkv) if t.dtype != torch.bool)
+    assert kept == [B * nh * T, B * nh * T * T, qkv.numel()]  # log-sum-exps, the masked bias, q k v
+    assert torch.autograd.gradcheck(
+        lambda qkv, bias: BiasedAttention.apply(qkv, bias, nh, scale),
+        (qkv.detach()[:, :3].double().requires_grad_(), biased().detach()[..., :3, :3].double().requires_grad_()),
+    )
+
+
+def test_cross_attention_projects_the_memory_again_in_the_backward_pass_with_the_kept_results():
+    """In training, the keys and values of the encoder's states are projected again in the backward pass
+    (`ProjectedInBackward`): outputs and gradients bit for bit those of the path that keeps them (a decoding cache's),
+    and nothing the size of the projection is kept. With attention dropout they are kept, as before."""
+    torch.manual_seed(0)
+    cross = CrossAttention(32, 4, 0.0)
+    x, memory = torch.randn(3, 5, 32, requires_grad=True), torch.randn(3, 7, 32, requires_grad=True)
+    mask = torch.ones(3, 1, 1, 7, dtype=torch.bool)
+    mask[0, ..., 5:] = False
+    params = list(cross.parameters())
+    results = [
+        outputs_and_grads(lambda x, m: cross(x, m, mask, cache=cache), [x, memory], params) for cache in (None, {})
+    ]
+    for ours, kept in zip(*results):
+        assert torch.equal(ours, kept)
+    projection = 3 * 7 * 64
+
+    def largest_kept():
+        kept = kept_storages(lambda x, m: cross(x, m, mask), x, memory)
+        return max(t.numel() for t in kept if not isinstance(t, torch.nn.Parameter))
+
+    assert largest_kept() < projection
+    cross.dropout = 0.1
+    assert largest_kept() >= projection
+
+
+def test_t5_keeps_less_with_the_plain_loss_and_gradients(monkeypatch):
+    """A T5 step with its norms fused into the projections, its self-attention weights rebuilt and its cross-attention
+    keys and values projected again: the loss and every gradient of the straightforward layers, at least a third
+    less kept between the passes."""
+    arch, objective = PADDED_FAMILIES["t5"]
+    torch.manual_seed(0)
+    model = PRETRAINING_MODELS["t5"](arch, 97, ObjectiveConfig(name=objective))
+    ids, decoder_ids = torch.randint(0, 97, (4, 12)), torch.randint(0, 97, (4, 6))
+    attention_mask = torch.ones(4, 12, dtype=torch.long)
+    attention_mask[1, 9:] = 0
+    targets = [decoder_ids.roll(-1, 1)]
+
+    def step():
+        model.zero_grad()
+        loss = model(ids, attention_mask, decoder_ids, targets)[0].loss
+        loss.backward()
+        return [loss.detach(), *(p.grad.clone() for p in model.parameters())]
+
+    def kept_bytes():
+        kept = kept_storages(lambda: model(ids, attention_mask, decoder_ids, targets))
+        return sum(t.untyped_storage().nbytes() for t in kept if not isinstance(t, torch.nn.Parameter))
+
+    lean, lean_kept = step(), kept_bytes()
+    monkeypatch.setattr(layers, "weights_rebuilt", lambda *a: False)
+    monkeypatch.setattr(layers, "normed_projection", lambda linear, x, norm: linear(x if norm is None else norm(x)))
+    monkeypatch.setattr(layers.ProjectedInBackward, "apply", lambda consume, x, m, w, b: consume(x, F.linear(m, w, b)))
+    plain, plain_kept = step(), kept_bytes()
+    for ours, ref in zip(lean, plain):
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+    assert lean_kept < 0.67 * plain_kept, (lean_kept, plain_kept)

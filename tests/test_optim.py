@@ -3,13 +3,15 @@ AdamW a CPU run steps with."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from copy import deepcopy
 
 import pytest
 import torch
 from torch import nn
 
-from ptmcli.optim import build_optimizer, lr_caution, lr_factor, param_groups
+from ptmcli.optim import build_optimizer, build_schedule, lr_caution, lr_factor, param_groups
 from ptmcli.schema import OptimizerConfig
 
 
@@ -92,3 +94,57 @@ def test_adamw_is_fused_on_a_cpu_and_takes_up_a_state_saved_by_the_foreach_path(
         continued[fused] = torch.cat([p.detach().flatten() for p in replica.parameters()])
     torch.testing.assert_close(continued["auto"], continued["off"], rtol=0, atol=1e-6)
     assert not torch.equal(continued["auto"], torch.cat([p.detach().flatten() for p in model.parameters()]))
+
+
+# a fresh process: the test process has imported torch's compiler long before
+COMPILER_FREE = """
+import sys, torch
+from torch import nn
+from ptmcli.models import PRETRAINING_MODELS
+from ptmcli.optim import build_optimizer, build_schedule
+from ptmcli.parallel import is_sharded
+from ptmcli.schema import ObjectiveConfig, OptimizerConfig, T5Arch
+arch = T5Arch(hidden_size=32, num_layers=1, num_decoder_layers=1, num_heads=2, intermediate_size=64, dropout=0.0,
+              attention_dropout=0.0)
+model = PRETRAINING_MODELS["t5"](arch, 50, ObjectiveConfig(name="span-corruption"))
+ids = torch.randint(0, 50, (2, 7))
+for name in ("adamw", "adafactor"):
+    cfg = OptimizerConfig(name=name)
+    optimizer = build_optimizer(model, cfg, torch.device("cpu"))
+    schedule = build_schedule(optimizer, cfg, 10)
+    model(ids, None, ids[:, :4], [ids[:, 1:5]])[0].loss.backward()
+    assert not is_sharded(model)
+    optimizer.step(), schedule.step(), optimizer.zero_grad()
+    optimizer.load_state_dict(optimizer.state_dict())
+print(" ".join(m for m in ("torch._dynamo", "sympy", "torch.distributed.fsdp") if m in sys.modules) or "none")
+"""
+
+
+def test_a_t5_step_with_either_optimizer_imports_none_of_torchs_compiler():
+    """torch's optimizer methods import torch._dynamo at their first call (with sympy and more: 71 MB resident);
+    ptm's optimizers call the same methods unwrapped. A T5 step (its rebuilt attention weights, keys and values
+    projected again), AdamW's and Adafactor's step, schedule, state saved and loaded, and the FSDP check import
+    neither torch's compiler, sympy nor FSDP."""
+    out = subprocess.check_output([sys.executable, "-c", COMPILER_FREE], text=True, timeout=120)
+    assert out.split() == ["none"]
+
+
+@pytest.mark.parametrize("name", ["adamw", "adafactor"])
+def test_ptms_optimizers_step_exactly_as_torchs(name):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 4), nn.LayerNorm(4), nn.Linear(4, 3))
+    replica, inputs = deepcopy(model), torch.randint(0, 10, (6,))
+    cfg = OptimizerConfig(name=name, fused="off")
+    ours = build_optimizer(model, cfg, torch.device("cpu"))
+    settings = dict(betas=tuple(cfg.betas), eps=cfg.eps) if name == "adamw" else {}
+    theirs = getattr(torch.optim, type(ours).__name__)(param_groups(replica, cfg), lr=cfg.lr, **settings)
+    for optimizer, net in ((ours, model), (theirs, replica)):
+        schedule = build_schedule(optimizer, cfg, 10)
+        for _ in range(3):
+            optimizer.zero_grad()
+            net(inputs).square().sum().backward()
+            optimizer.step()
+            schedule.step()
+    for a, b in zip(model.parameters(), replica.parameters()):
+        assert torch.equal(a, b)
+    assert ours.state_dict()["state"].keys() == theirs.state_dict()["state"].keys()

@@ -5,12 +5,22 @@ from each other."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ptmcli.models.dropout import Dropout, dropout_matmul
-from ptmcli.models.recompute import GELU_APPROXIMATION, GeluThenLinear, UpGeluDown, rms_norm
+from ptmcli.models.recompute import (
+    GELU_APPROXIMATION,
+    BiasedAttention,
+    GeluThenLinear,
+    ProjectedInBackward,
+    RMSNormThenLinear,
+    UpGeluDown,
+    rms_norm,
+)
 from ptmcli.models.rows import PackedRows, QueryRows
 from ptmcli.models.vocab_loss import IGNORE, VocabLoss, projected_cross_entropy, targeted_cross_entropies
 
@@ -39,7 +49,8 @@ def attention(
     mask) and with an additive mask that needs a gradient (T5's position bias). There the same computation is written
     out here, faster: the attention weights drop through `dropout_matmul` (cheap masks, the dropped copy never kept),
     and an fp32 bias is added in place, with no scaling pass at a scale of 1 (T5's encoder attention, forward +
-    backward at its bench shapes: 13.3-13.8 ms against SDPA's 15.7, `python tests/bench/attention_bias.py`)."""
+    backward at its bench shapes: 13.3-13.8 ms against SDPA's 15.7, `python tests/bench/attention_bias.py`). Without
+    dropout, self-attention with such a bias runs `BiasedAttention` instead (`weights_rebuilt`), which keeps less."""
     # in fp32 only: in bf16 SDPA's reference computes its softmax in fp32, closer to fp64 than a bf16 softmax
     bias_with_grad = mask is not None and mask.dtype != torch.bool and mask.requires_grad and q.dtype == torch.float32
     if q.device.type != "cpu" or (dropout_p == 0.0 and not bias_with_grad):
@@ -85,17 +96,25 @@ class SelfAttention(nn.Module):
         position_bias: torch.Tensor | None = None,
         rows: PackedRows | None = None,
         queries: QueryRows | None = None,
+        norm: RMSNorm | None = None,
     ) -> torch.Tensor:
         """x: (B, T, C), or with `rows` a padded batch's real tokens (N, C); mask: (B, 1, 1|T, T) boolean,
         True = may attend. Returns what x is shaped like, or with `queries` the (N_wanted, C) outputs at those rows
-        alone (every position still serves as a key and value).
+        alone (every position still serves as a key and value). `norm`: applied to x first (T5's pre-norm).
 
         `cache` (decoding): a dict holding this layer's keys/values of earlier positions; the new ones are
         appended, and the T new queries attend to everything cached plus, causally, to each other.
         `position_bias` (T5): (1|B, nh, T, S) added to the scores; it must already hold -inf where `mask` and
         causality forbid, since both are folded into it."""
-        projected = self.qkv(x)
+        projected = normed_projection(self.qkv, x, norm)
         qkv = projected if rows is None else rows.unpack(projected)
+        dropout = self.dropout if self.training else 0.0
+        if position_bias is not None and cache is None and self.prefix is None and queries is None:
+            if weights_rebuilt(qkv, position_bias, dropout):
+                head_size = qkv.shape[-1] // 3 // self.num_heads
+                scale = head_size**-0.5 if self.scale is None else self.scale
+                y = BiasedAttention.apply(qkv, position_bias, self.num_heads, scale)
+                return self.out(y if rows is None else rows.pack(y))
         B, T, C = *qkv.shape[:2], qkv.shape[2] // 3
         q, k, v = qkv.split(C, dim=2)
         if queries is not None:
@@ -118,10 +137,18 @@ class SelfAttention(nn.Module):
             causal = False  # folded into the explicit mask
         if position_bias is not None:
             mask, causal = position_bias.to(q.dtype), False
-        y = attention(q, k, v, mask, self.dropout if self.training else 0.0, causal and mask is None, self.scale)
+        y = attention(q, k, v, mask, dropout, causal and mask is None, self.scale)
         if queries is not None:
             return self.out(queries.unslotted(_merge_heads(y, None)))
         return self.out(_merge_heads(y, rows))
+
+
+def weights_rebuilt(qkv: torch.Tensor, bias: torch.Tensor, dropout_p: float) -> bool:
+    """Whether self-attention with this position bias runs `BiasedAttention`: on a CPU, in fp32 (in bf16 SDPA's
+    reference computes its softmax in fp32), without dropout, and with a bias that needs a gradient, for which SDPA
+    has no fused CPU kernel; not while torch.compile traces the model, which gets the plain computation to fuse."""
+    cpu_fp32 = qkv.device.type == "cpu" and qkv.dtype == torch.float32 and bias.dtype == torch.float32
+    return cpu_fp32 and dropout_p == 0.0 and bias.requires_grad and not torch.compiler.is_compiling()
 
 
 def _merge_heads(y: torch.Tensor, rows: PackedRows | None) -> torch.Tensor:
@@ -133,7 +160,8 @@ def _merge_heads(y: torch.Tensor, rows: PackedRows | None) -> torch.Tensor:
 
 class CrossAttention(nn.Module):
     """Decoder-to-encoder attention: queries from the decoder, keys/values from the encoder output. When
-    decoding with a cache, the encoder's keys/values are projected once and kept."""
+    decoding with a cache, the encoder's keys/values are projected once and kept; in training they are projected
+    again in the backward pass instead of kept."""
 
     def __init__(self, hidden_size: int, num_heads: int, dropout: float, bias: bool = True, scale: float | None = None):
         super().__init__()
@@ -150,20 +178,46 @@ class CrossAttention(nn.Module):
         mask: torch.Tensor | None,
         cache: dict | None = None,
         rows: PackedRows | None = None,
+        norm: RMSNorm | None = None,
     ) -> torch.Tensor:
         """x: (B, T, C) decoder states, or with `rows` their real tokens (N, C); memory: (B, S, C) encoder
-        states; mask: (B, 1, 1, S) or None."""
-        query = self.query(x) if rows is None else rows.unpack(self.query(x))
-        B, C = memory.shape[0], query.shape[-1]
-        heads = lambda t: t.view(B, -1, self.num_heads, C // self.num_heads).transpose(1, 2)  # noqa: E731
-        if cache is not None and "memory_k" in cache:
-            k, v = cache["memory_k"], cache["memory_v"]
+        states; mask: (B, 1, 1, S) or None; `norm`: applied to x first (T5's pre-norm)."""
+        query = normed_projection(self.query, x, norm)
+        query = query if rows is None else rows.unpack(query)
+        dropout = self.dropout if self.training else 0.0
+        recompute = dropout == 0.0 and isinstance(self.kv, nn.Linear) and not torch.compiler.is_compiling()
+        if cache is None and torch.is_grad_enabled() and recompute:
+            # Every decoder layer's keys and values of the encoder's states, (B, S, 2C), would be kept for the
+            # backward pass with what the attention keeps; projected again there instead (the encoder's states are
+            # kept anyway), one projection of the memory more per layer: T5's bench step kept 30 MB less. Not with
+            # attention dropout (the second pass would draw other masks), nor under torch.compile (it fuses its own)
+            attend = functools.partial(self._attend, mask=mask)
+            y = ProjectedInBackward.apply(attend, query, memory, self.kv.weight, self.kv.bias)
+        elif cache is not None and "memory_k" in cache:
+            y = self._attend(query, (cache["memory_k"], cache["memory_v"]), mask, dropout)
         else:
-            k, v = (heads(t) for t in self.kv(memory).split(C, dim=2))
+            kv = self.kv(memory)
             if cache is not None:
-                cache["memory_k"], cache["memory_v"] = k, v
-        y = attention(heads(query), k, v, mask, self.dropout if self.training else 0.0, False, self.scale)
+                cache["memory_k"], cache["memory_v"] = kv.chunk(2, dim=-1)
+            y = self._attend(query, kv, mask, dropout)
         return self.out(_merge_heads(y, rows))
+
+    def _attend(self, query, kv, mask: torch.Tensor | None, dropout: float = 0.0) -> torch.Tensor:
+        """(B, T, C) queries attending to keys and values, (B, S, 2C) or a pair of (B, S, C) -> (B, nh, T, hs)."""
+        B, C = query.shape[0], query.shape[-1]
+        heads = lambda t: t.view(B, -1, self.num_heads, C // self.num_heads).transpose(1, 2)  # noqa: E731
+        k, v = kv.split(C, dim=-1) if torch.is_tensor(kv) else kv
+        return attention(heads(query), heads(k), heads(v), mask, dropout, False, self.scale)
+
+
+def normed_projection(linear: nn.Module, x: torch.Tensor, norm: RMSNorm | None) -> torch.Tensor:
+    """linear(norm(x)), fused where an `RMSNorm` meets a plain `nn.Linear` (not one LoRA or an adapter wraps), so
+    the normalised x is not kept for the backward pass (`RMSNormThenLinear`)."""
+    if norm is None:
+        return linear(x)
+    if isinstance(norm, RMSNorm) and isinstance(linear, nn.Linear):
+        return RMSNormThenLinear.apply(x, norm.weight, norm.eps, linear.weight, linear.bias)
+    return linear(norm(x))
 
 
 def cached_causal_mask(T: int, past: int, device: torch.device) -> torch.Tensor:
@@ -227,7 +281,12 @@ class FeedForward(nn.Module):
         self.down = nn.Linear(intermediate_size, hidden_size, bias=bias)
         self.activation, self.approximate = ACTIVATIONS[activation], GELU_APPROXIMATION.get(activation)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, norm: RMSNorm | None = None) -> torch.Tensor:
+        """down(act(up(x))), or of norm(x) with `norm` (T5's pre-norm)."""
+        if self.activation is F.relu and self.gate is None:
+            # in place: its backward reads only its output, and up's output is kept by none
+            return self.down(F.relu(normed_projection(self.up, x, norm), inplace=True))
+        x = x if norm is None else norm(x)
         if self.gate is not None:
             return self.down(self.activation(self.gate(x)) * self.up(x))
         plain = isinstance(self.down, nn.Linear)  # not when LoRA or an adapter wraps it
@@ -236,8 +295,6 @@ class FeedForward(nn.Module):
             return UpGeluDown.apply(x, up.weight, up.bias, down.weight, down.bias, self.approximate)
         if self.approximate is not None and plain:
             return GeluThenLinear.apply(self.up(x), self.down.weight, self.down.bias, self.approximate)
-        if self.activation is F.relu:  # in place: its backward reads only its output, and up's output is kept by none
-            return self.down(F.relu(self.up(x), inplace=True))
         return self.down(self.activation(self.up(x)))
 
 

@@ -91,6 +91,27 @@ class UpGeluDown(torch.autograd.Function):
         return grad_x, grad_up, grad_up_bias, grad_down, grad_down_bias, None
 
 
+def _rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight * x / rms(x), 1 / rms(x)): the division in fp32, the result in the weight's dtype."""
+    wide = x.float()
+    rstd = torch.linalg.vecdot(wide, wide, dim=-1).unsqueeze(-1).div_(x.shape[-1]).add_(eps).rsqrt_()  # fp32
+    return (wide * rstd).to(weight.dtype).mul_(weight), rstd
+
+
+def _rms_norm_backward(grad, x, weight, rstd, normed, need) -> tuple:
+    """The gradients of weight * x / rms(x) with respect to (x, weight) where `need` asks; `normed` is x * rstd in
+    fp32, which this overwrites."""
+    grad_x = grad_weight = None
+    if need[0]:
+        grad_normed = (grad * weight).float()
+        dot = torch.linalg.vecdot(grad_normed, normed, dim=-1).unsqueeze(-1)
+        # rstd * (grad_normed - normed * mean(grad_normed * normed))
+        grad_x = torch.addcmul(grad_normed, normed, dot, value=-1.0 / x.shape[-1]).mul_(rstd).to(x.dtype)
+    if need[1]:
+        grad_weight = normed.mul_(grad).flatten(0, -2).sum(0).to(weight.dtype)
+    return grad_x, grad_weight
+
+
 class _RMSNorm(torch.autograd.Function):
     """Few passes over the (tokens x width) tensors: the forward's sum of squares and the backward's dot product are
     one `vecdot` each, with no squared or multiplied copy (forward + backward at T5's 3,712 x 256: 2.1-2.3 ms, 3.2 with
@@ -98,26 +119,136 @@ class _RMSNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, eps: float):
-        wide = x.float()
-        rstd = torch.linalg.vecdot(wide, wide, dim=-1).unsqueeze(-1).div_(x.shape[-1]).add_(eps).rsqrt_()  # fp32
+        normed, rstd = _rms_norm_forward(x, weight, eps)
         ctx.save_for_backward(x, weight, rstd)
-        return (wide * rstd).to(weight.dtype).mul_(weight)
+        return normed
 
     @staticmethod
     def backward(ctx, grad):
         x, weight, rstd = ctx.saved_tensors
-        normed = x.float() * rstd
-        grad_x = grad_weight = None
-        if ctx.needs_input_grad[0]:
-            grad_normed = (grad * weight).float()
-            dot = torch.linalg.vecdot(grad_normed, normed, dim=-1).unsqueeze(-1)
-            # rstd * (grad_normed - normed * mean(grad_normed * normed))
-            grad_x = torch.addcmul(grad_normed, normed, dot, value=-1.0 / x.shape[-1]).mul_(rstd).to(x.dtype)
-        if ctx.needs_input_grad[1]:
-            grad_weight = normed.mul_(grad).flatten(0, -2).sum(0).to(weight.dtype)  # normed is not read after this
-        return grad_x, grad_weight, None
+        return (*_rms_norm_backward(grad, x, weight, rstd, x.float() * rstd, ctx.needs_input_grad), None)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """weight * x / rms(x), the division in fp32 and the result in the weight's dtype (T5's layer norm)."""
     return _RMSNorm.apply(x, weight, eps)
+
+
+class RMSNormThenLinear(torch.autograd.Function):
+    """F.linear(rms_norm(x, norm_weight, eps), weight, bias), keeping x and one fp32 number per token (what the norm
+    keeps anyway) and not the normalised copy, which the projection alone would keep for its weight gradient: the
+    backward pass computes it again, one elementwise pass. In T5 every norm feeds one projection (query-key-value,
+    cross-attention query, feed-forward up): that copy was 39 MB of the 291 its bench step keeps.
+
+    Under autocast the product runs in the autocast dtype; the backward pass computes the product's gradients in
+    that dtype and the norm's in fp32, as autograd through autocast's casts would."""
+
+    @staticmethod
+    def forward(ctx, x, norm_weight, eps: float, weight, bias):
+        normed, rstd = _rms_norm_forward(x, norm_weight, eps)
+        out = F.linear(normed, weight, bias)
+        ctx.save_for_backward(x, norm_weight, rstd, weight)
+        ctx.compute, ctx.bias_dtype = out.dtype, None if bias is None else bias.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, norm_weight, rstd, weight = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        unit = x.float() * rstd
+        normed = unit.to(norm_weight.dtype) * norm_weight
+        grad = grad.to(ctx.compute)
+        grad_weight = grad_bias = grad_x = grad_norm_weight = None
+        if need[3]:
+            grad_weight = (grad.flatten(0, -2).T @ normed.to(ctx.compute).flatten(0, -2)).to(weight.dtype)
+        if ctx.bias_dtype is not None and need[4]:
+            grad_bias = grad.flatten(0, -2).sum(0).to(ctx.bias_dtype)
+        if need[0] or need[1]:
+            grad_normed = (grad @ weight.to(ctx.compute)).to(normed.dtype)
+            grad_x, grad_norm_weight = _rms_norm_backward(grad_normed, x, norm_weight, rstd, unit, need[:2])
+        return grad_x, grad_norm_weight, None, grad_weight, grad_bias
+
+
+class BiasedAttention(torch.autograd.Function):
+    """Multi-head softmax(q @ k^T * scale + bias) @ v from a (B, T, 3C) query-key-value projection and a bias that
+    broadcasts to (B, nh, T, T) (T5's relative positions, -inf where masked), merged back to (B, T, C). It keeps q,
+    k and v, head by head in one contiguous copy that takes the projection's place, the bias and one log-sum-exp per
+    query, and not the (B, nh, T, T) attention weights: the backward pass rebuilds them with one more product of q
+    and k, small beside the projections (head size x T multiply-adds a query). At T5's bench step that was 45 MB of
+    the 291 kept. Head by head and contiguous, no product copies its operands, and the gradients of q, k and v are
+    written into one buffer laid out as the projection is, in place of three joined by a copy.
+
+    The weights are the softmax's in the forward pass and exp(scores - log-sum-exp) in the backward, equal to ~1
+    ulp. A row whose keys are all masked gives NaN, as the softmax does."""
+
+    @staticmethod
+    def forward(ctx, qkv, bias, num_heads: int, scale: float):
+        B, T, C = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
+        heads = qkv.view(B, T, 3, num_heads, C // num_heads).permute(2, 0, 3, 1, 4).contiguous()  # (3, B, nh, T, hs)
+        q, k, v = heads
+        scores = q @ k.transpose(-2, -1)
+        if scale != 1.0:
+            scores.mul_(scale)
+        scores.add_(bias)
+        most = scores.amax(-1, keepdim=True)
+        weights = scores.softmax(-1)
+        del scores
+        # the largest weight of a row is exp(max - lse): lse from it, without another pass of exponentials
+        lse = weights.amax(-1, keepdim=True).log_().neg_().add_(most)
+        ctx.save_for_backward(heads, bias, lse)
+        ctx.scale = scale
+        return (weights @ v).transpose(1, 2).reshape(B, T, C)
+
+    @staticmethod
+    def backward(ctx, grad):
+        heads, bias, lse = ctx.saved_tensors
+        q, k, v = heads
+        _, B, nh, T, hs = heads.shape
+        grad = grad.reshape(B, T, nh, hs).transpose(1, 2).contiguous()  # (B, nh, T, hs), read by two products
+        weights = q @ k.transpose(-2, -1)
+        if ctx.scale != 1.0:
+            weights.mul_(ctx.scale)
+        weights.add_(bias).sub_(lse).exp_()
+        grad_heads = torch.empty_like(heads)
+        flat = lambda t: t.view(B * nh, t.shape[-2], t.shape[-1])  # noqa: E731  (bmm's out= takes 3-D)
+        torch.bmm(flat(weights.transpose(-2, -1)), flat(grad), out=flat(grad_heads[2]))
+        grad_scores = grad @ v.transpose(-2, -1)  # first the weights' gradient, then in place the scores'
+        dot = torch.linalg.vecdot(grad_scores, weights, dim=-1).unsqueeze(-1)
+        grad_scores.sub_(dot).mul_(weights)
+        del weights
+        grad_bias = grad_scores.sum_to_size(bias.shape) if ctx.needs_input_grad[1] else None
+        torch.bmm(flat(grad_scores), flat(k), out=flat(grad_heads[0]))
+        torch.bmm(flat(grad_scores.transpose(-2, -1)), flat(q), out=flat(grad_heads[1]))
+        if ctx.scale != 1.0:
+            grad_heads[:2].mul_(ctx.scale)
+        return grad_heads.permute(1, 3, 0, 2, 4).reshape(B, T, 3 * nh * hs), grad_bias, None, None
+
+
+class ProjectedInBackward(torch.autograd.Function):
+    """consume(x, F.linear(source, weight, bias)), keeping x, source and the weights, and neither the projection of
+    `source` nor what `consume` keeps for its own backward: the backward pass projects and consumes again, with
+    gradients on (under the autocast the forward pass ran in). `consume` must draw no random numbers (no dropout):
+    the second pass would draw others. For cross-attention, whose keys and values are a projection of the encoder's
+    states, which the encoder's backward pass needs anyway."""
+
+    @staticmethod
+    def forward(ctx, consume, x, source, weight, bias):
+        device = x.device.type
+        ctx.consume = consume
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        ctx.save_for_backward(x, source, weight, bias)
+        return consume(x, F.linear(source, weight, bias))
+
+    @staticmethod
+    def backward(ctx, grad):
+        need = ctx.needs_input_grad[1:]
+        inputs = [None if t is None else t.detach().requires_grad_(n) for t, n in zip(ctx.saved_tensors, need)]
+        device, enabled, dtype = ctx.autocast
+        with torch.enable_grad(), torch.autocast(device, dtype, enabled=enabled):
+            out = ctx.consume(inputs[0], F.linear(*inputs[1:]))
+            # a sum whose gradient with respect to `out` is `grad` exactly (times 1): handed `grad` itself,
+            # torch.autograd.grad imports sympy for its shape checks (34 MB resident)
+            total = (out * grad).sum()
+        wanted = [t for t, n in zip(inputs, need) if n]
+        grads = iter(torch.autograd.grad(total, wanted) if wanted else ())
+        return (None, *(next(grads) if n else None for n in need))

@@ -88,17 +88,17 @@ class Block(nn.Module):
         self.dropout = Dropout(arch.dropout)
 
     def forward(self, x, bias, memory=None, memory_mask=None, cache=None, rows=None):
-        attended = self.attention(self.attention_norm(x), None, cache=cache, position_bias=bias, rows=rows)
+        # each norm is handed to the projection after it: fused, the normalised copy is not kept for the backward
+        attended = self.attention(x, None, cache=cache, position_bias=bias, rows=rows, norm=self.attention_norm)
         x = _clamp_fp16(residual(x, self.dropout(attended)))
         if memory is not None:
             x = _clamp_fp16(
-                residual(x, self.dropout(self.cross(self.cross_norm(x), memory, memory_mask, cache, rows=rows)))
+                residual(x, self.dropout(self.cross(x, memory, memory_mask, cache, rows=rows, norm=self.cross_norm)))
             )
-        h = self.ffn_norm(x)
-        if _fp16_autocast(h):  # the feed-forward output overflows fp16: run it in fp32
+        if _fp16_autocast(x):  # the feed-forward output overflows fp16: run it in fp32
             with torch.autocast("cuda", enabled=False):
-                return _clamp_fp16(x + self.dropout(self.ffn(h.float())).to(x.dtype))
-        return _clamp_fp16(residual(x, self.dropout(self.ffn(h))))
+                return _clamp_fp16(x + self.dropout(self.ffn(self.ffn_norm(x).float())).to(x.dtype))
+        return _clamp_fp16(residual(x, self.dropout(self.ffn(x, norm=self.ffn_norm))))
 
 
 def _mask_bias(bias: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
