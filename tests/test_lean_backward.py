@@ -432,9 +432,10 @@ def test_biased_self_attention_rebuilds_its_weights_with_the_plain_outputs_and_g
 def test_cross_attention_projects_the_memory_again_in_the_backward_pass_with_the_kept_results():
     """In training, the keys and values of the encoder's states are projected again in the backward pass
     (`ProjectedInBackward`): outputs and gradients bit for bit those of the path that keeps them (a decoding cache's),
-    and nothing the size of the projection is kept. With attention dropout they are kept, as before."""
+    and nothing the size of the projection is kept. With attention dropout they are kept, as without
+    `recompute_memory` (BART)."""
     torch.manual_seed(0)
-    cross = CrossAttention(32, 4, 0.0)
+    cross = CrossAttention(32, 4, 0.0, recompute_memory=True)
     x, memory = torch.randn(3, 5, 32, requires_grad=True), torch.randn(3, 7, 32, requires_grad=True)
     mask = torch.ones(3, 1, 1, 7, dtype=torch.bool)
     mask[0, ..., 5:] = False
@@ -452,6 +453,8 @@ def test_cross_attention_projects_the_memory_again_in_the_backward_pass_with_the
 
     assert largest_kept() < projection
     cross.dropout = 0.1
+    assert largest_kept() >= projection
+    cross.dropout, cross.recompute_memory = 0.0, False
     assert largest_kept() >= projection
 
 

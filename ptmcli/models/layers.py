@@ -160,12 +160,20 @@ def _merge_heads(y: torch.Tensor, rows: PackedRows | None) -> torch.Tensor:
 
 class CrossAttention(nn.Module):
     """Decoder-to-encoder attention: queries from the decoder, keys/values from the encoder output. When
-    decoding with a cache, the encoder's keys/values are projected once and kept; in training they are projected
-    again in the backward pass instead of kept."""
+    decoding with a cache, the encoder's keys/values are projected once and kept. `recompute_memory`: in training,
+    project them again in the backward pass instead of keeping them (T5)."""
 
-    def __init__(self, hidden_size: int, num_heads: int, dropout: float, bias: bool = True, scale: float | None = None):
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        dropout: float,
+        bias: bool = True,
+        scale: float | None = None,
+        recompute_memory: bool = False,
+    ):
         super().__init__()
-        self.num_heads = num_heads
+        self.num_heads, self.recompute_memory = num_heads, recompute_memory
         self.query = nn.Linear(hidden_size, hidden_size, bias=bias)
         self.kv = nn.Linear(hidden_size, 2 * hidden_size, bias=bias)
         self.out = nn.Linear(hidden_size, hidden_size, bias=bias)
@@ -185,12 +193,12 @@ class CrossAttention(nn.Module):
         query = normed_projection(self.query, x, norm)
         query = query if rows is None else rows.unpack(query)
         dropout = self.dropout if self.training else 0.0
-        recompute = dropout == 0.0 and isinstance(self.kv, nn.Linear) and not torch.compiler.is_compiling()
-        if cache is None and torch.is_grad_enabled() and recompute:
+        recompute = self.recompute_memory and dropout == 0.0 and isinstance(self.kv, nn.Linear)
+        if cache is None and torch.is_grad_enabled() and recompute and not torch.compiler.is_compiling():
             # Every decoder layer's keys and values of the encoder's states, (B, S, 2C), would be kept for the
             # backward pass with what the attention keeps; projected again there instead (the encoder's states are
-            # kept anyway), one projection of the memory more per layer: T5's bench step kept 30 MB less. Not with
-            # attention dropout (the second pass would draw other masks), nor under torch.compile (it fuses its own)
+            # kept anyway), one projection of the memory more per layer. Not with attention dropout (the second
+            # pass would draw other masks), nor under torch.compile (it fuses its own)
             attend = functools.partial(self._attend, mask=mask)
             y = ProjectedInBackward.apply(attend, query, memory, self.kv.weight, self.kv.bias)
         elif cache is not None and "memory_k" in cache:

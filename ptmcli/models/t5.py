@@ -79,7 +79,11 @@ class Block(nn.Module):
         self.attention = SelfAttention(h, arch.num_heads, arch.attention_dropout, bias=False, scale=1.0)
         if decoder:
             self.cross_norm = RMSNorm(h, arch.layer_norm_eps)
-            self.cross = CrossAttention(h, arch.num_heads, arch.attention_dropout, bias=False, scale=1.0)
+            # T5's bench step kept 30 MB less (4 % of its peak) for ~3 % of its time; BART, at half of Hugging
+            # Face's memory without it, keeps them (its speed bar is nearer)
+            self.cross = CrossAttention(
+                h, arch.num_heads, arch.attention_dropout, bias=False, scale=1.0, recompute_memory=True
+            )
         self.ffn_norm = RMSNorm(h, arch.layer_norm_eps)
         gated = arch.feed_forward == "gated-gelu"
         self.ffn = FeedForward(
