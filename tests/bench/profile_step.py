@@ -1,6 +1,7 @@
 """Where one of `make bench`'s ptm steps spends its time: `torch.profiler` over two training steps of a family's bench
 model (the same overrides, batches and optimizer), after a few unprofiled ones.
-Run: python tests/bench/profile_step.py FAMILY [--kept | --rss | --heap]  (bert roberta gpt t5 bart electra xlnet)
+Run: python tests/bench/profile_step.py FAMILY [--kept | --rss | --heap] [--hf]
+(FAMILY: bert roberta gpt t5 bart electra xlnet)
 Prints tokens/s over 6 steps and the process's peak RSS, then the ops by their own CPU time, each matrix-product
 shape's GFLOP/s and the other ops by input shape; with --kept instead, the tensors one forward pass keeps for the
 backward pass (distinct storages, parameters left out) summed by the line of ptm that made autograd keep them; with
@@ -9,13 +10,16 @@ steps); with --heap, what C's allocator (glibc malloc, where torch's CPU tensors
 every 2 ms: the most bytes in live blocks at once against the most it held from the system, whose difference is
 memory freed inside the heap but not reusable for the next request (fragmentation), and the peak RSS beside them,
 then the memory free in the heap after the last step and in how many pieces. glibc's malloc is set up as `ptm` sets it
-(ptmcli/malloc.py); `GLIBC_TUNABLES=glibc.malloc.tcache_count=7` keeps glibc's default tcache instead."""
+(ptmcli/malloc.py); `GLIBC_TUNABLES=glibc.malloc.tcache_count=7` keeps glibc's default tcache instead. With --hf, the
+same for a step of the bench's Hugging Face side instead (ptm's model exported into the family's Hugging Face class,
+as `bench.run_hf` loads it, torch's AdamW, the same batches; not with --kept)."""
 
 from __future__ import annotations
 
 import collections
 import resource
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -105,6 +109,26 @@ def heap_over(steps) -> None:
     print(f"after the last step: {info.fordblks / 2**20:,.0f} MB free in the heap, in {info.ordblks:,} pieces")
 
 
+def hf_step(name: str, cfg, model, tokenizer, batches):
+    """A training step of the bench's Hugging Face side on the next of `batches`, returning its real tokens."""
+    from ptmcli.export import write_pretraining
+
+    exported = Path(tempfile.mkdtemp(prefix=f"hf-{name}-profile-"))
+    write_pretraining(model, cfg.model, cfg.objective.name, tokenizer, exported)
+    hf = bench.hf_model(name, exported, cfg.objective.rtd_weight).train()
+    optimizer = torch.optim.AdamW(hf.parameters(), lr=cfg.optimizer.lr, weight_decay=cfg.optimizer.weight_decay)
+
+    def step() -> int:
+        batch = next(batches)
+        hf(**bench.INPUTS[name](batch))["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return batch["num_tokens"]
+
+    return step
+
+
 def main() -> None:
     restart_tuned()  # as the `ptm` command starts
     resident_mb("torch and ptm imported")
@@ -129,6 +153,11 @@ def main() -> None:
         optimizer.zero_grad(set_to_none=True)
         return batch["num_tokens"]
 
+    if "--hf" in sys.argv:
+        if "--kept" in sys.argv:
+            raise SystemExit("--kept attributes what is kept to ptm's lines: not with --hf")
+        step = hf_step(name, cfg, model, tokenizer, batches)
+        del model, optimizer
     if "--rss" in sys.argv:
         resident_mb("model and optimizer")
         for i in range(8):
@@ -146,7 +175,9 @@ def main() -> None:
     start = time.perf_counter()
     tokens = sum(step() for _ in range(6))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"{name}: {tokens / (time.perf_counter() - start):,.0f} tokens/s over 6 steps, peak RSS {peak:,.0f} MB")
+    side = "Hugging Face" if "--hf" in sys.argv else "ptm"
+    rate = tokens / (time.perf_counter() - start)
+    print(f"{name} ({side}): {rate:,.0f} tokens/s over 6 steps, peak RSS {peak:,.0f} MB")
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         for _ in range(2):
             step()
