@@ -31,7 +31,7 @@ def param_groups(model: nn.Module, cfg: OptimizerConfig, lr_scale: Callable[[str
 
 class _Undecorated:
     """A torch optimizer's own methods, called without the wrappers that keep torch's compiler out of them: each
-    wrapper imports `torch._dynamo` on its first call (with sympy, torch.distributed and more: 71 MB resident, 9 % of
+    wrapper imports `torch._dynamo` on its first call (with sympy, torch.distributed and more: 71 MB resident, ~10 % of
     T5-mini's bench peak) to run eager code that ptm never compiles. The methods underneath are torch's, unchanged
     (the wrappers' `__wrapped__`); where a torch version has no such attribute, the wrapper is called as before."""
 

@@ -68,7 +68,7 @@ def shard(model: nn.Module, hw: Hardware, dist: Dist) -> nn.Module:
 
 def is_sharded(model: nn.Module) -> bool:
     # only `shard` makes an FSDPModule, and it imports FSDP: where nothing has, the answer is known without importing
-    # it (with sympy and the rest of torch.distributed, ~50 MB resident)
+    # it (with sympy and the rest of torch.distributed, ~44 MB resident)
     fsdp = sys.modules.get("torch.distributed.fsdp")
     return fsdp is not None and isinstance(model, fsdp.FSDPModule)
 
