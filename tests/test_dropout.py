@@ -1,11 +1,11 @@
-"""Cheap CPU dropout (models/dropout.py) and attention written out around it (models/layers.attention)."""
+"""Cheap CPU dropout (models/dropout.py) and attention written out around it (models/attention.attention)."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from ptmcli.models.attention import attention
 from ptmcli.models.dropout import Dropout, dropout
-from ptmcli.models.layers import attention
 
 
 def test_dropout_drops_the_share_asked_and_keeps_the_expectation():

@@ -87,6 +87,7 @@ def test_layers_import_downwards_only():
                 problems.append(f"{module} imports {imported}")
             shared = (
                 "models.layers",
+                "models.attention",
                 "models.vocab_loss",
                 "models.dropout",
                 "models.recompute",

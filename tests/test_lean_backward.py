@@ -6,9 +6,11 @@ import torch
 import torch.nn.functional as F
 
 from ptmcli.models import PRETRAINING_MODELS, layers
+from ptmcli.models import attention as attention_module
 from ptmcli.models import rows as row_sets
+from ptmcli.models.attention import CrossAttention, attention
 from ptmcli.models.dropout import dropout, dropout_matmul
-from ptmcli.models.layers import CrossAttention, FeedForward, attention, residual
+from ptmcli.models.layers import FeedForward, residual
 from ptmcli.models.recompute import BiasedAttention, RMSNormThenLinear, rms_norm
 from ptmcli.models.rows import PackedRows, QueryRows
 from ptmcli.models.xlnet import TwoStreamAttention, relative_shift, relative_sinusoid
@@ -481,9 +483,12 @@ def test_t5_keeps_less_with_the_plain_loss_and_gradients(monkeypatch):
         return sum(t.untyped_storage().nbytes() for t in kept if not isinstance(t, torch.nn.Parameter))
 
     lean, lean_kept = step(), kept_bytes()
-    monkeypatch.setattr(layers, "weights_rebuilt", lambda *a: False)
-    monkeypatch.setattr(layers, "normed_projection", lambda linear, x, norm: linear(x if norm is None else norm(x)))
-    monkeypatch.setattr(layers.ProjectedInBackward, "apply", lambda consume, x, m, w, b: consume(x, F.linear(m, w, b)))
+    monkeypatch.setattr(attention_module, "weights_rebuilt", lambda *a: False)
+    plain_projection = lambda linear, x, norm: linear(x if norm is None else norm(x))  # noqa: E731
+    for module in (attention_module, layers):
+        monkeypatch.setattr(module, "normed_projection", plain_projection)
+    kept_projection = lambda consume, x, m, w, b: consume(x, F.linear(m, w, b))  # noqa: E731
+    monkeypatch.setattr(attention_module.ProjectedInBackward, "apply", kept_projection)
     plain, plain_kept = step(), kept_bytes()
     for ours, ref in zip(lean, plain):
         torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)

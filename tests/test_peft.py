@@ -7,9 +7,9 @@ import torch
 
 from ptmcli import checkpoint, peft
 from ptmcli.distributed import Dist
+from ptmcli.models.attention import SelfAttention
 from ptmcli.models.bert import build_encoder
 from ptmcli.models.heads import TaskModel
-from ptmcli.models.layers import SelfAttention
 from ptmcli.optim import build_optimizer, build_schedule
 from ptmcli.peft.adalora import budget
 from ptmcli.schema import AdaLoraTransfer, AdapterTransfer, BertArch, LoraTransfer, OptimizerConfig, PrefixTransfer

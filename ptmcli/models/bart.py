@@ -12,18 +12,9 @@ import torch
 from torch import nn
 
 from ptmcli.architectures import BartArch
+from ptmcli.models.attention import CrossAttention, SelfAttention, padding_mask
 from ptmcli.models.dropout import Dropout
-from ptmcli.models.layers import (
-    CrossAttention,
-    EncoderDecoderLM,
-    FeedForward,
-    SelfAttention,
-    init_normal,
-    layer_stack,
-    padding_mask,
-    residual,
-    run_encoder_layers,
-)
+from ptmcli.models.layers import EncoderDecoderLM, FeedForward, init_normal, layer_stack, residual, run_encoder_layers
 from ptmcli.models.rows import PackedRows
 
 

@@ -3,14 +3,17 @@
 Left to autograd, down(gelu(up(x))) keeps two (tokens x intermediate) tensors per layer: the GELU's input for
 its own derivative and its output for the down projection's weight gradient. They are the largest tensors a
 layer keeps (4x the hidden width). `GeluThenLinear` keeps the input alone and recomputes the GELU in the
-backward pass, an elementwise op that costs far less than the products beside it. `rms_norm` (T5's norm) keeps
-its input and one number per token, where autograd keeps the input and the normalised copy.
+backward pass, an elementwise op that costs far less than the products beside it. `rms_norm` (T5's norm, and its
+module `RMSNorm`) keeps its input and one number per token, where autograd keeps the input and the normalised copy.
+For T5 the same is done to the normalised input of each projection (`RMSNormThenLinear`), the attention weights
+(`BiasedAttention`) and cross-attention's keys and values (`ProjectedInBackward`), each for one small product more.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 # the activations whose input is worth keeping instead of their output, with F.gelu's name for each; not ReLU,
 # whose derivative needs only its output, which the down projection keeps anyway
@@ -132,6 +135,28 @@ class _RMSNorm(torch.autograd.Function):
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """weight * x / rms(x), the division in fp32 and the result in the weight's dtype (T5's layer norm)."""
     return _RMSNorm.apply(x, weight, eps)
+
+
+class RMSNorm(nn.Module):
+    """T5's layer norm: scale by the root mean square, no mean subtraction and no bias; computed in fp32."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+def normed_projection(linear: nn.Module, x: torch.Tensor, norm: RMSNorm | None) -> torch.Tensor:
+    """linear(norm(x)), fused where an `RMSNorm` meets a plain `nn.Linear` (not one LoRA or an adapter wraps), so
+    the normalised x is not kept for the backward pass (`RMSNormThenLinear`)."""
+    if norm is None:
+        return linear(x)
+    if isinstance(norm, RMSNorm) and isinstance(linear, nn.Linear):
+        return RMSNormThenLinear.apply(x, norm.weight, norm.eps, linear.weight, linear.bias)
+    return linear(norm(x))
 
 
 class RMSNormThenLinear(torch.autograd.Function):

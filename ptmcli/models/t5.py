@@ -14,8 +14,10 @@ import torch
 from torch import nn
 
 from ptmcli.architectures import T5Arch
+from ptmcli.models.attention import CrossAttention, SelfAttention
 from ptmcli.models.dropout import Dropout
-from ptmcli.models.layers import CrossAttention, EncoderDecoderLM, FeedForward, RMSNorm, SelfAttention, residual
+from ptmcli.models.layers import EncoderDecoderLM, FeedForward, residual
+from ptmcli.models.recompute import RMSNorm
 from ptmcli.models.rows import PackedRows
 
 

@@ -22,8 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ptmcli.architectures import XlnetArch
+from ptmcli.models.attention import SelfAttention
 from ptmcli.models.dropout import Dropout, dropout_matmul
-from ptmcli.models.layers import FeedForward, SelfAttention, init_normal, residual
+from ptmcli.models.layers import FeedForward, init_normal, residual
 from ptmcli.models.vocab_loss import VocabLoss, projected_cross_entropy
 
 

@@ -1,4 +1,4 @@
-"""Parameter-efficient fine-tuning, for any family built from the shared layers (`models/layers.py`).
+"""Parameter-efficient fine-tuning, for any family built from the shared layers (`models/layers.py`, `attention.py`).
 
 `apply` freezes the backbone and injects the method by module type and name: LoRA/AdaLoRA wrap the linear
 layers named in `transfer.targets` (query/key/value are slices of the fused `qkv`), adapters wrap every
@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from ptmcli.errors import PtmError
-from ptmcli.models.layers import FeedForward, SelfAttention
+from ptmcli.models.attention import SelfAttention
+from ptmcli.models.layers import FeedForward
 from ptmcli.peft.adalora import RankAllocator
 from ptmcli.peft.adapters import Adapted
 from ptmcli.peft.lora import LowRankLinear

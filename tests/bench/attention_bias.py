@@ -1,6 +1,6 @@
 """Attention with an additive bias that needs a gradient (T5's position bias) on a CPU, forward + backward at T5's
 bench shapes (32 sequences x 4 heads x 116 positions x 64): torch's SDPA, which runs its reference computation for
-such a mask, against ptm's `models/layers.attention`, which writes the same computation out, and against
+such a mask, against ptm's `models/attention.attention`, which writes the same computation out, and against
 `BiasedAttention` (what T5's self-attention runs without dropout: from the fused projection, the weights rebuilt in
 the backward pass; its output is merged back to (B, T, C), viewed here as heads again). Prints the median of 20
 interleaved repeats of each and the largest difference between each one's gradients and SDPA's.
@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from backward_timing import time_backward
 
-from ptmcli.models.layers import attention
+from ptmcli.models.attention import attention
 from ptmcli.models.recompute import BiasedAttention
 
 B, HEADS, T, HEAD_SIZE = 32, 4, 116, 64

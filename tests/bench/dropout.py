@@ -1,6 +1,6 @@
 """Dropout alone: a BERT-mini activation (32 x 128 x 256) and its attention weights (32 x 4 x 128 x 128) at p = 0.1,
 forward + backward, torch's dropout against ptm's (models/dropout.py), and attention with dropout through SDPA
-against ptm's written-out attention (models/layers.attention).
+against ptm's written-out attention (models/attention.attention).
 Run: python tests/bench/dropout.py  (best of 8 interleaved repeats, milliseconds per call)."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from ptmcli.models.attention import attention
 from ptmcli.models.dropout import dropout
-from ptmcli.models.layers import attention
 
 
 def main() -> None:
