@@ -181,15 +181,15 @@ class RMSNormThenLinear(torch.autograd.Function):
         x, norm_weight, rstd, weight = ctx.saved_tensors
         need = ctx.needs_input_grad
         unit = x.float() * rstd
-        normed = unit.to(norm_weight.dtype) * norm_weight
         grad = grad.to(ctx.compute)
         grad_weight = grad_bias = grad_x = grad_norm_weight = None
-        if need[3]:
-            grad_weight = (grad.flatten(0, -2).T @ normed.to(ctx.compute).flatten(0, -2)).to(weight.dtype)
+        if need[3]:  # the normalised input, as the forward pass made it, only for the weight's gradient
+            normed = (unit.to(norm_weight.dtype) * norm_weight).to(ctx.compute)
+            grad_weight = (grad.flatten(0, -2).T @ normed.flatten(0, -2)).to(weight.dtype)
         if ctx.bias_dtype is not None and need[4]:
             grad_bias = grad.flatten(0, -2).sum(0).to(ctx.bias_dtype)
         if need[0] or need[1]:
-            grad_normed = (grad @ weight.to(ctx.compute)).to(normed.dtype)
+            grad_normed = (grad @ weight.to(ctx.compute)).to(norm_weight.dtype)
             grad_x, grad_norm_weight = _rms_norm_backward(grad_normed, x, norm_weight, rstd, unit, need[:2])
         return grad_x, grad_norm_weight, None, grad_weight, grad_bias
 
