@@ -3,7 +3,8 @@ model (the same overrides, batches and optimizer), after a few unprofiled ones.
 Run: python tests/bench/profile_step.py FAMILY [--kept | --rss | --heap] [--hf]
 (FAMILY: bert roberta gpt t5 bart electra xlnet)
 Prints tokens/s over 6 steps and the process's peak RSS, then the ops by their own CPU time, each matrix-product
-shape's GFLOP/s and the other ops by input shape; with --kept instead, the tensors one forward pass keeps for the
+shape's GFLOP/s, the step's product FLOPs against this CPU's fp32 matmul rate (the fastest a step doing them could
+be), and the other ops by input shape; with --kept instead, the tensors one forward pass keeps for the
 backward pass (distinct storages, parameters left out) summed by the line of ptm that made autograd keep them; with
 --rss, the process's resident memory after each stage (torch and ptm imported, data, model and optimizer, then 8
 steps); with --heap, what C's allocator (glibc malloc, where torch's CPU tensors live) holds over 8 steps, sampled
@@ -41,6 +42,7 @@ from ptmcli.optim import build_optimizer  # noqa: E402
 from ptmcli.pretrain import build_examples  # noqa: E402
 
 PRODUCTS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm")
+FLASH = "aten::_scaled_dot_product_flash_attention_for_cpu"  # and its "_backward"
 
 
 def product_flops(name: str, shapes: list) -> int | None:
@@ -50,6 +52,18 @@ def product_flops(name: str, shapes: list) -> int | None:
         return 2 * b * n * k * m
     a, w = (shapes[1], shapes[2]) if name.startswith("aten::addmm") else (shapes[0], shapes[1])
     return 2 * a[0] * a[1] * w[1] if len(a) == 2 and len(w) == 2 else None
+
+
+def flash_flops(name: str, shapes: list) -> int | None:
+    """FLOPs of one fused attention call (CPU flash SDPA): q·k and weights·v forward, (batch, heads, queries, keys,
+    head size) from its q and k; its backward recomputes q·k and makes four products (weights, v, q and k)."""
+    if name == FLASH:
+        (b, h, tq, d), tk = shapes[0], shapes[1][2]
+        return 4 * b * h * tq * tk * d
+    if name == FLASH + "_backward":
+        (b, h, tq, d), tk = shapes[1], shapes[2][2]
+        return 10 * b * h * tq * tk * d
+    return None
 
 
 def kept_for_backward(forward, parameters) -> None:
@@ -176,8 +190,8 @@ def main() -> None:
     tokens = sum(step() for _ in range(6))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     side = "Hugging Face" if "--hf" in sys.argv else "ptm"
-    rate = tokens / (time.perf_counter() - start)
-    print(f"{name} ({side}): {rate:,.0f} tokens/s over 6 steps, peak RSS {peak:,.0f} MB")
+    measured = tokens / (time.perf_counter() - start)
+    print(f"{name} ({side}): {measured:,.0f} tokens/s over 6 steps, peak RSS {peak:,.0f} MB")
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         for _ in range(2):
             step()
@@ -191,6 +205,25 @@ def main() -> None:
                 rows.append((seconds, event.key, event.input_shapes, event.count, flops * event.count / seconds / 1e9))
     for seconds, key, shapes, count, rate in sorted(rows, key=lambda r: r[0], reverse=True)[:20]:
         print(f"{seconds:6.3f} s  {key:11} {shapes} x{count}  {rate:.0f} GFLOP/s")
+    fastest_step(prof, tokens / 6, measured)
+
+
+def fastest_step(prof, tokens_per_step: float, measured: float) -> None:
+    """The step's matrix products (fused attention's included) in FLOPs, against this CPU's fp32 matmul rate measured
+    now: how fast a step doing the same products could be if they all ran at that rate and nothing else took time."""
+    from ptmcli.hardware import cpu_matmul_rate
+
+    flops = 0
+    for event in prof.key_averages(group_by_input_shape=True):
+        count = product_flops(event.key, event.input_shapes) if event.key in PRODUCTS else None
+        count = count or flash_flops(event.key, event.input_shapes)
+        flops += (count or 0) * event.count
+    flops /= 2  # two steps profiled
+    ceiling = cpu_matmul_rate(seconds=3.0)
+    best = tokens_per_step * ceiling / flops
+    print(f"\nmatrix products: {flops / 1e9:,.1f} GFLOP a step of {tokens_per_step:,.0f} tokens; all at this CPU's "
+          f"fp32 matmul rate ({ceiling / 1e9:,.0f} GFLOP/s, measured now), with nothing else taking time: "
+          f"{best:,.0f} tokens/s; measured {measured:,.0f} ({measured / best:.0%} of that)")  # fmt: skip
     print("\nthe other ops by input shape:")
     others = [e for e in prof.key_averages(group_by_input_shape=True) if e.key.startswith("aten::")]
     others = [e for e in others if e.key not in PRODUCTS]
