@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from ptmcli.data.lm_examples import permutation
 from ptmcli.models import PRETRAINING_MODELS, vocab_loss
+from ptmcli.models.exponential import exp_
 from ptmcli.models.vocab_loss import IGNORE, projected_cross_entropy
 from ptmcli.objectives import OBJECTIVES
 from ptmcli.schema import BartArch, BertArch, ElectraArch, GptArch, ObjectiveConfig, RobertaArch, T5Arch, XlnetArch
@@ -53,6 +54,28 @@ def test_loss_gradients_and_statistics_equal_the_full_computation():
     assert torch.equal(out.predicted, logits.argmax(-1))
     assert out.sampled is None
     _compare(out.loss, reference, [hidden, weight, bias])
+
+
+def test_exp_equals_torch_exp_and_underflows_to_zero():
+    x = torch.linspace(-87.0, 5.0, 100_001)
+    torch.testing.assert_close(exp_(x.clone()), x.exp(), rtol=4e-6, atol=0)
+    tail = torch.tensor([-95.0, -200.0, torch.finfo(torch.float32).min, float("-inf")])
+    out = exp_(tail.clone())
+    assert torch.all(out >= 0) and torch.all(out <= 1e-40) and torch.equal(out[1:], torch.zeros(3))
+    x = torch.randn(5)
+    assert exp_(x) is x  # in place
+
+
+def test_logits_far_below_their_row_s_largest_give_the_full_computation_s_loss():
+    """Logits spread over hundreds of units, as a confident model's: most of a row's exponentials underflow to 0."""
+    torch.manual_seed(0)
+    hidden = torch.randn(40, 24, requires_grad=True)
+    weight = (torch.randn(V, 24) * 20).requires_grad_()
+    targets = torch.randint(0, V, (40,))
+    logits = F.linear(hidden, weight)
+    assert ((logits - logits.amax(-1, keepdim=True)) < -87.3).float().mean() > 0.5
+    reference = F.cross_entropy(logits, targets, reduction="sum")
+    _compare(projected_cross_entropy(hidden, weight, None, targets).loss, reference, [hidden, weight])
 
 
 def test_the_logits_buffer_kept_between_calls_on_a_cpu_leaves_no_trace_in_the_next_loss():

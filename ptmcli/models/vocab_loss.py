@@ -15,6 +15,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from ptmcli.models.exponential import exp_
+
 IGNORE = -100  # a target that counts for nothing (padding), as in F.cross_entropy
 # On a CPU at most EFFICIENT_ROWS rows a chunk, fewer only where their logits pass MAX_CHUNK_ELEMENTS (128 MiB in
 # fp32). On 2 CPU cores the products run slower on fewer rows (`python tests/bench/vocab_loss.py --rows 333 512 1024`,
@@ -124,7 +126,8 @@ def _exponentiate(x: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor,
     On a CPU a few rows at a time: a block's passes (max, subtract, exponentiate, sum) then run in the core's cache,
     where over a whole chunk each pass went through memory. 512 rows of GPT-2's 50,257 logits: 25 ms whole, 14 ms
     in blocks of 4-16 rows, beside 51 ms for their product; the output layer's forward + backward 1.41 -> 1.33 s
-    (`python tests/bench/vocab_loss.py --block-rows 5 8 16 512`). On a GPU a block is a kernel launch: one block."""
+    (`python tests/bench/vocab_loss.py --block-rows 5 8 16 512`). On a GPU a block is a kernel launch: one block.
+    The exponentials are `exponential.exp_`'s: torch's exp slows down 10-30x on the logits that underflow."""
     rows = max(1, CACHE_BLOCK_ELEMENTS // x.shape[1]) if x.device.type == "cpu" else x.shape[0]
     shifted_target = torch.empty(x.shape[0], dtype=x.dtype, device=x.device)
     total = torch.empty_like(shifted_target)
@@ -132,7 +135,7 @@ def _exponentiate(x: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor,
         block = x[start : start + rows]
         block.sub_(block.amax(-1, keepdim=True))
         torch.gather(block, 1, targets[start : start + rows, None], out=shifted_target[start : start + rows, None])
-        torch.sum(block.exp_(), -1, out=total[start : start + rows])
+        torch.sum(exp_(block), -1, out=total[start : start + rows])
     return shifted_target, total
 
 
