@@ -127,7 +127,7 @@ def _exponentiate(x: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor,
     where over a whole chunk each pass went through memory. 512 rows of GPT-2's 50,257 logits: 25 ms whole, 14 ms
     in blocks of 4-16 rows, beside 51 ms for their product; the output layer's forward + backward 1.41 -> 1.33 s
     (`python tests/bench/vocab_loss.py --block-rows 5 8 16 512`). On a GPU a block is a kernel launch: one block.
-    The exponentials are `exponential.exp_`'s: torch's exp slows down 10-30x on the logits that underflow."""
+    The exponentials are `exponential.exp_`'s: torch's exp slows down 12-37x on the logits that underflow."""
     rows = max(1, CACHE_BLOCK_ELEMENTS // x.shape[1]) if x.device.type == "cpu" else x.shape[0]
     shifted_target = torch.empty(x.shape[0], dtype=x.dtype, device=x.device)
     total = torch.empty_like(shifted_target)
