@@ -2,18 +2,18 @@
 model (the same overrides, batches and optimizer), after a few unprofiled ones.
 Run: python tests/bench/profile_step.py FAMILY [--kept | --rss | --heap] [--hf]
 (FAMILY: bert roberta gpt t5 bart electra xlnet)
-Prints tokens/s over 6 steps and the process's peak RSS, then the ops by their own CPU time, each matrix-product
-shape's GFLOP/s, the step's product FLOPs against this CPU's fp32 matmul rate (the fastest a step doing them could
-be), and the other ops by input shape; with --kept instead, the tensors one forward pass keeps for the
-backward pass (distinct storages, parameters left out) summed by the line of ptm that made autograd keep them; with
---rss, the process's resident memory after each stage (torch and ptm imported, data, model and optimizer, then 8
-steps); with --heap, what C's allocator (glibc malloc, where torch's CPU tensors live) holds over 8 steps, sampled
-every 2 ms: the most bytes in live blocks at once against the most it held from the system, whose difference is
-memory freed inside the heap but not reusable for the next request (fragmentation), and the peak RSS beside them,
-then the memory free in the heap after the last step and in how many pieces. glibc's malloc is set up as `ptm` sets it
-(ptmcli/malloc.py); `GLIBC_TUNABLES=glibc.malloc.tcache_count=7` keeps glibc's default tcache instead. With --hf, the
-same for a step of the bench's Hugging Face side instead (ptm's model exported into the family's Hugging Face class,
-as `bench.run_hf` loads it, torch's AdamW, the same batches; not with --kept)."""
+Prints tokens/s over 6 steps and the process's peak RSS, the page faults of the two profiled steps, then the ops by
+their own CPU time, each matrix-product shape's GFLOP/s, the step's product FLOPs against this CPU's fp32 matmul rate
+(the fastest a step doing them could be), and the other ops by input shape; with --kept instead, the tensors one forward
+pass keeps for the backward pass (distinct storages, parameters left out) summed by the line of ptm that made autograd
+keep them; with --rss, the process's resident memory after each stage (torch and ptm imported, data, model and
+optimizer, then 8 steps); with --heap, what C's allocator (glibc malloc, where torch's CPU tensors live) holds over 8
+steps, sampled every 2 ms: the most bytes in live blocks at once against the most it held from the system, whose
+difference is memory freed inside the heap but not reusable for the next request (fragmentation), and the peak RSS
+beside them, then the memory free in the heap after the last step and in how many pieces. glibc's malloc is set up as
+`ptm` sets it (ptmcli/malloc.py); `GLIBC_TUNABLES=glibc.malloc.tcache_count=7` keeps glibc's default tcache instead.
+With --hf, the same for a step of the bench's Hugging Face side instead (ptm's model exported into the family's Hugging
+Face class, as `bench.run_hf` loads it, torch's AdamW, the same batches; not with --kept)."""
 
 from __future__ import annotations
 
@@ -96,6 +96,18 @@ def resident_mb(stage: str) -> None:
     current = current_rss_mb()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"{stage:24} resident {current:6,.0f} MB, peak {peak:6,.0f} MB", flush=True)
+
+
+def fault_in_heap(megabytes: int = 768) -> None:
+    """Touch `megabytes` more of glibc's heap and free it, to be kept (`keep_freed_memory`) for what the profiled steps
+    place there. The profiler's records, allocated op by op and kept to the end, land in the memory a step's tensors
+    were freed from, and the next step's tensors then go to heap never touched, whose pages fault in as they are
+    written. Before this (stop 54, `profile_step.py t5`): two profiled T5 steps took 1.95 s of ops against 0.51 s a
+    step unprofiled, and a 3712 x 256 x 1024 product ran at 103 GFLOP/s; with it, 1.18 s, 13 thousand page faults in
+    the two steps, and that product at 313 GFLOP/s (the 2048-wide rate: 366)."""
+    block = 64 << 20  # floats: 256 MB a block, below keep_freed_memory's 512 MB threshold for memory-mapped blocks
+    blocks = [torch.ones(block) for _ in range(max(1, megabytes // 256))]
+    del blocks
 
 
 def heap_over(steps) -> None:
@@ -192,9 +204,13 @@ def main() -> None:
     side = "Hugging Face" if "--hf" in sys.argv else "ptm"
     measured = tokens / (time.perf_counter() - start)
     print(f"{name} ({side}): {measured:,.0f} tokens/s over 6 steps, peak RSS {peak:,.0f} MB")
+    fault_in_heap()
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         for _ in range(2):
             step()
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+    print(f"page faults in the two profiled steps: {faults:,} (outputs written to memory first touched run slow)")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
     rows = []
     for event in prof.key_averages(group_by_input_shape=True):
