@@ -93,6 +93,7 @@ def test_layers_import_downwards_only():
                 "models.recompute",
                 "models.rows",
                 "models.exponential",
+                "models.memory_attention",
             )  # what every family builds from
             if (
                 head == "models"

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ptmcli.models.dropout import dropout_matmul
+from ptmcli.models.memory_attention import MemorySpaceAttention, cheaper
 from ptmcli.models.recompute import BiasedAttention, ProjectedInBackward, RMSNorm, normed_projection
 from ptmcli.models.rows import PackedRows, QueryRows
 
@@ -150,7 +151,9 @@ def _merge_heads(y: torch.Tensor, rows: PackedRows | None) -> torch.Tensor:
 
 class CrossAttention(nn.Module):
     """Decoder-to-encoder attention: queries from the decoder, keys/values from the encoder output. When
-    decoding with a cache, the encoder's keys/values are projected once and kept. `recompute_memory`: in training,
+    decoding with a cache, the encoder's keys/values are projected once and kept. Without a cache, where few decoder
+    tokens attend to many encoder ones (T5's span corruption), the queries attend in the encoder states' own space
+    instead and keys and values are never made (`MemorySpaceAttention`). `recompute_memory`: elsewhere in training,
     project them again in the backward pass instead of keeping them (T5)."""
 
     def __init__(
@@ -184,6 +187,10 @@ class CrossAttention(nn.Module):
         query = query if rows is None else rows.unpack(query)
         dropout = self.dropout if self.training else 0.0
         recompute = self.recompute_memory and dropout == 0.0 and isinstance(self.kv, nn.Linear)
+        if cache is None and self._in_memory_space(query, memory, mask, dropout):
+            scale = self.scale if self.scale is not None else (query.shape[-1] // self.num_heads) ** -0.5
+            y = MemorySpaceAttention.apply(query, memory, self.kv.weight, mask, self.num_heads, scale)
+            return self.out(y if rows is None else rows.pack(y))
         if cache is None and torch.is_grad_enabled() and recompute and not torch.compiler.is_compiling():
             # Every decoder layer's keys and values of the encoder's states, (B, S, 2C), would be kept for the
             # backward pass with what the attention keeps; projected again there instead (the encoder's states are
@@ -199,6 +206,22 @@ class CrossAttention(nn.Module):
                 cache["memory_k"], cache["memory_v"] = kv.chunk(2, dim=-1)
             y = self._attend(query, kv, mask, dropout)
         return self.out(_merge_heads(y, rows))
+
+    def _in_memory_space(self, query: torch.Tensor, memory: torch.Tensor, mask, dropout: float) -> bool:
+        """Whether to attend in the encoder states' space (`MemorySpaceAttention`): where that is less work (few decoder
+        tokens against many encoder ones: T5's span corruption and text-to-text fine-tuning), on a CPU in fp32,
+        without attention dropout, key-value biases or adapters on the projection; not under torch.compile."""
+        B, T, C = query.shape
+        plain = isinstance(self.kv, nn.Linear) and self.kv.bias is None and dropout == 0.0
+        fp32_cpu = query.device.type == "cpu" and query.dtype == memory.dtype == self.kv.weight.dtype == torch.float32
+        exact = (mask is None or mask.dtype == torch.bool) and not torch.is_autocast_enabled("cpu")
+        return (
+            plain
+            and fp32_cpu
+            and exact
+            and not torch.compiler.is_compiling()
+            and cheaper(T, memory.shape[1], C, self.num_heads)
+        )
 
     def _attend(self, query, kv, mask: torch.Tensor | None, dropout: float = 0.0) -> torch.Tensor:
         """(B, T, C) queries attending to keys and values, (B, S, 2C) or a pair of (B, S, C) -> (B, nh, T, hs)."""
