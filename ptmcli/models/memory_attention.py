@@ -36,7 +36,7 @@ class MemorySpaceAttention(torch.autograd.Function):
     """(B, T, C) projected queries attending to (B, S, C) encoder states through the (2C, C) key-value projection
     `weight` (keys' rows first, each H heads of C/H rows) -> (B, T, C), the heads merged. `mask`: (B, 1, 1, S)
     boolean, True where a state may be attended to, or None. Keeps the queries, the states and the attention weights;
-    the backward pass projects the queries and weighs the states again (two of its eight products)."""
+    the backward pass projects the queries and weighs the states again (two of its ten products)."""
 
     @staticmethod
     def forward(ctx, query, memory, weight, mask, heads: int, scale: float):
