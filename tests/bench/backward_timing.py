@@ -1,5 +1,5 @@
 """Forward + backward of a few ways to compute one thing, timed interleaved, for the micro-benches beside this file
-(`attention_bias.py`, `rms_norm.py`)."""
+(`attention_bias.py`, `cross_attention.py`, `rms_norm.py`)."""
 
 from __future__ import annotations
 
