@@ -460,26 +460,34 @@ def test_cross_attention_projects_the_memory_again_in_the_backward_pass_with_the
     assert largest_kept() >= projection
 
 
+def tiny_t5_step(examples: int, inputs: int, targets: int, padded_from: int):
+    """A tiny T5 and one step of it on fixed random batches (the second example's input padded from `padded_from`):
+    returns the forward pass (the loss) and the step (the loss and every gradient)."""
+    arch, objective = PADDED_FAMILIES["t5"]
+    torch.manual_seed(0)
+    model = PRETRAINING_MODELS["t5"](arch, 97, ObjectiveConfig(name=objective))
+    ids, decoder_ids = torch.randint(0, 97, (examples, inputs)), torch.randint(0, 97, (examples, targets))
+    attention_mask = torch.ones(examples, inputs, dtype=torch.long)
+    attention_mask[1, padded_from:] = 0
+    forward = lambda: model(ids, attention_mask, decoder_ids, [decoder_ids.roll(-1, 1)])[0].loss  # noqa: E731
+
+    def step():
+        model.zero_grad()
+        loss = forward()
+        loss.backward()
+        return [loss.detach(), *(p.grad.clone() for p in model.parameters())]
+
+    return forward, step
+
+
 def test_t5_keeps_less_with_the_plain_loss_and_gradients(monkeypatch):
     """A T5 step with its norms fused into the projections, its self-attention weights rebuilt and its cross-attention
     keys and values projected again: the loss and every gradient of the straightforward layers, at least a third
     less kept between the passes."""
-    arch, objective = PADDED_FAMILIES["t5"]
-    torch.manual_seed(0)
-    model = PRETRAINING_MODELS["t5"](arch, 97, ObjectiveConfig(name=objective))
-    ids, decoder_ids = torch.randint(0, 97, (4, 12)), torch.randint(0, 97, (4, 6))
-    attention_mask = torch.ones(4, 12, dtype=torch.long)
-    attention_mask[1, 9:] = 0
-    targets = [decoder_ids.roll(-1, 1)]
-
-    def step():
-        model.zero_grad()
-        loss = model(ids, attention_mask, decoder_ids, targets)[0].loss
-        loss.backward()
-        return [loss.detach(), *(p.grad.clone() for p in model.parameters())]
+    forward, step = tiny_t5_step(4, 12, 6, 9)
 
     def kept_bytes():
-        kept = kept_storages(lambda: model(ids, attention_mask, decoder_ids, targets))
+        kept = kept_storages(forward)
         return sum(t.untyped_storage().nbytes() for t in kept if not isinstance(t, torch.nn.Parameter))
 
     lean, lean_kept = step(), kept_bytes()

@@ -5,12 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ptmcli.models import PRETRAINING_MODELS
 from ptmcli.models import attention as attention_module
 from ptmcli.models.attention import CrossAttention
 from ptmcli.models.memory_attention import MemorySpaceAttention, cheaper
-from ptmcli.schema import ObjectiveConfig
-from tests.test_lean_backward import PADDED_FAMILIES, kept_storages, outputs_and_grads
+from tests.test_lean_backward import kept_storages, outputs_and_grads, tiny_t5_step
 
 # few queries against many keys, as T5's span corruption (26 targets for 116 inputs at C = 256, H = 4)
 B, T, S, C, H = 3, 4, 40, 32, 4
@@ -87,21 +85,9 @@ def test_attending_in_the_memorys_space_keeps_nothing_the_size_of_the_projected_
 def test_t5_with_few_targets_gets_the_projected_loss_and_gradients(monkeypatch):
     """A T5 step whose decoder attends in the encoder's space (4 targets for 40 inputs): the loss and every gradient
     of the same step with the keys and values projected."""
-    arch, objective = PADDED_FAMILIES["t5"]
-    torch.manual_seed(0)
-    model = PRETRAINING_MODELS["t5"](arch, 97, ObjectiveConfig(name=objective))
-    ids, decoder_ids = torch.randint(0, 97, (3, 40)), torch.randint(0, 97, (3, 4))
-    attention_mask = torch.ones(3, 40, dtype=torch.long)
-    attention_mask[1, 31:] = 0
+    _, step = tiny_t5_step(3, 40, 4, 31)
     calls = []
     monkeypatch.setattr(attention_module, "cheaper", lambda *shape: calls.append(shape) or cheaper(*shape))
-
-    def step():
-        model.zero_grad()
-        loss = model(ids, attention_mask, decoder_ids, [decoder_ids.roll(-1, 1)])[0].loss
-        loss.backward()
-        return [loss.detach(), *(p.grad.clone() for p in model.parameters())]
-
     ours = step()
     assert calls and all(cheaper(*shape) for shape in calls)
     monkeypatch.setattr(attention_module, "cheaper", lambda *shape: False)
