@@ -207,11 +207,13 @@ class CrossAttention(nn.Module):
             y = self._attend(query, kv, mask, dropout)
         return self.out(_merge_heads(y, rows))
 
-    def _in_memory_space(self, query: torch.Tensor, memory: torch.Tensor, mask, dropout: float) -> bool:
+    def _in_memory_space(
+        self, query: torch.Tensor, memory: torch.Tensor, mask: torch.Tensor | None, dropout: float
+    ) -> bool:
         """Whether to attend in the encoder states' space (`MemorySpaceAttention`): where that is less work (few decoder
-        tokens against many encoder ones: T5's span corruption and text-to-text fine-tuning), on a CPU in fp32,
-        without attention dropout, key-value biases or adapters on the projection; not under torch.compile."""
-        B, T, C = query.shape
+        tokens against many encoder ones, as in T5's span corruption), on a CPU in fp32, without attention dropout,
+        key-value biases or adapters on the projection; not under torch.compile."""
+        queries, width = query.shape[1:]
         plain = isinstance(self.kv, nn.Linear) and self.kv.bias is None and dropout == 0.0
         fp32_cpu = query.device.type == "cpu" and query.dtype == memory.dtype == self.kv.weight.dtype == torch.float32
         exact = (mask is None or mask.dtype == torch.bool) and not torch.is_autocast_enabled("cpu")
@@ -220,7 +222,7 @@ class CrossAttention(nn.Module):
             and fp32_cpu
             and exact
             and not torch.compiler.is_compiling()
-            and cheaper(T, memory.shape[1], C, self.num_heads)
+            and cheaper(queries, memory.shape[1], width, self.num_heads)
         )
 
     def _attend(self, query, kv, mask: torch.Tensor | None, dropout: float = 0.0) -> torch.Tensor:

@@ -102,7 +102,7 @@ def fault_in_heap(megabytes: int = 768) -> None:
     """Touch `megabytes` more of glibc's heap and free it, to be kept (`keep_freed_memory`) for what the profiled steps
     place there. The profiler's records, allocated op by op and kept to the end, land in the memory a step's tensors
     were freed from, and the next step's tensors then go to heap never touched, whose pages fault in as they are
-    written. Before this (stop 54, `profile_step.py t5`): two profiled T5 steps took 1.95 s of ops against 0.51 s a
+    written. Before this (stop 54, `profile_step.py t5`): two profiled T5 steps took 1.95 s of ops against 0.58 s a
     step unprofiled, and a 3712 x 256 x 1024 product ran at 103 GFLOP/s; with it, 1.18 s, 13 thousand page faults in
     the two steps, and that product at 313 GFLOP/s (the 2048-wide rate: 366)."""
     block = 64 << 20  # floats: 256 MB a block, below keep_freed_memory's 512 MB threshold for memory-mapped blocks
