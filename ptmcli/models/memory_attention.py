@@ -79,7 +79,8 @@ class MemorySpaceAttention(torch.autograd.Function):
             keyed = _batch_major(torch.bmm(per_head, key_weight), batch)
             grad_memory = torch.bmm(weights.transpose(1, 2), grad_weighed)  # (B, S, C)
             grad_memory.baddbmm_(grad_scores.transpose(1, 2), keyed)
-        grad_keyed = _head_major(torch.bmm(grad_scores, memory), heads)  # (H, B*T, C)
+        if need_query or need_weight:
+            grad_keyed = _head_major(torch.bmm(grad_scores, memory), heads)  # (H, B*T, C)
         if need_query:
             grad_query = torch.bmm(grad_keyed, key_weight.transpose(1, 2))  # (H, B*T, C/H)
             grad_query = grad_query.transpose(0, 1).reshape(batch, queries, width)
