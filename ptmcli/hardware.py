@@ -47,7 +47,8 @@ def resolve(cfg: HardwareConfig, dist: Dist) -> Hardware:
         keep_freed_memory()
     precision = cfg.precision
     if precision == "auto":
-        # bf16 autocast is slower than fp32 on common CPUs, so fp32 is the CPU default.
+        # bf16 autocast is slower than fp32 on CPUs without bf16 matrix units, and changes a run's numbers, so fp32
+        # is the CPU default; where the CPU has them (AMX), hardware.precision=bf16 trains faster (docs/runs.md)
         precision = "fp32" if kind == "cpu" else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
     if precision == "fp16" and kind == "cpu":
         raise PtmError("hardware.precision=fp16 needs a GPU; on CPU use fp32 (or bf16).")
@@ -71,12 +72,14 @@ GPU_PEAKS = {
 }
 
 
-def cpu_matmul_rate(seconds: float = 1.0) -> float:
-    """FLOP/s of fp32 2048-wide matrix products on this CPU with torch's threads, measured now for `seconds`."""
+def cpu_matmul_rate(seconds: float = 1.0, dtype: torch.dtype = torch.float32) -> float:
+    """FLOP/s of 2048-wide matrix products in `dtype` on this CPU with torch's threads, measured now for `seconds`.
+    bf16 differs most where the CPU multiplies bf16 matrices in hardware (AMX): ~2,000 against ~320 GFLOP/s on
+    the 2 cores `docs/results.md` was measured on."""
     # a generator of its own: drawing from torch's would shift every later dropout mask, so a run on a cold cache
     # would differ from the same run on a warm one
     generator = torch.Generator().manual_seed(0)
-    a, b = torch.randn(2048, 2048, generator=generator), torch.randn(2048, 2048, generator=generator)
+    a, b = (torch.randn(2048, 2048, generator=generator).to(dtype) for _ in range(2))
     a @ b
     start, products = time.perf_counter(), 0
     while time.perf_counter() - start < seconds:
@@ -86,9 +89,9 @@ def cpu_matmul_rate(seconds: float = 1.0) -> float:
 
 
 def peak_flops(hw: Hardware) -> float | None:
-    """The device's peak FLOP/s at the run's dtype: a table for known GPUs; on a CPU, a matrix-product rate
-    measured once (1 s, all threads, 2048-wide products: smaller ones stay below the rate) and cached under PTM_CACHE.
-    None when unknown."""
+    """The device's peak FLOP/s at the run's dtype: a table for known GPUs; on a CPU, the rate of matrix products in
+    the run's dtype (autocast's), measured once (1 s, all threads, 2048-wide products: smaller ones stay below the
+    rate) and cached under PTM_CACHE. None when unknown."""
     if hw.device.type == "cuda":
         name = torch.cuda.get_device_name(hw.device)
         for fragment, peaks in GPU_PEAKS.items():
@@ -102,15 +105,19 @@ def peak_flops(hw: Hardware) -> float | None:
     from pathlib import Path
 
     threads = torch.get_num_threads()
-    cache = Path(os.environ.get("PTM_CACHE", Path.home() / ".cache" / "ptm")) / f"cpu-peak-{threads}-threads.json"
+    dtype = "" if hw.dtype == torch.float32 else "-" + str(hw.dtype).removeprefix("torch.")  # fp32 as it was named
+    cache = (
+        Path(os.environ.get("PTM_CACHE", Path.home() / ".cache" / "ptm")) / f"cpu-peak-{threads}-threads{dtype}.json"
+    )
     try:
         return float(json.loads(cache.read_text())["flops"])
     except (OSError, ValueError, KeyError):
         pass
-    flops = cpu_matmul_rate()
+    flops = cpu_matmul_rate(dtype=hw.dtype)
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps({"flops": flops, "threads": threads, "measured": time.strftime("%Y-%m-%d")}))
+        measured = {"flops": flops, "threads": threads, "dtype": str(hw.dtype), "measured": time.strftime("%Y-%m-%d")}
+        cache.write_text(json.dumps(measured))
     except OSError:
         pass
     return flops

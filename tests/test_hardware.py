@@ -21,6 +21,23 @@ def test_measuring_the_cpu_peak_leaves_the_random_stream_alone(tmp_path, monkeyp
     assert torch.equal(torch.get_rng_state(), state)
 
 
+def test_a_bf16_run_on_a_cpu_is_measured_against_bf16_products(tmp_path, monkeypatch):
+    """Under bf16 autocast the products run in bf16 (~6x fp32's rate where the CPU has AMX): its MFU is read against
+    the rate of bf16 products, kept apart from fp32's."""
+    from ptmcli import hardware
+
+    monkeypatch.setenv("PTM_CACHE", str(tmp_path))
+    assert hardware.cpu_matmul_rate(0.01, torch.bfloat16) > 0  # the real measurement takes the dtype
+    measured = []
+    monkeypatch.setattr(hardware, "cpu_matmul_rate", lambda dtype: measured.append(dtype) or len(measured) * 1e9)
+    for dtype in (torch.bfloat16, torch.float32, torch.bfloat16):
+        peak_flops(Hardware(device=torch.device("cpu"), dtype=dtype))
+    assert measured == [torch.bfloat16, torch.float32]  # the second bf16 run reads the first one's back
+    threads = torch.get_num_threads()
+    assert json.loads((tmp_path / f"cpu-peak-{threads}-threads-bfloat16.json").read_text())["flops"] == 1e9
+    assert json.loads((tmp_path / f"cpu-peak-{threads}-threads.json").read_text())["flops"] == 2e9
+
+
 FRESH_BLOCK_FAULTS = """
 import json, resource, torch
 from ptmcli import hardware
