@@ -34,10 +34,11 @@ test: install
 test-slow: install
 	$(PY) -m pytest -q -m slow
 
-# make bench [FAMILY=gpt]: ptm against Hugging Face's classes, every family or one (about 5 min per family)
+# make bench [FAMILY=gpt] [PRECISION=bf16]: ptm against Hugging Face's classes, every family or one (about 5 min
+# per family), in fp32 or both sides under bf16 autocast
 bench: install
 	$(PIP) install -q --no-build-isolation -e '.[bench]'
-	$(PY) tests/bench/bench.py $(FAMILY)
+	PTM_BENCH_PRECISION=$(PRECISION) $(PY) tests/bench/bench.py $(FAMILY)
 
 clean:
 	rm -rf $(VENV) runs outputs multirun

@@ -33,6 +33,11 @@ def test_every_benchmark_entry_runs_both_sides(tmp_path, monkeypatch):
             assert result["tokens_per_s"] > 0 and result["peak_rss_mb"] > 0, (name, side, result)
     tokens = bench.prepare_tokens("bart", tmp_path, smoke=True)  # `bench.py --tokens`: ptm from `ptm prepare`'s output
     assert bench.run_ptm("bart", tmp_path, smoke=True, tokens=tokens)["tokens_per_s"] > 0
+    monkeypatch.setenv("PTM_BENCH_PRECISION", "bf16")  # `make bench PRECISION=bf16`: both sides under bf16 autocast
+    bf16 = _bench_module(name="ptm_bench_bf16")
+    assert "hardware.precision=bf16" in bf16.overrides("t5", smoke=True)
+    for run in bf16.SIDES.values():
+        assert run("t5", tmp_path, smoke=True)["tokens_per_s"] > 0
 
 
 def test_linear_probe_reads_what_the_features_hold():

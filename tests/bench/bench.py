@@ -1,7 +1,8 @@
 """`make bench [FAMILY=gpt]`: pretraining speed of every family, ptm against its Hugging Face counterpart.
 
 Both sides train the same model on the same batches. ptm runs its recipe (`ptm pretrain conf=<family>-mini`,
-AdamW, seq 128, batch 32, fp32 on the CPU). The Hugging Face side is that very model exported with
+AdamW, seq 128, batch 32, fp32 on the CPU; `make bench PRECISION=bf16`: both sides under bf16 autocast, the ceiling
+then the rate of bf16 products). The Hugging Face side is that very model exported with
 `ptm export` and loaded into the family's Hugging Face pretraining class, trained by the `transformers.Trainer`
 on ptm's batches converted to the class's inputs (labels, `perm_mask`/`target_mapping` for XLNet; for ELECTRA,
 which has no pretraining class with a generator, the generator and discriminator stepped together as the
@@ -63,6 +64,7 @@ FAMILIES = {
 FULL = dict(steps=40, warmup=5, batch=32, seq=128)
 # the GPU check (gpu_check.py) runs an entry on the GPU in bf16, optionally with another recipe of the family
 DEVICE = os.environ.get("PTM_BENCH_DEVICE", "cpu")
+PRECISION = "bf16" if DEVICE != "cpu" else os.environ.get("PTM_BENCH_PRECISION") or "fp32"
 RECIPE = os.environ.get("PTM_BENCH_RECIPE")
 SMOKE = dict(steps=2, warmup=1, batch=4, seq=64)
 TOY = ("model.hidden_size=64", "model.num_layers=2", "model.num_heads=2", "model.intermediate_size=128")
@@ -71,12 +73,13 @@ TOY = ("model.hidden_size=64", "model.num_layers=2", "model.num_heads=2", "model
 def overrides(name: str, smoke: bool) -> list[str]:
     family, size = FAMILIES[name], SMOKE if smoke else FULL
     toy = [*TOY, "data.max_train_samples=60", "data.vocab_size=1000", *family.smoke] if smoke else []
-    device = ["hardware=cpu"] if DEVICE == "cpu" else ["hardware.device=cuda", "hardware.precision=bf16"]
+    device = ["hardware=cpu"] if DEVICE == "cpu" else ["hardware.device=cuda"]
     return [
         f"conf={RECIPE or family.recipe}",
         "optimizer=adamw",  # the Trainer's optimizer, for every family (T5's recipe uses Adafactor)
         "optimizer.warmup_steps=2",
         *device,
+        f"hardware.precision={PRECISION}",
         f"data.max_seq_len={size['seq']}",
         f"trainer.batch_size={size['batch']}",
         f"trainer.max_steps={size['steps']}",
@@ -291,7 +294,7 @@ def run_hf(name: str, workdir: Path, smoke: bool = False, tokens: Path | None = 
         save_strategy="no",
         report_to=[],
         use_cpu=DEVICE == "cpu",
-        bf16=DEVICE != "cpu",
+        bf16=PRECISION == "bf16",
         dataloader_num_workers=0,
         seed=cfg.trainer.seed,
     )
@@ -311,12 +314,12 @@ WIDTHS = (10, 11, 10, 7, 9, 8, 6, 9)
 
 
 def cpu_peak_gflops() -> float:
-    """This CPU's fp32 matmul rate (GFLOP/s, all threads), the ceiling 6 x parameters x tokens/s is read against:
-    measured afresh (3 s), not the value ptm's MFU caches, since the same machine runs faster or slower by up to
-    25 % from one hour to the next."""
+    """This CPU's matmul rate at the bench's precision (GFLOP/s, all threads), the ceiling 6 x parameters x tokens/s
+    is read against: measured afresh (3 s), not the value ptm's MFU caches, since the same machine runs faster or
+    slower by up to 25 % from one hour to the next."""
     from ptmcli.hardware import cpu_matmul_rate
 
-    return cpu_matmul_rate(seconds=3.0) / 1e9
+    return cpu_matmul_rate(seconds=3.0, dtype=torch.bfloat16 if PRECISION == "bf16" else torch.float32) / 1e9
 
 
 def side_in_process(side: str, name: str, workdir: str, smoke: bool = False, tokens: Path | None = None) -> dict:
@@ -357,11 +360,14 @@ def main() -> None:
     unknown = [n for n in names if n not in FAMILIES]
     if unknown:
         sys.exit(f"unknown family {unknown[0]!r}: choose from {', '.join(FAMILIES)} (make bench FAMILY=gpt)")
+    if PRECISION not in ("fp32", "bf16"):
+        sys.exit(f"PTM_BENCH_PRECISION={PRECISION!r}: choose fp32 or bf16 (make bench PRECISION=bf16)")
     repeats = int(os.environ.get("PTM_BENCH_REPEATS", "2"))
     peak = cpu_peak_gflops()
     print(
-        f"seq {FULL['seq']}, batch {FULL['batch']}, {FULL['steps']} steps ({FULL['warmup']} warm-up), fp32, "
-        f"{os.cpu_count()} CPU cores (fp32 matmul ceiling measured {peak:.0f} GFLOP/s), {repeats} interleaved repeats"
+        f"seq {FULL['seq']}, batch {FULL['batch']}, {FULL['steps']} steps ({FULL['warmup']} warm-up), {PRECISION}, "
+        f"{os.cpu_count()} CPU cores ({PRECISION} matmul ceiling measured {peak:.0f} GFLOP/s), "
+        f"{repeats} interleaved repeats"
         + (", ptm from a token directory (--tokens)" if from_tokens else ", ptm preparing its corpus" if cold else "")
     )
     print(
@@ -384,6 +390,7 @@ def main() -> None:
         result = {
             "family": name,
             "ptm_data": "tokens" if from_tokens else "source" if cold else "kept",
+            "precision": PRECISION,
             "ptm_tokens_per_s": round(mean["ptm"], 1),
             "hf_tokens_per_s": round(mean["hf"], 1),
             "ratio": round(mean["ptm"] / mean["hf"], 3),
