@@ -48,7 +48,7 @@ def resolve(cfg: HardwareConfig, dist: Dist) -> Hardware:
     precision = cfg.precision
     if precision == "auto":
         # bf16 autocast is slower than fp32 on CPUs without bf16 matrix units, and changes a run's numbers, so fp32
-        # is the CPU default; where the CPU has them (AMX), hardware.precision=bf16 trains faster (docs/runs.md)
+        # is the CPU default; where the CPU has them (AMX), hardware.precision=bf16 trains faster (docs/configs.md)
         precision = "fp32" if kind == "cpu" else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
     if precision == "fp16" and kind == "cpu":
         raise PtmError("hardware.precision=fp16 needs a GPU; on CPU use fp32 (or bf16).")

@@ -27,14 +27,18 @@ for i in range(count):
     spent += time.perf_counter() - start
 print(json.dumps({"ms": spent / count * 1e3, "mb": (rss() - before) / count}))
 """
+CASES = {  # the case CASE runs: what the table calls it
+    "one shape": "one shape",
+    "a new shape each": "a new shape each",
+    "weight gradients": "weight gradients, a new shape each",
+}
 
 
 def main() -> None:
     count = int(sys.argv[1]) if len(sys.argv) > 1 else 100
     print(f"{'dtype':10}{'case':36}{'ms a product':>14}{'RSS added a product':>22}")
     for dtype in ("float32", "bfloat16"):
-        for case in ("one shape", "a new shape each", "weight gradients"):
-            label = case + (", a new shape each" if case == "weight gradients" else "")
+        for case, label in CASES.items():
             out = subprocess.run(
                 [sys.executable, "-c", CASE, dtype, case, str(count)], capture_output=True, text=True, check=True
             )
