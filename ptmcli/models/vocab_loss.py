@@ -72,18 +72,21 @@ def _chunked(hidden, weight, bias, targets, predict: bool, sample: float, need: 
     step = chunk_rows(weight.shape[0], device.type)
     autocast = torch.is_autocast_enabled(device.type)
     compute = torch.get_autocast_dtype(device.type) if autocast else hidden.dtype
-    # fp32: every chunk's logits land in one buffer, written in place from there on. A fresh (rows, V) tensor per
+    # Every chunk's fp32 logits land in one buffer, written in place from there on. A fresh (rows, V) tensor per
     # chunk costs as much in page faults as its matrix product on a CPU. Its rows start 256-byte aligned: with an
     # odd vocabulary (GPT-2's 50,257, BERT's 30,522) the product into unaligned rows ran at 60 % of the speed.
-    buffer = _logits_buffer(min(step, rows), weight.shape[0], device) if compute == torch.float32 else None
+    buffer = _logits_buffer(min(step, rows), weight.shape[0], device)
+    # under autocast, the weight cast once for every chunk's two products (autocast casts it at each)
+    weight_c = weight.to(compute)
+    bias_c = None if bias is None else bias.to(compute)
     for start in range(0, rows, step):
         h, t = hidden[start : start + step], targets[start : start + step]
-        if buffer is not None:
+        if compute == torch.float32:
             x = torch.mm(h.float(), weight.float().t(), out=buffer[: h.shape[0]])
             if bias is not None:
                 x.add_(bias.float())
-        else:
-            x = F.linear(h, weight, bias).float()  # the product in the autocast dtype, the softmax in fp32
+        else:  # the product in the autocast dtype, the softmax in fp32
+            x = buffer[: h.shape[0]].copy_(F.linear(h.to(compute), weight_c, bias_c))
         valid = t != IGNORE
         safe = t.clamp(min=0)
         if predict:
@@ -106,13 +109,13 @@ def _chunked(hidden, weight, bias, targets, predict: bool, sample: float, need: 
         e = x.to(compute)
         if grad_hidden is not None:
             own = weight[safe].float() * keep[:, None]
-            grad_hidden[start : start + step] = (e @ weight.to(compute)).float() * scale[:, None] - own
+            grad_hidden[start : start + step] = (e @ weight_c).float() * scale[:, None] - own
         if grad_weight is not None or grad_bias is not None:
             scaled = (h.float() * scale[:, None]).to(compute)
         if grad_weight is not None and compute == torch.float32:
             grad_weight.addmm_(e.t(), scaled)  # accumulated inside the product: no (V, C) temporary
         elif grad_weight is not None:
-            grad_weight += (e.t() @ scaled).float()
+            grad_weight += e.t() @ scaled  # added in fp32, without an fp32 copy of the (V, C) product
         if grad_weight is not None:
             grad_weight.index_add_(0, safe, h.float() * -keep[:, None])
         if grad_bias is not None:
