@@ -105,9 +105,9 @@ def peak_flops(hw: Hardware) -> float | None:
     from pathlib import Path
 
     threads = torch.get_num_threads()
-    dtype = "" if hw.dtype == torch.float32 else "-" + str(hw.dtype).removeprefix("torch.")  # fp32 as it was named
+    suffix = "" if hw.dtype == torch.float32 else "-" + str(hw.dtype).removeprefix("torch.")  # fp32 as it was named
     cache = (
-        Path(os.environ.get("PTM_CACHE", Path.home() / ".cache" / "ptm")) / f"cpu-peak-{threads}-threads{dtype}.json"
+        Path(os.environ.get("PTM_CACHE", Path.home() / ".cache" / "ptm")) / f"cpu-peak-{threads}-threads{suffix}.json"
     )
     try:
         return float(json.loads(cache.read_text())["flops"])

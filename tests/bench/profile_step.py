@@ -3,17 +3,18 @@ model (the same overrides, batches and optimizer), after a few unprofiled ones.
 Run: python tests/bench/profile_step.py FAMILY [--kept | --rss | --heap] [--hf]
 (FAMILY: bert roberta gpt t5 bart electra xlnet)
 Prints tokens/s over 6 steps and the process's peak RSS, the page faults of the two profiled steps, then the ops by
-their own CPU time, each matrix-product shape's GFLOP/s, the step's product FLOPs against this CPU's fp32 matmul rate
-(the fastest a step doing them could be) and at the rates they ran, and the other ops by input shape; with --kept
-instead, the tensors one forward pass keeps for the backward pass (distinct storages, parameters left out) summed by the
-line of ptm that made autograd keep them; with --rss, the process's resident memory after each stage (torch and ptm
-imported, data, model and optimizer, then 8 steps); with --heap, what C's allocator (glibc malloc, where torch's CPU
-tensors live) holds over 8 steps, sampled every 2 ms: the most bytes in live blocks at once against the most it held
-from the system, whose difference is memory freed inside the heap but not reusable for the next request (fragmentation),
-and the peak RSS beside them, then the memory free in the heap after the last step and in how many pieces. glibc's
-malloc is set up as `ptm` sets it (ptmcli/malloc.py); `GLIBC_TUNABLES=glibc.malloc.tcache_count=7` keeps glibc's default
-tcache instead. With --hf, the same for a step of the bench's Hugging Face side instead (ptm's model exported into the
-family's Hugging Face class, as `bench.run_hf` loads it, torch's AdamW, the same batches; not with --kept)."""
+their own CPU time, each matrix-product shape's GFLOP/s, the step's product FLOPs against this CPU's matmul rate (fp32,
+or bf16 with PTM_BENCH_PRECISION=bf16: the fastest a step doing them could be) and at the rates they ran, and the other
+ops by input shape; with --kept instead, the tensors one forward pass keeps for the backward pass (distinct storages,
+parameters left out) summed by the line of ptm that made autograd keep them; with --rss, the process's resident memory
+after each stage (torch and ptm imported, data, model and optimizer, then 8 steps); with --heap, what C's allocator
+(glibc malloc, where torch's CPU tensors live) holds over 8 steps, sampled every 2 ms: the most bytes in live blocks at
+once against the most it held from the system, whose difference is memory freed inside the heap but not reusable for the
+next request (fragmentation), and the peak RSS beside them, then the memory free in the heap after the last step and in
+how many pieces. glibc's malloc is set up as `ptm` sets it (ptmcli/malloc.py);
+`GLIBC_TUNABLES=glibc.malloc.tcache_count=7` keeps glibc's default tcache instead. With --hf, the same for a step of the
+bench's Hugging Face side instead (ptm's model exported into the family's Hugging Face class, as `bench.run_hf` loads
+it, torch's AdamW, the same batches; not with --kept)."""
 
 from __future__ import annotations
 
@@ -225,10 +226,9 @@ def main() -> None:
 
 
 def fastest_step(prof, tokens_per_step: float, measured: float) -> None:
-    """The step's matrix products (fused attention's included) in FLOPs, against this CPU's fp32 matmul rate measured
-    now: how fast a step doing the same products could be if they all ran at that rate and nothing else took time."""
-    from ptmcli.hardware import cpu_matmul_rate
-
+    """The step's matrix products (fused attention's included) in FLOPs, against this CPU's matmul rate at the bench's
+    precision measured now: how fast a step doing the same products could be if they all ran at that rate and nothing
+    else took time."""
     flops, seconds = 0, 0.0
     for event in prof.key_averages(group_by_input_shape=True):
         count = product_flops(event.key, event.input_shapes) if event.key in PRODUCTS else None
@@ -236,10 +236,10 @@ def fastest_step(prof, tokens_per_step: float, measured: float) -> None:
         flops += (count or 0) * event.count
         seconds += event.self_cpu_time_total / 1e6 if count else 0.0
     flops, seconds = flops / 2, seconds / 2  # two steps profiled
-    ceiling = cpu_matmul_rate(seconds=3.0)
+    ceiling = bench.cpu_peak_gflops() * 1e9
     best = tokens_per_step * ceiling / flops
     print(f"\nmatrix products: {flops / 1e9:,.1f} GFLOP a step of {tokens_per_step:,.0f} tokens; all at this CPU's "
-          f"fp32 matmul rate ({ceiling / 1e9:,.0f} GFLOP/s, measured now), with nothing else taking time: "
+          f"{bench.PRECISION} matmul rate ({ceiling / 1e9:,.0f} GFLOP/s, measured now), with nothing else taking time: "
           f"{best:,.0f} tokens/s; measured {measured:,.0f} ({measured / best:.0%} of that)")  # fmt: skip
     print(f"as profiled they took {seconds:.3f} s a step ({flops / seconds / 1e9:,.0f} GFLOP/s on average): at their "
           f"own rates, with nothing else taking time, {tokens_per_step / seconds:,.0f} tokens/s")  # fmt: skip
