@@ -33,6 +33,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench  # noqa: E402  (the bench's own overrides)
 
+from ptmcli import hardware  # noqa: E402
 from ptmcli.compose import checked, parse  # noqa: E402
 from ptmcli.data.batches import BatchOrder, train_batches  # noqa: E402
 from ptmcli.distributed import Dist  # noqa: E402
@@ -136,8 +137,9 @@ def heap_over(steps) -> None:
     print(f"after the last step: {info.fordblks / 2**20:,.0f} MB free in the heap, in {info.ordblks:,} pieces")
 
 
-def hf_step(name: str, cfg, model, tokenizer, batches):
-    """A training step of the bench's Hugging Face side on the next of `batches`, returning its real tokens."""
+def hf_step(name: str, cfg, model, tokenizer, batches, autocast):
+    """A training step of the bench's Hugging Face side on the next of `batches`, returning its real tokens; its
+    forward pass under `autocast` (the Trainer's `bf16=True`: bf16 autocast around the forward pass)."""
     from ptmcli.export import write_pretraining
 
     exported = Path(tempfile.mkdtemp(prefix=f"hf-{name}-profile-"))
@@ -147,7 +149,9 @@ def hf_step(name: str, cfg, model, tokenizer, batches):
 
     def step() -> int:
         batch = next(batches)
-        hf(**bench.INPUTS[name](batch))["loss"].backward()
+        with autocast():
+            loss = hf(**bench.INPUTS[name](batch))["loss"]
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -169,11 +173,13 @@ def main() -> None:
     model = PRETRAINING_MODELS[cfg.model.family](cfg.model, tokenizer.get_vocab_size(), cfg.objective).train()
     objective = OBJECTIVES[cfg.objective.name](cfg.objective)
     optimizer = build_optimizer(model, cfg.optimizer, torch.device("cpu"), None)
+    hw = hardware.resolve(cfg.hardware, Dist())  # the bench's precision: bf16 autocast as the loop sets it
     batches = train_batches(train, BatchOrder(len(train), cfg.trainer.batch_size, 1, 0, cfg.trainer.seed), 0)
 
     def step() -> int:
         batch = next(batches)
-        sums, _ = objective(model, batch)
+        with hw.autocast():
+            sums, _ = objective(model, batch)
         (sum(sums.values()) / max(1, sum(batch["counts"].values()))).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -183,7 +189,7 @@ def main() -> None:
     if "--hf" in sys.argv:
         if "--kept" in sys.argv:
             raise SystemExit("--kept attributes what is kept to ptm's lines: not with --hf")
-        step = hf_step(name, cfg, model, tokenizer, batches)
+        step = hf_step(name, cfg, model, tokenizer, batches, hw.autocast)
         del model, optimizer
     if "--rss" in sys.argv:
         resident_mb("model and optimizer")
@@ -195,7 +201,8 @@ def main() -> None:
         heap_over(lambda: [step() for _ in range(8)])
         return
     if "--kept" in sys.argv:
-        kept_for_backward(lambda: objective(model, next(batches)), list(model.parameters()))
+        with hw.autocast():
+            kept_for_backward(lambda: objective(model, next(batches)), list(model.parameters()))
         return
     for _ in range(2):
         step()
