@@ -247,3 +247,92 @@ def _correct(family: str, model, batch: dict) -> list[torch.Tensor]:
         return [(logits.argmax(-1) == batch["mlm_targets"]).sum()]
     states = model.generator(batch["input_ids"], None, batch["attention_mask"])[batch["mlm_positions"]]
     return [(model.mlm_head(states).argmax(-1) == batch["mlm_targets"]).sum()]
+
+
+def test_bf16_products_on_a_cpu_run_on_whole_buckets_of_rows_and_give_the_same_loss_and_gradients(monkeypatch):
+    """oneDNN keeps a kernel for each shape it meets: the chunks' products in bf16 see row counts padded to a
+    multiple of SHAPE_ROWS (here 8; chunks of 16 rows, a last one of 2), and the zero rows change nothing."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class ProductShapes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.rows = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default) and args[-1].dtype == torch.bfloat16:
+                a, b = args[-2], args[-1]
+                self.rows += [d for d in (*a.shape, *b.shape) if d not in (1, 32, V)]
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    hidden = torch.randn(50, 32, requires_grad=True)
+    weight = (torch.randn(V, 32) * 0.2).requires_grad_()
+    bias = torch.randn(V, requires_grad=True)
+    targets = torch.randint(0, V, (50,))
+    targets[::7] = IGNORE
+
+    def run(shape_rows: int) -> list[torch.Tensor]:
+        monkeypatch.setattr(vocab_loss, "SHAPE_ROWS", shape_rows)
+        for p in (hidden, weight, bias):
+            p.grad = None
+        shapes = ProductShapes()
+        with torch.autocast("cpu", dtype=torch.bfloat16), shapes:
+            out = projected_cross_entropy(hidden, weight, bias, targets)
+        out.loss.backward()
+        return [out.loss.detach(), hidden.grad, weight.grad, bias.grad], shapes.rows
+
+    padded, rows = run(8)
+    plain, plain_rows = run(1)
+    assert rows and all(r % 8 == 0 for r in rows), rows
+    assert 2 in plain_rows  # without the padding the last chunk's products run on its 2 rows
+    for ours, reference in zip(padded, plain):
+        torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family,objective_name", [("bert", "mlm-nsp"), ("roberta", "mlm")])
+def test_mlm_in_bf16_on_a_cpu_predicts_whole_buckets_of_rows_with_the_same_loss_and_gradients(
+    family, objective_name, monkeypatch
+):
+    """Under CPU autocast the MLM objective pads its masked positions to a multiple of SHAPE_ROWS (here 8) with
+    unmasked real tokens whose targets are IGNORE: the same loss and accuracy as without, the gradients to bf16's
+    rounding (the last layer's products run on more rows)."""
+    from ptmcli.objectives import mlm
+
+    torch.manual_seed(0)
+    arch = CASES[family][0]
+    cfg = ObjectiveConfig(name=objective_name)
+    model = PRETRAINING_MODELS[family](arch, V, cfg).train()
+    objective = OBJECTIVES[objective_name](cfg)
+    batch = _batch(family)
+    if objective_name == "mlm-nsp":
+        batch["token_type_ids"], batch["nsp_labels"] = torch.zeros_like(batch["input_ids"]), torch.tensor([0, 1, 0])
+        batch["mlm_positions"][:, 0] = False
+        batch["mlm_targets"] = batch["input_ids"][batch["mlm_positions"]]
+    monkeypatch.setattr(mlm, "SHAPE_ROWS", 8)
+    masked = batch["mlm_positions"]
+    positions, targets = mlm.whole_buckets_of_rows(masked, batch["mlm_targets"], batch["attention_mask"])
+    added = positions & ~batch["mlm_positions"]
+    assert len(targets) % 8 == 0 and added.any()
+    assert not (added & ~batch["attention_mask"].bool()).any() and not added[:, 0].any()
+    assert added.sum(1).max() <= -(-int(added.sum()) // 3)  # spread over the rows
+    assert torch.equal(targets[batch["mlm_positions"][positions]], batch["mlm_targets"])
+    assert (targets[added[positions]] == IGNORE).all()
+
+    def run(shape_rows: int, training: bool):
+        monkeypatch.setattr(mlm, "SHAPE_ROWS", shape_rows)
+        model.train(training)
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            sums, stats = objective(model, batch)
+        if training:
+            sum(sums.values()).backward()
+        return [*sums.values(), *stats.values()], [p.grad for p in model.parameters()]
+
+    padded, padded_grads = run(8, True)
+    plain, plain_grads = run(1, True)
+    for ours, reference in zip([*padded, *padded_grads], [*plain, *plain_grads]):
+        if reference is not None:
+            torch.testing.assert_close(ours, reference, rtol=2e-2, atol=2e-3)
+    with torch.no_grad():
+        assert run(8, False)[0][len(objective.terms) :] == run(1, False)[0][len(objective.terms) :]

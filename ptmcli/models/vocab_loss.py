@@ -29,6 +29,11 @@ GPU_CHUNK_ELEMENTS = 1 << 24
 EFFICIENT_ROWS = 512
 ROW_ALIGN = 64  # floats
 CACHE_BLOCK_ELEMENTS = 1 << 18  # 1 MiB of fp32 logits: half a core's 2 MB L2 on the benchmark CPU
+# bf16 / fp16 products on a CPU go to oneDNN, which builds a kernel for each new shape and keeps it (~5-7 ms and 1-3
+# MB each, `python tests/bench/bf16_shapes.py`). A chunk's rows (an MLM batch's masked tokens, the last chunk's
+# remainder) change from step to step: there the products run on them padded with zero rows to a multiple of
+# SHAPE_ROWS, so a run meets a handful of shapes (BART-mini's bf16 bench step peaked 300 MB lower, docs/results.md).
+SHAPE_ROWS = 64
 
 
 class VocabLoss(NamedTuple):
@@ -79,14 +84,17 @@ def _chunked(hidden, weight, bias, targets, predict: bool, sample: float, need: 
     # under autocast, the weight cast once for every chunk's two products (autocast casts it at each)
     weight_c = weight.to(compute)
     bias_c = None if bias is None else bias.to(compute)
+    padded = compute != torch.float32 and device.type == "cpu"
     for start in range(0, rows, step):
         h, t = hidden[start : start + step], targets[start : start + step]
+        n = h.shape[0]
+        n_products = -(-n // SHAPE_ROWS) * SHAPE_ROWS if padded else n
         if compute == torch.float32:
-            x = torch.mm(h.float(), weight.float().t(), out=buffer[: h.shape[0]])
+            x = torch.mm(h.float(), weight.float().t(), out=buffer[:n])
             if bias is not None:
                 x.add_(bias.float())
         else:  # the product in the autocast dtype, the softmax in fp32
-            x = buffer[: h.shape[0]].copy_(F.linear(h.to(compute), weight_c, bias_c))
+            x = buffer[:n].copy_(F.linear(_zero_rows_to(h.to(compute), n_products), weight_c, bias_c)[:n])
         valid = t != IGNORE
         safe = t.clamp(min=0)
         if predict:
@@ -106,12 +114,12 @@ def _chunked(hidden, weight, bias, targets, predict: bool, sample: float, need: 
         # per target; ignored rows are zeroed on the narrow side too.
         keep = valid.float()
         scale = keep / total
-        e = x.to(compute)
+        e = _zero_rows_to(x, n_products, compute)
         if grad_hidden is not None:
             own = weight[safe].float() * keep[:, None]
-            grad_hidden[start : start + step] = (e @ weight_c).float() * scale[:, None] - own
+            grad_hidden[start : start + step] = (e @ weight_c)[:n].float() * scale[:, None] - own
         if grad_weight is not None or grad_bias is not None:
-            scaled = (h.float() * scale[:, None]).to(compute)
+            scaled = _zero_rows_to(h.float() * scale[:, None], n_products, compute)
         if grad_weight is not None and compute == torch.float32:
             grad_weight.addmm_(e.t(), scaled)  # accumulated inside the product: no (V, C) temporary
         elif grad_weight is not None:
@@ -119,9 +127,20 @@ def _chunked(hidden, weight, bias, targets, predict: bool, sample: float, need: 
         if grad_weight is not None:
             grad_weight.index_add_(0, safe, h.float() * -keep[:, None])
         if grad_bias is not None:
-            grad_bias += (scale.to(compute) @ e).float()
+            grad_bias += (_zero_rows_to(scale[:, None], n_products, compute).t() @ e).float()[0]
             grad_bias.index_add_(0, safe, -keep)
     return loss, predicted, sampled, (grad_hidden, grad_weight, grad_bias)
+
+
+def _zero_rows_to(x: torch.Tensor, rows: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """x in `dtype` (default its own) with zero rows appended up to `rows` (SHAPE_ROWS)."""
+    dtype = dtype or x.dtype
+    if rows == x.shape[0]:
+        return x.to(dtype)
+    out = torch.empty(rows, x.shape[1], dtype=dtype, device=x.device)
+    out[: x.shape[0]].copy_(x)
+    out[x.shape[0] :].zero_()
+    return out
 
 
 def _exponentiate(x: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,9 +4,14 @@ such a mask, against ptm's `models/attention.attention`, which writes the same c
 `BiasedAttention` (what T5's self-attention runs without dropout: from the fused projection, the weights rebuilt in
 the backward pass; its output is merged back to (B, T, C), viewed here as heads again). Prints the median of 20
 interleaved repeats of each and the largest difference between each one's gradients and SDPA's.
-Run: python tests/bench/attention_bias.py"""
+With --bf16, as T5's self-attention runs under CPU bf16 autocast: a bf16 projection, SDPA with the bias cast to bf16
+(its reference computation, which upcasts q, k, v and the scores), against `BiasedAttention` on the projection
+upcast once (fp32 inside), each one's gradients against fp64's.
+Run: python tests/bench/attention_bias.py [--bf16]"""
 
 from __future__ import annotations
+
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +24,8 @@ B, HEADS, T, HEAD_SIZE = 32, 4, 116, 64
 
 
 def main() -> None:
+    if "--bf16" in sys.argv:
+        return in_bf16()
     torch.manual_seed(0)
     qkv = torch.randn(B, T, 3 * HEADS * HEAD_SIZE, requires_grad=True)
     relative = torch.randn(1, HEADS, T, T, requires_grad=True)
@@ -46,6 +53,46 @@ def main() -> None:
     for name, (_, grads) in zip(list(ways)[1:], ours):
         difference = max((a - b).abs().max().item() for a, b in zip(grads, theirs))
         print(f"largest gradient difference, {name} against SDPA: {difference:.1e}")
+
+
+def in_bf16() -> None:
+    torch.manual_seed(0)
+    qkv = torch.randn(B, T, 3 * HEADS * HEAD_SIZE).bfloat16().requires_grad_()
+    relative = torch.randn(1, HEADS, T, T, requires_grad=True)
+    allowed = torch.ones(B, 1, 1, T, dtype=torch.bool)
+    allowed[B // 2 :, :, :, T - 8 :] = False
+    grad = torch.randn(B, T, HEADS * HEAD_SIZE).bfloat16()
+
+    def heads(x):
+        return [t.view(B, T, HEADS, HEAD_SIZE).transpose(1, 2) for t in x.split(HEADS * HEAD_SIZE, 2)]
+
+    def merged(y):
+        return y.transpose(1, 2).reshape(B, T, HEADS * HEAD_SIZE)
+
+    def sdpa():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bias = relative.masked_fill(~allowed, float("-inf")).to(torch.bfloat16)
+            return merged(F.scaled_dot_product_attention(*heads(qkv), attn_mask=bias, scale=1.0))
+
+    def upcast():
+        biased = relative.masked_fill(~allowed, float("-inf"))
+        return BiasedAttention.apply(qkv.float(), biased, HEADS, 1.0).to(torch.bfloat16)
+
+    qkv_64, relative_64 = (t.detach().double().requires_grad_() for t in (qkv, relative))
+
+    def exact():
+        bias = relative_64.masked_fill(~allowed, float("-inf"))
+        q, k, v = heads(qkv_64)
+        return merged(torch.softmax(q @ k.transpose(-2, -1) + bias, -1) @ v)
+
+    results = time_backward(
+        {"torch SDPA (bf16)": sdpa, "BiasedAttention (fp32)": upcast}, grad, [qkv, relative], repeats=20, warmup=3
+    )
+    exact().backward(grad.double())
+    reference = [qkv_64.grad, relative_64.grad]
+    for name, (seconds, grads) in results.items():
+        off = [(g.double() - r).abs().max().item() for g, r in zip(grads, reference)]
+        print(f"{name:23} {seconds * 1e3:5.1f} ms   off fp64's gradients: q, k, v {off[0]:.1e}, bias {off[1]:.1e}")
 
 
 if __name__ == "__main__":
