@@ -84,11 +84,11 @@ def _chunked(hidden, weight, bias, targets, predict: bool, sample: float, need: 
     # under autocast, the weight cast once for every chunk's two products (autocast casts it at each)
     weight_c = weight.to(compute)
     bias_c = None if bias is None else bias.to(compute)
-    padded = compute != torch.float32 and device.type == "cpu"
+    in_buckets = compute != torch.float32 and device.type == "cpu"
     for start in range(0, rows, step):
         h, t = hidden[start : start + step], targets[start : start + step]
         n = h.shape[0]
-        n_products = -(-n // SHAPE_ROWS) * SHAPE_ROWS if padded else n
+        n_products = -(-n // SHAPE_ROWS) * SHAPE_ROWS if in_buckets else n  # rows the products run on
         if compute == torch.float32:
             x = torch.mm(h.float(), weight.float().t(), out=buffer[:n])
             if bias is not None:
@@ -127,7 +127,7 @@ def _chunked(hidden, weight, bias, targets, predict: bool, sample: float, need: 
         if grad_weight is not None:
             grad_weight.index_add_(0, safe, h.float() * -keep[:, None])
         if grad_bias is not None:
-            grad_bias += (_zero_rows_to(scale[:, None], n_products, compute).t() @ e).float()[0]
+            grad_bias += (_zero_rows_to(scale[:, None], n_products, compute)[:, 0] @ e).float()
             grad_bias.index_add_(0, safe, -keep)
     return loss, predicted, sampled, (grad_hidden, grad_weight, grad_bias)
 
