@@ -41,13 +41,19 @@ def _compare(ours: torch.Tensor, reference: torch.Tensor, params) -> None:
             torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-5)
 
 
-def test_loss_gradients_and_statistics_equal_the_full_computation():
+def _inputs(rows: int, width: int, weight_std: float, ignored_every: int) -> tuple[torch.Tensor, ...]:
+    """Random (hidden, weight, bias, targets) of a projected cross-entropy, every `ignored_every`-th target IGNORE."""
     torch.manual_seed(0)
-    hidden = torch.randn(70, 24, requires_grad=True)
-    weight = (torch.randn(V, 24) * 0.3).requires_grad_()
+    hidden = torch.randn(rows, width, requires_grad=True)
+    weight = (torch.randn(V, width) * weight_std).requires_grad_()
     bias = torch.randn(V, requires_grad=True)
-    targets = torch.randint(0, V, (70,))
-    targets[::5] = IGNORE
+    targets = torch.randint(0, V, (rows,))
+    targets[::ignored_every] = IGNORE
+    return hidden, weight, bias, targets
+
+
+def test_loss_gradients_and_statistics_equal_the_full_computation():
+    hidden, weight, bias, targets = _inputs(70, 24, 0.3, 5)
     out = projected_cross_entropy(hidden, weight, bias, targets, predict=True)
     logits = F.linear(hidden, weight, bias)
     reference = F.cross_entropy(logits, targets, reduction="sum", ignore_index=IGNORE)
@@ -265,12 +271,7 @@ def test_bf16_products_on_a_cpu_run_on_whole_buckets_of_rows_and_give_the_same_l
                 self.rows += [d for d in (*a.shape, *b.shape) if d not in (1, 32, V)]
             return func(*args, **(kwargs or {}))
 
-    torch.manual_seed(0)
-    hidden = torch.randn(50, 32, requires_grad=True)
-    weight = (torch.randn(V, 32) * 0.2).requires_grad_()
-    bias = torch.randn(V, requires_grad=True)
-    targets = torch.randint(0, V, (50,))
-    targets[::7] = IGNORE
+    hidden, weight, bias, targets = _inputs(50, 32, 0.2, 7)
 
     def run(shape_rows: int) -> list[torch.Tensor]:
         monkeypatch.setattr(vocab_loss, "SHAPE_ROWS", shape_rows)
