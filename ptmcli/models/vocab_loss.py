@@ -94,7 +94,7 @@ def _chunked(hidden, weight, bias, targets, predict: bool, sample: float, need: 
             if bias is not None:
                 x.add_(bias.float())
         else:  # the product in the autocast dtype, the softmax in fp32
-            x = buffer[:n].copy_(F.linear(_zero_rows_to(h.to(compute), n_products), weight_c, bias_c)[:n])
+            x = buffer[:n].copy_(F.linear(_zero_rows_to(h, n_products, compute), weight_c, bias_c)[:n])
         valid = t != IGNORE
         safe = t.clamp(min=0)
         if predict:
