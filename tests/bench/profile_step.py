@@ -37,7 +37,7 @@ from ptmcli import hardware  # noqa: E402
 from ptmcli.compose import checked, parse  # noqa: E402
 from ptmcli.data.batches import BatchOrder, train_batches  # noqa: E402
 from ptmcli.distributed import Dist  # noqa: E402
-from ptmcli.malloc import heap_info, keep_freed_memory, restart_tuned  # noqa: E402
+from ptmcli.malloc import heap_info, restart_tuned  # noqa: E402
 from ptmcli.models import PRETRAINING_MODELS  # noqa: E402
 from ptmcli.objectives import OBJECTIVES  # noqa: E402
 from ptmcli.optim import build_optimizer  # noqa: E402
@@ -164,16 +164,15 @@ def main() -> None:
     restart_tuned()  # as the `ptm` command starts
     resident_mb("torch and ptm imported")
     name = next((a for a in sys.argv[1:] if not a.startswith("--")), "bert")
-    torch.set_flush_denormal(True)  # as ptm's loop does on a CPU
-    keep_freed_memory()
     _, cfg = checked(parse("pretrain", bench.overrides(name, False)))
+    # as `ptm pretrain` sets up a CPU run before its data: subnormals flushed, freed memory kept, the bench's precision
+    hw = hardware.resolve(cfg.hardware, Dist())
     tokenizer, train, _, _ = build_examples(cfg, Dist())
     resident_mb("data")
     torch.manual_seed(cfg.trainer.seed)
     model = PRETRAINING_MODELS[cfg.model.family](cfg.model, tokenizer.get_vocab_size(), cfg.objective).train()
     objective = OBJECTIVES[cfg.objective.name](cfg.objective)
     optimizer = build_optimizer(model, cfg.optimizer, torch.device("cpu"), None)
-    hw = hardware.resolve(cfg.hardware, Dist())  # the bench's precision: bf16 autocast as the loop sets it
     batches = train_batches(train, BatchOrder(len(train), cfg.trainer.batch_size, 1, 0, cfg.trainer.seed), 0)
 
     def step() -> int:
