@@ -30,6 +30,9 @@ class Hardware:
         return torch.autocast(device_type=self.device.type, dtype=self.dtype)
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # hardware.precision -> dtype
+
+
 def resolve(cfg: HardwareConfig, dist: Dist) -> Hardware:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -52,8 +55,7 @@ def resolve(cfg: HardwareConfig, dist: Dist) -> Hardware:
         precision = "fp32" if kind == "cpu" else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
     if precision == "fp16" and kind == "cpu":
         raise PtmError("hardware.precision=fp16 needs a GPU; on CPU use fp32 (or bf16).")
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    return Hardware(device=device, dtype=dtype)
+    return Hardware(device=device, dtype=DTYPES[precision])
 
 
 # Dense peak FLOP/s of known accelerators by (name fragment, dtype), from the vendors' data sheets (no sparsity;

@@ -317,9 +317,9 @@ def cpu_peak_gflops() -> float:
     """This CPU's matmul rate at the bench's precision (GFLOP/s, all threads), the ceiling 6 x parameters x tokens/s
     is read against: measured afresh (3 s), not the value ptm's MFU caches, since the same machine runs faster or
     slower by up to 25 % from one hour to the next."""
-    from ptmcli.hardware import cpu_matmul_rate
+    from ptmcli.hardware import DTYPES, cpu_matmul_rate
 
-    return cpu_matmul_rate(seconds=3.0, dtype=torch.bfloat16 if PRECISION == "bf16" else torch.float32) / 1e9
+    return cpu_matmul_rate(seconds=3.0, dtype=DTYPES[PRECISION]) / 1e9
 
 
 def side_in_process(side: str, name: str, workdir: str, smoke: bool = False, tokens: Path | None = None) -> dict:
