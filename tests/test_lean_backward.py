@@ -151,6 +151,20 @@ def test_rms_norm_keeps_its_input_and_one_number_per_token_with_the_plain_gradie
     assert sorted(t.numel() for t in kept) == [15, 16, 3 * 5 * 16]  # 1 / rms per token, the weight, the input
 
 
+
+def test_rms_norm_under_bf16_autocast_computes_its_statistic_in_fp32():
+    """CPU autocast runs `linalg.vecdot` in bf16: the norm's sum of squares is taken outside it, so under autocast
+    the norm (fp32 weight, fp32 result) and its input's gradient are those of fp32, bit for bit."""
+    torch.manual_seed(0)
+    x, weight = torch.randn(3, 5, 16, requires_grad=True), (1 + 0.1 * torch.randn(16)).requires_grad_()
+
+    def run(autocast: bool):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            return outputs_and_grads(lambda x: rms_norm(x, weight, 1e-6), [x], [weight])
+
+    for ours, ref in zip(run(True), run(False)):
+        assert torch.equal(ours, ref)
+
 SMALL = dict(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, dropout=0.0, attention_dropout=0.0)
 PADDED_FAMILIES = {
     "bert": (BertArch(**SMALL, max_positions=40), "mlm"),
@@ -429,6 +443,83 @@ def test_biased_self_attention_rebuilds_its_weights_with_the_plain_outputs_and_g
         lambda qkv, bias: BiasedAttention.apply(qkv, bias, nh, scale),
         (qkv.detach()[:, :3].double().requires_grad_(), biased().detach()[..., :3, :3].double().requires_grad_()),
     )
+
+
+def _off_fp64(got: list[torch.Tensor], exact: list[torch.Tensor]) -> list[float]:
+    return [((g.double() - e).abs().max() / e.abs().max()).item() for g, e in zip(got, exact)]
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.125])
+def test_biased_self_attention_from_a_bf16_projection_computes_its_scores_and_bias_gradient_in_fp32(scale):
+    """Under CPU bf16 autocast `BiasedAttention` takes the bf16 projection as it is (and keeps it in bf16): its output
+    and the gradient of q, k, v within bf16's rounding of fp64's, as SDPA's (which upcasts everything but casts the bias
+    to bf16), and the bias gradient, computed in fp32, to fp32's rounding."""
+    torch.manual_seed(0)
+    B, T, nh, hs = 3, 16, 2, 8
+    qkv = (torch.randn(B, T, 3 * nh * hs) * 2).bfloat16().requires_grad_()
+    relative = (torch.randn(1, nh, T, T) * 4).requires_grad_()
+    allowed = torch.ones(B, 1, 1, T, dtype=torch.bool)
+    allowed[1, ..., 11:] = False
+
+    def heads(x):
+        return [t.view(B, T, nh, hs).transpose(1, 2) for t in x.split(nh * hs, 2)]
+
+    def sdpa(qkv, bias):
+        y = F.scaled_dot_product_attention(*heads(qkv), attn_mask=bias.to(qkv.dtype), scale=scale)
+        return y.transpose(1, 2).reshape(B, T, nh * hs)
+
+    grad = torch.randn(B, T, nh * hs).bfloat16()  # the same gradient, exact in bf16, for every run
+
+    def run(fn, qkv, relative):
+        qkv.grad = relative.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = fn(qkv, relative.masked_fill(~allowed, float("-inf")))
+        out.backward(grad.to(out.dtype))
+        return [out, qkv.grad, relative.grad]
+
+    assert attention_module.weights_rebuilt(qkv, relative, 0.0)  # what T5's self-attention runs in bf16
+    ours = run(lambda x, bias: BiasedAttention.apply(x, bias, nh, scale), qkv, relative)
+    theirs = run(sdpa, qkv, relative)
+    exact = run(sdpa, *(t.detach().double().requires_grad_() for t in (qkv, relative)))
+    assert ours[0].dtype == torch.bfloat16
+    out, grad_qkv, grad_bias = _off_fp64(ours, exact)
+    sdpa_out, sdpa_grad_qkv, sdpa_grad_bias = _off_fp64(theirs, exact)
+    # within bf16's rounding (2^-7 relative) of fp64's, as SDPA's are (its bias gradient carries the bias's rounding)
+    assert max(out, grad_qkv, sdpa_out, sdpa_grad_qkv) < 2**-7, (out, grad_qkv, sdpa_out, sdpa_grad_qkv)
+    assert grad_bias < 1e-5 < sdpa_grad_bias, (grad_bias, sdpa_grad_bias)
+    kept = kept_storages(lambda x: BiasedAttention.apply(x, relative, nh, scale), qkv)
+    assert sorted((t.numel(), t.dtype) for t in kept) == sorted(
+        [(B * nh * T, torch.float32), (nh * T * T, torch.float32), (qkv.numel(), torch.bfloat16)]
+    )  # log-sum-exps, the bias, q k v in the projection's dtype
+
+
+@pytest.mark.parametrize("case", ["cross, padded keys", "causal self"])
+def test_bf16_attention_with_gradients_on_a_cpu_is_written_out_in_fp32_and_as_close_as_the_fused_kernel(case):
+    """Under CPU bf16 autocast, attention without dropout whose inputs need gradients runs written out (the fused
+    kernel's backward pass is slow there) with its scores and softmax in fp32: outputs and gradients within bf16's
+    rounding of fp64's, as the fused kernel's; without gradients the fused kernel itself serves."""
+    torch.manual_seed(0)
+    B, nh, hs = 3, 2, 8
+    queries, keys = (5, 12) if case.startswith("cross") else (12, 12)
+    q, k, v = ((torch.randn(B, nh, n, hs) * 2).bfloat16().requires_grad_() for n in (queries, keys, keys))
+    mask, causal = None, case == "causal self"
+    if not causal:
+        mask = torch.ones(B, 1, 1, keys, dtype=torch.bool)
+        mask[0, ..., 9:] = False
+
+    def run(fn, *inputs):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return outputs_and_grads(lambda *x: fn(*x, attn_mask=mask, is_causal=causal, scale=1.0), inputs, [])
+
+    ours = run(lambda *x, attn_mask, is_causal, scale: attention(*x, attn_mask, 0.0, is_causal, scale), q, k, v)
+    fused = run(F.scaled_dot_product_attention, q, k, v)
+    exact = run(F.scaled_dot_product_attention, *(t.detach().double().requires_grad_() for t in (q, k, v)))
+    assert ours[0].dtype == torch.bfloat16
+    assert max(_off_fp64(ours, exact) + _off_fp64(fused, exact)) < 2**-7  # bf16's rounding, relative
+    assert not torch.equal(ours[0], fused[0])  # not the fused kernel
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        inference = attention(q, k, v, mask, 0.0, causal, 1.0)
+        assert torch.equal(inference, F.scaled_dot_product_attention(q, k, v, mask, is_causal=causal, scale=1.0))
 
 
 def test_cross_attention_projects_the_memory_again_in_the_backward_pass_with_the_kept_results():

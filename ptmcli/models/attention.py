@@ -4,6 +4,7 @@ and decoder-to-encoder cross-attention."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -41,23 +42,38 @@ def attention(
     out here, faster: the attention weights drop through `dropout_matmul` (cheap masks, the dropped copy never kept),
     and an fp32 bias is added in place, with no scaling pass at a scale of 1 (T5's encoder attention, forward +
     backward at its bench shapes: 13.3-13.8 ms against SDPA's 15.7, `python tests/bench/attention_bias.py`). Without
-    dropout, self-attention with such a bias runs `BiasedAttention` instead (`weights_rebuilt`), which keeps less."""
-    # in fp32 only: in bf16 SDPA's reference computes its softmax in fp32, closer to fp64 than a bf16 softmax
+    dropout, self-attention with such a bias runs `BiasedAttention` instead (`weights_rebuilt`), which keeps less.
+
+    Also written out on a CPU: attention in bf16 (or fp16) without dropout whose inputs need gradients, where the
+    fused kernel's backward pass is slow. As in that kernel, the scores and softmax are computed in fp32 (from q and k
+    upcast) and the weights cast down for their product with v: forward + backward of T5's cross-attention at its
+    bench shapes 4.5 against 7.4 ms, of a 128-token self-attention 18 against 25 ms, as close to fp64's gradients
+    (`python tests/bench/attention_bf16.py`). Without gradients (evaluation, generation) the fused kernel's forward
+    pass is the faster one and serves."""
     bias_with_grad = mask is not None and mask.dtype != torch.bool and mask.requires_grad and q.dtype == torch.float32
-    if q.device.type != "cpu" or (dropout_p == 0.0 and not bias_with_grad):
+    low_precision = q.dtype in (torch.bfloat16, torch.float16)
+    recorded = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    upcast = low_precision and dropout_p == 0.0 and recorded
+    if q.device.type != "cpu" or (dropout_p == 0.0 and not bias_with_grad and not upcast):
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale
         )
-    scores = q @ k.transpose(-2, -1)  # (B, nh, T, S)
-    if scale != 1.0:
-        scores.mul_(q.shape[-1] ** -0.5 if scale is None else scale)
-    if is_causal:
-        mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
-    if mask is not None and mask.dtype == torch.bool:
-        scores = scores.masked_fill_(~mask, float("-inf"))
-    elif mask is not None:
-        scores = scores.add_(mask)
-    return dropout_matmul(scores.softmax(-1), v, dropout_p)
+    # with dropout in bf16 the scores and softmax stay in bf16 under autocast, the fastest there (SDPA's reference
+    # computation upcasts); the fp32 ones are for the cases the fused kernel, which computes in fp32, would serve
+    with torch.autocast("cpu", enabled=False) if upcast else contextlib.nullcontext():
+        if upcast:  # contiguous: heads are often views across the tokens' width, and the product would copy again
+            q, k = (t.to(torch.float32, memory_format=torch.contiguous_format) for t in (q, k))
+        scores = q @ k.transpose(-2, -1)  # (B, nh, T, S)
+        if scale != 1.0:
+            scores.mul_(q.shape[-1] ** -0.5 if scale is None else scale)
+        if is_causal:
+            mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+        if mask is not None and mask.dtype == torch.bool:
+            scores = scores.masked_fill_(~mask, float("-inf"))
+        elif mask is not None:
+            scores = scores.add_(mask)
+        weights = scores.softmax(-1)
+    return dropout_matmul(weights.to(v.dtype) if upcast else weights, v, dropout_p)
 
 
 class SelfAttention(nn.Module):
@@ -135,11 +151,11 @@ class SelfAttention(nn.Module):
 
 
 def weights_rebuilt(qkv: torch.Tensor, bias: torch.Tensor, dropout_p: float) -> bool:
-    """Whether self-attention with this position bias runs `BiasedAttention`: on a CPU, in fp32 (in bf16 SDPA's
-    reference computes its softmax in fp32), without dropout, and with a bias that needs a gradient, for which SDPA
-    has no fused CPU kernel; not while torch.compile traces the model, which gets the plain computation to fuse."""
-    cpu_fp32 = qkv.device.type == "cpu" and qkv.dtype == torch.float32 and bias.dtype == torch.float32
-    return cpu_fp32 and dropout_p == 0.0 and bias.requires_grad and not torch.compiler.is_compiling()
+    """Whether self-attention with this position bias runs `BiasedAttention`: on a CPU, from an fp32 or bf16
+    projection, without dropout, and with an fp32 bias that needs a gradient, for which SDPA has no fused CPU kernel;
+    not while torch.compile traces the model, which gets the plain computation to fuse."""
+    cpu = qkv.device.type == "cpu" and qkv.dtype in (torch.float32, torch.bfloat16) and bias.dtype == torch.float32
+    return cpu and dropout_p == 0.0 and bias.requires_grad and not torch.compiler.is_compiling()
 
 
 def _merge_heads(y: torch.Tensor, rows: PackedRows | None) -> torch.Tensor:

@@ -97,9 +97,11 @@ class UpGeluDown(torch.autograd.Function):
 
 
 def _rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weight * x / rms(x), 1 / rms(x)): the division in fp32, the result in the weight's dtype."""
+    """(weight * x / rms(x), 1 / rms(x)): the statistic and the division in fp32, the result in the weight's dtype."""
     wide = x.float()
-    rstd = torch.linalg.vecdot(wide, wide, dim=-1).unsqueeze(-1).div_(x.shape[-1]).add_(eps).rsqrt_()  # fp32
+    # not under autocast, which runs vecdot in bf16 on a CPU: the statistic from x rounded, in bf16, and two casts
+    with torch.autocast(x.device.type, enabled=False):
+        rstd = torch.linalg.vecdot(wide, wide, dim=-1).unsqueeze(-1).div_(x.shape[-1]).add_(eps).rsqrt_()
     return (wide * rstd).to(weight.dtype).mul_(weight), rstd
 
 
@@ -109,7 +111,8 @@ def _rms_norm_backward(grad, x, weight, rstd, normed, need) -> tuple:
     grad_x = grad_weight = None
     if need[0]:
         grad_normed = (grad * weight).float()
-        dot = torch.linalg.vecdot(grad_normed, normed, dim=-1).unsqueeze(-1)
+        with torch.autocast(x.device.type, enabled=False):  # a backward pass run again under autocast: in fp32
+            dot = torch.linalg.vecdot(grad_normed, normed, dim=-1).unsqueeze(-1)
         # rstd * (grad_normed - normed * mean(grad_normed * normed))
         grad_x = torch.addcmul(grad_normed, normed, dot, value=-1.0 / x.shape[-1]).mul_(rstd).to(x.dtype)
     if need[1]:
@@ -196,6 +199,11 @@ class RMSNormThenLinear(torch.autograd.Function):
         return grad_x, grad_norm_weight, None, grad_weight, grad_bias
 
 
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """x in fp32 where it is in a 16-bit float dtype, else as it is (fp32, or fp64 under gradcheck)."""
+    return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+
+
 class BiasedAttention(torch.autograd.Function):
     """Multi-head softmax(q @ k^T * scale + bias) @ v from a (B, T, 3C) query-key-value projection and a bias that
     broadcasts to (B, nh, T, T) (T5's relative positions, -inf where masked), merged back to (B, T, C). It keeps q,
@@ -206,48 +214,60 @@ class BiasedAttention(torch.autograd.Function):
     written into one buffer laid out as the projection is, in place of three joined by a copy.
 
     The weights are the softmax's in the forward pass and exp(scores - log-sum-exp) in the backward, equal to ~1e-6
-    relative. A row whose keys are all masked gives NaN, as the softmax does."""
+    relative. A row whose keys are all masked gives NaN, as the softmax does.
+
+    From a bf16 projection (CPU autocast) the products whose results are exponentiated or subtracted from one
+    another, the scores and the weights' gradient, run in fp32 on q, k, v and the output's gradient upcast, with the
+    bias, softmax and bias gradient in fp32; the other three products run in bf16 on the weights and the scores'
+    gradient cast down, as a fused attention kernel does. SDPA, which has no fused CPU kernel for a bias that needs
+    a gradient, upcasts q, k, v and every product and casts the bias to bf16: forward + backward at T5's bench
+    shapes 15.8 against 19.8 ms, the same gradients of q, k and v (`python tests/bench/attention_bias.py --bf16`)."""
 
     @staticmethod
     def forward(ctx, qkv, bias, num_heads: int, scale: float):
         B, T, C = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
         heads = qkv.view(B, T, 3, num_heads, C // num_heads).permute(2, 0, 3, 1, 4).contiguous()  # (3, B, nh, T, hs)
         q, k, v = heads
-        scores = q @ k.transpose(-2, -1)
-        if scale != 1.0:
-            scores.mul_(scale)
-        scores.add_(bias)
-        most = scores.amax(-1, keepdim=True)
-        weights = scores.softmax(-1)
-        del scores
-        # the largest weight of a row is exp(max - lse): lse from it, without another pass of exponentials
-        lse = weights.amax(-1, keepdim=True).log_().neg_().add_(most)
+        with torch.autocast(qkv.device.type, enabled=False):  # the dtypes below are chosen, not autocast's
+            scores = at_least_fp32(q) @ at_least_fp32(k).transpose(-2, -1)
+            if scale != 1.0:
+                scores.mul_(scale)
+            scores.add_(bias)
+            most = scores.amax(-1, keepdim=True)
+            weights = scores.softmax(-1)
+            del scores
+            # the largest weight of a row is exp(max - lse): lse from it, without another pass of exponentials
+            lse = weights.amax(-1, keepdim=True).log_().neg_().add_(most)
+            out = (weights.to(v.dtype) @ v).transpose(1, 2).reshape(B, T, C)
         ctx.save_for_backward(heads, bias, lse)
         ctx.scale = scale
-        return (weights @ v).transpose(1, 2).reshape(B, T, C)
+        return out
 
     @staticmethod
     def backward(ctx, grad):
         heads, bias, lse = ctx.saved_tensors
         q, k, v = heads
         _, B, nh, T, hs = heads.shape
-        grad = grad.reshape(B, T, nh, hs).transpose(1, 2).contiguous()  # (B, nh, T, hs), read by two products
-        weights = q @ k.transpose(-2, -1)
-        if ctx.scale != 1.0:
-            weights.mul_(ctx.scale)
-        exp_(weights.add_(bias).sub_(lse))  # masked keys at -inf: torch's exp_ is 3x slower there
-        grad_heads = torch.empty_like(heads)
-        flat = lambda t: t.view(B * nh, t.shape[-2], t.shape[-1])  # noqa: E731  (bmm's out= takes 3-D)
-        torch.bmm(flat(weights.transpose(-2, -1)), flat(grad), out=flat(grad_heads[2]))
-        grad_scores = grad @ v.transpose(-2, -1)  # first the weights' gradient, then in place the scores'
-        dot = torch.linalg.vecdot(grad_scores, weights, dim=-1).unsqueeze(-1)
-        grad_scores.sub_(dot).mul_(weights)
-        del weights
-        grad_bias = grad_scores.sum_to_size(bias.shape) if ctx.needs_input_grad[1] else None
-        torch.bmm(flat(grad_scores), flat(k), out=flat(grad_heads[0]))
-        torch.bmm(flat(grad_scores.transpose(-2, -1)), flat(q), out=flat(grad_heads[1]))
-        if ctx.scale != 1.0:
-            grad_heads[:2].mul_(ctx.scale)
+        with torch.autocast(heads.device.type, enabled=False):
+            grad = grad.reshape(B, T, nh, hs).transpose(1, 2).to(heads.dtype).contiguous()  # read by two products
+            weights = at_least_fp32(q) @ at_least_fp32(k).transpose(-2, -1)
+            if ctx.scale != 1.0:
+                weights.mul_(ctx.scale)
+            exp_(weights.add_(bias).sub_(lse))  # masked keys at -inf: torch's exp_ is 3x slower there
+            grad_heads = torch.empty_like(heads)
+            flat = lambda t: t.view(B * nh, t.shape[-2], t.shape[-1])  # noqa: E731  (bmm's out= takes 3-D)
+            torch.bmm(flat(weights.to(heads.dtype).transpose(-2, -1)), flat(grad), out=flat(grad_heads[2]))
+            # first the weights' gradient, then in place the scores'
+            grad_scores = at_least_fp32(grad) @ at_least_fp32(v).transpose(-2, -1)
+            dot = torch.linalg.vecdot(grad_scores, weights, dim=-1).unsqueeze(-1)
+            grad_scores.sub_(dot).mul_(weights)
+            del weights
+            grad_bias = grad_scores.sum_to_size(bias.shape) if ctx.needs_input_grad[1] else None
+            grad_scores = grad_scores.to(heads.dtype)
+            torch.bmm(flat(grad_scores), flat(k), out=flat(grad_heads[0]))
+            torch.bmm(flat(grad_scores.transpose(-2, -1)), flat(q), out=flat(grad_heads[1]))
+            if ctx.scale != 1.0:
+                grad_heads[:2].mul_(ctx.scale)
         return grad_heads.permute(1, 3, 0, 2, 4).reshape(B, T, 3 * nh * hs), grad_bias, None, None
 
 
