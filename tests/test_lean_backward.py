@@ -1,6 +1,8 @@
 """What the layers keep for the backward pass (peak memory, issue 20): the same outputs and gradients as the
 straightforward computation, with fewer or smaller tensors kept between the passes."""
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -151,7 +153,6 @@ def test_rms_norm_keeps_its_input_and_one_number_per_token_with_the_plain_gradie
     assert sorted(t.numel() for t in kept) == [15, 16, 3 * 5 * 16]  # 1 / rms per token, the weight, the input
 
 
-
 def test_rms_norm_under_bf16_autocast_computes_its_statistic_in_fp32():
     """CPU autocast runs `linalg.vecdot` in bf16: the norm's sum of squares is taken outside it, so under autocast
     the norm (fp32 weight, fp32 result) and its input's gradient are those of fp32, bit for bit."""
@@ -164,6 +165,7 @@ def test_rms_norm_under_bf16_autocast_computes_its_statistic_in_fp32():
 
     for ours, ref in zip(run(True), run(False)):
         assert torch.equal(ours, ref)
+
 
 SMALL = dict(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, dropout=0.0, attention_dropout=0.0)
 PADDED_FAMILIES = {
@@ -493,11 +495,13 @@ def test_biased_self_attention_from_a_bf16_projection_computes_its_scores_and_bi
     )  # log-sum-exps, the bias, q k v in the projection's dtype
 
 
+@pytest.mark.parametrize("backward_follows", [False, True])
 @pytest.mark.parametrize("case", ["cross, padded keys", "causal self"])
-def test_bf16_attention_with_gradients_on_a_cpu_is_written_out_in_fp32_and_as_close_as_the_fused_kernel(case):
-    """Under CPU bf16 autocast, attention without dropout whose inputs need gradients runs written out (the fused
-    kernel's backward pass is slow there) with its scores and softmax in fp32: outputs and gradients within bf16's
-    rounding of fp64's, as the fused kernel's; without gradients the fused kernel itself serves."""
+def test_bf16_attention_with_gradients_on_a_cpu_has_fp32_weights_as_close_as_the_fused_kernel(case, backward_follows):
+    """Under CPU bf16 autocast, attention without dropout whose inputs need gradients runs `RebuiltAttention` (the
+    fused kernel's backward pass is slow there), or with `backward_follows` the same left to autograd, its scores and
+    softmax in fp32: outputs and gradients within bf16's rounding of fp64's, as the fused kernel's, and the former
+    keeps no attention weights; without gradients the fused kernel itself serves."""
     torch.manual_seed(0)
     B, nh, hs = 3, 2, 8
     queries, keys = (5, 12) if case.startswith("cross") else (12, 12)
@@ -507,19 +511,24 @@ def test_bf16_attention_with_gradients_on_a_cpu_is_written_out_in_fp32_and_as_cl
         mask = torch.ones(B, 1, 1, keys, dtype=torch.bool)
         mask[0, ..., 9:] = False
 
+    def ours(*qkv):
+        return attention(*qkv, mask, 0.0, causal, 1.0, backward_follows)
+
     def run(fn, *inputs):
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            return outputs_and_grads(lambda *x: fn(*x, attn_mask=mask, is_causal=causal, scale=1.0), inputs, [])
+            return outputs_and_grads(fn, inputs, [])
 
-    ours = run(lambda *x, attn_mask, is_causal, scale: attention(*x, attn_mask, 0.0, is_causal, scale), q, k, v)
-    fused = run(F.scaled_dot_product_attention, q, k, v)
-    exact = run(F.scaled_dot_product_attention, *(t.detach().double().requires_grad_() for t in (q, k, v)))
-    assert ours[0].dtype == torch.bfloat16
-    assert max(_off_fp64(ours, exact) + _off_fp64(fused, exact)) < 2**-7  # bf16's rounding, relative
-    assert not torch.equal(ours[0], fused[0])  # not the fused kernel
+    fused = functools.partial(F.scaled_dot_product_attention, attn_mask=mask, is_causal=causal, scale=1.0)
+    exact = run(fused, *(t.detach().double().requires_grad_() for t in (q, k, v)))
+    mine, theirs = run(ours, q, k, v), run(fused, q, k, v)
+    assert mine[0].dtype == torch.bfloat16 and not torch.equal(mine[0], theirs[0])  # not the fused kernel
+    assert max(_off_fp64(mine, exact) + _off_fp64(theirs, exact)) < 2**-7  # bf16's rounding, relative
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        kept = kept_storages(ours, q, k, v)
+    weights = [t.shape for t in kept if t.dim() == 4 and t.shape[0] == B and t.shape[-2:] == (queries, keys)]
+    assert bool(weights) == backward_follows
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        inference = attention(q, k, v, mask, 0.0, causal, 1.0)
-        assert torch.equal(inference, F.scaled_dot_product_attention(q, k, v, mask, is_causal=causal, scale=1.0))
+        assert torch.equal(ours(q, k, v), fused(q, k, v))
 
 
 def test_cross_attention_projects_the_memory_again_in_the_backward_pass_with_the_kept_results():

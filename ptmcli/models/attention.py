@@ -4,7 +4,6 @@ and decoder-to-encoder cross-attention."""
 
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import torch
@@ -13,7 +12,14 @@ from torch import nn
 
 from ptmcli.models.dropout import dropout_matmul
 from ptmcli.models.memory_attention import MemorySpaceAttention, cheaper
-from ptmcli.models.recompute import BiasedAttention, ProjectedInBackward, RMSNorm, normed_projection
+from ptmcli.models.recompute import (
+    BiasedAttention,
+    ProjectedInBackward,
+    RebuiltAttention,
+    RMSNorm,
+    fp32_weights_attention,
+    normed_projection,
+)
 from ptmcli.models.rows import PackedRows, QueryRows
 
 
@@ -35,6 +41,7 @@ def attention(
     dropout_p: float,
     is_causal: bool,
     scale: float | None,
+    backward_follows: bool = False,
 ) -> torch.Tensor:
     """`F.scaled_dot_product_attention` of (B, nh, T, hs) queries and (B, nh, S, hs) keys/values -> (B, nh, T, hs).
     On a CPU, SDPA runs its reference computation where its fused kernel cannot serve: with dropout (drawing a slow
@@ -44,36 +51,49 @@ def attention(
     backward at its bench shapes: 13.3-13.8 ms against SDPA's 15.7, `python tests/bench/attention_bias.py`). Without
     dropout, self-attention with such a bias runs `BiasedAttention` instead (`weights_rebuilt`), which keeps less.
 
-    Also written out on a CPU: attention in bf16 (or fp16) without dropout whose inputs need gradients, where the
-    fused kernel's backward pass is slow. As in that kernel, the scores and softmax are computed in fp32 (from q and k
-    upcast) and the weights cast down for their product with v: forward + backward of T5's cross-attention at its
-    bench shapes 4.5 against 7.4 ms, of a 128-token self-attention 18 against 25 ms, as close to fp64's gradients
-    (`python tests/bench/attention_bf16.py`). Without gradients (evaluation, generation) the fused kernel's forward
-    pass is the faster one and serves."""
-    bias_with_grad = mask is not None and mask.dtype != torch.bool and mask.requires_grad and q.dtype == torch.float32
-    low_precision = q.dtype in (torch.bfloat16, torch.float16)
+    In bf16 (or fp16) on a CPU without dropout, where the inputs need gradients (training), it runs `RebuiltAttention`
+    instead: SDPA's fused kernel has a slow backward pass there. Like that kernel it keeps q, k, v and one number per
+    query, and computes the scores and softmax in fp32 (from q and k upcast), the weights cast down for their
+    product with v: forward + backward of T5's cross-attention at its bench shapes 3.8 against 6.7 ms, of a 128-token
+    causal self-attention 16.7 against 25.2 ms, as close to fp64's gradients (`python tests/bench/attention_bf16.py`).
+    Without gradients (evaluation, generation, the first pass of `ProjectedInBackward`, whose backward pass runs
+    this one again: the same function to bf16's rounding) the fused kernel serves, its forward pass the faster.
+    `backward_follows` (that second pass, whose backward comes at once): the weights are kept, not rebuilt."""
+    cpu, half = q.device.type == "cpu", q.dtype in (torch.bfloat16, torch.float16)
     recorded = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    upcast = low_precision and dropout_p == 0.0 and recorded
-    if q.device.type != "cpu" or (dropout_p == 0.0 and not bias_with_grad and not upcast):
+    if cpu and half and dropout_p == 0.0 and recorded:
+        bias = _additive(mask, is_causal, q.shape[-2], k.shape[-2], q.device)
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        lean = fp32_weights_attention if backward_follows else RebuiltAttention.apply
+        return lean(q, k, v, bias, scale)
+    bias_with_grad = mask is not None and mask.dtype != torch.bool and mask.requires_grad and q.dtype == torch.float32
+    if not cpu or (dropout_p == 0.0 and not bias_with_grad):
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale
         )
-    # with dropout in bf16 the scores and softmax stay in bf16 under autocast, the fastest there (SDPA's reference
-    # computation upcasts); the fp32 ones are for the cases the fused kernel, which computes in fp32, would serve
-    with torch.autocast("cpu", enabled=False) if upcast else contextlib.nullcontext():
-        if upcast:  # contiguous: heads are often views across the tokens' width, and the product would copy again
-            q, k = (t.to(torch.float32, memory_format=torch.contiguous_format) for t in (q, k))
-        scores = q @ k.transpose(-2, -1)  # (B, nh, T, S)
-        if scale != 1.0:
-            scores.mul_(q.shape[-1] ** -0.5 if scale is None else scale)
-        if is_causal:
-            mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
-        if mask is not None and mask.dtype == torch.bool:
-            scores = scores.masked_fill_(~mask, float("-inf"))
-        elif mask is not None:
-            scores = scores.add_(mask)
-        weights = scores.softmax(-1)
-    return dropout_matmul(weights.to(v.dtype) if upcast else weights, v, dropout_p)
+    scores = q @ k.transpose(-2, -1)  # (B, nh, T, S)
+    if scale != 1.0:
+        scores.mul_(q.shape[-1] ** -0.5 if scale is None else scale)
+    if is_causal:
+        mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+    if mask is not None and mask.dtype == torch.bool:
+        scores = scores.masked_fill_(~mask, float("-inf"))
+    elif mask is not None:
+        scores = scores.add_(mask)
+    return dropout_matmul(scores.softmax(-1), v, dropout_p)
+
+
+def _additive(mask: torch.Tensor | None, causal: bool, queries: int, keys: int, device) -> torch.Tensor | None:
+    """An SDPA mask (boolean, True = may attend, or additive) and causality as one fp32 additive bias, or None."""
+    if mask is not None and mask.dtype != torch.bool:
+        return mask.float()  # a bias that needs a gradient gets it through the cast
+    bias = None
+    if mask is not None:
+        bias = torch.zeros(mask.shape, device=device).masked_fill_(~mask, float("-inf"))
+    if causal:
+        above = torch.full((queries, keys), float("-inf"), device=device).triu_(1)
+        bias = above if bias is None else bias + above
+    return bias
 
 
 class SelfAttention(nn.Module):
@@ -212,7 +232,7 @@ class CrossAttention(nn.Module):
             # backward pass with what the attention keeps; projected again there instead (the encoder's states are
             # kept anyway), one projection of the memory more per layer. Not with attention dropout (the second
             # pass would draw other masks), nor under torch.compile (it fuses its own)
-            attend = functools.partial(self._attend, mask=mask)
+            attend = functools.partial(self._attend, mask=mask, backward_follows=True)
             y = ProjectedInBackward.apply(attend, query, memory, self.kv.weight, self.kv.bias)
         elif cache is not None and "memory_k" in cache:
             y = self._attend(query, (cache["memory_k"], cache["memory_v"]), mask, dropout)
@@ -241,12 +261,12 @@ class CrossAttention(nn.Module):
             and cheaper(queries, memory.shape[1], width, self.num_heads)
         )
 
-    def _attend(self, query, kv, mask: torch.Tensor | None, dropout: float = 0.0) -> torch.Tensor:
+    def _attend(self, query, kv, mask: torch.Tensor | None, dropout: float = 0.0, backward_follows=False):
         """(B, T, C) queries attending to keys and values, (B, S, 2C) or a pair of (B, S, C) -> (B, nh, T, hs)."""
         B, C = query.shape[0], query.shape[-1]
         heads = lambda t: t.view(B, -1, self.num_heads, C // self.num_heads).transpose(1, 2)  # noqa: E731
         k, v = kv.split(C, dim=-1) if torch.is_tensor(kv) else kv
-        return attention(heads(query), heads(k), heads(v), mask, dropout, False, self.scale)
+        return attention(heads(query), heads(k), heads(v), mask, dropout, False, self.scale, backward_follows)
 
 
 def cached_causal_mask(T: int, past: int, device: torch.device) -> torch.Tensor:

@@ -200,8 +200,52 @@ class RMSNormThenLinear(torch.autograd.Function):
 
 
 def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
-    """x in fp32 where it is in a 16-bit float dtype, else as it is (fp32, or fp64 under gradcheck)."""
-    return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+    """x in fp32 where it is in a 16-bit float dtype (a contiguous copy), else as it is (fp32, or fp64 under
+    gradcheck)."""
+    half = x.dtype in (torch.bfloat16, torch.float16)
+    return x.to(torch.float32, memory_format=torch.contiguous_format) if half else x
+
+
+def _scores(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """q @ k^T * scale + bias, (B, nh, T, S), in fp32 at least: from 16-bit q and k upcast. In place after the product,
+    which autograd lets be (the product's gradients need its inputs, not its result)."""
+    scores = at_least_fp32(q) @ at_least_fp32(k).transpose(-2, -1)
+    if scale != 1.0:
+        scores.mul_(scale)
+    return scores if bias is None else scores.add_(bias)
+
+
+def _rebuilt_forward(q, k, v, bias, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(scores) @ v, (B, nh, T, hs) in v's dtype, and each query's log-sum-exp of the scores, from contiguous
+    (B, nh, T|S, hs) heads; the weights cast to v's dtype for their product."""
+    with torch.autocast(q.device.type, enabled=False):  # the dtypes here are chosen, not autocast's
+        scores = _scores(q, k, bias, scale)
+        most = scores.amax(-1, keepdim=True)
+        weights = scores.softmax(-1)
+        del scores
+        # the largest weight of a row is exp(max - lse): lse from it, without another pass of exponentials
+        lse = weights.amax(-1, keepdim=True).log_().neg_().add_(most)
+        return weights.to(v.dtype) @ v, lse
+
+
+def _rebuilt_backward(q, k, v, bias, lse, scale: float, grad, grad_q, grad_k, grad_v, bias_grad: bool):
+    """The gradients of `_rebuilt_forward`'s output with respect to q, k and v, written into grad_q, grad_k and
+    grad_v (contiguous, like the heads), from the weights rebuilt; returns the bias's gradient where asked."""
+    B, nh = q.shape[:2]
+    flat = lambda t: t.view(B * nh, t.shape[-2], t.shape[-1])  # noqa: E731  (bmm's out= takes 3-D)
+    with torch.autocast(q.device.type, enabled=False):
+        weights = exp_(_scores(q, k, bias, scale).sub_(lse))  # masked keys at -inf: torch's exp_ is 3x slower there
+        torch.bmm(flat(weights.to(v.dtype).transpose(-2, -1)), flat(grad), out=flat(grad_v))
+        # first the weights' gradient, then in place the scores'
+        grad_scores = at_least_fp32(grad) @ at_least_fp32(v).transpose(-2, -1)
+        dot = torch.linalg.vecdot(grad_scores, weights, dim=-1).unsqueeze(-1)
+        grad_scores.sub_(dot).mul_(weights)
+        del weights
+        grad_bias = grad_scores.sum_to_size(bias.shape) if bias_grad else None
+        grad_scores = grad_scores.to(q.dtype)
+        torch.bmm(flat(grad_scores), flat(k), out=flat(grad_q))
+        torch.bmm(flat(grad_scores.transpose(-2, -1)), flat(q), out=flat(grad_k))
+    return grad_bias
 
 
 class BiasedAttention(torch.autograd.Function):
@@ -221,54 +265,61 @@ class BiasedAttention(torch.autograd.Function):
     bias, softmax and bias gradient in fp32; the other three products run in bf16 on the weights and the scores'
     gradient cast down, as a fused attention kernel does. SDPA, which has no fused CPU kernel for a bias that needs
     a gradient, upcasts q, k, v and every product and casts the bias to bf16: forward + backward at T5's bench
-    shapes 15.8 against 19.8 ms, the same gradients of q, k and v (`python tests/bench/attention_bias.py --bf16`)."""
+    shapes 16.6 against 20.1 ms, the same gradients of q, k and v (`python tests/bench/attention_bias.py --bf16`)."""
 
     @staticmethod
     def forward(ctx, qkv, bias, num_heads: int, scale: float):
         B, T, C = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
         heads = qkv.view(B, T, 3, num_heads, C // num_heads).permute(2, 0, 3, 1, 4).contiguous()  # (3, B, nh, T, hs)
-        q, k, v = heads
-        with torch.autocast(qkv.device.type, enabled=False):  # the dtypes below are chosen, not autocast's
-            scores = at_least_fp32(q) @ at_least_fp32(k).transpose(-2, -1)
-            if scale != 1.0:
-                scores.mul_(scale)
-            scores.add_(bias)
-            most = scores.amax(-1, keepdim=True)
-            weights = scores.softmax(-1)
-            del scores
-            # the largest weight of a row is exp(max - lse): lse from it, without another pass of exponentials
-            lse = weights.amax(-1, keepdim=True).log_().neg_().add_(most)
-            out = (weights.to(v.dtype) @ v).transpose(1, 2).reshape(B, T, C)
+        out, lse = _rebuilt_forward(*heads, bias, scale)
         ctx.save_for_backward(heads, bias, lse)
+        ctx.scale = scale
+        return out.transpose(1, 2).reshape(B, T, C)
+
+    @staticmethod
+    def backward(ctx, grad):
+        heads, bias, lse = ctx.saved_tensors
+        _, B, nh, T, hs = heads.shape
+        grad = grad.reshape(B, T, nh, hs).transpose(1, 2).to(heads.dtype).contiguous()  # read by two products
+        grad_heads = torch.empty_like(heads)
+        grad_bias = _rebuilt_backward(*heads, bias, lse, ctx.scale, grad, *grad_heads, ctx.needs_input_grad[1])
+        if ctx.scale != 1.0:
+            grad_heads[:2].mul_(ctx.scale)
+        return grad_heads.permute(1, 3, 0, 2, 4).reshape(B, T, 3 * nh * hs), grad_bias, None, None
+
+
+def fp32_weights_attention(q, k, v, bias, scale: float) -> torch.Tensor:
+    """`RebuiltAttention`'s computation left to autograd, which keeps the fp32 weights: for a graph whose backward
+    pass follows at once (`ProjectedInBackward`'s second pass), where rebuilding them would be work for nothing."""
+    with torch.autocast(q.device.type, enabled=False):
+        return _scores(q, k, bias, scale).softmax(-1).to(v.dtype) @ v
+
+
+class RebuiltAttention(torch.autograd.Function):
+    """softmax(q @ k^T * scale + bias) @ v of (B, nh, T, hs) queries and (B, nh, S, hs) keys and values, `bias` an
+    fp32 tensor that broadcasts to (B, nh, T, S) (-inf where masked) or None: `BiasedAttention`'s computation from
+    separate heads (cross-attention, or a mask in place of T5's bias), keeping contiguous q, k and v, the bias and
+    one log-sum-exp per query, the weights rebuilt in the backward pass. What `attention` runs on a CPU in bf16
+    without dropout, where it keeps no more than SDPA's fused kernel would."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, bias, scale: float):
+        q, k, v = (t.contiguous() for t in (q, k, v))
+        out, lse = _rebuilt_forward(q, k, v, bias, scale)
+        ctx.save_for_backward(q, k, v, bias, lse)
         ctx.scale = scale
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        heads, bias, lse = ctx.saved_tensors
-        q, k, v = heads
-        _, B, nh, T, hs = heads.shape
-        with torch.autocast(heads.device.type, enabled=False):
-            grad = grad.reshape(B, T, nh, hs).transpose(1, 2).to(heads.dtype).contiguous()  # read by two products
-            weights = at_least_fp32(q) @ at_least_fp32(k).transpose(-2, -1)
-            if ctx.scale != 1.0:
-                weights.mul_(ctx.scale)
-            exp_(weights.add_(bias).sub_(lse))  # masked keys at -inf: torch's exp_ is 3x slower there
-            grad_heads = torch.empty_like(heads)
-            flat = lambda t: t.view(B * nh, t.shape[-2], t.shape[-1])  # noqa: E731  (bmm's out= takes 3-D)
-            torch.bmm(flat(weights.to(heads.dtype).transpose(-2, -1)), flat(grad), out=flat(grad_heads[2]))
-            # first the weights' gradient, then in place the scores'
-            grad_scores = at_least_fp32(grad) @ at_least_fp32(v).transpose(-2, -1)
-            dot = torch.linalg.vecdot(grad_scores, weights, dim=-1).unsqueeze(-1)
-            grad_scores.sub_(dot).mul_(weights)
-            del weights
-            grad_bias = grad_scores.sum_to_size(bias.shape) if ctx.needs_input_grad[1] else None
-            grad_scores = grad_scores.to(heads.dtype)
-            torch.bmm(flat(grad_scores), flat(k), out=flat(grad_heads[0]))
-            torch.bmm(flat(grad_scores.transpose(-2, -1)), flat(q), out=flat(grad_heads[1]))
-            if ctx.scale != 1.0:
-                grad_heads[:2].mul_(ctx.scale)
-        return grad_heads.permute(1, 3, 0, 2, 4).reshape(B, T, 3 * nh * hs), grad_bias, None, None
+        q, k, v, bias, lse = ctx.saved_tensors
+        grads = [torch.empty_like(t) for t in (q, k, v)]
+        need_bias = bias is not None and ctx.needs_input_grad[3]
+        grad_bias = _rebuilt_backward(q, k, v, bias, lse, ctx.scale, grad.to(v.dtype).contiguous(), *grads, need_bias)
+        if ctx.scale != 1.0:
+            grads[0].mul_(ctx.scale)
+            grads[1].mul_(ctx.scale)
+        return *grads, grad_bias, None
 
 
 class ProjectedInBackward(torch.autograd.Function):
