@@ -54,11 +54,12 @@ def attention(
     In bf16 (or fp16) on a CPU without dropout, where the inputs need gradients (training), it runs `RebuiltAttention`
     instead: SDPA's fused kernel has a slow backward pass there. Like that kernel it keeps q, k, v and one number per
     query, and computes the scores and softmax in fp32 (from q and k upcast), the weights cast down for their
-    product with v: forward + backward of T5's cross-attention at its bench shapes 3.8 against 6.7 ms, of a 128-token
-    causal self-attention 16.7 against 25.2 ms, as close to fp64's gradients (`python tests/bench/attention_bf16.py`).
-    Without gradients (evaluation, generation, the first pass of `ProjectedInBackward`, whose backward pass runs
-    this one again: the same function to bf16's rounding) the fused kernel serves, its forward pass the faster.
-    `backward_follows` (that second pass, whose backward comes at once): the weights are kept, not rebuilt."""
+    product with v: forward + backward of T5's cross-attention at its bench shapes 5.1-5.5 against 6.8-7.4 ms, of a
+    128-token causal self-attention 20-26 against 27-28 ms, as close to fp64's gradients (`python
+    tests/bench/attention_bf16.py`). `backward_follows` (`ProjectedInBackward`'s second pass, whose backward pass
+    comes at once): the same left to autograd, which keeps the weights for that moment (3.8 and 12.2 ms). Without
+    gradients (evaluation, generation, `ProjectedInBackward`'s first pass: the same function to bf16's rounding) the
+    fused kernel serves, its forward pass the faster (0.6 against 1.3 ms, 1.6 against 4.0)."""
     cpu, half = q.device.type == "cpu", q.dtype in (torch.bfloat16, torch.float16)
     recorded = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if cpu and half and dropout_p == 0.0 and recorded:

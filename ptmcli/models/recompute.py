@@ -265,7 +265,8 @@ class BiasedAttention(torch.autograd.Function):
     bias, softmax and bias gradient in fp32; the other three products run in bf16 on the weights and the scores'
     gradient cast down, as a fused attention kernel does. SDPA, which has no fused CPU kernel for a bias that needs
     a gradient, upcasts q, k, v and every product and casts the bias to bf16: forward + backward at T5's bench
-    shapes 16.6 against 20.1 ms, the same gradients of q, k and v (`python tests/bench/attention_bias.py --bf16`)."""
+    shapes 17.6-17.9 against 21.0-21.3 ms, the same gradients of q, k and v (`python tests/bench/attention_bias.py
+    --bf16`)."""
 
     @staticmethod
     def forward(ctx, qkv, bias, num_heads: int, scale: float):

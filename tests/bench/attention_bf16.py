@@ -1,6 +1,7 @@
 """Attention under CPU bf16 autocast without dropout, forward + backward: torch's SDPA (its fused kernel) against
 ptm's `models/attention.attention`, which writes it out when the inputs need gradients (scores and softmax in fp32
-from q and k upcast, the weights cast down for their product with v), at two bench shapes: T5's cross-attention (32
+from q and k upcast, the weights cast down for their product with v; `RebuiltAttention`, and with the weights kept
+by autograd as in `ProjectedInBackward`'s second pass), at two bench shapes: T5's cross-attention (32
 examples x 4 heads, 26 decoder queries attending to 116 encoder keys, padding in half the examples, scale 1) and a
 128-token causal self-attention (32 x 4 heads, head size 64). Prints the median of 20 interleaved repeats of each, each
 one's gradients against fp64's (largest difference relative to the largest gradient), and the forward pass alone,
@@ -43,7 +44,12 @@ def main() -> None:
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 return attention(q, k, v, mask, 0.0, causal, scale)
 
-        results = time_backward({"torch SDPA": fused, "ptm attention": ours}, grad, [q, k, v], repeats=20, warmup=3)
+        def kept():  # as in ProjectedInBackward's second pass (T5's cross-attention in training)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return attention(q, k, v, mask, 0.0, causal, scale, backward_follows=True)
+
+        ways = {"torch SDPA": fused, "ptm attention": ours, "weights kept": kept}
+        results = time_backward(ways, grad, [q, k, v], repeats=20, warmup=3)
         exact = [t.detach().double().requires_grad_() for t in (q, k, v)]
         fused(*exact).backward(grad.double())
         print(f"{name}:")
