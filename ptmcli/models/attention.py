@@ -86,11 +86,11 @@ def attention(
 
 def _additive(mask: torch.Tensor | None, causal: bool, queries: int, keys: int, device) -> torch.Tensor | None:
     """An SDPA mask (boolean, True = may attend, or additive) and causality as one fp32 additive bias, or None."""
-    if mask is not None and mask.dtype != torch.bool:
-        return mask.float()  # a bias that needs a gradient gets it through the cast
     bias = None
-    if mask is not None:
+    if mask is not None and mask.dtype == torch.bool:
         bias = torch.zeros(mask.shape, device=device).masked_fill_(~mask, float("-inf"))
+    elif mask is not None:
+        bias = mask.float()  # a bias that needs a gradient gets it through the cast
     if causal:
         above = torch.full((queries, keys), float("-inf"), device=device).triu_(1)
         bias = above if bias is None else bias + above

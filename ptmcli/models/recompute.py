@@ -6,7 +6,8 @@ layer keeps (4x the hidden width). `GeluThenLinear` keeps the input alone and re
 backward pass, an elementwise op that costs far less than the products beside it. `rms_norm` (T5's norm, and its
 module `RMSNorm`) keeps its input and one number per token, where autograd keeps the input and the normalised copy.
 For T5 the same is done to the normalised input of each projection (`RMSNormThenLinear`), the attention weights
-(`BiasedAttention`) and cross-attention's keys and values (`ProjectedInBackward`), each for one small product more.
+(`BiasedAttention`) and cross-attention's keys and values (`ProjectedInBackward`), each for one small product more;
+in bf16 on a CPU, to any attention's weights without dropout (`RebuiltAttention`).
 """
 
 from __future__ import annotations
@@ -245,6 +246,9 @@ def _rebuilt_backward(q, k, v, bias, lse, scale: float, grad, grad_q, grad_k, gr
         grad_scores = grad_scores.to(q.dtype)
         torch.bmm(flat(grad_scores), flat(k), out=flat(grad_q))
         torch.bmm(flat(grad_scores.transpose(-2, -1)), flat(q), out=flat(grad_k))
+        if scale != 1.0:
+            grad_q.mul_(scale)
+            grad_k.mul_(scale)
     return grad_bias
 
 
@@ -284,8 +288,6 @@ class BiasedAttention(torch.autograd.Function):
         grad = grad.reshape(B, T, nh, hs).transpose(1, 2).to(heads.dtype).contiguous()  # read by two products
         grad_heads = torch.empty_like(heads)
         grad_bias = _rebuilt_backward(*heads, bias, lse, ctx.scale, grad, *grad_heads, ctx.needs_input_grad[1])
-        if ctx.scale != 1.0:
-            grad_heads[:2].mul_(ctx.scale)
         return grad_heads.permute(1, 3, 0, 2, 4).reshape(B, T, 3 * nh * hs), grad_bias, None, None
 
 
@@ -317,9 +319,6 @@ class RebuiltAttention(torch.autograd.Function):
         grads = [torch.empty_like(t) for t in (q, k, v)]
         need_bias = bias is not None and ctx.needs_input_grad[3]
         grad_bias = _rebuilt_backward(q, k, v, bias, lse, ctx.scale, grad.to(v.dtype).contiguous(), *grads, need_bias)
-        if ctx.scale != 1.0:
-            grads[0].mul_(ctx.scale)
-            grads[1].mul_(ctx.scale)
         return *grads, grad_bias, None
 
 
