@@ -167,6 +167,18 @@ def test_rms_norm_under_bf16_autocast_computes_its_statistic_in_fp32():
         assert torch.equal(ours, ref)
 
 
+def test_rms_norm_and_the_fused_projection_stay_in_fp64_for_fp64_inputs():
+    """Their statistic is computed in fp32 at least, not in fp32 always: fp64 inputs (gradcheck, numerics work) get
+    fp64 results and the analytic gradients to fp64's precision."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, dtype=torch.float64, requires_grad=True)
+    norm_weight = (1 + 0.1 * torch.randn(8, dtype=torch.float64)).requires_grad_()
+    weight, bias = torch.randn(5, 8, dtype=torch.float64, requires_grad=True), torch.randn(5, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda x, w: rms_norm(x, w, 1e-6), (x, norm_weight))
+    fused = lambda x, n, w, b: RMSNormThenLinear.apply(x, n, 1e-6, w, b)  # noqa: E731
+    assert torch.autograd.gradcheck(fused, (x, norm_weight, weight, bias.requires_grad_()))
+
+
 SMALL = dict(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, dropout=0.0, attention_dropout=0.0)
 PADDED_FAMILIES = {
     "bert": (BertArch(**SMALL, max_positions=40), "mlm"),

@@ -98,8 +98,9 @@ class UpGeluDown(torch.autograd.Function):
 
 
 def _rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weight * x / rms(x), 1 / rms(x)): the statistic and the division in fp32, the result in the weight's dtype."""
-    wide = x.float()
+    """(weight * x / rms(x), 1 / rms(x)): the statistic and the division in fp32 (fp64 for fp64), the result in the
+    weight's dtype."""
+    wide = at_least_fp32(x)
     # not under autocast, which runs vecdot in bf16 on a CPU: the statistic from x rounded, in bf16, and two casts
     with torch.autocast(x.device.type, enabled=False):
         rstd = torch.linalg.vecdot(wide, wide, dim=-1).unsqueeze(-1).div_(x.shape[-1]).add_(eps).rsqrt_()
@@ -108,10 +109,10 @@ def _rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tupl
 
 def _rms_norm_backward(grad, x, weight, rstd, normed, need) -> tuple:
     """The gradients of weight * x / rms(x) with respect to (x, weight) where `need` asks; `normed` is x * rstd in
-    fp32, which this overwrites."""
+    fp32 at least, which this overwrites."""
     grad_x = grad_weight = None
     if need[0]:
-        grad_normed = (grad * weight).float()
+        grad_normed = at_least_fp32(grad * weight)
         with torch.autocast(x.device.type, enabled=False):  # a backward pass run again under autocast: in fp32
             dot = torch.linalg.vecdot(grad_normed, normed, dim=-1).unsqueeze(-1)
         # rstd * (grad_normed - normed * mean(grad_normed * normed))
@@ -135,16 +136,16 @@ class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, weight, rstd = ctx.saved_tensors
-        return (*_rms_norm_backward(grad, x, weight, rstd, x.float() * rstd, ctx.needs_input_grad), None)
+        return (*_rms_norm_backward(grad, x, weight, rstd, at_least_fp32(x) * rstd, ctx.needs_input_grad), None)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """weight * x / rms(x), the division in fp32 and the result in the weight's dtype (T5's layer norm)."""
+    """weight * x / rms(x), the division in fp32 at least and the result in the weight's dtype (T5's layer norm)."""
     return _RMSNorm.apply(x, weight, eps)
 
 
 class RMSNorm(nn.Module):
-    """T5's layer norm: scale by the root mean square, no mean subtraction and no bias; computed in fp32."""
+    """T5's layer norm: scale by the root mean square, no mean subtraction and no bias; computed in fp32 at least."""
 
     def __init__(self, hidden_size: int, eps: float = 1e-6):
         super().__init__()
@@ -186,7 +187,7 @@ class RMSNormThenLinear(torch.autograd.Function):
     def backward(ctx, grad):
         x, norm_weight, rstd, weight = ctx.saved_tensors
         need = ctx.needs_input_grad
-        unit = x.float() * rstd
+        unit = at_least_fp32(x) * rstd
         grad = grad.to(ctx.compute)
         grad_weight = grad_bias = grad_x = grad_norm_weight = None
         if need[3]:  # the normalised input, as the forward pass made it, only for the weight's gradient
