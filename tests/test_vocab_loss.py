@@ -337,3 +337,57 @@ def test_mlm_in_bf16_on_a_cpu_predicts_whole_buckets_of_rows_with_the_same_loss_
             torch.testing.assert_close(ours, reference, rtol=2e-2, atol=2e-3)
     with torch.no_grad():
         assert run(8, False)[0][len(objective.terms) :] == run(1, False)[0][len(objective.terms) :]
+
+
+def test_electra_in_bf16_on_a_cpu_runs_its_generator_on_whole_buckets_of_rows_and_masks_only_the_masked(monkeypatch):
+    """ELECTRA's generator, like MLM, predicts at whole buckets of rows under CPU autocast (here 8); the added
+    positions are predicted against IGNORE but keep their tokens: nothing but the masked positions is replaced, and
+    the generator's loss, accuracy and gradients are those without the padding (to bf16's rounding)."""
+    from ptmcli.objectives import mlm
+
+    torch.manual_seed(0)
+    arch, name = CASES["electra"]
+    cfg = ObjectiveConfig(name=name)
+    model = PRETRAINING_MODELS["electra"](arch, V, cfg)
+    objective = OBJECTIVES[name](cfg)
+    batch = _batch("electra")
+    if int(batch["mlm_positions"].sum()) % 8 == 0:  # one fewer, so that there is a bucket to fill
+        first = batch["mlm_positions"].reshape(-1).nonzero()[0]
+        batch["mlm_positions"].view(-1)[first] = False
+        batch["input_ids"].view(-1)[first] = 5
+        batch["mlm_targets"] = batch["mlm_targets"][1:]
+    seen = []
+    forward = model.forward
+
+    def recording(*args, **kwargs):
+        seen.append(args[3])
+        out = forward(*args, **kwargs)
+        seen.append(out["replaced"])
+        return out
+
+    monkeypatch.setattr(model, "forward", recording)
+
+    def run(shape_rows: int, training: bool):
+        monkeypatch.setattr(mlm, "SHAPE_ROWS", shape_rows)
+        model.train(training)
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            sums, stats = objective(model, batch)
+        if training:
+            sums["mlm"].backward()  # the generator's loss: the discriminator's input holds its samples
+        generator = [p.grad for p in model.generator.parameters()] + [p.grad for p in model.mlm_head.parameters()]
+        return sums["mlm"].detach(), stats["mlm_correct"], generator
+
+    padded = run(8, True)
+    positions, replaced = seen[-2], seen[-1]
+    assert int(positions.sum()) % 8 == 0 and (positions & ~batch["mlm_positions"]).any()
+    assert not (replaced & ~batch["mlm_positions"]).any() and replaced.any()
+    plain = run(1, True)
+    assert torch.equal(seen[-2], batch["mlm_positions"])
+    torch.testing.assert_close(padded[0], plain[0], rtol=2e-2, atol=2e-3)
+    for ours, reference in zip(padded[2], plain[2]):
+        if reference is not None:
+            torch.testing.assert_close(ours, reference, rtol=2e-2, atol=2e-3)
+    with torch.no_grad():
+        assert run(8, False)[1] == run(1, False)[1]

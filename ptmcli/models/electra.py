@@ -17,6 +17,7 @@ from torch import nn
 from ptmcli.architectures import ElectraArch
 from ptmcli.models.dropout import Dropout
 from ptmcli.models.layers import EncoderLayer, MaskedLMHead, init_normal, run_encoder_layers
+from ptmcli.models.vocab_loss import IGNORE
 
 
 class Embeddings(nn.Module):
@@ -107,19 +108,27 @@ class ElectraForPretraining(nn.Module):
         mlm_targets: torch.Tensor,
         predict: bool = False,
     ) -> dict[str, torch.Tensor]:
-        """The generator's summed masked-LM loss (`mlm_predicted`: its argmax at each masked position, with
+        """The generator's summed masked-LM loss (`mlm_predicted`: its argmax at each of `mlm_positions`, with
         `predict`); the discriminator's replaced-token logits (B, T) on the input with the masked positions filled
-        by generator samples; and which tokens were replaced (B, T).
+        by generator samples; and which tokens were replaced (B, T). A position whose target is IGNORE is predicted
+        (for whole buckets of rows) but not masked: it keeps its token.
 
         One forward does both, so data-parallel training syncs the gradients of both networks. The generator's
         logits are taken a chunk of positions at a time, with the samples drawn from each chunk's softmax (they
         are not differentiated: the generator is trained by its MLM loss only)."""
         generator_states = self.generator(input_ids, token_type_ids, attention_mask, mlm_positions)
         generated = self.mlm_head.loss(generator_states, mlm_targets, predict, sample=self.sampling_temperature)
+        sampled, masked = generated.sampled, mlm_positions
+        # rows added to whole buckets, on a CPU only (objectives/rtd.py; on a GPU the test would be a host sync)
+        predicted_only = mlm_targets == IGNORE
+        if mlm_targets.device.type == "cpu" and predicted_only.any():
+            masked = mlm_positions.clone()
+            masked[mlm_positions] = ~predicted_only
+            sampled, mlm_targets = sampled[~predicted_only], mlm_targets[~predicted_only]
         original = input_ids.clone()
-        original[mlm_positions] = mlm_targets
+        original[masked] = mlm_targets
         corrupted = original.clone()
-        corrupted[mlm_positions] = generated.sampled
+        corrupted[masked] = sampled
         hidden = self.encoder(corrupted, token_type_ids, attention_mask)
         rtd_logits = self.rtd_out(F.gelu(self.rtd_dense(hidden))).squeeze(-1)
         return {

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ptmcli.objectives.mlm import whole_buckets_of_rows
+
 
 class ReplacedTokenDetection:
     terms = ("mlm", "rtd")
@@ -18,12 +20,15 @@ class ReplacedTokenDetection:
         self.term_weights = {"rtd": rtd_weight}  # the loop weights the per-token means of the terms by these
 
     def __call__(self, model: nn.Module, batch: dict) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        positions, targets = batch["mlm_positions"], batch["mlm_targets"]
+        if positions.device.type == "cpu" and torch.is_autocast_enabled("cpu"):  # as MaskedLM, for the generator
+            positions, targets = whole_buckets_of_rows(positions, targets, batch["attention_mask"])
         out = model(
             batch["input_ids"],
             batch["token_type_ids"],
             batch["attention_mask"],
-            batch["mlm_positions"],
-            batch["mlm_targets"],
+            positions,
+            targets,
             predict=not model.training,
         )
         real = batch["attention_mask"].bool()
@@ -35,7 +40,7 @@ class ReplacedTokenDetection:
         }
         stats = {
             "mlm_correct": (
-                (out["mlm_predicted"] == batch["mlm_targets"]).sum()
+                (out["mlm_predicted"] == targets).sum()  # IGNORE is never predicted
                 if out["mlm_predicted"] is not None
                 else torch.zeros((), device=replaced.device)  # read only by evaluation
             ),
