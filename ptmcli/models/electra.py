@@ -120,11 +120,11 @@ class ElectraForPretraining(nn.Module):
         generated = self.mlm_head.loss(generator_states, mlm_targets, predict, sample=self.sampling_temperature)
         sampled, masked = generated.sampled, mlm_positions
         # rows added to whole buckets, on a CPU only (objectives/rtd.py; on a GPU the test would be a host sync)
-        predicted_only = mlm_targets == IGNORE
-        if mlm_targets.device.type == "cpu" and predicted_only.any():
+        if mlm_targets.device.type == "cpu" and (mlm_targets == IGNORE).any():
+            kept = mlm_targets != IGNORE
             masked = mlm_positions.clone()
-            masked[mlm_positions] = ~predicted_only
-            sampled, mlm_targets = sampled[~predicted_only], mlm_targets[~predicted_only]
+            masked[mlm_positions] = kept
+            sampled, mlm_targets = sampled[kept], mlm_targets[kept]
         original = input_ids.clone()
         original[masked] = mlm_targets
         corrupted = original.clone()
