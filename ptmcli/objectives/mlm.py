@@ -34,6 +34,15 @@ def whole_buckets_of_rows(positions: torch.Tensor, targets: torch.Tensor, attent
     return padded, every[padded]
 
 
+def positions_to_predict(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch's (B, T) masked positions and (N,) targets, padded to whole buckets of rows under a CPU's autocast
+    (`whole_buckets_of_rows`), where bf16 products keep a kernel per shape; as they are elsewhere."""
+    positions, targets = batch["mlm_positions"], batch["mlm_targets"]
+    if positions.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        return whole_buckets_of_rows(positions, targets, batch["attention_mask"])
+    return positions, targets
+
+
 class MaskedLM:
     def __init__(self, nsp: bool):
         self.nsp = nsp
@@ -42,9 +51,7 @@ class MaskedLM:
 
     def __call__(self, model: nn.Module, batch: dict) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Returns ({term: summed loss}, {statistic: summed count}) for one micro-batch."""
-        positions, targets = batch["mlm_positions"], batch["mlm_targets"]  # (B, T) bool, (N,) N = masked positions
-        if positions.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
-            positions, targets = whole_buckets_of_rows(positions, targets, batch["attention_mask"])
+        positions, targets = positions_to_predict(batch)
         out = model(
             batch["input_ids"], batch["token_type_ids"], batch["attention_mask"], positions, targets,
             predict=not model.training,  # accuracy is read only by evaluation

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ptmcli.objectives.mlm import whole_buckets_of_rows
+from ptmcli.objectives.mlm import positions_to_predict
 
 
 class ReplacedTokenDetection:
@@ -20,9 +20,7 @@ class ReplacedTokenDetection:
         self.term_weights = {"rtd": rtd_weight}  # the loop weights the per-token means of the terms by these
 
     def __call__(self, model: nn.Module, batch: dict) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        positions, targets = batch["mlm_positions"], batch["mlm_targets"]
-        if positions.device.type == "cpu" and torch.is_autocast_enabled("cpu"):  # as MaskedLM, for the generator
-            positions, targets = whole_buckets_of_rows(positions, targets, batch["attention_mask"])
+        positions, targets = positions_to_predict(batch)  # the generator's, as MaskedLM's
         out = model(
             batch["input_ids"],
             batch["token_type_ids"],
