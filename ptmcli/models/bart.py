@@ -95,6 +95,7 @@ class BartForConditionalGeneration(EncoderDecoderLM):
         self.encoder = Bart(arch, vocab_size)
         self.decoder = Decoder(arch)
         self.lm_bias = nn.Parameter(torch.zeros(vocab_size))
+        self.max_length = arch.max_positions
         init_normal(self, arch.init_std)
 
     def encode(self, input_ids, attention_mask) -> torch.Tensor:

@@ -106,13 +106,39 @@ class EncoderLayer(nn.Module):
         return self.ffn_norm(residual(x, self.dropout(self.ffn(x))))
 
 
+# Under a CPU's autocast the bf16 products go to oneDNN, which builds a kernel for every shape it meets and keeps it
+# (~0.5-1 MB each). A padded batch is as long as its longest row, so attention (and an encoder-decoder's cross-attention
+# projections) met new shapes at most steps, and bf16 runs grew where fp32 runs stay flat: BART-mini's recipe peaked at
+# 1,190 MB at step 20 and 1,353-1,371 at step 200 (fp32: 1,002-1,040). Padded further to a multiple of
+# LENGTH_MULTIPLE, such batches meet a handful of lengths: 1,052-1,066 and 1,100-1,108 MB, at the same speed
+# (docs/results.md, stop 59).
+LENGTH_MULTIPLE = 8
+
+
+def in_cpu_autocast(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+
+
+def padded_to_whole_length(x: torch.Tensor, value, limit: int | None = None) -> torch.Tensor:
+    """(B, T, ...) x right-padded along T with `value` to a multiple of LENGTH_MULTIPLE, at most `limit`."""
+    T = x.shape[1]
+    length = -(-T // LENGTH_MULTIPLE) * LENGTH_MULTIPLE
+    length = max(T, min(length, limit)) if limit is not None else length
+    return F.pad(x, (0, 0) * (x.dim() - 2) + (0, length - T), value=value) if length > T else x
+
+
 def run_encoder_layers(
     layers: nn.ModuleList, x: torch.Tensor, attention_mask: torch.Tensor | None, outputs: torch.Tensor | None = None
 ) -> torch.Tensor:
     """(B, T, C) through `EncoderLayer`s; a padded batch runs on its real tokens (`PackedRows`), and the states at
-    its padding positions mean nothing. With `outputs`, a (B, T) bool mask of real tokens, returns only the
-    states there, (N, C) in row-major order (`hidden[outputs]`), and the last layer computes no others
-    (`QueryRows`)."""
+    its padding positions mean nothing; under a CPU's autocast its layers run at a whole length (`LENGTH_MULTIPLE`).
+    With `outputs`, a (B, T) bool mask of real tokens, returns only the states there, (N, C) in row-major order
+    (`hidden[outputs]`), and the last layer computes no others (`QueryRows`)."""
+    T = x.shape[1]
+    if attention_mask is not None and in_cpu_autocast(x) and not bool(attention_mask.all()):
+        # a padded batch at a whole length (`LENGTH_MULTIPLE`): the added positions are padding like the rest
+        x, attention_mask = padded_to_whole_length(x, 0), padded_to_whole_length(attention_mask, 0)
+        outputs = None if outputs is None else padded_to_whole_length(outputs, False)
     mask = padding_mask(attention_mask)
     rows = PackedRows.of(attention_mask) if mask is not None else None
     queries = QueryRows.of(outputs, rows)
@@ -122,7 +148,7 @@ def run_encoder_layers(
     if queries is not None and len(layers):
         return x
     x = x if rows is None else rows.unpack(x)
-    return x if outputs is None else x[outputs]
+    return x[:, :T] if outputs is None else x[outputs]
 
 
 def layer_stack(arch, layer: type[nn.Module] | None = None, activation: str = "gelu") -> nn.ModuleList:
@@ -236,9 +262,11 @@ def up_to_last_target(targets: list[torch.Tensor]) -> torch.Tensor:
 class EncoderDecoderLM(nn.Module):
     """What T5 and BART share around their own `encode`, `decoder_states` (the states the output projection
     reads; with `keep`, (B, T) bool, only those positions' states are computed) and `output_weight` /
-    `output_bias`: next-token logits, or the summed cross-entropies of targets."""
+    `output_bias`: next-token logits, or the summed cross-entropies of targets. `max_length`: the most positions
+    the encoder or the decoder can take (learned positions), None where any length goes."""
 
     output_bias = None
+    max_length: int | None = None
 
     def decode(self, decoder_ids, memory, attention_mask, cache=None) -> torch.Tensor:
         """(B, T) decoder ids -> (B, T, V) next-token logits."""
@@ -250,11 +278,28 @@ class EncoderDecoderLM(nn.Module):
     ) -> torch.Tensor | list[VocabLoss]:
         """Logits (B, T, V); with `targets` (a list of (B, T) label tensors) their summed cross-entropies instead,
         computed only where each has labels and without the whole logits tensor."""
-        memory = self.encode(input_ids, attention_mask)
         if targets is None:
-            return self.decode(decoder_input_ids, memory, attention_mask)
+            return self.decode(decoder_input_ids, self.encode(input_ids, attention_mask), attention_mask)
+        if in_cpu_autocast(input_ids):
+            input_ids, attention_mask, decoder_input_ids, targets = self.whole_lengths(
+                input_ids, attention_mask, decoder_input_ids, targets
+            )
+        memory = self.encode(input_ids, attention_mask)
         hidden = self.decoder_states(decoder_input_ids, memory, attention_mask, keep=up_to_last_target(targets))
         return targeted_cross_entropies(hidden, self.output_weight, self.output_bias, targets, predict)
+
+    def whole_lengths(self, input_ids, attention_mask, decoder_input_ids, targets: list[torch.Tensor]):
+        """The inputs of a padded batch padded further to a whole multiple of LENGTH_MULTIPLE positions (encoder and
+        decoder each): masked positions in the encoder, positions after the last target in the decoder, neither
+        changing any state or loss. A side without padding keeps its length, which the data fixes (T5's span
+        corruption): padding it would add work and no fewer shapes."""
+        if attention_mask is not None and not bool(attention_mask.all()):
+            input_ids = padded_to_whole_length(input_ids, 0, self.max_length)
+            attention_mask = padded_to_whole_length(attention_mask, 0, self.max_length)
+        if not bool(torch.stack([t[:, -1] != IGNORE for t in targets]).any(0).all()):
+            decoder_input_ids = padded_to_whole_length(decoder_input_ids, 0, self.max_length)
+            targets = [padded_to_whole_length(t, IGNORE, self.max_length) for t in targets]
+        return input_ids, attention_mask, decoder_input_ids, targets
 
     def new_cache(self) -> list[dict]:
         return [{} for _ in self.decoder.layers]
