@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ptmcli.data.lm_examples import permutation
-from ptmcli.models import PRETRAINING_MODELS, vocab_loss
+from ptmcli.models import PRETRAINING_MODELS, layers, vocab_loss
 from ptmcli.models.exponential import exp_
 from ptmcli.models.vocab_loss import IGNORE, projected_cross_entropy
 from ptmcli.objectives import OBJECTIVES
@@ -393,26 +393,9 @@ def test_electra_in_bf16_on_a_cpu_runs_its_generator_on_whole_buckets_of_rows_an
         assert run(8, False)[1] == run(1, False)[1]
 
 
-@pytest.mark.parametrize("family", ["t5", "bart"])
-def test_padded_seq2seq_batches_in_bf16_on_a_cpu_take_whole_lengths_with_the_same_loss_and_gradients(
-    family, monkeypatch
-):
-    """Under CPU autocast an encoder-decoder's padded batch is padded further to a multiple of LENGTH_MULTIPLE
-    positions on each side (the encoder's 20 -> 24, the decoder's 9 -> 16; at most BART's learned positions), so
-    that oneDNN meets a handful of shapes; the loss, accuracy and gradients are those without, to bf16's rounding.
-    A side without padding keeps its length, and fp32 runs as it comes."""
-    from ptmcli.models import layers
-
-    torch.manual_seed(0)
-    arch, name = CASES[family]
-    cfg = ObjectiveConfig(name=name, full_target_fraction=0.5 if family == "t5" else 0.0)
-    model = PRETRAINING_MODELS[family](arch, V, cfg)
-    objective = OBJECTIVES[name](cfg)
-    lengths = []
-    for method in ("encode", "decoder_states"):  # record the length each side runs at
-        original = getattr(model, method)
-        recording = lambda ids, *a, original=original, **k: lengths.append(ids.shape[1]) or original(ids, *a, **k)  # noqa: E731
-        monkeypatch.setattr(model, method, recording)
+def _length_runner(monkeypatch, model, objective, lengths: list):
+    """run(batch, multiple, training, bf16) -> (losses, statistics, gradients, the lengths `lengths` recorded), with
+    the layers' LENGTH_MULTIPLE set to `multiple`."""
 
     def run(batch: dict, multiple: int, training: bool = True, bf16: bool = True):
         monkeypatch.setattr(layers, "LENGTH_MULTIPLE", multiple)
@@ -425,12 +408,39 @@ def test_padded_seq2seq_batches_in_bf16_on_a_cpu_take_whole_lengths_with_the_sam
             sum(sums.values()).backward()
         return [*sums.values()], [*stats.values()], [p.grad for p in model.parameters()], list(lengths)
 
-    batch = _batch(family)
-    padded, plain = run(batch, 8), run(batch, 1)
-    assert padded[3] == [24, 16] and plain[3] == [20, 9]
+    return run
+
+
+def _same_to_bf16_rounding(padded: tuple, plain: tuple) -> None:
     for ours, reference in zip([*padded[0], *padded[2]], [*plain[0], *plain[2]]):
         if reference is not None:
             torch.testing.assert_close(ours, reference, rtol=2e-2, atol=2e-3)
+
+
+@pytest.mark.parametrize("family", ["t5", "bart"])
+def test_padded_seq2seq_batches_in_bf16_on_a_cpu_take_whole_lengths_with_the_same_loss_and_gradients(
+    family, monkeypatch
+):
+    """Under CPU autocast an encoder-decoder's padded batch is padded further to a multiple of LENGTH_MULTIPLE
+    positions on each side (the encoder's 20 -> 24, the decoder's 9 -> 16; at most BART's learned positions), so
+    that oneDNN meets a handful of shapes; the loss, accuracy and gradients are those without, to bf16's rounding.
+    A side without padding keeps its length, and fp32 runs as it comes."""
+    torch.manual_seed(0)
+    arch, name = CASES[family]
+    cfg = ObjectiveConfig(name=name, full_target_fraction=0.5 if family == "t5" else 0.0)
+    model = PRETRAINING_MODELS[family](arch, V, cfg)
+    objective = OBJECTIVES[name](cfg)
+    lengths = []
+    for method in ("encode", "decoder_states"):  # record the length each side runs at
+        original = getattr(model, method)
+        recording = lambda ids, *a, original=original, **k: lengths.append(ids.shape[1]) or original(ids, *a, **k)  # noqa: E731
+        monkeypatch.setattr(model, method, recording)
+
+    run = _length_runner(monkeypatch, model, objective, lengths)
+    batch = _batch(family)
+    padded, plain = run(batch, 8), run(batch, 1)
+    assert padded[3] == [24, 16] and plain[3] == [20, 9]
+    _same_to_bf16_rounding(padded, plain)
     with torch.no_grad():
         assert run(batch, 8, training=False)[1] == run(batch, 1, training=False)[1]
     assert run(batch, 8, bf16=False)[3] == [20, 9]
@@ -445,8 +455,6 @@ def test_padded_encoder_batches_in_bf16_on_a_cpu_run_their_layers_at_whole_lengt
     """An encoder's padded batch (BERT's here) runs its layers at a multiple of LENGTH_MULTIPLE positions under CPU
     autocast (20 -> 24), the added positions padding like the rest: the same loss, accuracy and gradients to bf16's
     rounding, the states returned at the batch's own length; fp32, and a batch without padding, as they come."""
-    from ptmcli.models import layers
-
     torch.manual_seed(0)
     arch, name = CASES["bert"]
     cfg = ObjectiveConfig(name=name)
@@ -456,23 +464,11 @@ def test_padded_encoder_batches_in_bf16_on_a_cpu_run_their_layers_at_whole_lengt
     padding_mask = layers.padding_mask
     monkeypatch.setattr(layers, "padding_mask", lambda mask: lengths.append(mask.shape[1]) or padding_mask(mask))
 
-    def run(batch: dict, multiple: int, training: bool = True, bf16: bool = True):
-        monkeypatch.setattr(layers, "LENGTH_MULTIPLE", multiple)
-        model.train(training)
-        model.zero_grad(set_to_none=True)
-        lengths.clear()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            sums, stats = objective(model, batch)
-        if training:
-            sum(sums.values()).backward()
-        return [*sums.values()], [*stats.values()], [p.grad for p in model.parameters()], list(lengths)
-
+    run = _length_runner(monkeypatch, model, objective, lengths)
     batch = _batch("bert")
     padded, plain = run(batch, 8), run(batch, 1)
     assert padded[3] == [24] and plain[3] == [20]
-    for ours, reference in zip([*padded[0], *padded[2]], [*plain[0], *plain[2]]):
-        if reference is not None:
-            torch.testing.assert_close(ours, reference, rtol=2e-2, atol=2e-3)
+    _same_to_bf16_rounding(padded, plain)
     with torch.no_grad():
         assert run(batch, 1, training=False)[1] == run(batch, 8, training=False)[1]
         with torch.autocast("cpu", dtype=torch.bfloat16):

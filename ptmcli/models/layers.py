@@ -12,7 +12,13 @@ from ptmcli.models.attention import SelfAttention, padding_mask
 from ptmcli.models.dropout import Dropout
 from ptmcli.models.recompute import GELU_APPROXIMATION, GeluThenLinear, RMSNorm, UpGeluDown, normed_projection
 from ptmcli.models.rows import PackedRows, QueryRows
-from ptmcli.models.vocab_loss import IGNORE, VocabLoss, projected_cross_entropy, targeted_cross_entropies
+from ptmcli.models.vocab_loss import (
+    IGNORE,
+    VocabLoss,
+    in_cpu_autocast,
+    projected_cross_entropy,
+    targeted_cross_entropies,
+)
 
 
 def residual(x: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
@@ -115,10 +121,6 @@ class EncoderLayer(nn.Module):
 LENGTH_MULTIPLE = 8
 
 
-def in_cpu_autocast(x: torch.Tensor) -> bool:
-    return x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
-
-
 def padded_to_whole_length(x: torch.Tensor, value, limit: int | None = None) -> torch.Tensor:
     """(B, T, ...) x right-padded along T with `value` to a multiple of LENGTH_MULTIPLE, at most `limit`."""
     T = x.shape[1]
@@ -148,7 +150,9 @@ def run_encoder_layers(
     if queries is not None and len(layers):
         return x
     x = x if rows is None else rows.unpack(x)
-    return x[:, :T] if outputs is None else x[outputs]
+    if outputs is not None:
+        return x[outputs]
+    return x if x.shape[1] == T else x[:, :T]
 
 
 def layer_stack(arch, layer: type[nn.Module] | None = None, activation: str = "gelu") -> nn.ModuleList:

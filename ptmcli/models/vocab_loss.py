@@ -36,6 +36,11 @@ CACHE_BLOCK_ELEMENTS = 1 << 18  # 1 MiB of fp32 logits: half a core's 2 MB L2 on
 SHAPE_ROWS = 64
 
 
+def in_cpu_autocast(x: torch.Tensor) -> bool:
+    """Whether x's products run under a CPU's autocast (bf16 on oneDNN, a kernel kept per shape)."""
+    return x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+
+
 class VocabLoss(NamedTuple):
     loss: torch.Tensor  # fp32 scalar: the summed cross-entropy of the targets that are not IGNORE
     predicted: torch.Tensor | None  # (N,) argmax over the vocabulary, when asked for (evaluation statistics)

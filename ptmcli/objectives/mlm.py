@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ptmcli.models.vocab_loss import IGNORE, SHAPE_ROWS
+from ptmcli.models.vocab_loss import IGNORE, SHAPE_ROWS, in_cpu_autocast
 
 
 def whole_buckets_of_rows(positions: torch.Tensor, targets: torch.Tensor, attention_mask: torch.Tensor):
@@ -38,7 +38,7 @@ def positions_to_predict(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """A batch's (B, T) masked positions and (N,) targets, padded to whole buckets of rows under a CPU's autocast
     (`whole_buckets_of_rows`), where bf16 products keep a kernel per shape; as they are elsewhere."""
     positions, targets = batch["mlm_positions"], batch["mlm_targets"]
-    if positions.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+    if in_cpu_autocast(positions):
         return whole_buckets_of_rows(positions, targets, batch["attention_mask"])
     return positions, targets
 
