@@ -17,7 +17,7 @@ from torch import nn
 from ptmcli.architectures import ElectraArch
 from ptmcli.models.dropout import Dropout
 from ptmcli.models.layers import EncoderLayer, MaskedLMHead, init_normal, run_encoder_layers
-from ptmcli.models.vocab_loss import IGNORE
+from ptmcli.models.vocab_loss import IGNORE, in_cpu_autocast
 
 
 class Embeddings(nn.Module):
@@ -119,8 +119,9 @@ class ElectraForPretraining(nn.Module):
         generator_states = self.generator(input_ids, token_type_ids, attention_mask, mlm_positions)
         generated = self.mlm_head.loss(generator_states, mlm_targets, predict, sample=self.sampling_temperature)
         sampled, masked = generated.sampled, mlm_positions
-        # rows added to whole buckets, on a CPU only (objectives/rtd.py; on a GPU the test would be a host sync)
-        if mlm_targets.device.type == "cpu" and (mlm_targets == IGNORE).any():
+        # rows added to whole buckets, under a CPU's autocast only (objectives/mlm.positions_to_predict; on a GPU the
+        # test would be a host sync)
+        if in_cpu_autocast(mlm_targets) and (mlm_targets == IGNORE).any():
             kept = mlm_targets != IGNORE
             masked = mlm_positions.clone()
             masked[mlm_positions] = kept
