@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from ptmcli.data.lm_examples import permutation
-from ptmcli.models import PRETRAINING_MODELS, layers, vocab_loss
+from ptmcli.models import ENCODERS, PRETRAINING_MODELS, layers, vocab_loss
 from ptmcli.models.exponential import exp_
+from ptmcli.models.heads import TaskModel
 from ptmcli.models.vocab_loss import IGNORE, projected_cross_entropy
 from ptmcli.objectives import OBJECTIVES
 from ptmcli.schema import BartArch, BertArch, ElectraArch, GptArch, ObjectiveConfig, RobertaArch, T5Arch, XlnetArch
@@ -477,3 +478,39 @@ def test_padded_encoder_batches_in_bf16_on_a_cpu_run_their_layers_at_whole_lengt
     assert run(batch, 8, bf16=False)[3] == [20]
     full = dict(batch, attention_mask=torch.ones_like(batch["attention_mask"]))
     assert run(full, 8)[3] == [20]
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt", "xlnet", "t5"])
+def test_task_heads_in_bf16_on_a_cpu_run_a_padded_batch_at_a_whole_length(family, monkeypatch):
+    """Fine-tuning under CPU autocast: a padded batch runs encoder and head at a multiple of LENGTH_MULTIPLE
+    positions (20 -> 24; at most the learned positions there are), so that oneDNN meets a handful of shapes; a token
+    head's outputs come back at the batch's own length, and every head's outputs and gradients are those without, to
+    bf16's rounding. fp32, and a batch without padding, run as they come."""
+    torch.manual_seed(0)
+    encoder = ENCODERS[family](CASES[family][0], V)
+    lengths = []
+    forward = encoder.forward
+    monkeypatch.setattr(encoder, "forward", lambda ids, *a: lengths.append(ids.shape[1]) or forward(ids, *a))
+    ids, mask = _batch("gpt").values()  # 3 rows of 20 positions, the last one 12 real tokens
+
+    for kind, shape in (("token", (3, 20, 5)), ("sequence", (3, 5))):
+        model = TaskModel(encoder, kind, 5, dropout=0.0)
+        weights = torch.randn(shape)
+
+        def run(multiple: int, batch_mask: torch.Tensor = mask, bf16: bool = True):
+            monkeypatch.setattr(layers, "LENGTH_MULTIPLE", multiple)
+            model.zero_grad(set_to_none=True)
+            lengths.clear()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                outputs = model(ids, None, batch_mask)
+            assert outputs.shape == shape
+            (outputs.float() * weights).sum().backward()
+            return [outputs.float()], None, [p.grad for p in model.parameters()], list(lengths)
+
+        padded, plain = run(8), run(1)
+        assert padded[3] == [24] and plain[3] == [20]
+        _same_to_bf16_rounding(padded, plain)
+        assert run(8, bf16=False)[3] == [20] and run(8, torch.ones_like(mask))[3] == [20]
+    if family == "bert":  # 22 learned positions: 20 -> 24 only as far as there are positions
+        monkeypatch.setattr(encoder.arch, "max_positions", 22)
+        assert run(8)[3] == [22]

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ptmcli.models.dropout import Dropout, dropout
-from ptmcli.models.layers import last_token, pool
+from ptmcli.models.layers import last_token, pool, whole_length_inputs
 
 
 def summarize(encoder: nn.Module, hidden: torch.Tensor, attention_mask, pooling: str) -> torch.Tensor:
@@ -44,11 +44,18 @@ class FrozenAware(nn.Module):
             self.encoder.eval()  # a frozen feature extractor keeps dropout off
         return self
 
-    def head_features(self, head: str, pooling: str, input_ids, token_type_ids, attention_mask) -> torch.Tensor:
-        """(B, C) pooled features for sequence heads, (B, T, C) hidden states otherwise."""
+    def head_outputs(self, head: nn.Linear, kind: str, pooling: str, p: float, inputs: tuple) -> torch.Tensor:
+        """`head` on the encoder's states of `inputs` (input_ids, token_type_ids, attention_mask), dropped out with
+        probability `p`: (B, outputs) for a sequence head on the pooled features, else (B, T, outputs) on every
+        position. Under a CPU's autocast a padded batch runs encoder and head at a whole length
+        (`whole_length_inputs`), and the outputs come back at the batch's own length."""
+        T = inputs[0].shape[1]
+        input_ids, token_type_ids, attention_mask = whole_length_inputs(*inputs, self.encoder.arch.max_positions)
         with torch.no_grad() if self.frozen else torch.enable_grad():
             hidden = self.encoder(input_ids, token_type_ids, attention_mask)
-            return summarize(self.encoder, hidden, attention_mask, pooling) if head == "sequence" else hidden
+            features = summarize(self.encoder, hidden, attention_mask, pooling) if kind == "sequence" else hidden
+        outputs = head(dropout(features, p, self.training))
+        return outputs if kind == "sequence" or outputs.shape[1] == T else outputs[:, :T]
 
 
 class TaskModel(FrozenAware):
@@ -68,12 +75,10 @@ class TaskModel(FrozenAware):
         self.dropout = Dropout(dropout)
         self.head = new_head(encoder.arch.hidden_size, head, num_outputs)
 
-    def features(self, input_ids, token_type_ids=None, attention_mask=None) -> torch.Tensor:
-        return self.head_features(self.head_kind, self.pooling, input_ids, token_type_ids, attention_mask)
-
     def forward(self, input_ids, token_type_ids=None, attention_mask=None) -> torch.Tensor:
         """sequence: (B, labels); token: (B, T, labels); span: (B, T, 2) start/end logits."""
-        return self.head(self.dropout(self.features(input_ids, token_type_ids, attention_mask)))
+        inputs = (input_ids, token_type_ids, attention_mask)
+        return self.head_outputs(self.head, self.head_kind, self.pooling, self.dropout.p, inputs)
 
 
 class MultiTaskModel(FrozenAware):
@@ -90,9 +95,8 @@ class MultiTaskModel(FrozenAware):
         )
 
     def forward(self, input_ids, token_type_ids=None, attention_mask=None, task: str = "") -> torch.Tensor:
-        head, _, pooling, p = self.tasks[task]
-        features = self.head_features(head, pooling, input_ids, token_type_ids, attention_mask)
-        return self.heads[task](dropout(features, p, self.training))
+        kind, _, pooling, p = self.tasks[task]
+        return self.head_outputs(self.heads[task], kind, pooling, p, (input_ids, token_type_ids, attention_mask))
 
 
 class HeadView:
@@ -125,8 +129,10 @@ class SentenceEncoder(nn.Module):
             nn.init.zeros_(self.projection[0].bias)
 
     def forward(self, input_ids, token_type_ids=None, attention_mask=None) -> torch.Tensor:
-        """(B, T) -> (B, C) sentence vectors, not normalised."""
-        pooled = pool(self.encoder(input_ids, token_type_ids, attention_mask), attention_mask, self.pooling)
+        """(B, T) -> (B, C) sentence vectors, not normalised (a padded batch at a whole length under a CPU's
+        autocast, as `FrozenAware.head_outputs` runs it)."""
+        inputs = whole_length_inputs(input_ids, token_type_ids, attention_mask, self.encoder.arch.max_positions)
+        pooled = pool(self.encoder(*inputs), inputs[2], self.pooling)
         return self.projection(pooled) if self.projection is not None else pooled
 
 

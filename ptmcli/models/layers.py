@@ -129,6 +129,16 @@ def padded_to_whole_length(x: torch.Tensor, value, limit: int | None = None) -> 
     return F.pad(x, (0, 0) * (x.dim() - 2) + (0, length - T), value=value) if length > T else x
 
 
+def whole_length_inputs(input_ids, token_type_ids, attention_mask, limit: int):
+    """An encoder's inputs, a padded batch under a CPU's autocast padded further to a whole length (LENGTH_MULTIPLE,
+    at most `limit` positions), so that the encoder and a head on its states meet a handful of shapes; else as they
+    are. The added positions are padding like the rest: no real token's state changes."""
+    if attention_mask is None or not in_cpu_autocast(input_ids) or bool(attention_mask.all()):
+        return input_ids, token_type_ids, attention_mask
+    whole = [None if x is None else padded_to_whole_length(x, 0, limit) for x in (input_ids, token_type_ids)]
+    return *whole, padded_to_whole_length(attention_mask, 0, limit)
+
+
 def run_encoder_layers(
     layers: nn.ModuleList, x: torch.Tensor, attention_mask: torch.Tensor | None, outputs: torch.Tensor | None = None
 ) -> torch.Tensor:
