@@ -180,3 +180,50 @@ def test_save_load_gives_the_same_logits(tmp_path, cfg):
     peft.apply(fresh, cfg, 10)
     checkpoint.load_weights(path, fresh, peft.trainable_keys(fresh))
     torch.testing.assert_close(_logits(fresh), expected)
+
+
+class _FixedPrefix:
+    """A prefix of given keys and values (1, nh, P, hs), as `LayerPrefix` hands a layer its own."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor):
+        self.k, self.v, self.length = k, v, k.shape[2]
+
+    def __call__(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k.expand(batch_size, -1, -1, -1), self.v.expand(batch_size, -1, -1, -1)
+
+
+def test_t5_prefix_sits_before_the_text_in_encoder_and_decoder():
+    """T5's attention adds a bias by relative position; a prefix's keys sit before the text. A one-layer stack with
+    the keys and values that tokens Y would have as its prefix gives the text X the states it has after Y in the
+    sequence Y + X: in the encoder (padding masked, the prefix visible) and the causal decoder."""
+    from ptmcli.models.t5 import build_seq2seq
+    from ptmcli.schema import T5Arch
+
+    torch.manual_seed(0)
+    sizes = dict(hidden_size=32, num_layers=1, num_decoder_layers=1, num_heads=4, intermediate_size=64)
+    arch = T5Arch(**sizes, dropout=0.0, attention_dropout=0.0)
+    model = build_seq2seq(arch, 60).eval()
+    P, B, T = 3, 2, 7
+    prefix_ids, ids = torch.randint(5, 60, (1, P)), torch.randint(5, 60, (B, T))
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[1, 5:] = 0
+
+    def prefix_of(block: torch.nn.Module) -> _FixedPrefix:
+        """The layer's keys and values of the tokens prefix_ids, split into heads."""
+        attention, x = block.attention, model.encoder.embeddings(prefix_ids)
+        _, k, v = attention.qkv(block.attention_norm(x)).split(arch.hidden_size, dim=2)
+        return _FixedPrefix(*(t.view(1, P, arch.num_heads, -1).transpose(1, 2) for t in (k, v)))
+
+    with torch.no_grad():
+        whole = torch.cat([prefix_ids.expand(B, -1), ids], 1)
+        whole_mask = torch.cat([torch.ones(B, P, dtype=torch.long), mask], 1)
+        memory = model.encoder(whole, None, whole_mask)
+        decoded = model.decoder(model.encoder.embeddings(whole), memory, whole_mask.bool()[:, None, None, :])
+        for stack in (model.encoder, model.decoder):
+            stack.layers[0].attention.prefix = prefix_of(stack.layers[0])
+        encoded = model.encoder(ids, None, mask)
+        memory_mask = whole_mask.bool()[:, None, None, :]
+        with_prefix = model.decoder(model.encoder.embeddings(ids), memory, memory_mask)
+    real = mask.bool()
+    torch.testing.assert_close(encoded[real], memory[:, P:][real], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(with_prefix, decoded[:, P:], atol=1e-5, rtol=1e-5)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ptmcli.architectures import T5Arch
@@ -111,6 +112,19 @@ def _mask_bias(bias: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor
     return bias if allowed is None else bias.masked_fill(~allowed, float("-inf"))
 
 
+def _prefix_length(layers: nn.ModuleList) -> int:
+    """P, the positions prefix tuning puts before every layer's keys (0 without). They sit before the text, as a
+    Hugging Face T5 places past keys: the text's tokens at P.., so that their distances to each other stay theirs,
+    and every query sees the prefix."""
+    prefix = layers[0].attention.prefix if len(layers) else None
+    return 0 if prefix is None else prefix.length
+
+
+def _before_prefix(allowed: torch.Tensor, P: int) -> torch.Tensor:
+    """A (..., keys) boolean mask with P always-visible prefix keys put first."""
+    return F.pad(allowed, (P, 0), value=True) if P else allowed
+
+
 class T5(nn.Module):
     """The encoder: (B, T) ids -> (B, T, C) states after the final norm."""
 
@@ -126,9 +140,9 @@ class T5(nn.Module):
         self.dropout = Dropout(arch.dropout)
 
     def forward(self, input_ids, token_type_ids=None, attention_mask=None) -> torch.Tensor:
-        T = input_ids.shape[1]
-        allowed = attention_mask.bool()[:, None, None, :] if attention_mask is not None else None
-        bias = _mask_bias(self.relative_bias(T, T, 0, input_ids.device), allowed)
+        T, P = input_ids.shape[1], _prefix_length(self.layers)
+        allowed = _before_prefix(attention_mask.bool(), P)[:, None, None, :] if attention_mask is not None else None
+        bias = _mask_bias(self.relative_bias(T, P + T, P, input_ids.device), allowed)
         rows = PackedRows.of(attention_mask)
         x = self.dropout(self.embeddings(input_ids))
         x = x if rows is None else rows.pack(x)
@@ -150,10 +164,10 @@ class Decoder(nn.Module):
     def forward(self, x, memory, memory_mask, cache=None, keep=None) -> torch.Tensor:
         """x: (B, T, C) embedded decoder inputs; `cache` (decoding): one dict per layer; `keep`: (B, T) the
         positions whose states are needed (the others, trailing, mean nothing)."""
-        T = x.shape[1]
-        past = cache[0]["k"].shape[2] if cache and "k" in cache[0] else 0
-        causal = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)
-        bias = _mask_bias(self.relative_bias(T, past + T, past, x.device), causal[None, None])
+        T, P = x.shape[1], _prefix_length(self.layers)
+        past = cache[0]["k"].shape[2] if cache and "k" in cache[0] else 0  # the cache keeps no prefix
+        causal = _before_prefix(torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past), P)
+        bias = _mask_bias(self.relative_bias(T, P + past + T, P + past, x.device), causal[None, None])
         rows = PackedRows.of(keep)
         x = self.dropout(x if rows is None else rows.pack(x))
         for i, layer in enumerate(self.layers):

@@ -53,5 +53,10 @@ class LayerPrefix:
     def __init__(self, encoder: PrefixEncoder, index: int):
         self.encoder, self.index = encoder, index
 
+    @property
+    def length(self) -> int:
+        """P, the number of prefix positions."""
+        return self.encoder.shape[0]
+
     def __call__(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.encoder.layer(self.index, batch_size)
