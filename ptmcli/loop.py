@@ -172,9 +172,12 @@ def peak_memory_mb(hw: Hardware) -> float:
 
 
 def draw_curves(run_dir: Path, metric: str, log: RunLog) -> None:
-    """curves.png of the run so far; a note instead when matplotlib is missing (pictures are optional)."""
+    """curves.png of the run so far; a note instead when matplotlib is missing (pictures are optional). Nothing
+    before the first row is logged: a run that fails at its first step has no curves, and its own error to show."""
     from ptmcli import plots
 
+    if not (run_dir / "metrics.jsonl").exists():
+        return
     if not plots.available():
         log.note(f"[dim]no curves.png: {plots.INSTALL}[/]")
         return

@@ -279,3 +279,23 @@ def test_a_first_step_with_every_gradient_zero_stops_before_it_writes(tmp_path, 
     assert (tmp_path / "learns" / "checkpoints").exists()
     with pytest.raises(PtmError, match="hardware.compile=false"):  # a compiled run is told what was seen and why
         loop.refuse_zero_gradients(0.0, compiled=True)
+
+
+def test_a_run_stopped_at_its_first_step_shows_its_own_error_not_the_curves(tmp_path):
+    """Curves are drawn however a run ends; one that stopped before its first row was logged had no metrics.jsonl
+    to draw, and that error took the place of the run's own (a T5 run with transfer=prefix said only "no readable
+    metrics.jsonl"). Nothing is drawn then, and the run's own error is the one shown."""
+    import torch
+
+    from ptmcli import loop
+    from ptmcli.distributed import Dist
+    from ptmcli.errors import PtmError
+    from ptmcli.hardware import Hardware
+    from ptmcli.schema import HardwareConfig, OptimizerConfig, TrainerConfig
+
+    job = loop.Job(torch.nn.Linear(4, 1), _Regression(0.0), _Numbers(), _Numbers(), {"family": "test"})
+    trainer = TrainerConfig(max_steps=3, batch_size=4, eval_every=0, save_every=0, curves=True)
+    with pytest.raises(PtmError, match="no weight it trains reaches the loss"):
+        loop.train(job, trainer, OptimizerConfig(), Hardware(torch.device("cpu"), torch.float32), Dist(), tmp_path,
+                   None, HardwareConfig())  # fmt: skip
+    assert not (tmp_path / "curves.png").exists()
