@@ -125,13 +125,16 @@ def check_lengths(task: TaskConfig, pretrained: Pretrained, where: str = "") -> 
 def writes_text(kinds: list[str], transfer: str, family: str) -> bool:
     """Whether this run trains an encoder-decoder to write its answers (text2text tasks, transfer=text-to-text)."""
     wanted = "text2text" in kinds or transfer == "text-to-text"
+    transfer_fits = transfer in ("full", "text-to-text")
     if wanted and family not in SEQ2SEQ_FAMILIES:
+        # Both fixes in one message when both are needed, so the second is not found only on the next try.
+        also = "" if transfer_fits else f", and transfer={transfer} does not write text: use transfer=text-to-text"
         raise PtmError(
             f"task.kind={kinds[0] if len(kinds) == 1 else kinds} with transfer={transfer} writes text and needs an "
-            f"encoder-decoder ({', '.join(SEQ2SEQ_FAMILIES)}); init gives a {family} model. Start from a t5 or bart "
-            "run."
+            f"encoder-decoder ({', '.join(SEQ2SEQ_FAMILIES)}); this run's model is {family}{also}. Start from a t5 "
+            "or bart run (model=t5-mini or init=PATH of one)."
         )
-    if wanted and transfer not in ("full", "text-to-text"):
+    if wanted and not transfer_fits:
         raise PtmError(f"transfer={transfer} is not available for text-to-text training; use transfer=text-to-text.")
     if wanted and transfer == "full" and len(set(kinds)) > 1:
         raise PtmError(

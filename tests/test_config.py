@@ -196,6 +196,18 @@ def test_finetune_defaults_and_transfer_keys_are_checked():
         check_finetune(_compose("finetune", ["init=none"]))
 
 
+def test_writing_text_names_every_fix_the_run_needs_at_once():
+    from ptmcli.finetune import writes_text
+
+    assert writes_text(["text2text"], "full", "t5") and not writes_text(["ner"], "prefix", "bert")
+    with pytest.raises(PtmError, match=r"model is bert, and transfer=prefix does not write text: use transfer=text-to"):
+        writes_text(["text2text"], "prefix", "bert")
+    with pytest.raises(PtmError, match=r"model is gpt\. Start from a t5"):
+        writes_text(["text-cls"], "text-to-text", "gpt")
+    with pytest.raises(PtmError, match="transfer=lora is not available for text-to-text"):
+        writes_text(["text2text"], "lora", "bart")
+
+
 def test_pretraining_dropout_is_not_part_of_a_checkpoints_identity():
     # the t5 recipes pretrain without dropout (T5 v1.1); a fine-tune from such a checkpoint gets the default back
     arch = check_pretrain(_compose("t5-mini")).model
