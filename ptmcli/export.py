@@ -287,8 +287,10 @@ def export_run(
             f"merge=true folds LoRA/AdaLoRA updates into the base; run '{run}' used "
             f"transfer={cfg.transfer.mode}. Export it without merge=true."
         )
-    if fmt is None:
-        fmt = "peft" if method is not None and not merge else "hf"
+    if method is not None and not cfg.init:
+        _check_base_in_run(run, cfg, method, fmt)
+    if fmt is None:  # an adapter for its base model, unless that base was random (init=none): then merged
+        fmt = "peft" if method is not None and not merge and cfg.init else "hf"
     tokenizer = runfiles.tokenizer(run)
     if fmt == "hf":
         what = write_finetuned(cfg, model, method, labels, tokenizer, out)
@@ -296,6 +298,26 @@ def export_run(
         console.print(f"{what} ({ckpt.name}) written to {out}")
         return out
     return export_peft(run, cfg, model, method, ckpt, out)
+
+
+def _check_base_in_run(run: Path, cfg, method, fmt: str | None) -> None:
+    """A method trained on a base built at random (init=none): the base exists only in this run's checkpoints, so no
+    adapter can be loaded onto it elsewhere; LoRA and AdaLoRA still merge into a whole model (format=hf)."""
+    base = (
+        f"run '{run}' trained transfer={cfg.transfer.mode} on a model built at random (init=none), whose base "
+        "weights exist only in this run's checkpoints"
+    )
+    if not method.low_rank:
+        raise PtmError(
+            f"{base}, and Hugging Face's model classes have no place for its {method.name} modules: nothing outside "
+            "ptm could load an export. Use the run with ptm evaluate / ptm predict, or train with transfer=lora, "
+            "which merges into a whole model."
+        )
+    if fmt == "peft":
+        raise PtmError(
+            f"format=peft: {base}, so an adapter has no base model to load onto. Export format=hf: the "
+            "LoRA update merged into the whole model."
+        )
 
 
 def export_peft(run: Path, cfg, model, method, ckpt: Path, out: Path) -> Path:

@@ -76,16 +76,25 @@ def load_run(run: Path, checkpoint_name: str | None = None, with_method: bool = 
         return build_model(pretrained, cfg.task.kind, len(labels), 0.0, transfer, pooling=cfg.task.pooling)
 
     method = None
-    if spec.get("transfer") in peft.METHODS:  # the checkpoint holds the method only: start from the base weights
-        pretrained = load_pretrained(cfg.init)
-        if state_digest(pretrained.encoder_state) != spec["base_sha256"]:
+    if spec.get("transfer") in peft.METHODS:
+        if spec["base_sha256"] is None:  # init=none: the checkpoint holds the random base with the method
+            pretrained = Pretrained(spec["family"], arch_from_spec(spec), {}, tokenizer, str(ckpt))
+        elif not cfg.init:  # written before checkpoints kept a random base
             raise PtmError(
-                f"The base weights at init='{cfg.init}' are not the ones run '{run}' was trained on "
-                f"(checksum differs); restore them to use this run."
+                f"run '{run}' trained transfer={cfg.transfer.mode} on a model built at random (init=none), and its "
+                "checkpoints hold the method without that base (earlier versions of ptm kept none): the run cannot be "
+                "used. Train it again; its checkpoints now keep the base."
             )
+        else:  # the checkpoint holds the method only: start from the base weights
+            pretrained = load_pretrained(cfg.init)
+            if state_digest(pretrained.encoder_state) != spec["base_sha256"]:
+                raise PtmError(
+                    f"The base weights at init='{cfg.init}' are not the ones run '{run}' was trained on "
+                    f"(checksum differs); restore them to use this run."
+                )
         model = fresh_model(pretrained, cfg.transfer)
         method = peft.apply(model, cfg.transfer, cfg.trainer.max_steps)
-        checkpoint.load_weights(ckpt, model, peft.trainable_keys(model))
+        checkpoint.load_weights(ckpt, model, None if spec["base_sha256"] is None else peft.trainable_keys(model))
         if method.prefix is not None and not with_method:
             method.prefix.freeze()  # plain prefix tensors from here on
     else:

@@ -108,6 +108,34 @@ def test_predict_and_merge_export_agree(peft_runs, cache_env, tmp_path):
     assert all(abs(probs[i].item() - scores[label]) < 1e-4 for i, label in enumerate(labels)), (probs, scores)
 
 
+def test_a_method_on_a_random_base_keeps_that_base_in_its_checkpoints(cache_env, tmp_path, capsys):
+    """init=none: the base exists nowhere else, so the checkpoints hold it with the method; the run evaluates to its
+    own test metrics, resumes exactly, exports LoRA merged (format=hf) and refuses an adapter without a base."""
+    from ptmcli.cli import main
+
+    run = tmp_path / "scratch"
+    args = ["finetune", "task=news-cls", "init=none", "model=bert-tiny", "transfer=lora", *SMALL]
+    steps = ["trainer.max_steps=6", "trainer.eval_every=3", "trainer.save_every=3", "trainer.keep_last=0"]
+    run_ptm([*args, *steps, f"hydra.run.dir={run}"], cache_env)
+    assert (
+        json.loads((run / "checkpoints" / "latest" / "trainer_state.json").read_text())["model"]["base_sha256"] is None
+    )
+    resumed = rewound(run, tmp_path / "resumed", 6, 3)
+    run_ptm([*args, *steps, f"hydra.run.dir={resumed}", "resume=auto"], cache_env)
+    assert comparable(read_metrics(resumed)) == comparable(read_metrics(run))
+
+    capsys.readouterr()
+    main(["evaluate", f"run={run}", "split=test"])
+    evaluated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    tested = json.loads((run / "test_metrics.json").read_text())
+    assert [evaluated[k] for k in ("loss", "accuracy")] == pytest.approx([tested[k] for k in ("loss", "accuracy")])
+    main(["export", f"run={run}", f"output={tmp_path / 'merged'}"])
+    assert (tmp_path / "merged" / "model.safetensors").exists()
+    with pytest.raises(SystemExit) as refused:
+        main(["export", f"run={run}", "format=peft", f"output={tmp_path / 'adapter'}"])
+    assert refused.value.code == 2 and "no base model to load onto" in capsys.readouterr().err
+
+
 peft_lib = pytest.importorskip("peft")
 
 
