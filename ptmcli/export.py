@@ -283,9 +283,12 @@ def export_run(
         )
     model = model.cpu()
     if merge and (method is None or not method.low_rank):
+        instead = "Export it without merge=true."
+        if method is not None and method.prefix is None:  # Houlsby adapters: no format outside ptm holds them
+            instead = "Houlsby adapters have no Hugging Face format: use the run with ptm evaluate / ptm predict."
         raise PtmError(
             f"merge=true folds LoRA/AdaLoRA updates into the base; run '{run}' used "
-            f"transfer={cfg.transfer.mode}. Export it without merge=true."
+            f"transfer={cfg.transfer.mode}. {instead}"
         )
     if method is not None and not cfg.init:
         _check_base_in_run(run, cfg, method, fmt)
