@@ -28,9 +28,15 @@ def load_causal_lm(run: Path, checkpoint_name: str | None = None):
         raise PtmError(f"run='{run}' is a fine-tuning run; ptm generate continues text with a pretrained causal LM.")
     cfg = check_pretrain(raw)
     if cfg.objective.name != "clm":
+        writes = cfg.model.family in ("t5", "bart")  # an encoder-decoder writes text once fine-tuned to do so
+        then = (
+            f" or a text-to-text run fine-tuned from this one (ptm finetune task=headline-gen init={run})"
+            if writes
+            else ", or a t5/bart run fine-tuned to write text (task.kind=text2text or transfer=text-to-text)"
+        )
         raise PtmError(
-            f"run='{run}' trained a {cfg.model.family} model with objective={cfg.objective.name}; ptm generate "
-            f"needs a causal LM (a gpt run, objective=clm)."
+            f"run='{run}' pretrained {cfg.model.family} with objective={cfg.objective.name}; ptm generate needs a "
+            f"causal LM (a gpt pretraining run, objective=clm){then}."
         )
     root = run / "checkpoints"
     path = (root / checkpoint_name) if checkpoint_name else (root / "best" if (root / "best").exists() else None)
