@@ -282,6 +282,8 @@ def export_run(
             f"single-task run."
         )
     model = model.cpu()
+    if method is not None and not cfg.init:
+        _check_base_in_run(run, cfg, method, fmt)
     if merge and (method is None or not method.low_rank):
         instead = "Export it without merge=true."
         if method is not None and method.prefix is None:  # Houlsby adapters: no format outside ptm holds them
@@ -290,8 +292,6 @@ def export_run(
             f"merge=true folds LoRA/AdaLoRA updates into the base; run '{run}' used "
             f"transfer={cfg.transfer.mode}. {instead}"
         )
-    if method is not None and not cfg.init:
-        _check_base_in_run(run, cfg, method, fmt)
     if fmt is None:  # an adapter for its base model, unless that base was random (init=none): then merged
         fmt = "peft" if method is not None and not merge and cfg.init else "hf"
     tokenizer = runfiles.tokenizer(run)

@@ -341,11 +341,11 @@ def finetune(
     method, saved_keys = None, None
     if cfg.transfer.mode in peft.METHODS:
         method = peft.apply(model, cfg.transfer, trainer.max_steps)
-        if cfg.init:  # checkpoints hold the method; the base weights stay at init
-            saved_keys = peft.trainable_keys(model)
-            spec.update(transfer=cfg.transfer.mode, base_sha256=state_digest(pretrained.encoder_state))
-        else:  # a base built at random exists nowhere else: checkpoints hold it with the method
-            spec.update(transfer=cfg.transfer.mode, base_sha256=None)
+        # checkpoints hold the method and the base's checksum; a base built at random (init=none) exists nowhere
+        # else, so they hold it too
+        saved_keys = peft.trainable_keys(model) if cfg.init else None
+        base_sha256 = state_digest(pretrained.encoder_state) if cfg.init else None
+        spec.update(transfer=cfg.transfer.mode, base_sha256=base_sha256)
     if resume_from is not None:
         checkpoint.check_architecture(resume_from, checkpoint.read_state(resume_from).get("model", {}), spec)
     counts = parameter_counts(model)
