@@ -96,8 +96,8 @@ def load_embedder(spec: str, pooling: str | None = None, key: str = "run") -> Em
     if missing:
         raise PtmError(
             f"{key}={spec} ({pretrained.source}) does not hold a whole {pretrained.family} encoder (missing "
-            f"{missing[:4]}). A parameter-efficient run keeps only its method: `ptm export run=... merge=true` "
-            f"writes a whole model to embed with."
+            f"{missing[:4]}). A parameter-efficient run keeps only its method: for LoRA or AdaLoRA, `ptm export "
+            f"run=... merge=true` writes a whole model to embed with (an adapter or prefix run has no such form)."
         )
     hw = hardware.resolve(HardwareConfig(), Dist())
     encoder.to(hw.device).eval()
