@@ -17,6 +17,7 @@ from tokenizers import Tokenizer
 from ptmcli import checkpoint, hf, runfiles
 from ptmcli.errors import PtmError
 from ptmcli.files import package_path
+from ptmcli.peft import METHODS as PEFT_METHODS
 from ptmcli.schema import MODEL_SCHEMAS, arch_from_spec
 
 
@@ -86,6 +87,16 @@ def from_ptm(path: Path) -> Pretrained:
     if spec.get("family") not in MODEL_SCHEMAS:
         raise PtmError(
             f"init='{path}': checkpoint {ckpt} does not record a known model family ({spec.get('family')!r})."
+        )
+    if spec.get("transfer") in PEFT_METHODS:
+        merge = (
+            f"`ptm export run={run} merge=true output=DIR` writes its model with the update merged: give DIR instead"
+            if spec["transfer"] in ("lora", "adalora")
+            else "start from the run it was trained on, or from a LoRA run (whose update merges into the weights)"
+        )
+        raise PtmError(
+            f"'{path}' is a transfer={spec['transfer']} fine-tuning run, whose checkpoints hold its method apart from "
+            f"the {spec['family']} weights it adapts, not one model to start from: {merge}."
         )
     arch = arch_from_spec(spec)
     tokenizer = runfiles.tokenizer(run, "init")

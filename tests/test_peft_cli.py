@@ -7,6 +7,8 @@ import json
 import pytest
 import torch
 
+from ptmcli.errors import PtmError
+from ptmcli.weights import load_pretrained
 from tests.conftest import comparable, read_metrics, rewound, run_ptm
 from tests.test_finetune_cli import SMALL
 
@@ -110,7 +112,8 @@ def test_predict_and_merge_export_agree(peft_runs, cache_env, tmp_path):
 
 def test_a_method_on_a_random_base_keeps_that_base_in_its_checkpoints(cache_env, tmp_path, capsys):
     """init=none: the base exists nowhere else, so the checkpoints hold it with the method; the run evaluates to its
-    own test metrics, resumes exactly, exports LoRA merged (format=hf) and refuses an adapter without a base."""
+    own test metrics, resumes exactly, exports LoRA merged (format=hf), which a next run can start from, and refuses
+    an adapter without a base."""
     from ptmcli.cli import main
 
     run = tmp_path / "scratch"
@@ -131,6 +134,10 @@ def test_a_method_on_a_random_base_keeps_that_base_in_its_checkpoints(cache_env,
     assert [evaluated[k] for k in ("loss", "accuracy")] == pytest.approx([tested[k] for k in ("loss", "accuracy")])
     main(["export", f"run={run}", f"output={tmp_path / 'merged'}"])
     assert (tmp_path / "merged" / "model.safetensors").exists()
+    # as init= (or ptm embed run=) the run points to that export; the export is one model to start from
+    with pytest.raises(PtmError, match="merge=true output=DIR"):
+        load_pretrained(str(run))
+    assert load_pretrained(str(tmp_path / "merged")).family == "bert"
     with pytest.raises(SystemExit) as refused:
         main(["export", f"run={run}", "format=peft", f"output={tmp_path / 'adapter'}"])
     assert refused.value.code == 2 and "no base model to load onto" in capsys.readouterr().err
