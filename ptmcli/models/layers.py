@@ -129,11 +129,16 @@ def padded_to_whole_length(x: torch.Tensor, value, limit: int | None = None) -> 
     return F.pad(x, (0, 0) * (x.dim() - 2) + (0, length - T), value=value) if length > T else x
 
 
+def padded_under_cpu_autocast(x: torch.Tensor, attention_mask: torch.Tensor | None) -> bool:
+    """Whether a batch goes to a whole length: it has padding and its products run under a CPU's autocast."""
+    return attention_mask is not None and in_cpu_autocast(x) and not bool(attention_mask.all())
+
+
 def whole_length_inputs(input_ids, token_type_ids, attention_mask, limit: int):
     """An encoder's inputs, a padded batch under a CPU's autocast padded further to a whole length (LENGTH_MULTIPLE,
     at most `limit` positions), so that the encoder and a head on its states meet a handful of shapes; else as they
     are. The added positions are padding like the rest: no real token's state changes."""
-    if attention_mask is None or not in_cpu_autocast(input_ids) or bool(attention_mask.all()):
+    if not padded_under_cpu_autocast(input_ids, attention_mask):
         return input_ids, token_type_ids, attention_mask
     whole = [None if x is None else padded_to_whole_length(x, 0, limit) for x in (input_ids, token_type_ids)]
     return *whole, padded_to_whole_length(attention_mask, 0, limit)
@@ -147,7 +152,7 @@ def run_encoder_layers(
     With `outputs`, a (B, T) bool mask of real tokens, returns only the states there, (N, C) in row-major order
     (`hidden[outputs]`), and the last layer computes no others (`QueryRows`)."""
     T = x.shape[1]
-    if attention_mask is not None and in_cpu_autocast(x) and not bool(attention_mask.all()):
+    if padded_under_cpu_autocast(x, attention_mask):
         # a padded batch at a whole length (`LENGTH_MULTIPLE`): the added positions are padding like the rest
         x, attention_mask = padded_to_whole_length(x, 0), padded_to_whole_length(attention_mask, 0)
         outputs = None if outputs is None else padded_to_whole_length(outputs, False)
