@@ -151,12 +151,42 @@ def read_json(path: Path, key: str) -> Any:
         raise PtmError(f"{key}='{path}' is not valid JSON ({err}); it may be truncated.") from None
 
 
-def decoding_failure(err: BaseException) -> UnicodeDecodeError | None:
-    """The UnicodeDecodeError somewhere in an exception's chain (datasets wraps the reader's)."""
+def exception_chain(err: BaseException | None):
+    """`err`, then what it was raised from, and so on: a library's wrapper first, the reader's own error last."""
     seen = set()
     while err is not None and id(err) not in seen:
-        if isinstance(err, UnicodeDecodeError):
-            return err
+        yield err
         seen.add(id(err))
         err = err.__cause__ or err.__context__
+
+
+def decoding_failure(err: BaseException) -> UnicodeDecodeError | None:
+    """The UnicodeDecodeError somewhere in an exception's chain (datasets wraps the reader's)."""
+    return next((e for e in exception_chain(err) if isinstance(e, UnicodeDecodeError)), None)
+
+
+def first_bad_json_line(path: Path, encoding: str) -> str | None:
+    """Where a JSON or JSON Lines file stops being valid ("line 31: Expecting value"), or None if it is valid.
+
+    datasets reads such a file in blocks and reports a byte position within a block (or a column whose type
+    changed), which points nowhere a user can look."""
+    try:
+        text = path.read_text(encoding=encoding, errors="replace")
+    except OSError:
+        return None
+    try:
+        json.loads(text)
+        return None  # one valid document: what failed was not its syntax
+    except ValueError as err:
+        if text.lstrip().startswith("["):  # one array of objects, perhaps over many lines
+            return f"line {err.lineno}, column {err.colno}: {err.msg}"
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except ValueError as err:
+            return f"line {number}, column {err.colno}: {err.msg}"
+        if not isinstance(value, dict):
+            return f"line {number} holds a JSON {type(value).__name__}, not an object"
     return None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -159,6 +161,23 @@ def test_errors_name_the_problem(tmp_path):
         load_documents(DataConfig(source=str(tmp_path / "empty.csv")))
     with pytest.raises(PtmError, match="columns are text, label"):
         load_documents(DataConfig(source=str(tmp_path / "empty.csv"), text_column="body"))
+    # A reader's failure names the line at fault (datasets' own error names a byte within a block, or none).
+    (tmp_path / "ragged.csv").write_text("text,label\n" + "".join(f"row {i},{i % 2}\n" for i in range(9)) + "a,b,c\n")
+    with pytest.raises(PtmError, match="Expected 2 fields in line 11, saw 3. A field holding the delimiter"):
+        load_documents(DataConfig(source=str(tmp_path / "ragged.csv")))
+    rows = [json.dumps({"text": f"row {i}"}) for i in range(40)]
+    (tmp_path / "bad.jsonl").write_text("\n".join(rows[:30] + ['{"text": "cut off'] + rows[30:]))
+    with pytest.raises(PtmError, match="bad.jsonl line 31, column 10: Unterminated string"):
+        load_documents(DataConfig(source=str(tmp_path / "bad.jsonl")))
+    (tmp_path / "bad.json").write_text("[\n" + ",\n".join(rows[:5]) + ",\n]\n")
+    with pytest.raises(PtmError, match="bad.json line 7, column 1: Expecting value"):
+        load_documents(DataConfig(source=str(tmp_path / "bad.json")))
+    (tmp_path / "good.jsonl").write_text("\n".join(rows))
+    assert len(load_documents(DataConfig(source=str(tmp_path / "good.jsonl")))) == 40
+    with pytest.raises(
+        PtmError, match="read as csv \\(data.format=csv\\) where its name says json: set data.format=auto"
+    ):
+        load_documents(DataConfig(source=str(tmp_path / "good.jsonl"), format="csv"))
     with pytest.raises(PtmError, match="pip install --no-deps nosuchpkg"):
         load_documents(DataConfig(source="pkg://nosuchpkg/data.csv"))
     with pytest.raises(PtmError, match="fewer than one global batch"):

@@ -18,7 +18,15 @@ import datasets
 
 from ptmcli.data.chinese import pickle_columns
 from ptmcli.errors import PtmError
-from ptmcli.files import cache_root, decode, decoding_failure, file_encoding, package_path  # noqa: F401 (re-exported)
+from ptmcli.files import (  # noqa: F401 (re-exported)
+    cache_root,
+    decode,
+    decoding_failure,
+    exception_chain,
+    file_encoding,
+    first_bad_json_line,
+    package_path,
+)
 from ptmcli.schema import DataConfig
 
 FORMATS = {
@@ -80,6 +88,7 @@ def load_documents(cfg: DataConfig) -> datasets.Dataset:
     source = cfg.source
     if source.startswith("task:"):
         return task_documents(source)
+    files: list[str] = []
     if source.startswith("hf:"):
         name, _, config = source[3:].partition("/")
         ds = datasets.load_dataset(name, config or None, split="train")
@@ -102,9 +111,17 @@ def load_documents(cfg: DataConfig) -> datasets.Dataset:
     columns = cfg.text_column.split("+")
     missing = [c for c in columns if c not in ds.column_names]
     if missing:
+        by_extension = {FORMATS.get(Path(f).suffix.lower()) for f in files} - {None}
+        misread = (
+            f" It was read as {cfg.format} (data.format={cfg.format}) where its name says "
+            f"{'/'.join(sorted(by_extension))}: set data.format=auto."
+            if cfg.format != "auto" and by_extension and cfg.format not in by_extension
+            else ""
+        )
         raise PtmError(
             f"data.text_column='{cfg.text_column}': {', '.join(missing)} is not a column of '{source}'; its columns "
-            f"are {', '.join(ds.column_names)}. Set data.text_column to the one holding the text (a+b joins two)."
+            f"are {', '.join(ds.column_names)[:300]}. Set data.text_column to the one holding the text (a+b joins "
+            f"two).{misread}"
         )
     column = cfg.text_column
     if len(columns) > 1:
@@ -129,15 +146,36 @@ def load_files(builder: str, files: list[str], encoding: str, key: str, **kwargs
         name = file_encoding(Path(files[0]), encoding, key)
         if name != "utf-8":  # the default: passing it would change datasets' cache key for no reason
             kwargs["encoding"] = name
+    verbosity = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # it logs the failure we are about to explain
     try:
         return datasets.load_dataset(builder, data_files=files, split="train", **kwargs)
     except Exception as err:  # datasets raises many types; the user needs the file and the cause
         if decoding_failure(err) is not None:
             for file in files:  # find the file and byte at fault, and say so
                 decode(Path(file).read_bytes(), Path(file), key, kwargs.get("encoding", encoding))
-        raise PtmError(
-            f"{key}='{files[0] if len(files) == 1 else Path(files[0]).parent}' could not be read as {builder}: {err}"
-        ) from err
+        where = files[0] if len(files) == 1 else Path(files[0]).parent
+        cause = reading_failure(builder, files, kwargs.get("encoding", "utf-8"), err)
+        raise PtmError(f"{key}='{where}' could not be read as {builder}: {cause}") from err
+    finally:
+        datasets.logging.set_verbosity(verbosity)
+
+
+def reading_failure(builder: str, files: list[str], encoding: str, err: Exception) -> str:
+    """What stopped datasets' reader, in the words of the reader's own error (datasets wraps it in a generic
+    one), with the file and line at fault where datasets gives none."""
+    if builder == "json":
+        for file in (f for f in files if Path(f).suffix in (".json", ".jsonl")):  # not compressed
+            bad = first_bad_json_line(Path(file), encoding)
+            if bad is not None:
+                return (
+                    f"{file} {bad}. A .jsonl file holds one JSON object per line; a .json file one array of "
+                    f"objects (or an object of columns)."
+                )
+    cause = str(list(exception_chain(err))[-1]).strip() or str(err)
+    if builder == "csv" and "fields in line" in cause:  # pandas: "Expected 2 fields in line 52, saw 3"
+        cause += ". A field holding the delimiter (or a line break) must be in double quotes."
+    return cause
 
 
 def task_documents(source: str) -> datasets.Dataset:
