@@ -115,10 +115,15 @@ def decode(raw: bytes, path: Path, key: str, setting: str = "auto") -> str:
         except UnicodeDecodeError as err:
             failure = failure or err
     assert failure is not None
+    fix = (
+        "Re-save the file as UTF-8, or set data.encoding to its encoding (e.g. data.encoding=latin-1, or "
+        "data.encoding=utf-8,latin-1 to try both per file)."
+        if key.startswith("data.")
+        else "Re-save the file as UTF-8 (UTF-16 and UTF-32 are read too when the file starts with a byte-order mark)."
+    )
     raise PtmError(
         f"{key}='{path}' is not {' or '.join(tried)} text: byte {failure.start:,} is 0x{raw[failure.start]:02x}, "
-        f"which {failure.encoding} cannot decode. Re-save the file as UTF-8, or set data.encoding to its encoding "
-        f"(e.g. data.encoding=latin-1, or data.encoding=utf-8,latin-1 to try both per file)."
+        f"which {failure.encoding} cannot decode. {fix}"
     )
 
 
@@ -165,6 +170,12 @@ def decoding_failure(err: BaseException) -> UnicodeDecodeError | None:
     return next((e for e in exception_chain(err) if isinstance(e, UnicodeDecodeError)), None)
 
 
+def json_type(value: Any) -> str:
+    """What JSON calls the type of a parsed value: null, boolean, number, string, array or object."""
+    names = {type(None): "null", bool: "boolean", int: "number", float: "number", str: "string", list: "array"}
+    return names.get(type(value), "object")
+
+
 def first_bad_json_line(path: Path, encoding: str) -> str | None:
     """Where a JSON or JSON Lines file stops being valid ("line 31: Expecting value"), or None if it is valid.
 
@@ -188,5 +199,5 @@ def first_bad_json_line(path: Path, encoding: str) -> str | None:
         except ValueError as err:
             return f"line {number}, column {err.colno}: {err.msg}"
         if not isinstance(value, dict):
-            return f"line {number} holds a JSON {type(value).__name__}, not an object"
+            return f"line {number} holds a JSON {json_type(value)}, not an object"
     return None

@@ -13,7 +13,7 @@ from ptmcli import checkpoint, hardware, peft, runfiles
 from ptmcli.data.labeled import label_names, load_splits
 from ptmcli.distributed import Dist
 from ptmcli.errors import PtmError
-from ptmcli.files import os_error, read_text
+from ptmcli.files import json_type, os_error, read_text
 from ptmcli.finetune import (
     build_model,
     build_multitask_model,
@@ -165,7 +165,7 @@ def read_records(path: Path, kind: str) -> list[dict]:
         else:
             record = {"text": line}
         if kind == "token-cls" and "tokens" not in record:
-            record["tokens"] = record.get("text", "").split()
+            record["tokens"] = record.get("text", "").split() if isinstance(record.get("text", ""), str) else None
         record.setdefault("id", str(n))
         needed = {
             "text-cls": ["text"],
@@ -177,6 +177,16 @@ def read_records(path: Path, kind: str) -> list[dict]:
         missing = [k for k in needed if k not in record]
         if missing:
             raise PtmError(f"{path}:{n}: missing field(s) {missing} for a {kind} model.")
+        for field in needed:
+            value = record[field]
+            if field == "tokens" and not (isinstance(value, list) and all(isinstance(t, str) for t in value)):
+                raise PtmError(
+                    f'{path}:{n}: "tokens" must be a list of strings (["EU", "rejects", ...]), or "text" a string.'
+                )
+            if field != "tokens" and not isinstance(value, str):
+                raise PtmError(
+                    f'{path}:{n}: "{field}" is a JSON {json_type(value)}, not a string; put the text in quotes.'
+                )
         if kind == "token-cls":
             record["tags"] = ["O"] * len(record["tokens"])
         records.append(record)

@@ -299,3 +299,30 @@ def test_a_run_stopped_at_its_first_step_shows_its_own_error_not_the_curves(tmp_
         loop.train(job, trainer, OptimizerConfig(), Hardware(torch.device("cpu"), torch.float32), Dist(), tmp_path,
                    None, HardwareConfig())  # fmt: skip
     assert not (tmp_path / "curves.png").exists()
+
+
+def test_predict_inputs_with_a_field_of_the_wrong_type_name_the_line(tmp_path):
+    from ptmcli.errors import PtmError
+    from ptmcli.inference import read_records
+
+    cases = [
+        ("text-cls", '{"text": "fine"}\n{"text": 5}\n', r'x.jsonl:2: "text" is a JSON number, not a string'),
+        ("pair-cls", '{"text": "a", "text_pair": null}\n', r'x.jsonl:1: "text_pair" is a JSON null, not a string'),
+        ("token-cls", '{"tokens": "EU rejects"}\n', r'x.jsonl:1: "tokens" must be a list of strings'),
+        ("token-cls", '{"text": ["EU"]}\n', r'x.jsonl:1: "tokens" must be a list of strings .*or "text" a string'),
+        ("qa", '{"question": "Who?", "context": 7}\n', r'x.jsonl:1: "context" is a JSON number'),
+    ]
+    for kind, text, expected in cases:
+        (tmp_path / "x.jsonl").write_text(text)
+        with pytest.raises(PtmError, match=expected):
+            read_records(tmp_path / "x.jsonl", kind)
+    (tmp_path / "x.jsonl").write_text('{"text": "EU rejects German call"}\nPeter Blackburn\n')
+    assert [r["tokens"] for r in read_records(tmp_path / "x.jsonl", "token-cls")] == [
+        ["EU", "rejects", "German", "call"],
+        ["Peter", "Blackburn"],
+    ]
+    (tmp_path / "x.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    with pytest.raises(
+        PtmError, match=r"input='.*x.txt' is not utf-8 text: byte 3 is 0xe9.*Re-save the file as UTF-8 \("
+    ):
+        read_records(tmp_path / "x.txt", "text-cls")
