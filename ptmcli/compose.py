@@ -112,9 +112,18 @@ def check_override(arg: str, command: Command) -> None:
         fields = {f.name for f in dataclasses.fields(command.sections[head])}
     else:
         return
+    if not rest:  # `trainer=...` or `~trainer`: a section is not a group option to choose, nor optional
+        raise PtmError(
+            f"{arg}: '{head}' is a section of keys, not a choice; set a key of it, e.g. {head}."
+            f"{sorted(fields)[0]}=... Valid keys of '{head}': {', '.join(sorted(fields))}."
+        )
     if rest.split(".")[0] not in fields:
         raise PtmError(
             f"Unknown key '{key}'.{did_you_mean(rest, fields)} Valid keys of '{head}': {', '.join(sorted(fields))}."
+        )
+    if arg.startswith("~"):  # every key of a typed section exists; Hydra's own refusal names no fix
+        raise PtmError(
+            f"{arg}: a key of '{head}' cannot be removed, only set: {key}=VALUE (`ptm cat` shows its value and help)."
         )
 
 

@@ -13,14 +13,16 @@ import importlib.util
 import json
 import math
 import os
+import typing
 import uuid
 from pathlib import Path
 
 from ptmcli.errors import PtmError
+from ptmcli.schema import Logger
 from ptmcli.typecheck import did_you_mean
 
 PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}  # logger -> package to install
-KNOWN = ("jsonl", *PACKAGES)
+KNOWN = typing.get_args(Logger)
 
 
 def check(loggers: list[str]) -> None:

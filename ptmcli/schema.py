@@ -37,6 +37,9 @@ from ptmcli.transfers import (  # noqa: F401 (re-exported)  # noqa: F401  # noqa
 )
 from ptmcli.typecheck import check_section, coerce, did_you_mean
 
+# Where metric rows can go (ptmcli/loggers.py writes each; jsonl always).
+Logger = Literal["jsonl", "tensorboard", "mlflow", "wandb"]
+
 
 @dataclass
 class ObjectiveConfig:
@@ -180,7 +183,7 @@ class TrainerConfig:
         "on Ctrl-C or SIGTERM, finish the current step and write a checkpoint before stopping (a second stops at once)",
     )
     curves: bool = _f(True, "draw curves.png (loss, validation, learning rate) at the end of the run; needs matplotlib")
-    loggers: list[str] = _f(
+    loggers: list[Logger] = _f(
         ["jsonl"], "where metric rows go: jsonl (always), tensorboard, mlflow, wandb (offline); e.g. [jsonl,mlflow]"
     )
     tracking_uri: Optional[str] = _f(None, "MLflow tracking URI (none = sqlite:///runs/mlflow.db under the cwd)")

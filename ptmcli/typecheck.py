@@ -57,6 +57,8 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         raise bad
     if tp is int:
+        if isinstance(value, float) and value.is_integer():
+            return int(value)  # 1e3 on a command line is YAML's float 1000.0
         if isinstance(value, bool) or not isinstance(value, int):
             raise bad
         return value

@@ -102,6 +102,9 @@ def test_published_bert_sizes():
         ("objective=mlm,mln", "Did you mean 'mlm'?"),
         ("trainr.max_steps=5", "Did you mean 'trainer'?"),
         ("model.hiden_size=5", "Did you mean 'hidden_size'?"),
+        ("trainer=", "'trainer' is a section of keys, not a choice; set a key of it"),
+        ("~trainer", "'trainer' is a section of keys"),
+        ("~trainer.max_steps", "a key of 'trainer' cannot be removed, only set: trainer.max_steps=VALUE"),
     ],
 )
 def test_typo_in_override_fails_with_did_you_mean(override, expected):
@@ -135,6 +138,8 @@ def test_unknown_key_in_a_yaml_file_is_caught_after_composition():
         ("model", ("dropout", 1.0), r"model.dropout=1.0 is out of range: it must be in \[0, 1\)"),
         ("data", ("validation_fraction", 1.0), r"data.validation_fraction=1.0 is out of range: it must be in \(0, 1\)"),
         ("trainer", ("eval_every", -5), "trainer.eval_every=-5 is out of range: it must be >= 0"),
+        ("trainer", ("max_steps", 2.5), "trainer.max_steps=2.5 is not valid: expected int"),
+        ("trainer", ("loggers", ["jsonl", "tensorbord"]), "loggers.1.='tensorbord'.*Did you mean 'tensorboard'"),
     ],
 )
 def test_wrong_types_and_values_fail(key, value, expected):
@@ -142,6 +147,12 @@ def test_wrong_types_and_values_fail(key, value, expected):
     cfg[key][value[0]] = value[1]
     with pytest.raises(PtmError, match=expected):
         check_pretrain(cfg)
+
+
+def test_an_integral_float_is_an_int():  # trainer.max_steps=1e3 reaches the schema as YAML's 1000.0
+    cfg = _compose("demo")
+    cfg["trainer"]["max_steps"] = 1e3
+    assert check_pretrain(cfg).trainer.max_steps == 1000
 
 
 def test_electra_sharing_all_weights_but_not_the_embeddings_fails():
