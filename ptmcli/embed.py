@@ -17,7 +17,7 @@ from ptmcli import checkpoint, hardware, runfiles
 from ptmcli.data.tokenizer import SpecialIds
 from ptmcli.distributed import Dist
 from ptmcli.errors import PtmError
-from ptmcli.files import os_error
+from ptmcli.files import replaced_whole
 from ptmcli.inference import read_records
 from ptmcli.models import ENCODERS
 from ptmcli.models.layers import pool
@@ -112,22 +112,15 @@ def read_texts(path: Path) -> list[str]:
 
 def write_vectors(vectors: np.ndarray, texts: list[str], output: Path) -> None:
     """.npy: the (N, C) float32 matrix; .jsonl: {"index", "text", "vector"} per line (embed_command checked the
-    suffix before any work). Written to a temporary file and renamed, so an interrupted run never leaves half a
-    file under the name asked for."""
-    partial = output.with_name(output.name + ".partial")
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        if output.suffix == ".npy":
-            with open(partial, "wb") as f:
-                np.save(f, vectors)
-        else:
-            with open(partial, "w") as f:
-                for i, (text, vector) in enumerate(zip(texts, vectors)):
-                    row = {"index": i, "text": text, "vector": [round(float(x), 6) for x in vector]}
-                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        partial.replace(output)
-    except OSError as err:
-        raise os_error(err, "output") from err
+    suffix before any work). Written whole or not at all (files.replaced_whole)."""
+    if output.suffix == ".npy":
+        with replaced_whole(output, "output", "wb") as f:
+            np.save(f, vectors)
+    else:
+        with replaced_whole(output, "output") as f:
+            for i, (text, vector) in enumerate(zip(texts, vectors)):
+                row = {"index": i, "text": text, "vector": [round(float(x), 6) for x in vector]}
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def positive_int(values: dict[str, str], key: str, default: int) -> int:

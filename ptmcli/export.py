@@ -22,6 +22,7 @@ from tokenizers import Tokenizer
 
 from ptmcli import checkpoint, hf, runfiles
 from ptmcli.errors import PtmError
+from ptmcli.files import staged_directory
 from ptmcli.hf.electra import GENERATOR_CLASS, generator_config, generator_rules
 from ptmcli.hf.keymap import indices
 from ptmcli.inference import checkpoint_of, load_run
@@ -243,7 +244,8 @@ def write_encoder(state: dict, arch, tokenizer: Tokenizer, out: Path, labels: li
     return family.base
 
 
-def export_pretraining_run(run: Path, out: Path, checkpoint_name: str | None) -> Path:
+def export_pretraining_run(run: Path, out: Path, checkpoint_name: str | None) -> str:
+    """Write a pretraining run's model into `out`; returns what was written, in words."""
     cfg = check_pretrain(runfiles.config(run))
     tokenizer = runfiles.tokenizer(run)
     ckpt = checkpoint_of(run, checkpoint_name)
@@ -254,8 +256,7 @@ def export_pretraining_run(run: Path, out: Path, checkpoint_name: str | None) ->
         written = write_encoder(state, cfg.model, tokenizer, out)
     else:
         written = write_pretraining(model, cfg.model, cfg.objective.name, tokenizer, out)
-    console.print(f"{written} ({ckpt.name}) written to {out}")
-    return out
+    return f"{written} ({ckpt.name})"
 
 
 def export_run(
@@ -273,7 +274,10 @@ def export_run(
     if runfiles.is_pretraining(raw):
         if fmt == "peft" or merge:
             raise PtmError(f"run='{run}' is a pretraining run, which has no adapter: export it with format=hf.")
-        return export_pretraining_run(run, out, checkpoint_name)
+        with staged_directory(out, "output") as stage:
+            written = export_pretraining_run(run, stage, checkpoint_name)
+        console.print(f"{written} written to {out}")
+        return out
     cfg, task, model, labels, hw, ckpt, method = load_run(run, checkpoint_name, with_method=True)
     if cfg.tasks is not None:
         raise PtmError(
@@ -295,12 +299,14 @@ def export_run(
     if fmt is None:  # an adapter for its base model, unless that base was random (init=none): then merged
         fmt = "peft" if method is not None and not merge and cfg.init else "hf"
     tokenizer = runfiles.tokenizer(run)
-    if fmt == "hf":
-        what = write_finetuned(cfg, model, method, labels, tokenizer, out)
-        (out / "labels.json").write_text(json.dumps(labels) + "\n")
-        console.print(f"{what} ({ckpt.name}) written to {out}")
-        return out
-    return export_peft(run, cfg, model, method, ckpt, out)
+    with staged_directory(out, "output") as stage:
+        if fmt == "hf":
+            written = f"{write_finetuned(cfg, model, method, labels, tokenizer, stage)} ({ckpt.name})"
+            (stage / "labels.json").write_text(json.dumps(labels) + "\n")
+        else:
+            written = export_peft(run, cfg, model, method, ckpt, stage)
+    console.print(f"{written} written to {out}")
+    return out
 
 
 def _check_base_in_run(run: Path, cfg, method, fmt: str | None) -> None:
@@ -323,7 +329,8 @@ def _check_base_in_run(run: Path, cfg, method, fmt: str | None) -> None:
         )
 
 
-def export_peft(run: Path, cfg, model, method, ckpt: Path, out: Path) -> Path:
+def export_peft(run: Path, cfg, model, method, ckpt: Path, out: Path) -> str:
+    """Write a LoRA, AdaLoRA or prefix run's method in PEFT's format into `out`; returns what was written."""
     if method is None:
         raise PtmError(
             f"format=peft: run '{run}' used transfer={cfg.transfer.mode}, which has no adapter; export the whole "
@@ -349,5 +356,4 @@ def export_peft(run: Path, cfg, model, method, ckpt: Path, out: Path) -> Path:
     save_file(head, str(out / "head.safetensors"))  # the task head PEFT's base model has no place for
     for name in ("tokenizer.json", "labels.json", "config.yaml"):
         (out / name).write_bytes((run / name).read_bytes())
-    console.print(f"PEFT {config['peft_type']} adapter written to {out}")
-    return out
+    return f"PEFT {config['peft_type']} adapter ({ckpt.name})"

@@ -4,10 +4,12 @@ cause (not UTF-8 at byte N, empty, a directory, no permission, no space left) an
 from __future__ import annotations
 
 import codecs
+import contextlib
 import errno
 import importlib.util
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -154,6 +156,64 @@ def read_json(path: Path, key: str) -> Any:
         return json.loads(text)
     except ValueError as err:
         raise PtmError(f"{key}='{path}' is not valid JSON ({err}); it may be truncated.") from None
+
+
+@contextlib.contextmanager
+def replaced_whole(path: Path, key: str, mode: str = "w"):
+    """An open file that becomes `path` only once it is complete: written under a hidden name beside it and renamed
+    over it, so an interrupted or failed write never leaves half a file, and never destroys the one it replaces.
+    Missing parent directories are made."""
+    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    try:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except FileExistsError as err:  # a file where a directory of the path should be
+            raise os_error(OSError(errno.ENOTDIR, err.strerror, str(path)), key) from err
+        except OSError as err:
+            raise os_error(OSError(err.errno, err.strerror, str(path)), key) from err
+        try:
+            handle = open(partial, mode, **({} if "b" in mode else {"encoding": "utf-8"}))
+        except OSError as err:  # named as the file asked for, not its partial sibling
+            raise os_error(OSError(err.errno, err.strerror, str(path)), key) from err
+        with handle:
+            yield handle
+        try:
+            os.replace(partial, path)
+        except OSError as err:
+            raise os_error(OSError(err.errno, err.strerror, str(path)), key) from err
+    finally:
+        with contextlib.suppress(OSError):
+            partial.unlink(missing_ok=True)
+
+
+def write_whole(path: Path, text: str, key: str = "output") -> None:
+    """`path` holds `text`, or -- if the write is interrupted -- what it held before (see replaced_whole)."""
+    with replaced_whole(path, key) as handle:
+        handle.write(text)
+
+
+@contextlib.contextmanager
+def staged_directory(out: Path, key: str):
+    """Write a directory's files into a hidden sibling, then move each over its name in `out`: a write that fails or
+    is interrupted (Ctrl-C, a full disk) leaves `out` as it was -- an earlier export in it stays whole -- and other
+    files in `out` stay."""
+    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
+    try:
+        try:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+        except OSError as err:  # named as the directory asked for, not its staging sibling
+            raise os_error(OSError(err.errno, err.strerror, str(out)), key) from err
+        yield staging
+        for file in sorted(p for p in staging.rglob("*") if p.is_file()):
+            target = out / file.relative_to(staging)
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(file, target)
+            except OSError as err:
+                raise os_error(OSError(err.errno, err.strerror, str(target)), key) from err
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def exception_chain(err: BaseException | None):

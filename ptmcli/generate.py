@@ -15,6 +15,7 @@ from ptmcli import checkpoint, hardware, runfiles
 from ptmcli.data.tokenizer import SpecialIds
 from ptmcli.distributed import Dist
 from ptmcli.errors import PtmError
+from ptmcli.files import replaced_whole
 from ptmcli.generation import Sampling, generate
 from ptmcli.models import PRETRAINING_MODELS
 from ptmcli.runlog import console
@@ -111,7 +112,7 @@ def generate_run(run: Path, prompts: list[str], settings: dict, output: str | No
         model, tokenizer, hw = load_causal_lm(run, checkpoint_name)
         texts = continue_texts(model, tokenizer, prompts, cfg, hw)
     if output:
-        with open(output, "w", encoding="utf-8") as f:
+        with replaced_whole(Path(output), "output") as f:
             for prompt, text in zip(prompts, texts):
                 f.write(json.dumps({"prompt": prompt, "text": text}, ensure_ascii=False) + "\n")
         console.print(f"{len(texts)} continuation(s) written to {output}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ from ptmcli import checkpoint, hardware, peft, runfiles
 from ptmcli.data.labeled import label_names, load_splits
 from ptmcli.distributed import Dist
 from ptmcli.errors import PtmError
-from ptmcli.files import json_type, os_error, read_text
+from ptmcli.files import json_type, read_text, replaced_whole, write_whole
 from ptmcli.finetune import (
     build_model,
     build_multitask_model,
@@ -143,7 +144,7 @@ def evaluate_run(run: Path, split: str, checkpoint_name: str | None = None, task
     examples = task.examples(records[cfg.data.name]) if single else task.examples(records, None)
     metrics = evaluate(task, model, examples, cfg.trainer.batch_size, 0, hw, Dist())
     suffix = f"_{task_name}" if task_name else ""
-    (run / f"eval_{split}{suffix}.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    write_whole(run / f"eval_{split}{suffix}.json", json.dumps(metrics, indent=1) + "\n", "run")
     show_metrics(f"{split} ({ckpt.name})", metrics, {n: by_task[n] for n in records}, not single)
     print(json.dumps(metrics))
     return metrics
@@ -214,11 +215,7 @@ def predict_run(
         kind, model, task = cfg.tasks[task_name].task.kind, task.view(model, task_name), task.tasks[task_name]
     records = read_records(input_path, kind)
     examples = task.examples(records)
-    try:
-        out = open(output, "w") if output else sys.stdout
-    except OSError as err:
-        raise os_error(err, "output") from err
-    try:
+    with replaced_whole(Path(output), "output") if output else contextlib.nullcontext(sys.stdout) as out:
         for start, stop in examples.eval_ranges(cfg.trainer.batch_size):
             batch = examples.batch(list(range(start, stop)), 0)
             batch = to_device(batch, hw.device)
@@ -226,7 +223,5 @@ def predict_run(
                 predictions = task.predict(model, batch)
             for prediction in predictions:
                 out.write(json.dumps(prediction, ensure_ascii=False) + "\n")
-    finally:
-        if output:
-            out.close()
-            console.print(f"{len(records)} predictions written to {output}")
+    if output:
+        console.print(f"{len(records)} predictions written to {output}")

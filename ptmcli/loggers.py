@@ -12,12 +12,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
 import typing
 import uuid
 from pathlib import Path
 
 from ptmcli.errors import PtmError
+from ptmcli.files import write_whole
 from ptmcli.schema import Logger
 from ptmcli.typecheck import did_you_mean
 
@@ -103,9 +103,7 @@ def _recalled(run_dir: Path, key: str):
 def _remember(run_dir: Path, key: str, value) -> None:
     info = json.loads((run_dir / "run.json").read_text())
     info[key] = value
-    tmp = run_dir / f"run.json.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(info, indent=1) + "\n")
-    os.replace(tmp, run_dir / "run.json")  # a kill mid-write leaves the old run.json, never half of one
+    write_whole(run_dir / "run.json", json.dumps(info, indent=1) + "\n", "run")  # a kill leaves the old one
 
 
 class MLflow:

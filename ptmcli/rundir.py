@@ -16,6 +16,7 @@ import yaml
 from ptmcli import checkpoint
 from ptmcli.distributed import Dist, broadcast_str
 from ptmcli.errors import PtmError
+from ptmcli.files import write_whole
 from ptmcli.runlog import console
 
 
@@ -112,13 +113,7 @@ def mark_ended(status: str) -> None:
         info = _run_info(run_dir)
         if info:
             info["ended"] = {"status": status, "at": time.strftime("%Y-%m-%d %H:%M:%S")}
-            _write_atomically(run_dir / "run.json", json.dumps(info, indent=1) + "\n")
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    temp = path.with_name(f".{path.name}.tmp")
-    temp.write_text(text)
-    os.replace(temp, path)
+            write_whole(run_dir / "run.json", json.dumps(info, indent=1) + "\n", "run")
 
 
 def lock(run_dir: Path, dist: Dist) -> None:
@@ -278,6 +273,6 @@ def record(
         info.update(extra or {})
         info.pop("ended", None)  # a resumed run is going again
         _started.add(run_dir.resolve())
-        _write_atomically(run_dir / "run.json", json.dumps(info, indent=1) + "\n")
+        write_whole(run_dir / "run.json", json.dumps(info, indent=1) + "\n", "run")
         (run_dir / "config.yaml").write_text(yaml.safe_dump(in_force or cfg, sort_keys=False))
     dist.barrier()

@@ -12,6 +12,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from ptmcli.files import write_whole
+
 console = Console(stderr=True, highlight=False)
 
 
@@ -27,9 +29,7 @@ def truncate_metrics(path: Path, last_step: int) -> None:
                 kept.append(line)
         except (ValueError, KeyError, TypeError):
             continue
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    write_whole(path, "".join(line + "\n" for line in kept), "run")
 
 
 def tail_rows(path: Path, size: int = 1 << 16) -> list[dict]:

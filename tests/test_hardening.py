@@ -326,3 +326,44 @@ def test_predict_inputs_with_a_field_of_the_wrong_type_name_the_line(tmp_path):
         PtmError, match=r"input='.*x.txt' is not utf-8 text: byte 3 is 0xe9.*Re-save the file as UTF-8 \("
     ):
         read_records(tmp_path / "x.txt", "text-cls")
+
+
+def test_an_interrupted_export_leaves_the_earlier_one_whole(reference, tmp_path, monkeypatch):
+    from ptmcli import hf
+    from ptmcli.export import export_run
+
+    out = tmp_path / "export"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    export_run(reference, output=out)
+    before = _snapshot(out)
+    assert {"model.safetensors", "config.json", "tokenizer.json", "notes.txt"} <= {p.name for p in before}
+
+    def interrupted(out_dir, *args, **kwargs):
+        (out_dir / "model.safetensors").write_bytes(b"half a model")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(hf, "write_dir", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        export_run(reference, output=out)
+    assert _snapshot(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # no staging directory left
+
+
+def test_an_output_file_is_replaced_whole_or_not_at_all(tmp_path):
+    """predict/generate/embed output=, eval_*.json and run.json: an interrupted write keeps the file it replaces."""
+    from ptmcli.errors import PtmError
+    from ptmcli.files import replaced_whole, write_whole
+
+    out = tmp_path / "predictions.jsonl"
+    write_whole(out, "earlier\n")
+    with pytest.raises(KeyboardInterrupt):
+        with replaced_whole(out, "output") as f:
+            f.write("half of the new one")
+            raise KeyboardInterrupt
+    assert out.read_text() == "earlier\n" and sorted(tmp_path.iterdir()) == [out]
+    with replaced_whole(out, "output") as f:
+        f.write("new\n")
+    assert out.read_text() == "new\n" and sorted(tmp_path.iterdir()) == [out]
+    with pytest.raises(PtmError, match=f"output='{out}/x' has a part of its path that is a file"):
+        write_whole(out / "x", "")
