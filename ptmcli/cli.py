@@ -16,12 +16,15 @@ from pathlib import Path
 
 from ptmcli.compose import (
     COMMANDS,
+    Invocation,
+    checked,
     group_options,
     parse,
     primary_dir,
     recipes,
     register_defaults,
     searchpath,
+    sweep_jobs,
 )
 from ptmcli.confdirs import config_dirs
 from ptmcli.errors import Interrupted, PtmError
@@ -186,12 +189,32 @@ def remove_new_empty_dirs() -> None:
     NEW_DIRS.clear()
 
 
+def check_sweep(invocation: Invocation) -> None:
+    """A -m sweep: every job's config passes the checks a run makes at its start before the first job trains, so
+    that a bad value for the last job does not stop the sweep hours in. (Another sweeper plugin expands its own.)"""
+    if not {"-m", "--multirun"} & set(invocation.flags) or any(
+        o.startswith("hydra/sweeper=") for o in invocation.overrides
+    ):
+        return
+    jobs = sweep_jobs(invocation.overrides)
+    common = set.intersection(*map(set, jobs))
+    for number, job in enumerate(jobs):
+        try:
+            _, typed = checked(dataclasses.replace(invocation, overrides=job))
+            check_paths(typed)
+            check_loggers(typed.trainer.loggers)
+        except PtmError as err:
+            varied = " ".join(o for o in job if o not in common)
+            raise PtmError(f"Job {number} of the sweep ({varied}), checked before any job runs: {err}") from None
+
+
 def run_command(name: str, args: list[str]) -> None:
     import hydra
     from omegaconf import DictConfig, OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
     invocation = parse(name, args)
+    check_sweep(invocation)
     register_defaults()
     if not OmegaConf.has_resolver("ptm_stamp"):
         OmegaConf.register_new_resolver("ptm_stamp", _stamp)

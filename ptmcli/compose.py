@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import itertools
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -318,6 +319,29 @@ def first_of_sweep(override: str) -> str:
     if key.startswith("hydra") or value.startswith(("[", "{", "'", '"')):
         return override
     return f"{key}={value.split(',')[0]}"
+
+
+def sweep_jobs(overrides: list[str]) -> list[list[str]]:
+    """Each job's overrides in a -m sweep, as Hydra's basic sweeper expands them: the product of every comma list
+    (or choice()/range()), a later override of a key replacing an earlier one."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    by_key: dict[str, list[str]] = {}
+    try:
+        for override in OverridesParser.create().parse_overrides(overrides):
+            key = override.get_key_element()
+            if not override.is_sweep_override():
+                by_key[key] = [f"{key}={override.get_value_element_as_str()}"]
+            elif override.is_discrete_sweep():
+                by_key[key] = [f"{key}={value}" for value in override.sweep_string_iterator()]
+            else:
+                raise PtmError(
+                    f"{override.input_line}: a -m sweep takes a list of values (a,b,c), choice() or range()."
+                )
+    except HydraException as err:
+        raise PtmError(f"The command line could not be composed: {str(err).splitlines()[0]}") from None
+    return [list(job) for job in itertools.product(*by_key.values())]
 
 
 def compose(invocation: Invocation) -> dict:

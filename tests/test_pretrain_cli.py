@@ -95,24 +95,28 @@ def test_resume_auto_continues_the_newest_run_with_this_config(cache_env, tmp_pa
 
 
 def test_sweep_makes_one_run_dir_per_job(cache_env, tmp_path):
-    run_ptm(
-        [
-            "pretrain",
-            *TINY,
-            "trainer.max_steps=3",
-            "optimizer.lr=1e-3,2e-3",
-            "-m",
-            f"hydra.sweep.dir={tmp_path / 'sweep'}",
-        ],
-        cache_env,
-    )
-    jobs = sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir())
+    """In the default place (runs/pretrain/RECIPE/STAMP_multirun: its ${hydra:...} once failed to resolve there)."""
+    run_ptm(["pretrain", *TINY, "trainer.max_steps=3", "optimizer.lr=1e-3,2e-3", "-m"], cache_env, cwd=tmp_path)
+    (sweep,) = (tmp_path / "runs" / "pretrain" / "demo").glob("*_multirun")
+    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
     assert jobs == ["0", "1"]
-    lrs = [
-        json.loads((tmp_path / "sweep" / j / "config.yaml").read_text().split("lr: ")[1].split("\n")[0]) for j in jobs
-    ]
+    lrs = [json.loads((sweep / j / "config.yaml").read_text().split("lr: ")[1].split("\n")[0]) for j in jobs]
     assert lrs == [1e-3, 2e-3]
-    assert all((tmp_path / "sweep" / j / "metrics.jsonl").exists() for j in jobs)
+    assert all((sweep / j / "metrics.jsonl").exists() for j in jobs)
+    assert sorted(job["optimizer.lr"] for job in json.loads((sweep / "sweep.json").read_text())["jobs"]) == lrs
+
+
+def test_every_job_of_a_sweep_is_checked_before_the_first_runs(cache_env, tmp_path):
+    sweep = tmp_path / "sweep"
+    args = ["pretrain", *TINY, "optimizer.lr=1e-3,2e-3", "model.num_layers=1,0", "-m", f"hydra.sweep.dir={sweep}"]
+    fails_with(
+        args,
+        cache_env,
+        "Job 1 of the sweep (optimizer.lr=0.001 model.num_layers=0), checked before any job runs: model.num_layers=0",
+    )
+    args = ["pretrain", *TINY, "optimizer.lr=1e-3,abc", "-m", f"hydra.sweep.dir={sweep}"]
+    fails_with(args, cache_env, "Job 1 of the sweep (optimizer.lr=abc)")
+    assert not sweep.exists()
 
 
 def test_non_editable_install_runs_from_another_directory(cache_env, tmp_path):
