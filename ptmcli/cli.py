@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -418,12 +420,37 @@ def _completion(argv: list[str]) -> list[str] | None:
     return None
 
 
+def loaded(name: str):
+    """Module `name` if it was imported to the end, else None. Ctrl-C while torch is being imported leaves it half
+    initialised in sys.modules, and importing it again then crashes the interpreter (a segfault, not a message)."""
+    module = sys.modules.get(name)
+    spec = getattr(module, "__spec__", None)
+    return None if module is None or getattr(spec, "_initializing", False) else module
+
+
+STOPPED_BY = [signal.SIGINT]  # the signal that stopped a command before training began (its exit status)
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM before training begins stops the command as Ctrl-C does -- the directories Hydra made for the run
+    removed, one line, status 143 -- instead of killing it on the spot. Training installs its own handler
+    (loop.stop_requests: a checkpoint at the next step boundary) and puts this one back when it ends."""
+
+    def stop(signum, _frame):
+        STOPPED_BY[0] = signum
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, stop)
+
+
 def run() -> None:
     """The `ptm` command and `python -m ptmcli`: `main`, then its exit status -- in a torchrun worker without the
     interpreter's teardown (see `distributed.end_worker`). A command that runs a model starts again at once with
     glibc's malloc set up for training (`malloc.restart_tuned`), before torch is imported."""
     if len(sys.argv) > 1 and (sys.argv[1] in COMMANDS or sys.argv[1] in RUN_COMMANDS):
         restart_tuned()
+        stop_on_sigterm()
     try:
         main()
     except SystemExit as stop:
@@ -433,10 +460,9 @@ def run() -> None:
         status = 1
     else:
         status = 0
-    if "torch.distributed" in sys.modules:  # never import torch for a command that did not
-        from ptmcli.distributed import end_worker
-
-        end_worker(status)
+    distributed = loaded("ptmcli.distributed")  # never import torch for a command that did not
+    if distributed is not None:
+        distributed.end_worker(status)
     sys.exit(status)
 
 
@@ -495,9 +521,8 @@ def main(argv: list[str] | None = None) -> None:
     except OSError as err:  # a file ptm reads or writes for a run command, not caught closer to its use
         fail(os_error(err))
     except KeyboardInterrupt:  # before training started, or a second Ctrl-C: stop at once, without a traceback
-        fail(Interrupted("stopped at once; the run's last checkpoint (if any) is intact.", 2))
+        fail(Interrupted("stopped at once; the run's last checkpoint (if any) is intact.", STOPPED_BY[0]))
     finally:
-        if "torch.distributed" in sys.modules:  # never import torch just to find there is nothing to close
-            from ptmcli.distributed import close
-
-            close()
+        distributed = loaded("ptmcli.distributed")  # never import torch just to find there is nothing to close
+        if distributed is not None:
+            distributed.close()

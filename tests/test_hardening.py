@@ -367,3 +367,37 @@ def test_an_output_file_is_replaced_whole_or_not_at_all(tmp_path):
     assert out.read_text() == "new\n" and sorted(tmp_path.iterdir()) == [out]
     with pytest.raises(PtmError, match=f"output='{out}/x' has a part of its path that is a file"):
         write_whole(out / "x", "")
+
+
+@pytest.mark.parametrize(
+    "module,signum",
+    [("torch.distributed.rpc", signal.SIGINT), ("ptmcli.pretrain", signal.SIGTERM)],
+)
+def test_a_signal_before_training_stops_with_one_line_and_leaves_nothing(cache_env, tmp_path, module, signum):
+    """The signal arrives as `module` is imported. SIGINT while torch is imported (the second or so a run spends
+    there) left torch.distributed half initialised, the exit path imported it again to close it, and the interpreter
+    crashed (a segfault after a traceback). SIGTERM after Hydra made the run directory killed the process on the
+    spot and left the directory behind."""
+    script = (
+        "import os, sys\n"
+        "class Signal:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        f"        if name == {module!r}:\n"
+        f"            os.kill(os.getpid(), {int(signum)})\n"
+        "sys.meta_path.insert(0, Signal())\n"
+        "sys.argv = ['ptm', 'pretrain', *sys.argv[1:]]\n"
+        "from ptmcli.cli import run\n"
+        "run()\n"
+    )
+    env = {**cache_env, "GLIBC_TUNABLES": "glibc.malloc.tcache_count=0"}  # no restart: it would drop the finder
+    proc = subprocess.run(
+        [sys.executable, "-c", script, *TINY, "trainer.max_steps=2"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 128 + signum, proc.stderr
+    assert proc.stderr.strip() == "interrupted: stopped at once; the run's last checkpoint (if any) is intact."
+    assert not (tmp_path / "runs").exists()
