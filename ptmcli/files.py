@@ -66,6 +66,8 @@ def os_cause(err: OSError) -> str:
 
 def os_error(err: OSError, key: str | None = None) -> PtmError:
     """An OS error as one sentence naming the file (and the setting that named it)."""
+    if err.filename is None:  # not about a file: a socket, a pipe, a library's own OSError
+        return PtmError(f"{key + ': ' if key else ''}{' '.join(str(err).split()) or type(err).__name__}.")
     name = f"{key}='{err.filename}'" if key else f"'{err.filename}'"
     return PtmError(f"{name} {os_cause(err)}.")
 

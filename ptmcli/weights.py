@@ -48,7 +48,8 @@ def _hub_snapshot(name: str) -> Path:
         return Path(snapshot_download(name, allow_patterns=patterns))
     except Exception as err:  # the hub client raises many kinds (offline, unknown repo, gated, HTTP)
         raise PtmError(
-            f"init=hf:{name} could not be fetched from the Hugging Face hub ({type(err).__name__}: {err}). Check the "
+            f"init=hf:{name} could not be fetched from the Hugging Face hub ({type(err).__name__}: "
+            f"{' '.join(str(err).split())}). Check the "
             f"name and your connection, or download the directory and pass init=PATH."
         ) from err
 

@@ -184,6 +184,33 @@ def test_errors_name_the_problem(tmp_path):
         BatchOrder(10, batch_size=8, world_size=2, rank=0, seed=0)
 
 
+def test_a_hub_dataset_is_read_through_datasets_and_its_failure_named(tmp_path, corpus, monkeypatch):
+    """data.source=hf:NAME/CONFIG, with the hub replaced by a local directory of the real corpus's documents."""
+    import datasets
+
+    from ptmcli.data import sources
+
+    corpus[0].select(range(20)).to_json(tmp_path / "train.jsonl")
+    asked, read = [], datasets.load_dataset
+
+    def hub(name, config=None, split=None):
+        asked.append((name, config, split))
+        if name != "wikitext":
+            raise ConnectionError(f"Couldn't reach '{name}' on the Hub\n(OfflineModeIsEnabled)")
+        return read(str(tmp_path), split=split)
+
+    monkeypatch.setattr(sources.datasets, "load_dataset", hub)
+    docs = load_documents(DataConfig(source="hf:wikitext/wikitext-2-raw-v1"))
+    assert asked == [("wikitext", "wikitext-2-raw-v1", "train")]
+    assert docs["text"] == corpus[0]["text"][:20]
+    with pytest.raises(
+        PtmError,
+        match=r"data.source=hf:nosuch could not be fetched .*\(ConnectionError: Couldn't "
+        r"reach 'nosuch' on the Hub \(OfflineModeIsEnabled\)\). Check the name",
+    ):
+        load_documents(DataConfig(source="hf:nosuch"))
+
+
 def test_local_text_directory(tmp_path, corpus):
     docs = corpus[0]
     for i in range(3):

@@ -216,6 +216,7 @@ def test_os_errors_read_as_sentences(tmp_path):
     assert read_text(bom, "input") == "hello"
     err = os_error(OSError(28, "No space left on device", str(tmp_path / "x")), "output")
     assert str(err) == f"output='{tmp_path / 'x'}' cannot be written: no space left on device."
+    assert str(os_error(ConnectionError("Couldn't reach 'x'\non the Hub"))) == "Couldn't reach 'x' on the Hub."
     if os.geteuid() != 0:  # root reads anything
         locked = tmp_path / "locked.txt"
         locked.write_text("x")

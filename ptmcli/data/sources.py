@@ -10,6 +10,7 @@ fine-tuning task (task-adaptive pretraining).
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import zipfile
 from pathlib import Path
@@ -90,8 +91,7 @@ def load_documents(cfg: DataConfig) -> datasets.Dataset:
         return task_documents(source)
     files: list[str] = []
     if source.startswith("hf:"):
-        name, _, config = source[3:].partition("/")
-        ds = datasets.load_dataset(name, config or None, split="train")
+        ds = hub_dataset(source)
     else:
         path = package_path(source) if source.startswith("pkg://") else Path(source).expanduser()
         if not path.exists():
@@ -138,6 +138,26 @@ def load_documents(cfg: DataConfig) -> datasets.Dataset:
     if len(ds) == 0:
         raise PtmError(f"data.source '{source}' has no non-empty text in column '{column}': the corpus is empty.")
     return ds
+
+
+def hub_dataset(source: str) -> datasets.Dataset:
+    """The train split of `hf:NAME[/CONFIG]`, fetched by datasets (online use; cached after the first time)."""
+    name, _, config = source[3:].partition("/")
+    verbosity, hub_log = datasets.logging.get_verbosity(), logging.getLogger("huggingface_hub")
+    hub_level = hub_log.level
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # both log each failed request before raising
+    hub_log.setLevel(logging.CRITICAL)
+    try:
+        return datasets.load_dataset(name, config or None, split="train")
+    except Exception as err:  # offline, an unknown name or config, a gated dataset, HTTP errors: many types
+        raise PtmError(
+            f"data.source={source} could not be fetched from the Hugging Face hub ({type(err).__name__}: "
+            f"{' '.join(str(err).split())}). Check the name (hf:NAME or hf:NAME/CONFIG) and your connection, or "
+            f"download the data and pass data.source=PATH."
+        ) from err
+    finally:
+        datasets.logging.set_verbosity(verbosity)
+        hub_log.setLevel(hub_level)
 
 
 def load_files(builder: str, files: list[str], encoding: str, key: str, **kwargs) -> datasets.Dataset:
