@@ -80,7 +80,7 @@ class DataConfig:
     name: str = _f("custom", "short name of this corpus, used in logs")
     source: str = _f(
         "",
-        "text, csv, json(l), parquet, pickle or zip file or directory; pkg://package/path; hf:hub-name; "
+        "text, csv, json(l), parquet, pickle or zip file or directory; pkg://package/path; hf:NAME[:CONFIG][@SPLIT]; "
         "task:NAME = the input texts of fine-tuning task NAME's training split (task-adaptive pretraining)",
     )
     format: Literal["auto", "text", "csv", "json", "parquet", "pickle"] = _f(
@@ -257,9 +257,13 @@ class LabeledDataConfig:
         "bbc-pairs / conll-qa / peoples-daily / bbc-headlines: the derived pair, QA, Chinese NER and "
         "headline-generation tasks",
     )
-    train: str = _f("", "training file or folder (pkg://package/path allowed)")
-    validation: Optional[str] = _f(None, "validation file; none = hold out validation_fraction of train")
-    test: Optional[str] = _f(None, "test file; none = hold out test_fraction of train")
+    train: str = _f(
+        "", "training file or folder (pkg://package/path allowed); hf:NAME[:CONFIG][@SPLIT] for a hub table"
+    )
+    validation: Optional[str] = _f(
+        None, "validation file (or hf:NAME: its validation split); none = hold out validation_fraction of train"
+    )
+    test: Optional[str] = _f(None, "test file (or hf:NAME: its test split); none = hold out test_fraction of train")
     text_column: str = _f("text", "table: column with the text (title+text joins two with a line break)")
     text_pair_column: Optional[str] = _f(None, "table: column with the second text (pair-cls)")
     label_column: str = _f("label", "table: column with the label")

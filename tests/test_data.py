@@ -185,7 +185,7 @@ def test_errors_name_the_problem(tmp_path):
 
 
 def test_a_hub_dataset_is_read_through_datasets_and_its_failure_named(tmp_path, corpus, monkeypatch):
-    """data.source=hf:NAME/CONFIG, with the hub replaced by a local directory of the real corpus's documents."""
+    """data.source=hf:NAME:CONFIG, with the hub replaced by a local directory of the real corpus's documents."""
     import datasets
 
     from ptmcli.data import sources
@@ -195,13 +195,13 @@ def test_a_hub_dataset_is_read_through_datasets_and_its_failure_named(tmp_path, 
 
     def hub(name, config=None, split=None):
         asked.append((name, config, split))
-        if name != "wikitext":
+        if name != "Salesforce/wikitext":
             raise ConnectionError(f"Couldn't reach '{name}' on the Hub\n(OfflineModeIsEnabled)")
         return read(str(tmp_path), split=split)
 
     monkeypatch.setattr(sources.datasets, "load_dataset", hub)
-    docs = load_documents(DataConfig(source="hf:wikitext/wikitext-2-raw-v1"))
-    assert asked == [("wikitext", "wikitext-2-raw-v1", "train")]
+    docs = load_documents(DataConfig(source="hf:Salesforce/wikitext:wikitext-2-raw-v1"))
+    assert asked == [("Salesforce/wikitext", "wikitext-2-raw-v1", "train")]
     assert docs["text"] == corpus[0]["text"][:20]
     with pytest.raises(
         PtmError,

@@ -225,3 +225,47 @@ def test_label_names_of_one_split_without_labels():
     records = [{"id": "1", "text": "A body.", "target": "A headline"}]
     assert label_names({"test": records}, "text2text", [], "headline-gen") == []
     assert label_names({"test": [{"id": "1", "text": "x", "label": "a"}]}, "text-cls", ["a", "b"], "d") == ["a", "b"]
+
+
+def test_a_hub_dataset_as_a_task_table(monkeypatch):
+    """data.train=hf:NAME[:CONFIG][@SPLIT] with the hub replaced by real BBC articles in a hub dataset's shape:
+    class-label columns give the classes' names, each key reads its own split, -1 is a missing label."""
+    import datasets
+
+    from ptmcli.data import sources
+
+    articles = load_splits(BBC, "text-cls")["train"][:90]
+    names = sorted({r["label"] for r in articles})
+    features = datasets.Features(content=datasets.Value("string"), topic=datasets.ClassLabel(names=names))
+
+    def table(rows, labels):
+        return datasets.Dataset.from_dict({"content": [r["text"] for r in rows], "topic": labels}, features=features)
+
+    hub_splits = {
+        "train": table(articles[:60], [names.index(r["label"]) for r in articles[:60]]),
+        "test": table(articles[60:], [-1 if i < 3 else names.index(r["label"]) for i, r in enumerate(articles[60:])]),
+    }
+    asked = []
+
+    def hub(name, config=None, split=None):
+        asked.append((name, config, split))
+        if split not in hub_splits:
+            raise ValueError(f'Unknown split "{split}". Should be one of {list(hub_splits)}.')
+        return hub_splits[split]
+
+    monkeypatch.setattr(sources.datasets, "load_dataset", hub)
+    spec = "hf:bbc/news:full"
+    cfg = LabeledDataConfig(
+        loader="table", train=spec, test=f"{spec}@test", text_column="content", label_column="topic"
+    )
+    with pytest.raises(PtmError, match=r"data.test=hf:bbc/news:full@test: 3 row\(s\) have no label .*rows 1, 2, 3"):
+        load_splits(cfg, "text-cls")
+    assert asked == [("bbc/news", "full", "train"), ("bbc/news", "full", "test")]
+    splits = load_splits(LabeledDataConfig(**{**vars(cfg), "drop_unlabeled": True}), "text-cls")
+    assert len(splits["test"]) == 27 and len(splits["train"]) + len(splits["validation"]) == 60
+    assert [r["label"] for r in splits["test"]] == [r["label"] for r in articles[63:]]
+    assert label_names(splits, "text-cls", None, "bbc") == names
+    with pytest.raises(PtmError, match=r"data.validation=hf:bbc/news could not be fetched .*Unknown split"):
+        load_splits(LabeledDataConfig(**{**vars(cfg), "validation": "hf:bbc/news"}), "text-cls")
+    with pytest.raises(PtmError, match=r"data.train=hf:conll2003: a hub dataset is read as a table"):
+        load_splits(LabeledDataConfig(loader="conll", train="hf:conll2003"), "token-cls")

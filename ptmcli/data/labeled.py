@@ -18,7 +18,7 @@ import numpy as np
 
 from ptmcli.confdirs import config_dirs
 from ptmcli.data.chinese import peoples_daily_ner, pickle_columns
-from ptmcli.data.sources import FORMATS, extract_zip, load_files, package_path
+from ptmcli.data.sources import FORMATS, extract_zip, hub_split, load_files, package_path
 from ptmcli.errors import PtmError
 from ptmcli.files import read_text, read_yaml
 from ptmcli.runlog import console
@@ -72,6 +72,13 @@ def read_table(path: Path, cfg: LabeledDataConfig, key: str, kind: str) -> list[
             if "corresponds to no data" in str(err):
                 return []  # a header and no rows: reported as an empty split
             raise
+    return table_records(ds, cfg, key, kind, f"{key}='{path}'", path.name)
+
+
+def table_records(ds: datasets.Dataset, cfg: LabeledDataConfig, key: str, kind: str, where: str, name: str) -> list:
+    """A table's rows as the task's records: its text (pair) and label (or target) columns, rows filtered, missing
+    labels refused or dropped. `where` names the table in messages, `name` prefixes the records' ids. A column of
+    class labels (a hub dataset's ClassLabel) gives the classes' names, not their numbers."""
     text_columns = cfg.text_column.split("+")
     name = (lambda c: "data.text_column") if len(text_columns) == 1 else (lambda c: f"data.text_column ({c})")
     generate = kind == "text2text"
@@ -82,12 +89,14 @@ def read_table(path: Path, cfg: LabeledDataConfig, key: str, kind: str) -> list[
         wanted["data.text_pair_column"] = cfg.text_pair_column or "text_pair"
     if cfg.filter_column:
         wanted["data.filter_column"] = cfg.filter_column
-    for name, column in wanted.items():
+    for setting, column in wanted.items():
         if column not in ds.column_names:
             raise PtmError(
-                f"{name}='{column}' is not a column of {key}='{path}'; its columns are "
-                f"{', '.join(ds.column_names)}. Set {name} to the right one."
+                f"{setting}='{column}' is not a column of {where}; its columns are "
+                f"{', '.join(ds.column_names)}. Set {setting} to the right one."
             )
+    classes = None if generate or cfg.index_labels else ds.features.get(cfg.label_column)
+    classes = classes if isinstance(classes, datasets.ClassLabel) else None
     drop = set(cfg.filter_values)
     records, unlabeled = [], []
     for i, row in enumerate(ds):
@@ -99,9 +108,11 @@ def read_table(path: Path, cfg: LabeledDataConfig, key: str, kind: str) -> list[
         if generate:  # a row without a target has nothing to learn from (titles are missing in some corpora)
             target = " ".join(str(row[cfg.target_column] or "").split())
             if target:
-                records.append({"id": f"{path.name}:{i}", "text": text, "target": target})
+                records.append({"id": f"{name}:{i}", "text": text, "target": target})
             continue
         label = row[cfg.label_column]
+        if classes is not None and label is not None:  # -1: a split without labels (e.g. GLUE's test)
+            label = classes.int2str(label) if label >= 0 else None
         if _missing(label):
             unlabeled.append(i + 1)
             continue
@@ -110,18 +121,17 @@ def read_table(path: Path, cfg: LabeledDataConfig, key: str, kind: str) -> list[
         if cfg.index_labels:
             if not isinstance(label, int) or not 0 <= label < len(cfg.index_labels):
                 raise PtmError(
-                    f"{key}='{path}' row {i}: label {label!r} is not an index into data.index_labels="
-                    f"{cfg.index_labels}."
+                    f"{where} row {i}: label {label!r} is not an index into data.index_labels={cfg.index_labels}."
                 )
             label = cfg.index_labels[label]
-        record = {"id": f"{path.name}:{i}", "text": text, "label": _label_text(label)}
+        record = {"id": f"{name}:{i}", "text": text, "label": _label_text(label)}
         if pair:
             record["text_pair"] = str(row[wanted["data.text_pair_column"]] or "")
         records.append(record)
     if unlabeled and not cfg.drop_unlabeled:
         shown = ", ".join(map(str, unlabeled[:5])) + (" ..." if len(unlabeled) > 5 else "")
         raise PtmError(
-            f"{key}='{path}': {len(unlabeled):,} row(s) have no label in data.label_column='{cfg.label_column}' "
+            f"{where}: {len(unlabeled):,} row(s) have no label in data.label_column='{cfg.label_column}' "
             f"(rows {shown}, counting data rows from 1). A missing label is not a class: fill them in, or drop those "
             f"rows with data.drop_unlabeled=true."
         )
@@ -272,6 +282,14 @@ def conll_qa(sentences: list[dict]) -> list[dict]:
 
 
 def _read(spec: str, key: str, cfg: LabeledDataConfig, kind: str) -> list[dict]:
+    if spec.startswith("hf:"):
+        if cfg.loader != "table":
+            raise PtmError(
+                f"{key}={spec}: a hub dataset is read as a table (data.loader=table: text, label or target columns); "
+                f"this task's loader is {cfg.loader}. Download the data in its format and give its path."
+            )
+        split = key.removeprefix("data.")  # data.train reads the train split, unless the spec says @SPLIT
+        return table_records(hub_split(spec, key, split), cfg, key, kind, f"{key}={spec}", spec)
     path = _path(spec, key)
     if cfg.loader == "table":
         records = read_table(path, cfg, key, kind)

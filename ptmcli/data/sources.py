@@ -3,8 +3,8 @@
 Accepted sources: a local file or directory (text, csv/tsv, json/jsonl, parquet, pickles of plain lists,
 or a zip of those),
 `pkg://package/relative/path` for files shipped inside an installed Python package,
-`hf:name[/config]` for a dataset hub name (online use only), and `task:NAME` for the training texts of a
-fine-tuning task (task-adaptive pretraining).
+`hf:NAME[:CONFIG][@SPLIT]` for a dataset on the Hugging Face hub (online use only), and `task:NAME` for the
+training texts of a fine-tuning task (task-adaptive pretraining).
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def load_documents(cfg: DataConfig) -> datasets.Dataset:
         return task_documents(source)
     files: list[str] = []
     if source.startswith("hf:"):
-        ds = hub_dataset(source)
+        ds = hub_split(source, "data.source", "train")
     else:
         path = package_path(source) if source.startswith("pkg://") else Path(source).expanduser()
         if not path.exists():
@@ -140,20 +140,28 @@ def load_documents(cfg: DataConfig) -> datasets.Dataset:
     return ds
 
 
-def hub_dataset(source: str) -> datasets.Dataset:
-    """The train split of `hf:NAME[/CONFIG]`, fetched by datasets (online use; cached after the first time)."""
-    name, _, config = source[3:].partition("/")
+def hub_parts(spec: str) -> tuple[str, str | None, str | None]:
+    """`hf:ID[:CONFIG][@SPLIT]` -> (ID, CONFIG, SPLIT); ID may have its owner (`hf:stanfordnlp/imdb`)."""
+    rest, _, split = spec[3:].partition("@")
+    name, _, config = rest.partition(":")
+    return name, config or None, split or None
+
+
+def hub_split(spec: str, key: str, split: str) -> datasets.Dataset:
+    """One split of hub dataset `spec` (`split`, unless the spec names its own with @SPLIT), fetched by datasets:
+    online use, cached after the first time."""
+    name, config, named_split = hub_parts(spec)
     verbosity, hub_log = datasets.logging.get_verbosity(), logging.getLogger("huggingface_hub")
     hub_level = hub_log.level
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # both log each failed request before raising
     hub_log.setLevel(logging.CRITICAL)
     try:
-        return datasets.load_dataset(name, config or None, split="train")
-    except Exception as err:  # offline, an unknown name or config, a gated dataset, HTTP errors: many types
+        return datasets.load_dataset(name, config, split=named_split or split)
+    except Exception as err:  # offline, an unknown name, config or split, a gated dataset, HTTP errors: many types
         raise PtmError(
-            f"data.source={source} could not be fetched from the Hugging Face hub ({type(err).__name__}: "
-            f"{' '.join(str(err).split())}). Check the name (hf:NAME or hf:NAME/CONFIG) and your connection, or "
-            f"download the data and pass data.source=PATH."
+            f"{key}={spec} could not be fetched from the Hugging Face hub ({type(err).__name__}: "
+            f"{' '.join(str(err).split())}). Check the name (hf:NAME, hf:NAME:CONFIG, hf:NAME@SPLIT) and your "
+            f"connection, or download the data and give its path."
         ) from err
     finally:
         datasets.logging.set_verbosity(verbosity)
