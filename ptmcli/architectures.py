@@ -158,6 +158,13 @@ MODEL_SCHEMAS: dict[str, type] = {
 }
 # Families with a decoder that generates text from an encoded input.
 SEQ2SEQ_FAMILIES = ("t5", "bart")
+
+
+def a_family(family: str) -> str:
+    """`family` with its article as said aloud: "an xlnet", "an electra", "a bert", "a t5"."""
+    return f"{'an' if family in ('xlnet', 'electra') else 'a'} {family}"
+
+
 # The pretraining objectives each family's pretraining model is built for.
 FAMILY_OBJECTIVES: dict[str, tuple[str, ...]] = {
     "bert": ("mlm", "mlm-nsp", "simcse"),

@@ -14,6 +14,7 @@ from tokenizers import Tokenizer
 from torch import nn
 
 from ptmcli import checkpoint, hardware, runfiles
+from ptmcli.architectures import a_family
 from ptmcli.data.tokenizer import SpecialIds
 from ptmcli.distributed import Dist
 from ptmcli.errors import PtmError
@@ -87,7 +88,7 @@ def load_embedder(spec: str, pooling: str | None = None, key: str = "run") -> Em
     pretrained = load_pretrained(spec)
     if pretrained.family in SEQ2SEQ_FAMILIES:
         raise PtmError(
-            f"{key}={spec} is a {pretrained.family} encoder-decoder; ptm embed reads the encoder families "
+            f"{key}={spec} is {a_family(pretrained.family)} encoder-decoder; ptm embed reads the encoder families "
             f"(bert, roberta, electra, xlnet; gpt with mean pooling)."
         )
     encoder = ENCODERS[pretrained.family](pretrained.arch, pretrained.tokenizer.get_vocab_size())

@@ -13,6 +13,7 @@ import datasets
 import torch
 
 from ptmcli import checkpoint, hardware, peft, rundir, runfiles
+from ptmcli.architectures import a_family
 from ptmcli.data.labeled import label_names, load_splits
 from ptmcli.data.tokenizer import load_tokenizer, train_tokenizer
 from ptmcli.distributed import init_from_env
@@ -55,7 +56,7 @@ def build_encoder(pretrained: Pretrained, transfer) -> torch.nn.Module:
         missing = [k for k in missing if not k.startswith("pooler")]  # an MLM-only checkpoint has no pooler
         if missing or unexpected:
             raise PtmError(
-                f"The weights of {pretrained.source} do not fit a {pretrained.family} encoder (missing "
+                f"The weights of {pretrained.source} do not fit {a_family(pretrained.family)} encoder (missing "
                 f"{missing[:5]}, unexpected {list(unexpected)[:5]})."
             )
     if transfer.mode == "partial":
@@ -157,7 +158,7 @@ def build_seq2seq(pretrained: Pretrained) -> torch.nn.Module:
         missing, unexpected = model.load_state_dict(pretrained.model_state, strict=False)
         if missing or unexpected:
             raise PtmError(
-                f"The weights of {pretrained.source} do not fit a {pretrained.family} encoder-decoder (missing "
+                f"The weights of {pretrained.source} do not fit {a_family(pretrained.family)} encoder-decoder (missing "
                 f"{missing[:5]}, unexpected {list(unexpected)[:5]})."
             )
     return model

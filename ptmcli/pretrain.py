@@ -10,6 +10,7 @@ import torch
 from tokenizers import Tokenizer
 
 from ptmcli import checkpoint, hardware, hf, rundir, runfiles
+from ptmcli.architectures import a_family
 from ptmcli.data import corpus_cache, token_dir
 from ptmcli.data.lm_examples import CausalExamples, PermutationExamples, SentenceExamples
 from ptmcli.data.pretraining import PretrainingExamples, build_chunks
@@ -190,8 +191,8 @@ def from_hf(cfg: PretrainConfig, arch, with_generator: bool) -> Any:
     if family != cfg.model.family or cfg.objective.name not in FAMILY_OBJECTIVES[family]:
         raise PtmError(
             f"init={cfg.init} is a Hugging Face model of ptm's {family} family, which pretrains with objective="
-            f"{' or '.join(FAMILY_OBJECTIVES[family])}; this config trains a {cfg.model.family} model with "
-            f"objective={cfg.objective.name}. Pick a {family} recipe (see `ptm pretrain --help`)."
+            f"{' or '.join(FAMILY_OBJECTIVES[family])}; this config trains {a_family(cfg.model.family)} model with "
+            f"objective={cfg.objective.name}. Pick {a_family(family)} recipe (see `ptm pretrain --help`)."
         )
     kept = [*TRAINING_ONLY_FIELDS, *([] if with_generator else GENERATOR_FIELDS)]
     return dataclasses.replace(arch, **{k: getattr(cfg.model, k) for k in kept if hasattr(cfg.model, k)})
@@ -242,7 +243,7 @@ def load_init(cfg: PretrainConfig) -> Pretrained:
     fine_tuned = saved_objective is None and cfg.objective.name == "simcse"  # SimCSE takes any encoder of the family
     if (saved_objective is None and not fine_tuned) or start.family != cfg.model.family:
         raise PtmError(
-            f"init={cfg.init} is {start.source}, not a ptm pretraining run of a {cfg.model.family} model. "
+            f"init={cfg.init} is {start.source}, not a ptm pretraining run of {a_family(cfg.model.family)} model. "
             f"init= continues pretraining from a run of `ptm pretrain`; to fine-tune, use `ptm finetune init=...`."
         )
     if saved_objective != cfg.objective.name and cfg.objective.name != "simcse":  # its heads belong to it

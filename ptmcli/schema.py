@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
-from ptmcli.architectures import (  # noqa: F401 (re-exported)  # noqa: F401
+from ptmcli.architectures import (  # noqa: F401 (re-exported)
     FAMILY_OBJECTIVES,
     MODEL_SCHEMAS,
     SEQ2SEQ_FAMILIES,
@@ -21,6 +21,7 @@ from ptmcli.architectures import (  # noqa: F401 (re-exported)  # noqa: F401
     RobertaArch,
     T5Arch,
     XlnetArch,
+    a_family,
 )
 from ptmcli.errors import PtmError
 from ptmcli.fields import described as _f
@@ -422,7 +423,7 @@ def check_consistency(cfg: PretrainConfig) -> None:
         )
     if o.name not in FAMILY_OBJECTIVES[m.family]:
         raise PtmError(
-            f"objective={o.name} does not train a {m.family} model; {m.family} pretrains with "
+            f"objective={o.name} does not train {a_family(m.family)} model; {m.family} pretrains with "
             f"{' or '.join('objective=' + n for n in FAMILY_OBJECTIVES[m.family])}."
         )
     if m.family == "electra" and m.generator_hidden_size % m.generator_num_heads:

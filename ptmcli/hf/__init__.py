@@ -21,6 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
+from ptmcli.architectures import a_family
 from ptmcli.data.tokenizer import SpecialIds, load_tokenizer
 from ptmcli.errors import PtmError
 from ptmcli.hf import bart, bert, electra, gpt2, roberta, t5, xlnet
@@ -179,7 +180,9 @@ def _arch_from_configs(path: Path, what: str) -> tuple[HfFamily, Any, dict | Non
             f"so its outputs would differ from the checkpoint's. Pick a checkpoint without it."
         ) from err
     except (KeyError, TypeError) as err:
-        raise PtmError(f"{what}: '{path / 'config.json'}' lacks {err} for a {family.model_type} model.") from err
+        raise PtmError(
+            f"{what}: '{path / 'config.json'}' lacks {err} for {a_family(family.model_type)} model."
+        ) from err
     return family, arch, generator
 
 
