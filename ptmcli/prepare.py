@@ -24,6 +24,8 @@ def prepare(args: list[str]) -> None:
     _, cfg = checked(parse("pretrain", [a for a in args if not a.startswith("output=")]))
     if cfg.data.tokens:
         raise PtmError(f"ptm prepare reads data.source; data.tokens={cfg.data.tokens} is already prepared. Drop it.")
+    if output.is_file():
+        raise PtmError(f"output='{output}' is a file; give the directory to write the token directory into.")
     if output.exists() and any(output.iterdir()):  # before minutes of work, not after
         raise PtmError(f"output='{output}' exists and is not empty; choose a new directory or remove that one.")
     check_paths(cfg)

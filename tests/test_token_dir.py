@@ -161,7 +161,7 @@ def test_prepare_then_train_from_the_tokens_with_flat_memory_and_refusals(cache_
     tokenizer.add_tokens(["<extra>"])
     tokenizer.save(str(other))
     _refused([*refused, f"data.tokens={tokens}", f"data.tokenizer={other}"], capsys, "another tokenizer")
-    _refused([*refused, f"data.tokens={tmp_path}"], capsys, "is not a token directory")
+    _refused([*refused, f"data.tokens={tmp_path}"], capsys, "is a directory, not a token directory")
     (big / "val" / "doc.bin").unlink()
     _refused([*refused, f"data.tokens={big}"], capsys, "is damaged")
     assert not (tmp_path / "refused").exists()

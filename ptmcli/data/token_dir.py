@@ -126,10 +126,10 @@ def read_manifest(directory: Path) -> dict:
     path = directory / "manifest.json"
     try:
         manifest = json.loads(path.read_text())
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         raise PtmError(
-            f"data.tokens='{directory}' is not a token directory (no manifest.json). Write one with "
-            f"`ptm prepare conf=RECIPE [data overrides] output={directory}`."
+            f"data.tokens='{directory}' is {'a file' if directory.is_file() else 'a directory'}, not a token directory "
+            f"(no manifest.json). Write one with `ptm prepare conf=RECIPE [data overrides] output=tokens/NAME`."
         ) from None
     except (OSError, ValueError) as err:
         raise PtmError(f"data.tokens='{directory}': manifest.json could not be read ({err}).") from err
