@@ -118,10 +118,16 @@ def check_override(arg: str, command: Command) -> None:
             f"{arg}: '{head}' is a section of keys, not a choice; set a key of it, e.g. {head}."
             f"{sorted(fields)[0]}=... Valid keys of '{head}': {', '.join(sorted(fields))}."
         )
-    if rest.split(".")[0] not in fields:
-        raise PtmError(
-            f"Unknown key '{key}'.{did_you_mean(rest, fields)} Valid keys of '{head}': {', '.join(sorted(fields))}."
-        )
+    name = rest.split(".")[0]
+    if name not in fields:
+        # a key this command keeps in another section (fine-tuning's input length is task.max_seq_len)
+        elsewhere = [
+            f"{other}.{name}"
+            for other, section in command.sections.items()
+            if other != head and name in {f.name for f in dataclasses.fields(section)}
+        ]
+        hint = f" Did you mean '{elsewhere[0]}'?" if elsewhere else did_you_mean(rest, fields)
+        raise PtmError(f"Unknown key '{key}'.{hint} Valid keys of '{head}': {', '.join(sorted(fields))}.")
     if arg.startswith("~"):  # every key of a typed section exists; Hydra's own refusal names no fix
         raise PtmError(
             f"{arg}: a key of '{head}' cannot be removed, only set: {key}=VALUE (`ptm cat` shows its value and help)."

@@ -112,6 +112,11 @@ def test_typo_in_override_fails_with_did_you_mean(override, expected):
         check_override(override, COMMANDS["pretrain"])
 
 
+def test_a_key_of_another_section_is_named_there():
+    with pytest.raises(PtmError, match=r"Unknown key 'data.max_seq_len'. Did you mean 'task.max_seq_len'\?"):
+        check_override("data.max_seq_len=256", COMMANDS["finetune"])
+
+
 def test_unknown_key_in_a_yaml_file_is_caught_after_composition():
     cfg = _compose("demo")
     cfg["trainer"]["save_evrey"] = 10
