@@ -201,6 +201,7 @@ def test_labeled_errors(tmp_path):
         LabeledDataConfig(loader="table", train=str(csv), text_column="body", target_column="topic"), "text2text"
     )
     assert sorted(r["target"] for rs in pairs.values() for r in rs) == ["business", "business", "sport", "sport"]
+    assert sorted(r["id"] for rs in pairs.values() for r in rs) == [f"train.csv:{i}" for i in range(4)]  # splits.json
     with zipfile.ZipFile(tmp_path / "two.zip", "w") as archive:
         archive.writestr("a.csv", "body,topic\nx,y\n")
         archive.writestr("b.csv", "body,topic\nx,y\n")
@@ -264,6 +265,7 @@ def test_a_hub_dataset_as_a_task_table(monkeypatch):
     splits = load_splits(LabeledDataConfig(**{**vars(cfg), "drop_unlabeled": True}), "text-cls")
     assert len(splits["test"]) == 27 and len(splits["train"]) + len(splits["validation"]) == 60
     assert [r["label"] for r in splits["test"]] == [r["label"] for r in articles[63:]]
+    assert [r["id"] for r in splits["test"]] == [f"{spec}@test:{i}" for i in range(3, 30)]
     assert label_names(splits, "text-cls", None, "bbc") == names
     with pytest.raises(PtmError, match=r"data.validation=hf:bbc/news could not be fetched .*Unknown split"):
         load_splits(LabeledDataConfig(**{**vars(cfg), "validation": "hf:bbc/news"}), "text-cls")

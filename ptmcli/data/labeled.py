@@ -75,10 +75,12 @@ def read_table(path: Path, cfg: LabeledDataConfig, key: str, kind: str) -> list[
     return table_records(ds, cfg, key, kind, f"{key}='{path}'", path.name)
 
 
-def table_records(ds: datasets.Dataset, cfg: LabeledDataConfig, key: str, kind: str, where: str, name: str) -> list:
+def table_records(
+    ds: datasets.Dataset, cfg: LabeledDataConfig, key: str, kind: str, where: str, id_prefix: str
+) -> list:
     """A table's rows as the task's records: its text (pair) and label (or target) columns, rows filtered, missing
-    labels refused or dropped. `where` names the table in messages, `name` prefixes the records' ids. A column of
-    class labels (a hub dataset's ClassLabel) gives the classes' names, not their numbers."""
+    labels refused or dropped. `where` names the table in messages; record ids are `id_prefix:ROW` (a run's
+    splits.json keeps them). A column of class labels (a hub dataset's ClassLabel) gives the classes' names."""
     text_columns = cfg.text_column.split("+")
     name = (lambda c: "data.text_column") if len(text_columns) == 1 else (lambda c: f"data.text_column ({c})")
     generate = kind == "text2text"
@@ -108,7 +110,7 @@ def table_records(ds: datasets.Dataset, cfg: LabeledDataConfig, key: str, kind: 
         if generate:  # a row without a target has nothing to learn from (titles are missing in some corpora)
             target = " ".join(str(row[cfg.target_column] or "").split())
             if target:
-                records.append({"id": f"{name}:{i}", "text": text, "target": target})
+                records.append({"id": f"{id_prefix}:{i}", "text": text, "target": target})
             continue
         label = row[cfg.label_column]
         if classes is not None and label is not None:  # -1: a split without labels (e.g. GLUE's test)
@@ -124,7 +126,7 @@ def table_records(ds: datasets.Dataset, cfg: LabeledDataConfig, key: str, kind: 
                     f"{where} row {i}: label {label!r} is not an index into data.index_labels={cfg.index_labels}."
                 )
             label = cfg.index_labels[label]
-        record = {"id": f"{name}:{i}", "text": text, "label": _label_text(label)}
+        record = {"id": f"{id_prefix}:{i}", "text": text, "label": _label_text(label)}
         if pair:
             record["text_pair"] = str(row[wanted["data.text_pair_column"]] or "")
         records.append(record)
