@@ -354,8 +354,18 @@ def run_run_command(name: str, args: list[str]) -> None:
         output = Path(values["output"]) if "output" in values else None
         export_run(Path(values["run"]), values.get("format"), merge == "true", output, values.get("checkpoint"))
     elif name == "evaluate":
+        from ptmcli.embed import positive_int
+
+        given = [k for k in ("init", "pooling") if k in values]
+        if given:
+            raise PtmError(
+                f"ptm evaluate run=DIR: {'= and '.join(given)}= {'apply' if len(given) > 1 else 'applies'} to a "
+                f"retrieval task (task=headline-retrieval); "
+                f"a fine-tuning run is evaluated with its own model and settings. Drop {' and '.join(given)}=."
+            )
+        batch_size = positive_int(values, "batch_size", 0) if "batch_size" in values else None
         inference.evaluate_run(
-            Path(values["run"]), values.get("split", "test"), values.get("checkpoint"), values.get("task")
+            Path(values["run"]), values.get("split", "test"), values.get("checkpoint"), values.get("task"), batch_size
         )
     else:
         if "input" not in values:

@@ -125,8 +125,15 @@ def checked_split(run: Path, data, kind: str, split: str, labels: list[str], sav
     return records
 
 
-def evaluate_run(run: Path, split: str, checkpoint_name: str | None = None, task_name: str | None = None) -> dict:
-    """Metrics of a run on one of its splits; a multi-task run's on every task (or on `task_name`)."""
+def evaluate_run(
+    run: Path,
+    split: str,
+    checkpoint_name: str | None = None,
+    task_name: str | None = None,
+    batch_size: int | None = None,
+) -> dict:
+    """Metrics of a run on one of its splits; a multi-task run's on every task (or on `task_name`), `batch_size`
+    texts at a time (default: the run's trainer.batch_size; the metrics depend on it only by rounding)."""
     datasets.disable_progress_bars()
     if split not in ("train", "validation", "test"):
         raise PtmError(f"split={split!r}: choose train, validation or test.")
@@ -142,7 +149,7 @@ def evaluate_run(run: Path, split: str, checkpoint_name: str | None = None, task
         if single or name in task.tasks
     }
     examples = task.examples(records[cfg.data.name]) if single else task.examples(records, None)
-    metrics = evaluate(task, model, examples, cfg.trainer.batch_size, 0, hw, Dist())
+    metrics = evaluate(task, model, examples, batch_size or cfg.trainer.batch_size, 0, hw, Dist())
     suffix = f"_{task_name}" if task_name else ""
     write_whole(run / f"eval_{split}{suffix}.json", json.dumps(metrics, indent=1) + "\n", "run")
     show_metrics(f"{split} ({ckpt.name})", metrics, {n: by_task[n] for n in records}, not single)

@@ -58,9 +58,10 @@ def test_minilm_news_classification_beats_chance(news_run):
 
 def test_evaluate_and_predict_round_trip(news_run, cache_env, tmp_path):
     run, _ = news_run
-    out = run_ptm(["evaluate", f"run={run}", "split=test"], cache_env)
+    out = run_ptm(["evaluate", f"run={run}", "split=test", "batch_size=3"], cache_env)
     metrics = json.loads(out.stdout.strip().splitlines()[-1])
     assert metrics["accuracy"] == pytest.approx(json.loads((run / "test_metrics.json").read_text())["accuracy"])
+    fails_with(["evaluate", f"run={run}", "pooling=cls"], cache_env, "pooling= applies to a retrieval task")
     texts = tmp_path / "texts.txt"
     texts.write_text(
         "The striker scored twice as the club won the cup final.\n"
