@@ -19,6 +19,7 @@ import yaml
 from ptmcli.errors import PtmError
 from ptmcli.loggers import flatten
 from ptmcli.runlog import tail_rows
+from ptmcli.typecheck import did_you_mean
 
 COLUMNS = ("command", "name", "model", "started", "steps", "status", "best", "loss", "tokens/s", "path")
 
@@ -254,16 +255,35 @@ def _stdout():
 def list_runs(args: list[str]) -> None:
     console = _stdout()
     paths, sort, where, as_json = parse_args(args)
-    runs = [summarize(p) for p in find_runs(paths)]
-    runs = [r for r in runs if _matches(r, where)]
+    found = [summarize(p) for p in find_runs(paths)]
+    check_keys(found, sort, where)
+    runs = [r for r in found if _matches(r, where)]
     runs = order(runs, sort) if sort else sorted(runs, key=lambda r: r.started)
     if as_json:
         print(json.dumps([{k: v for k, v in asdict(r).items() if k != "config"} for r in runs], indent=1))
         return
     if not runs:
-        console.print(f"no runs under {', '.join(map(str, paths))}")
+        matching = f" match {' '.join('--where ' + k + '=' + v for k, v in where)}" if found else ""
+        console.print(
+            f"{'none of the ' + str(len(found)) if found else 'no'} runs under {', '.join(map(str, paths))}{matching}"
+        )
         return
     console.print(table(runs))
+
+
+def check_keys(runs: list[Run], sort: str | None, where: list[tuple[str, str]]) -> None:
+    """A --sort or --where key that no run has is a typo, not an empty answer: say so, with the closest key."""
+    if not runs:
+        return
+    keys = {k for r in runs for k in r.config} | set(COLUMNS) | {k for r in runs for k in r.final}
+    asked = [("--sort", sort)] if sort else []
+    for option, key in [*asked, *(("--where", k) for k, _ in where)]:
+        if key not in keys and all(sort_value(r, key) is None for r in runs):
+            raise PtmError(
+                f"ptm runs {option} {key}: none of the {len(runs)} runs has '{key}'.{did_you_mean(key, keys)} Use a "
+                f"column ({', '.join(c for c in COLUMNS if c != 'path')}), a validation metric (val/NAME) or a "
+                f"config key (optimizer.lr)."
+            )
 
 
 def compare(args: list[str]) -> None:

@@ -100,6 +100,15 @@ def test_filter_sort_table_and_compare(runs_root, capsys):
     shown = capsys.readouterr().out
     assert "trainer.patience" in shown and "trainer.metric_mode" in shown and "optimizer.lr" not in shown
     assert "best val/loss" in shown and "final val/loss" in shown
+    for option, typo, match in (("--sort", "val/los", "val/loss"), ("--where", "optimizer.lt=2e-3", "optimizer.lr")):
+        with pytest.raises(SystemExit) as exit_:  # a key no run has is a typo, not an empty answer
+            main(["runs", str(runs_root), option, typo])
+        assert (
+            exit_.value.code == 2 and f"has '{typo.split('=')[0]}'. Did you mean '{match}'?" in capsys.readouterr().err
+        )
+    count = len(_listed(capsys, str(runs_root)))
+    _ptm(["runs", str(runs_root), "--where", "optimizer.lr=5"])
+    assert f"none of the {count} runs under" in " ".join(capsys.readouterr().out.split())
 
 
 def test_long_preparation_shows_counted_bars_and_checkpoint_sizes(monkeypatch):
