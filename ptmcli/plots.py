@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from ptmcli.errors import PtmError
+from ptmcli.files import replaced_whole
 
 INSTALL = "pip install matplotlib (or pip install 'ptmcli[plots]')"
 
@@ -51,6 +52,19 @@ def series(rows: list[dict], split: str, key: str) -> tuple[list[int], list[floa
     return [s for s, _ in points], [v for _, v in points]
 
 
+def save(fig, out: Path, key: str) -> None:
+    """The figure in the format its file name says (png, pdf, svg, ...), written whole or not at all."""
+    kind = out.suffix.lstrip(".").lower() or "png"
+    supported = fig.canvas.get_supported_filetypes()
+    try:
+        if kind not in supported:
+            raise PtmError(f"{key}='{out}': matplotlib writes {', '.join(sorted(supported))}, not .{kind}.")
+        with replaced_whole(out, key, "wb") as handle:
+            fig.savefig(handle, format=kind)
+    finally:
+        _pyplot().close(fig)
+
+
 def _draw(ax, steps: list[int], values: list[float], **style) -> None:
     """A line; a lone point (a run with a single train row) as a dot, which a line would not show."""
     if len(steps) == 1:
@@ -87,8 +101,7 @@ def write_curves(run_dir: Path, metric: str = "val/loss") -> Path | None:
     fig.suptitle(str(run_dir), fontsize="small")
     fig.tight_layout()
     out = run_dir / "curves.png"
-    fig.savefig(out)
-    plt.close(fig)
+    save(fig, out, "curves")
     return out
 
 
@@ -128,6 +141,5 @@ def plot(args: list[str]) -> None:
     ax.legend(fontsize="small")
     fig.tight_layout()
     out = output or (runs[0] / f"plot-{split}_{name}.png" if len(runs) == 1 else Path(f"plot-{split}_{name}.png"))
-    fig.savefig(out)
-    plt.close(fig)
+    save(fig, out, "output")
     print(out)

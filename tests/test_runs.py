@@ -270,13 +270,20 @@ def test_every_logger_holds_each_step_once_after_a_kill_and_resume(cache_env, tm
     assert curves.shape[:2] == (400, 1500) and curves[..., :3].std() > 0.05  # three panels, not blank
     other = tmp_path / "other"
     _ptm(["pretrain", *SHORT, "trainer.max_steps=4", "trainer.eval_every=2", f"hydra.run.dir={other}"])
-    out = tmp_path / "both.png"
+    out = tmp_path / "plots" / "both.png"  # a folder that does not exist yet is made
     _ptm(["plot", f"run={run}", f"run={other}", "metric=val/loss", f"output={out}"])
     picture = matplotlib_image.imread(out)
     assert picture.shape[:2] == (500, 800) and picture[..., :3].std() > 0.05
-    with pytest.raises(SystemExit) as exit_:
-        main(["plot", f"run={run}", "metric=val/bleu"])
-    assert exit_.value.code == 2 and "logged no val/bleu" in capsys.readouterr().err
+    _ptm(["plot", f"run={run}", "metric=val/loss", f"output={out.with_suffix('.svg')}"])
+    assert out.with_suffix(".svg").read_text().lstrip().startswith("<?xml")  # the format the name says
+    for args, words in (
+        ([f"run={run}", "metric=val/bleu"], "logged no val/bleu"),
+        ([f"run={run}", "metric=val/loss", f"output={out.with_suffix('.txt')}"], "matplotlib writes"),
+    ):
+        with pytest.raises(SystemExit) as exit_:
+            main(["plot", *args])
+        assert exit_.value.code == 2 and words in capsys.readouterr().err
+    assert sorted(p.name for p in out.parent.iterdir()) == ["both.png", "both.svg"]
 
 
 def test_a_logger_whose_package_is_missing_fails_at_start(tmp_path, capsys, monkeypatch):
