@@ -18,6 +18,7 @@ from ptmcli.data.labeled import label_names, load_splits
 from ptmcli.data.tokenizer import load_tokenizer, train_tokenizer
 from ptmcli.distributed import init_from_env
 from ptmcli.errors import PtmError
+from ptmcli.files import write_whole
 from ptmcli.finetune_checks import check_finetune
 from ptmcli.loop import Job, evaluate, train
 from ptmcli.models import ENCODERS, SEQ2SEQ_MODELS
@@ -363,8 +364,10 @@ def finetune(
     if dist.is_main:
         pretrained.tokenizer.save(str(run_dir / "tokenizer.json"))
         split_ids = {n: {k: [r["id"] for r in v] for k, v in parts.items()} for n, parts in splits.items()}
-        (run_dir / "labels.json").write_text(json.dumps(labels if multi else labels[cfg.data.name], indent=1) + "\n")
-        (run_dir / "splits.json").write_text(json.dumps(split_ids if multi else split_ids[cfg.data.name]) + "\n")
+        write_whole(
+            run_dir / "labels.json", json.dumps(labels if multi else labels[cfg.data.name], indent=1) + "\n", "run"
+        )
+        write_whole(run_dir / "splits.json", json.dumps(split_ids if multi else split_ids[cfg.data.name]) + "\n", "run")
         console.print(
             start_line(cfg, splits, labels, pretrained, kept_head, counts, trainer.max_steps, weights, hw, run_dir)
         )
@@ -388,7 +391,7 @@ def finetune(
     )
     metrics = evaluate(task, model, examples["test"], trainer.batch_size, 0, hw, dist)
     if dist.is_main:
-        (run_dir / "test_metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+        write_whole(run_dir / "test_metrics.json", json.dumps(metrics, indent=1) + "\n", "run")
         show_metrics(f"test ({best.resolve().name if best.exists() else 'latest'})", metrics, labels, multi)
     return metrics
 

@@ -16,6 +16,7 @@ import numpy as np
 from ptmcli.data.labeled import load_splits
 from ptmcli.embed import load_embedder, positive_int
 from ptmcli.errors import PtmError
+from ptmcli.files import write_whole
 from ptmcli.runlog import console, print_metrics
 from ptmcli.schema import LabeledDataConfig
 
@@ -68,7 +69,9 @@ def evaluate_retrieval(values: dict[str, str]) -> dict[str, float]:
     metrics = {**rank_metrics(queries, documents), "queries": len(records)}
     run = Path(source).expanduser()
     if (run / "config.yaml").exists():  # a ptm run keeps its scores beside its other evaluations
-        (run / f"{name}_{split}.json").write_text(json.dumps({**metrics, "pooling": embedder.pooling}, indent=1) + "\n")
+        write_whole(
+            run / f"{name}_{split}.json", json.dumps({**metrics, "pooling": embedder.pooling}, indent=1) + "\n", "run"
+        )
     print_metrics(f"{name} {split} ({len(records)} queries, {embedder.pooling} pooling)", metrics, [])
     print(json.dumps({**metrics, "pooling": embedder.pooling}))
     return metrics

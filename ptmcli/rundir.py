@@ -263,7 +263,7 @@ def record(
         run_dir.mkdir(parents=True, exist_ok=True)
         for name, text in (hydra_files or {}).items():
             (run_dir / ".hydra").mkdir(exist_ok=True)
-            (run_dir / ".hydra" / name).write_text(text)
+            write_whole(run_dir / ".hydra" / name, text, "run")
         info = (not fresh and _run_info(run_dir)) or {
             "command": command,
             "recipe": recipe,
@@ -274,5 +274,5 @@ def record(
         info.pop("ended", None)  # a resumed run is going again
         _started.add(run_dir.resolve())
         write_whole(run_dir / "run.json", json.dumps(info, indent=1) + "\n", "run")
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(in_force or cfg, sort_keys=False))
+        write_whole(run_dir / "config.yaml", yaml.safe_dump(in_force or cfg, sort_keys=False), "run")
     dist.barrier()

@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from ptmcli.errors import PtmError
+from ptmcli.files import write_whole
 from ptmcli.loggers import flatten
 from ptmcli.runlog import tail_rows
 from ptmcli.typecheck import did_you_mean
@@ -351,7 +352,7 @@ def sweep_summary(sweep_dir: Path) -> list[Run]:
         }
         for r in runs
     ]
-    (sweep_dir / "sweep.json").write_text(json.dumps({"metric": metric, "jobs": rows}, indent=1) + "\n")
+    write_whole(sweep_dir / "sweep.json", json.dumps({"metric": metric, "jobs": rows}, indent=1) + "\n", "sweep")
     from rich.table import Table
 
     from ptmcli.runlog import console
