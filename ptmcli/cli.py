@@ -431,11 +431,10 @@ def _completion(argv: list[str]) -> list[str] | None:
 
 
 def loaded(name: str):
-    """Module `name` if it was imported to the end, else None. Ctrl-C while torch is being imported leaves it half
-    initialised in sys.modules, and importing it again then crashes the interpreter (a segfault, not a message)."""
-    module = sys.modules.get(name)
-    spec = getattr(module, "__spec__", None)
-    return None if module is None or getattr(spec, "_initializing", False) else module
+    """Module `name` if this process imported it, else None -- never imported here. Ctrl-C while torch is being
+    imported leaves its compiled parts registered, and importing it again then crashes the interpreter (a segfault,
+    not a message); a module whose import was interrupted is not in sys.modules."""
+    return sys.modules.get(name)
 
 
 STOPPED_BY = [signal.SIGINT]  # the signal that stopped a command before training began (its exit status)

@@ -380,7 +380,8 @@ def test_a_signal_before_training_stops_with_one_line_and_leaves_nothing(cache_e
     crashed (a segfault after a traceback). SIGTERM after Hydra made the run directory killed the process on the
     spot and left the directory behind."""
     script = (
-        "import os, sys\n"
+        "import os, signal, sys\n"
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"  # started in the background, it is ignored
         "class Signal:\n"
         "    def find_spec(self, name, path=None, target=None):\n"
         f"        if name == {module!r}:\n"
