@@ -443,13 +443,15 @@ STOPPED_BY = [signal.SIGINT]  # the signal that stopped a command before trainin
 def stop_on_sigterm() -> None:
     """SIGTERM before training begins stops the command as Ctrl-C does -- the directories Hydra made for the run
     removed, one line, status 143 -- instead of killing it on the spot. Training installs its own handler
-    (loop.stop_requests: a checkpoint at the next step boundary) and puts this one back when it ends."""
+    (loop.stop_requests: a checkpoint at the next step boundary) and puts this one back when it ends. A torchrun
+    worker keeps the default: torchrun ends the workers of a failed job with SIGTERM, and one that stopped to leave
+    its process group could wait on peers that are gone."""
 
     def stop(signum, _frame):
         STOPPED_BY[0] = signum
         raise KeyboardInterrupt
 
-    if threading.current_thread() is threading.main_thread():
+    if threading.current_thread() is threading.main_thread() and int(os.environ.get("WORLD_SIZE", "1")) == 1:
         signal.signal(signal.SIGTERM, stop)
 
 
