@@ -277,6 +277,11 @@ def parse(name: str, args: list[str]) -> Invocation:
         else:
             rest.append(arg)
     known = recipes()
+    if "," in recipe and all(r in known for r in recipe.split(",")):
+        raise PtmError(
+            f"conf={recipe}: a run has one recipe, and a -m sweep varies keys and groups within it; run each "
+            f"conf= on its own, or sweep the groups that differ (e.g. model=bert-mini,bert-small -m)."
+        )
     if recipe != command.base and recipe not in known:
         raise PtmError(f"conf={recipe}: no such recipe.{did_you_mean(recipe, known)} Recipes: {', '.join(known)}.")
     overrides, flags = split_flags(rest)

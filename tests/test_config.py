@@ -7,7 +7,7 @@ import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from ptmcli.compose import COMMANDS, check_override, config_dirs, recipes, register_defaults
+from ptmcli.compose import COMMANDS, check_override, config_dirs, parse, recipes, register_defaults
 from ptmcli.errors import PtmError
 from ptmcli.finetune_checks import check_finetune
 from ptmcli.schema import FAMILY_OBJECTIVES, arch_from_spec, architecture_spec, check_pretrain
@@ -110,6 +110,11 @@ def test_published_bert_sizes():
 def test_typo_in_override_fails_with_did_you_mean(override, expected):
     with pytest.raises(PtmError, match=expected.replace("?", r"\?").replace("(", r"\(")):
         check_override(override, COMMANDS["pretrain"])
+
+
+def test_a_sweep_over_recipes_says_what_to_sweep_instead():
+    with pytest.raises(PtmError, match="conf=bert-tiny,gpt-mini: a run has one recipe"):
+        parse("pretrain", ["conf=bert-tiny,gpt-mini", "-m"])
 
 
 def test_a_key_of_another_section_is_named_there():
