@@ -131,10 +131,19 @@ def writes_text(kinds: list[str], transfer: str, family: str) -> bool:
     if wanted and family not in SEQ2SEQ_FAMILIES:
         # Both fixes in one message when both are needed, so the second is not found only on the next try.
         also = "" if transfer_fits else f", and transfer={transfer} does not write text: use transfer=text-to-text"
+        if transfer == "full" and len(set(kinds)) > 1:
+            also = (
+                ", and its tasks mix writing text and classifying: use transfer=text-to-text, which writes every answer"
+            )
+        what = (
+            f"task.kind={kinds[0]} with transfer={transfer} writes text and needs"
+            if len(kinds) == 1
+            else f"Tasks of kinds {', '.join(dict.fromkeys(kinds))} with transfer={transfer} write text and need"
+        )
         raise PtmError(
-            f"task.kind={kinds[0] if len(kinds) == 1 else kinds} with transfer={transfer} writes text and needs an "
-            f"encoder-decoder ({', '.join(SEQ2SEQ_FAMILIES)}); this run's model is {family}{also}. Start from a t5 "
-            "or bart run (model=t5-mini or init=PATH of one)."
+            f"{what} an encoder-decoder "
+            f"({', '.join(SEQ2SEQ_FAMILIES)}); this run's model is {family}{also}. Start from a t5 or bart run "
+            "(model=t5-mini or init=PATH of one)."
         )
     if wanted and not transfer_fits:
         raise PtmError(f"transfer={transfer} is not available for text-to-text training; use transfer=text-to-text.")

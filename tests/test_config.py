@@ -221,6 +221,8 @@ def test_writing_text_names_every_fix_the_run_needs_at_once():
     from ptmcli.finetune import writes_text
 
     assert writes_text(["text2text"], "full", "t5") and not writes_text(["ner"], "prefix", "bert")
+    with pytest.raises(PtmError, match="its tasks mix writing text and classifying: use transfer=text-to-text"):
+        writes_text(["text-cls", "text2text"], "full", "bert")  # both fixes named at once
     with pytest.raises(PtmError, match=r"model is bert, and transfer=prefix does not write text: use transfer=text-to"):
         writes_text(["text2text"], "prefix", "bert")
     with pytest.raises(PtmError, match=r"model is gpt\. Start from a t5"):
