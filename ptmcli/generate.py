@@ -59,12 +59,27 @@ def continue_texts(model, tokenizer: Tokenizer, prompts: list[str], cfg: Samplin
         with hw.autocast():
             return model(ids, cache=cache)[:, -1].float()
 
-    out = []
-    for prompt in prompts:
-        ids = torch.tensor([[end, *tokenizer.encode(prompt, add_special_tokens=False).ids]], device=hw.device)
-        new = generate(step, model.new_cache, ids, cfg, stop_id=end, max_length=model.max_positions)
+    # The model sees max_positions tokens: the end token, the prompt, the new ones. A longer prompt keeps its last
+    # tokens (what the continuation follows), leaving room for max_new_tokens, or for all but one position.
+    positions = model.max_positions
+    room = min(cfg.max_new_tokens, positions - 2)
+    if room < cfg.max_new_tokens:
+        console.print(f"max_new_tokens={cfg.max_new_tokens}: the model has {positions} positions; at most {room} new.")
+    out, cut = [], []
+    for number, prompt in enumerate(prompts, 1):
+        prompt_ids = tokenizer.encode(prompt, add_special_tokens=False).ids
+        if len(prompt_ids) > positions - 1 - room:
+            cut.append(f"{number} ({len(prompt_ids):,} tokens)")
+            prompt_ids = prompt_ids[len(prompt_ids) - (positions - 1 - room) :]
+        ids = torch.tensor([[end, *prompt_ids]], device=hw.device)
+        new = generate(step, model.new_cache, ids, cfg, stop_id=end, max_length=positions)
         tokens = [t for t in new[0].tolist() if t != end]
         out.append(prompt + tokenizer.decode(tokens, skip_special_tokens=True))
+    if cut:
+        console.print(
+            f"prompt {', '.join(cut[:5])}{' ...' if len(cut) > 5 else ''}: longer than the model's {positions} "
+            f"positions leave room for; each was continued from its last {positions - 1 - room} token(s)."
+        )
     return out
 
 

@@ -155,6 +155,11 @@ def test_generate_is_seeded_and_the_cache_changes_nothing(pretrained, cache_env)
     assert run_ptm([*base, "top_p=0.9", "seed=4"], cache_env).stdout != sampled
     greedy = run_ptm([*base, "greedy=true"], cache_env).stdout
     assert run_ptm([*base, "greedy=true", "cache=false"], cache_env).stdout == greedy
+    # A prompt longer than the model's 64 positions is continued from its last tokens (it was returned as it was).
+    long_prompt = "The government said " * 40
+    out = run_ptm(["generate", f"run={run}", f"prompt={long_prompt}", "max_new_tokens=10", "greedy=true"], cache_env)
+    assert out.stdout.startswith(long_prompt) and len(out.stdout.strip()) > len(long_prompt.strip())
+    assert "continued from its last 53 token(s)" in " ".join(out.stderr.split())
 
 
 def test_generate_and_transfer_errors_are_clear(pretrained, cache_env, tmp_path):
