@@ -7,7 +7,6 @@ conf/ and overrides a few groups and keys. Hydra's own flags (-m, --cfg, hydra.r
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import signal
 import sys
@@ -18,15 +17,10 @@ from pathlib import Path
 
 from ptmcli.compose import (
     COMMANDS,
-    Invocation,
-    checked,
-    group_options,
     parse,
     primary_dir,
-    recipes,
     register_defaults,
     searchpath,
-    sweep_jobs,
 )
 from ptmcli.confdirs import config_dirs
 from ptmcli.errors import Interrupted, PtmError
@@ -36,8 +30,6 @@ from ptmcli.loggers import check as check_loggers
 from ptmcli.malloc import restart_tuned
 from ptmcli.preflight import check_paths
 from ptmcli.schema import (
-    MODEL_SCHEMAS,
-    TRANSFER_SCHEMAS,
     check_pretrain,
 )
 from ptmcli.typecheck import did_you_mean
@@ -88,51 +80,6 @@ GENERATE_ARGS = {
     "length_penalty": float,
     "no_repeat_ngram_size": int,
 }
-
-
-def print_help(name: str) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    command = COMMANDS[name]
-    console = Console()
-    console.print(f"[bold]ptm {name}[/] [conf=RECIPE] [group=option ...] [key=value ...] [-m] [--cfg job]\n")
-    if name == "pretrain":
-        table = Table("recipe (conf=)", "what it is", box=None)
-        for recipe, line in recipes().items():
-            table.add_row(recipe, line)
-        console.print(table)
-    table = Table("group", "options", box=None)
-    for group in command.groups:
-        table.add_row(group, ", ".join(group_options(group)))
-    console.print(table)
-    sections = {f"model (family={family})": schema for family, schema in MODEL_SCHEMAS.items()}
-    sections.update(command.sections)
-    if name == "finetune":
-        sections.update({f"transfer={mode}": schema for mode, schema in TRANSFER_SCHEMAS.items()})
-    for section, schema in sections.items():
-        prefix = section.split("=")[0].split(" ")[0]
-        table = Table(f"{section}: KEY", "default", "meaning", box=None)
-        for f in dataclasses.fields(schema):
-            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            table.add_row(f"{prefix}.{f.name}", repr(default), f.metadata.get("help", ""))
-        console.print(table)
-    for f in dataclasses.fields(command.schema):
-        if f.name not in sections:
-            console.print(f"{f.name}=...  {f.metadata.get('help', '')}")
-    if name == "finetune":
-        console.print(
-            "Training length: a task file sets trainer.epochs; trainer.max_steps=N on the command line replaces it "
-            "(giving both trainer.epochs and trainer.max_steps on the command line is refused).\n"
-            "task=path/to/my_task.yaml uses a task file of your own (same keys as conf/task/*.yaml).\n"
-            "task=\\[news-cls,sentiment] trains one encoder with a head per task; each task's keys are under "
-            "tasks.NAME (tasks.sentiment.task.max_seq_len=64), batches drawn by mixture.*.\n"
-            "objective=simcse-supervised (task.objective) trains sentence vectors from a pair-cls task's labelled "
-            "pairs."
-        )
-    console.print(
-        "Hydra flags: -m (sweep: optimizer.lr=1e-4,5e-4), --cfg job, hydra.run.dir=DIR, --shell-completion install=bash"
-    )
 
 
 def _stamp(*_: object) -> str:
@@ -191,29 +138,12 @@ def remove_new_empty_dirs() -> None:
     NEW_DIRS.clear()
 
 
-def check_sweep(invocation: Invocation) -> None:
-    """A -m sweep: every job's config passes the checks a run makes at its start before the first job trains, so
-    that a bad value for the last job does not stop the sweep hours in. (Another sweeper plugin expands its own.)"""
-    if not {"-m", "--multirun"} & set(invocation.flags) or any(
-        o.startswith("hydra/sweeper=") for o in invocation.overrides
-    ):
-        return
-    jobs = sweep_jobs(invocation.overrides)
-    common = set.intersection(*map(set, jobs))
-    for number, job in enumerate(jobs):
-        try:
-            _, typed = checked(dataclasses.replace(invocation, overrides=job))
-            check_paths(typed)
-            check_loggers(typed.trainer.loggers)
-        except PtmError as err:
-            varied = " ".join(o for o in job if o not in common)
-            raise PtmError(f"Job {number} of the sweep ({varied}), checked before any job runs: {err}") from None
-
-
 def run_command(name: str, args: list[str]) -> None:
     import hydra
     from omegaconf import DictConfig, OmegaConf
     from omegaconf.errors import OmegaConfBaseException
+
+    from ptmcli.configtools import check_sweep
 
     invocation = parse(name, args)
     check_sweep(invocation)
@@ -524,6 +454,8 @@ def main(argv: list[str] | None = None) -> None:
             known = [*COMMANDS, *RUN_COMMANDS, *CONFIG_TOOLS]
             raise PtmError(f"Unknown command '{name}'.{did_you_mean(name, known)} Commands: {', '.join(known)}.")
         if "--help" in args or "-h" in args:
+            from ptmcli.configtools import print_help
+
             print_help(name)
             return
         run_command(name, args)

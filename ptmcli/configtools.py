@@ -1,5 +1,7 @@
 """Tools that look at configs without training: `ptm ls` (what there is to choose), `ptm cat` (a composed, checked
-config with each key's help), `ptm validate` (every check a run makes before it trains, data and init included)."""
+config with each key's help), `ptm validate` (every check a run makes before it trains, data and init included),
+`ptm pretrain --help` (groups, options and every key's default and meaning), and the check of every job of a -m
+sweep before the first one runs."""
 
 from __future__ import annotations
 
@@ -10,12 +12,13 @@ from pathlib import Path
 import yaml
 from rich.markup import escape
 
-from ptmcli.compose import COMMANDS, Invocation, checked, group_options, parse, recipes
+from ptmcli.compose import COMMANDS, Invocation, checked, group_options, parse, recipes, sweep_jobs
 from ptmcli.confdirs import config_dirs
 from ptmcli.errors import PtmError
 from ptmcli.loggers import check as check_loggers
 from ptmcli.preflight import check_paths
 from ptmcli.runlog import console
+from ptmcli.schema import MODEL_SCHEMAS, TRANSFER_SCHEMAS
 
 
 def first_comment(path: Path) -> str:
@@ -189,3 +192,68 @@ def validate_finetune(cfg) -> list[str]:
     for name, entry in cfg.entries().items():
         check_lengths(entry.task, pretrained, where[name])
     return [*facts, f"init {pretrained.source}"]
+
+
+def check_sweep(invocation: Invocation) -> None:
+    """A -m sweep: every job's config passes the checks a run makes at its start before the first job trains, so
+    that a bad value for the last job does not stop the sweep hours in. (Another sweeper plugin expands its own.)"""
+    if not {"-m", "--multirun"} & set(invocation.flags) or any(
+        o.startswith("hydra/sweeper=") for o in invocation.overrides
+    ):
+        return
+    jobs = sweep_jobs(invocation.overrides)
+    common = set.intersection(*map(set, jobs))
+    for number, job in enumerate(jobs):
+        try:
+            _, typed = checked(dataclasses.replace(invocation, overrides=job))
+            check_paths(typed)
+            check_loggers(typed.trainer.loggers)
+        except PtmError as err:
+            varied = " ".join(o for o in job if o not in common)
+            raise PtmError(f"Job {number} of the sweep ({varied}), checked before any job runs: {err}") from None
+
+
+def print_help(name: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    command = COMMANDS[name]
+    console = Console()
+    usage = escape("[conf=RECIPE] [group=option ...] [key=value ...] [-m] [--cfg job]")  # brackets, not markup
+    console.print(f"[bold]ptm {name}[/] {usage}\n")
+    if name == "pretrain":
+        table = Table("recipe (conf=)", "what it is", box=None)
+        for recipe, line in recipes().items():
+            table.add_row(recipe, line)
+        console.print(table)
+    table = Table("group", "options", box=None)
+    for group in command.groups:
+        table.add_row(group, ", ".join(group_options(group)))
+    console.print(table)
+    sections = {f"model (family={family})": schema for family, schema in MODEL_SCHEMAS.items()}
+    sections.update(command.sections)
+    if name == "finetune":
+        sections.update({f"transfer={mode}": schema for mode, schema in TRANSFER_SCHEMAS.items()})
+    for section, schema in sections.items():
+        prefix = section.split("=")[0].split(" ")[0]
+        table = Table(f"{section}: KEY", "default", "meaning", box=None)
+        for f in dataclasses.fields(schema):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            table.add_row(f"{prefix}.{f.name}", repr(default), f.metadata.get("help", ""))
+        console.print(table)
+    for f in dataclasses.fields(command.schema):
+        if f.name not in sections:
+            console.print(f"{f.name}=...  {f.metadata.get('help', '')}")
+    if name == "finetune":
+        console.print(
+            "Training length: a task file sets trainer.epochs; trainer.max_steps=N on the command line replaces it "
+            "(giving both trainer.epochs and trainer.max_steps on the command line is refused).\n"
+            "task=path/to/my_task.yaml uses a task file of your own (same keys as conf/task/*.yaml).\n"
+            "task=\\[news-cls,sentiment] trains one encoder with a head per task; each task's keys are under "
+            "tasks.NAME (tasks.sentiment.task.max_seq_len=64), batches drawn by mixture.*.\n"
+            "objective=simcse-supervised (task.objective) trains sentence vectors from a pair-cls task's labelled "
+            "pairs."
+        )
+    console.print(
+        "Hydra flags: -m (sweep: optimizer.lr=1e-4,5e-4), --cfg job, hydra.run.dir=DIR, --shell-completion install=bash"
+    )

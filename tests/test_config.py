@@ -189,6 +189,7 @@ def test_help_lists_groups_options_and_recipes(cache_env):
     for group in COMMANDS["pretrain"].groups:
         assert group in out
     assert "init=..." in out and "resume=..." in out
+    assert "ptm pretrain [conf=RECIPE] [group=option ...] [key=value ...]" in out  # brackets, not rich markup
     out = run_ptm(["generate", "--help"], cache_env).stdout
     assert "run=DIR" in out and "num_beams" in out
 
