@@ -20,7 +20,7 @@ from ptmcli.distributed import init_from_env
 from ptmcli.errors import PtmError
 from ptmcli.files import write_whole
 from ptmcli.finetune_checks import check_finetune
-from ptmcli.loop import Job, evaluate, train
+from ptmcli.loop import Job, check_metric, evaluate, train
 from ptmcli.models import ENCODERS, SEQ2SEQ_MODELS
 from ptmcli.models.heads import HEADS, MultiTaskModel, SentenceEncoder, TaskModel
 from ptmcli.runlog import console, print_metrics
@@ -339,6 +339,7 @@ def finetune(
     for name, entry in entries.items():
         check_lengths(entry.task, pretrained, where[name])
     task, examples, weights = task_and_examples(cfg, splits, labels, pretrained, text)
+    check_metric(task, cfg.trainer.metric)
     torch.manual_seed(cfg.trainer.seed)
     model = task_model(cfg, pretrained, labels, text)
     kept_head = not (text or multi) and keep_head(model, pretrained, cfg.task.kind, labels[cfg.data.name])

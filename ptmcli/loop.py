@@ -60,10 +60,7 @@ class Best:
 
     def update(self, metrics: dict[str, float], step: int) -> bool:
         if self.key not in metrics:
-            raise PtmError(
-                f"trainer.metric=val/{self.key} is not a validation metric here; "
-                f"choose one of {', '.join('val/' + k for k in metrics)}."
-            )
+            raise unknown_metric(self.key, list(metrics))
         value = metrics[self.key]
         better = self.value is None or (value > self.value if self.mode == "max" else value < self.value)
         if better:
@@ -75,6 +72,26 @@ class Best:
     @property
     def exhausted(self) -> bool:
         return self.patience > 0 and self.stale >= self.patience
+
+
+def unknown_metric(key: str, names: list[str]) -> PtmError:
+    return PtmError(
+        f"trainer.metric=val/{key} is not a validation metric here; choose one of "
+        f"{', '.join('val/' + k for k in names)}."
+    )
+
+
+def check_metric(objective: Any, metric: str) -> None:
+    """Refuse a trainer.metric that `objective` never reports before the run starts, not at its first validation
+    (which may come hours in). The names are those its metrics give for totals of one of everything; an objective
+    that cannot say without a real validation is checked there, by Best."""
+    terms, stats = objective.terms, objective.stats
+    try:
+        names = list(objective.metrics(dict.fromkeys(terms, 1.0), dict.fromkeys(terms, 1.0), dict.fromkeys(stats, 1.0)))
+    except Exception:  # noqa: BLE001 -- only a pre-check: the first validation checks the key again
+        return
+    if metric.removeprefix("val/") not in names:
+        raise unknown_metric(metric.removeprefix("val/"), names)
 
 
 def to_device(batch: dict, device: torch.device) -> dict:

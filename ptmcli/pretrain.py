@@ -18,7 +18,7 @@ from ptmcli.data.seq2seq_examples import DenoisingExamples, SpanCorruptionExampl
 from ptmcli.data.tokenizer import get_tokenizer, load_tokenizer
 from ptmcli.distributed import Dist, init_from_env
 from ptmcli.errors import PtmError
-from ptmcli.loop import Job, train
+from ptmcli.loop import Job, check_metric, train
 from ptmcli.models import ENCODERS, PRETRAINING_MODELS
 from ptmcli.models.heads import SentenceEncoder
 from ptmcli.objectives import OBJECTIVES
@@ -328,6 +328,8 @@ def pretrain(
     spec = model_spec(cfg, vocab_size)
     if resume_from is not None:
         checkpoint.check_architecture(resume_from, checkpoint.read_state(resume_from).get("model", {}), spec)
+    objective = OBJECTIVES[cfg.objective.name](cfg.objective)
+    check_metric(objective, cfg.trainer.metric)
     rundir.record(
         run_dir,
         raw_cfg,
@@ -369,7 +371,7 @@ def pretrain(
         )
     job = Job(
         model=model,
-        objective=OBJECTIVES[cfg.objective.name](cfg.objective),
+        objective=objective,
         train=train_ex,
         val=val_ex,
         model_spec=spec,

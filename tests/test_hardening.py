@@ -66,6 +66,10 @@ def test_bad_inputs_get_one_paragraph_and_change_nothing(reference, cache_env, t
             f"data.source='{latin1}' is not utf-8 text: byte 3 is 0xe9",
         ),
         (["pretrain", *TINY, f"data.tokenizer={junk}", f"hydra.run.dir={fresh / 'd'}"], f"data.tokenizer='{junk}'"),
+        (  # a metric the objective never reports: before the run starts, not at its first validation
+            ["pretrain", *TINY, "trainer.metric=val/acc", f"hydra.run.dir={fresh / 'g'}"],
+            "trainer.metric=val/acc is not a validation metric here; choose one of val/mlm_loss, val/mlm_accuracy",
+        ),
         (["pretrain", *TINY, f"resume={tmp_path}", f"hydra.run.dir={fresh / 'e'}"], "holds no complete checkpoint"),
         (["pretrain", *TINY, "model.num_layers=3", "resume={run}", "hydra.run.dir={run}"], "another architecture"),
         (["pretrain", *TINY, "trainer.max_steps=20", "hydra.run.dir={run}"], "already holds checkpoints"),
