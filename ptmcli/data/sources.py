@@ -9,6 +9,7 @@ training texts of a fine-tuning task (task-adaptive pretraining).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -151,21 +152,30 @@ def hub_split(spec: str, key: str, split: str) -> datasets.Dataset:
     """One split of hub dataset `spec` (`split`, unless the spec names its own with @SPLIT), fetched by datasets:
     online use, cached after the first time."""
     name, config, named_split = hub_parts(spec)
-    verbosity, hub_log = datasets.logging.get_verbosity(), logging.getLogger("huggingface_hub")
-    hub_level = hub_log.level
-    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # both log each failed request before raising
-    hub_log.setLevel(logging.CRITICAL)
     try:
-        return datasets.load_dataset(name, config, split=named_split or split)
+        with failures_unlogged():
+            return datasets.load_dataset(name, config, split=named_split or split)
     except Exception as err:  # offline, an unknown name, config or split, a gated dataset, HTTP errors: many types
         raise PtmError(
             f"{key}={spec} could not be fetched from the Hugging Face hub ({type(err).__name__}: "
             f"{' '.join(str(err).split())}). Check the name (hf:NAME, hf:NAME:CONFIG, hf:NAME@SPLIT) and your "
             f"connection, or download the data and give its path."
         ) from err
+
+
+@contextlib.contextmanager
+def failures_unlogged():
+    """datasets and huggingface_hub log a failed read or request before they raise; the PtmError that follows says
+    it once, with the cause and the fix."""
+    loggers = [logging.getLogger("datasets"), logging.getLogger("huggingface_hub")]
+    levels = [log.level for log in loggers]
+    for log in loggers:
+        log.setLevel(logging.CRITICAL)
+    try:
+        yield
     finally:
-        datasets.logging.set_verbosity(verbosity)
-        hub_log.setLevel(hub_level)
+        for log, level in zip(loggers, levels):
+            log.setLevel(level)
 
 
 def load_files(builder: str, files: list[str], encoding: str, key: str, **kwargs) -> datasets.Dataset:
@@ -174,10 +184,9 @@ def load_files(builder: str, files: list[str], encoding: str, key: str, **kwargs
         name = file_encoding(Path(files[0]), encoding, key)
         if name != "utf-8":  # the default: passing it would change datasets' cache key for no reason
             kwargs["encoding"] = name
-    verbosity = datasets.logging.get_verbosity()
-    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # it logs the failure we are about to explain
     try:
-        return datasets.load_dataset(builder, data_files=files, split="train", **kwargs)
+        with failures_unlogged():
+            return datasets.load_dataset(builder, data_files=files, split="train", **kwargs)
     except Exception as err:  # datasets raises many types; the user needs the file and the cause
         if decoding_failure(err) is not None:
             for file in files:  # find the file and byte at fault, and say so
@@ -185,8 +194,6 @@ def load_files(builder: str, files: list[str], encoding: str, key: str, **kwargs
         where = files[0] if len(files) == 1 else Path(files[0]).parent
         cause = reading_failure(builder, files, kwargs.get("encoding", "utf-8"), err)
         raise PtmError(f"{key}='{where}' could not be read as {builder}: {cause}") from err
-    finally:
-        datasets.logging.set_verbosity(verbosity)
 
 
 def reading_failure(builder: str, files: list[str], encoding: str, err: Exception) -> str:
