@@ -160,6 +160,13 @@ def read_json(path: Path, key: str) -> Any:
         raise PtmError(f"{key}='{path}' is not valid JSON ({err}); it may be truncated.") from None
 
 
+def _named(err: OSError, path: Path, key: str) -> PtmError:
+    """`err` about `path`, the name the user gave, not the hidden sibling written first; a file where a directory
+    of the path should be (mkdir's FileExistsError) reads as such."""
+    code = errno.ENOTDIR if isinstance(err, FileExistsError) else err.errno
+    return os_error(OSError(code, err.strerror, str(path)), key)
+
+
 @contextlib.contextmanager
 def replaced_whole(path: Path, key: str, mode: str = "w"):
     """An open file that becomes `path` only once it is complete: written under a hidden name beside it and renamed
@@ -169,20 +176,15 @@ def replaced_whole(path: Path, key: str, mode: str = "w"):
     try:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-        except FileExistsError as err:  # a file where a directory of the path should be
-            raise os_error(OSError(errno.ENOTDIR, err.strerror, str(path)), key) from err
-        except OSError as err:
-            raise os_error(OSError(err.errno, err.strerror, str(path)), key) from err
-        try:
             handle = open(partial, mode, **({} if "b" in mode else {"encoding": "utf-8"}))
-        except OSError as err:  # named as the file asked for, not its partial sibling
-            raise os_error(OSError(err.errno, err.strerror, str(path)), key) from err
+        except OSError as err:
+            raise _named(err, path, key) from err
         with handle:
             yield handle
         try:
             os.replace(partial, path)
         except OSError as err:
-            raise os_error(OSError(err.errno, err.strerror, str(path)), key) from err
+            raise _named(err, path, key) from err
     finally:
         with contextlib.suppress(OSError):
             partial.unlink(missing_ok=True)
@@ -204,8 +206,8 @@ def staged_directory(out: Path, key: str):
         try:
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
-        except OSError as err:  # named as the directory asked for, not its staging sibling
-            raise os_error(OSError(err.errno, err.strerror, str(out)), key) from err
+        except OSError as err:
+            raise _named(err, out, key) from err
         yield staging
         for file in sorted(p for p in staging.rglob("*") if p.is_file()):
             target = out / file.relative_to(staging)
@@ -213,7 +215,7 @@ def staged_directory(out: Path, key: str):
                 target.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(file, target)
             except OSError as err:
-                raise os_error(OSError(err.errno, err.strerror, str(target)), key) from err
+                raise _named(err, target, key) from err
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
